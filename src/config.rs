@@ -1,0 +1,360 @@
+//! Layered configuration: `config/default.toml` (compiled in) → an optional
+//! file → `CLAUDE_WORKER__SECTION__KEY` environment variables, into typed
+//! settings that are validated at start-up with messages a user can act on.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::protocol::{JobOptions, PermissionMode};
+
+/// The defaults shipped in the repository, compiled in so the binary runs
+/// from any directory.
+pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+
+/// Env var naming an extra config file (an alternative to `--config`).
+pub const CONFIG_FILE_ENV: &str = "CLAUDE_WORKER_CONFIG";
+
+/// A value that must never reach logs, events or errors.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+    /// The raw value, for the one place that needs it (a connect call).
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// A URL that may carry a password: shown with the password masked.
+pub fn redact_url(url: &str) -> String {
+    // scheme://user:pass@host -> scheme://user:***@host
+    if let Some((scheme, rest)) = url.split_once("://") {
+        if let Some((userinfo, host)) = rest.rsplit_once('@') {
+            let user = userinfo.split(':').next().unwrap_or("");
+            return format!("{scheme}://{user}:***@{host}");
+        }
+    }
+    url.to_string()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Settings {
+    pub amqp: AmqpSettings,
+    pub database: DatabaseSettings,
+    pub worker: WorkerSettings,
+    pub claude: ClaudeSettings,
+    pub retry: RetrySettings,
+    pub log: LogSettings,
+    pub profiles: BTreeMap<String, Profile>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct AmqpSettings {
+    pub url: Secret,
+    pub prefix: String,
+    pub jobs_routing_key: String,
+    pub prefetch: u16,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct DatabaseSettings {
+    pub url: Secret,
+    pub max_connections: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct WorkerSettings {
+    pub id: String,
+    pub max_concurrent_turns: usize,
+    pub lease_ttl_secs: u64,
+    pub sweep_interval_secs: u64,
+    pub shutdown_grace_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ClaudeSettings {
+    pub path: PathBuf,
+    pub turn_timeout_secs: u64,
+    pub env_passthrough: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct RetrySettings {
+    pub max_attempts: u32,
+    pub min_delay_ms: u64,
+    pub max_delay_ms: u64,
+    pub max_total_secs: u64,
+    pub jitter: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct LogSettings {
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// What a job may do, chosen by name. Jobs may only narrow these.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Profile {
+    /// Root directory; each session works in its own directory below it.
+    pub workdir: PathBuf,
+    /// Mode used when the job does not ask for one.
+    pub permission_mode: PermissionMode,
+    /// The most permissive mode a job may ask for.
+    pub max_permission_mode: PermissionMode,
+    pub max_turns: u32,
+    pub max_turns_cap: u32,
+    #[serde(default)]
+    pub allowed_tools: Vec<String>,
+    #[serde(default)]
+    pub disallowed_tools: Vec<String>,
+    /// Default model; `None` leaves it to the CLI.
+    #[serde(default)]
+    pub model: Option<String>,
+    /// Models a job may pick; empty allows any.
+    #[serde(default)]
+    pub models: Vec<String>,
+    #[serde(default)]
+    pub extra_args: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+}
+
+/// Options of one turn after the job's wishes were checked against its profile.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EffectiveOptions {
+    pub model: Option<String>,
+    pub max_turns: u32,
+    pub permission_mode: PermissionMode,
+}
+
+impl Profile {
+    /// Narrows the profile by a job's options; an option beyond the
+    /// profile's caps is an error the producer can fix.
+    pub fn resolve(&self, name: &str, opts: &JobOptions) -> Result<EffectiveOptions, String> {
+        let max_turns = match opts.max_turns {
+            None => self.max_turns,
+            Some(0) => return Err("`options.max_turns` must be at least 1".into()),
+            Some(n) if n > self.max_turns_cap => {
+                return Err(format!(
+                    "`options.max_turns` {n} exceeds profile `{name}`'s cap of {}",
+                    self.max_turns_cap
+                ))
+            }
+            Some(n) => n,
+        };
+        let permission_mode = match opts.permission_mode {
+            None => self.permission_mode,
+            Some(m) if m > self.max_permission_mode => {
+                return Err(format!(
+                    "`options.permission_mode` {m} is above profile `{name}`'s ceiling {}",
+                    self.max_permission_mode
+                ))
+            }
+            Some(m) => m,
+        };
+        let model = match &opts.model {
+            None => self.model.clone(),
+            Some(m) if m.is_empty() || m.starts_with('-') || m.len() > 200 => {
+                return Err(format!("`options.model` {m:?} is not a model name"))
+            }
+            Some(m) if !self.models.is_empty() && !self.models.contains(m) => {
+                return Err(format!(
+                    "`options.model` {m:?} is not allowed by profile `{name}` (allowed: {})",
+                    self.models.join(", ")
+                ))
+            }
+            Some(m) => Some(m.clone()),
+        };
+        Ok(EffectiveOptions {
+            model,
+            max_turns,
+            permission_mode,
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("could not load configuration: {0}")]
+    Load(#[from] config::ConfigError),
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl Settings {
+    /// Loads defaults, then `file` (or `$CLAUDE_WORKER_CONFIG`), then the
+    /// environment, and validates the result.
+    pub fn load(file: Option<&Path>) -> Result<Settings, ConfigError> {
+        let env_file = std::env::var_os(CONFIG_FILE_ENV).map(PathBuf::from);
+        let file = file.map(Path::to_path_buf).or(env_file);
+        let mut builder = config::Config::builder().add_source(config::File::from_str(
+            DEFAULT_TOML,
+            config::FileFormat::Toml,
+        ));
+        if let Some(path) = &file {
+            if !path.exists() {
+                return Err(ConfigError::Invalid(format!(
+                    "config file {} does not exist",
+                    path.display()
+                )));
+            }
+            builder = builder.add_source(config::File::from(path.as_path()));
+        }
+        builder = builder.add_source(
+            config::Environment::with_prefix("CLAUDE_WORKER")
+                .separator("__")
+                .try_parsing(true)
+                .list_separator(",")
+                .with_list_parse_key("claude.env_passthrough"),
+        );
+        let settings: Settings = builder.build()?.try_deserialize()?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Parses a complete TOML document on top of the defaults (for tests
+    /// and embedding), without reading the environment.
+    pub fn from_toml_overrides(toml: &str) -> Result<Settings, ConfigError> {
+        let settings: Settings = config::Config::builder()
+            .add_source(config::File::from_str(DEFAULT_TOML, config::FileFormat::Toml))
+            .add_source(config::File::from_str(toml, config::FileFormat::Toml))
+            .build()?
+            .try_deserialize()?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        let url = self.database.url.expose();
+        if !(url.starts_with("sqlite:") || url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            return bad(format!(
+                "database.url must start with sqlite: or postgres:// (got {})",
+                redact_url(url)
+            ));
+        }
+        let amqp = self.amqp.url.expose();
+        if !(amqp.starts_with("amqp://") || amqp.starts_with("amqps://")) {
+            return bad(format!("amqp.url must start with amqp:// or amqps:// (got {})", redact_url(amqp)));
+        }
+        if self.amqp.prefix.is_empty() || self.amqp.prefix.len() > 200 {
+            return bad("amqp.prefix must be 1-200 characters".into());
+        }
+        if self.amqp.prefetch == 0 {
+            return bad("amqp.prefetch must be at least 1".into());
+        }
+        if self.worker.max_concurrent_turns == 0 {
+            return bad("worker.max_concurrent_turns must be at least 1".into());
+        }
+        if self.worker.lease_ttl_secs < 2 {
+            return bad("worker.lease_ttl_secs must be at least 2 (heartbeats renew it every third)".into());
+        }
+        if self.worker.sweep_interval_secs == 0 {
+            return bad("worker.sweep_interval_secs must be at least 1".into());
+        }
+        if self.claude.turn_timeout_secs == 0 {
+            return bad("claude.turn_timeout_secs must be at least 1".into());
+        }
+        if self.retry.max_attempts == 0 {
+            return bad("retry.max_attempts must be at least 1 (the first attempt counts)".into());
+        }
+        if self.retry.min_delay_ms > self.retry.max_delay_ms {
+            return bad("retry.min_delay_ms must not exceed retry.max_delay_ms".into());
+        }
+        if !self.profiles.contains_key("default") {
+            return bad("profiles.default is missing: jobs without a profile use it".into());
+        }
+        for (name, p) in &self.profiles {
+            if p.max_turns == 0 || p.max_turns > p.max_turns_cap {
+                return bad(format!(
+                    "profiles.{name}: max_turns ({}) must be between 1 and max_turns_cap ({})",
+                    p.max_turns, p.max_turns_cap
+                ));
+            }
+            if p.permission_mode > p.max_permission_mode {
+                return bad(format!(
+                    "profiles.{name}: permission_mode {} is above max_permission_mode {}",
+                    p.permission_mode, p.max_permission_mode
+                ));
+            }
+            if let Some(m) = &p.model {
+                if !p.models.is_empty() && !p.models.contains(m) {
+                    return bad(format!("profiles.{name}: model {m:?} is not in its `models` list"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn lease_ttl(&self) -> Duration {
+        Duration::from_secs(self.worker.lease_ttl_secs)
+    }
+    pub fn sweep_interval(&self) -> Duration {
+        Duration::from_secs(self.worker.sweep_interval_secs)
+    }
+    pub fn turn_timeout(&self) -> Duration {
+        Duration::from_secs(self.claude.turn_timeout_secs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_load_and_ship_three_profiles() {
+        let s = Settings::from_toml_overrides("").unwrap();
+        assert_eq!(s.profiles["discord"].max_turns, 100);
+        assert_eq!(s.profiles["discord"].permission_mode, PermissionMode::AcceptEdits);
+        assert_eq!(s.profiles["webapp"].max_turns, 200);
+        assert_eq!(s.profiles["webapp"].permission_mode, PermissionMode::Plan);
+        assert!(s.profiles.contains_key("default"));
+    }
+
+    #[test]
+    fn job_options_are_narrowed_not_widened() {
+        let s = Settings::from_toml_overrides("").unwrap();
+        let p = &s.profiles["webapp"];
+        let too_many = JobOptions { max_turns: Some(201), ..Default::default() };
+        assert!(p.resolve("webapp", &too_many).unwrap_err().contains("cap of 200"));
+        let too_free = JobOptions { permission_mode: Some(PermissionMode::AcceptEdits), ..Default::default() };
+        assert!(p.resolve("webapp", &too_free).unwrap_err().contains("ceiling plan"));
+        let ok = JobOptions { max_turns: Some(5), ..Default::default() };
+        assert_eq!(p.resolve("webapp", &ok).unwrap().max_turns, 5);
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        let s = Secret::new("postgres://u:hunter2@h/db");
+        assert!(!format!("{s:?}").contains("hunter2"));
+        assert_eq!(redact_url("amqp://guest:pw@host:5672/%2f"), "amqp://guest:***@host:5672/%2f");
+    }
+
+    #[test]
+    fn invalid_settings_say_what_to_fix() {
+        let err = Settings::from_toml_overrides("[retry]\nmax_attempts = 0").unwrap_err();
+        assert!(err.to_string().contains("retry.max_attempts"), "{err}");
+    }
+}

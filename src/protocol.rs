@@ -1,0 +1,314 @@
+//! Wire protocol v1: the JSON messages producers publish and the events
+//! workers publish. These are the only types that cross the broker; the
+//! database has its own rows (`store`) and the driver its own messages
+//! (`drive`). docs/protocol.md and docs/schema/ describe the same shapes.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// The only protocol version this worker speaks.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Largest prompt accepted, in bytes. Larger bodies are invalid input, not
+/// something to hand to the CLI.
+pub const MAX_PROMPT_BYTES: usize = 1_000_000;
+
+/// A prompt job, version 1, as published by a producer.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobV1 {
+    pub v: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_id: Option<String>,
+    pub session_key: String,
+    pub prompt: String,
+    #[serde(default)]
+    pub session: SessionSpec,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<String>,
+    #[serde(default)]
+    pub options: JobOptions,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply_to: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionSpec {
+    #[serde(default)]
+    pub mode: SessionMode,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claude_session_id: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SessionMode {
+    /// Resume the key's session if there is one, else start one.
+    #[default]
+    Continue,
+    /// Start fresh for this key (a chat "reset").
+    New,
+    /// Resume an explicit Claude session id.
+    Resume,
+    /// Resume with `--fork-session`; the key then points at the fork.
+    Fork,
+}
+
+impl SessionMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SessionMode::Continue => "continue",
+            SessionMode::New => "new",
+            SessionMode::Resume => "resume",
+            SessionMode::Fork => "fork",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobOptions {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_turns: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub permission_mode: Option<PermissionMode>,
+}
+
+/// Claude Code permission modes, ordered from least to most permissive so a
+/// profile's ceiling is a simple comparison.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, Serialize)]
+pub enum PermissionMode {
+    #[serde(rename = "plan")]
+    Plan,
+    #[serde(rename = "dontAsk")]
+    DontAsk,
+    #[serde(rename = "default")]
+    Default,
+    #[serde(rename = "acceptEdits")]
+    AcceptEdits,
+    #[serde(rename = "auto")]
+    Auto,
+    #[serde(rename = "bypassPermissions")]
+    BypassPermissions,
+}
+
+impl PermissionMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PermissionMode::Plan => "plan",
+            PermissionMode::DontAsk => "dontAsk",
+            PermissionMode::Default => "default",
+            PermissionMode::AcceptEdits => "acceptEdits",
+            PermissionMode::Auto => "auto",
+            PermissionMode::BypassPermissions => "bypassPermissions",
+        }
+    }
+}
+
+impl std::fmt::Display for PermissionMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a job body could not be decoded. The message is shown to the
+/// producer (dead-letter header and `failed` event), so it says what to fix.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct DecodeError(pub String);
+
+/// Decodes a job body: UTF-8, JSON object, a supported `v`, then the v1 shape.
+pub fn decode_job(body: &[u8]) -> Result<JobV1, DecodeError> {
+    let text = std::str::from_utf8(body)
+        .map_err(|e| DecodeError(format!("body is not valid UTF-8: {e}")))?;
+    let value: Value = serde_json::from_str(text)
+        .map_err(|e| DecodeError(format!("body is not valid JSON: {e}")))?;
+    let Value::Object(obj) = &value else {
+        return Err(DecodeError("body must be a JSON object".into()));
+    };
+    match obj.get("v") {
+        None => return Err(DecodeError("missing field `v` (protocol version; use 1)".into())),
+        Some(Value::Number(n)) if n.as_u64() == Some(PROTOCOL_VERSION as u64) => {}
+        Some(other) => {
+            return Err(DecodeError(format!(
+                "unsupported protocol version v={other}; this worker speaks v={PROTOCOL_VERSION}"
+            )))
+        }
+    }
+    let job: JobV1 = serde_json::from_value(value)
+        .map_err(|e| DecodeError(format!("invalid job: {e}")))?;
+    if job.session_key.trim().is_empty() {
+        return Err(DecodeError("`session_key` must not be empty".into()));
+    }
+    if job.session_key.len() > 512 {
+        return Err(DecodeError("`session_key` is longer than 512 bytes".into()));
+    }
+    if job.prompt.trim().is_empty() {
+        return Err(DecodeError("`prompt` must not be empty".into()));
+    }
+    if job.prompt.len() > MAX_PROMPT_BYTES {
+        return Err(DecodeError(format!(
+            "`prompt` is {} bytes; the limit is {MAX_PROMPT_BYTES}",
+            job.prompt.len()
+        )));
+    }
+    if let Some(id) = &job.job_id {
+        validate_job_id(id)?;
+    }
+    if let Some(m) = &job.metadata {
+        if !m.is_object() {
+            return Err(DecodeError("`metadata` must be a JSON object".into()));
+        }
+    }
+    match (job.session.mode, &job.session.claude_session_id) {
+        (SessionMode::Resume, None) => {
+            return Err(DecodeError(
+                "session mode `resume` needs `session.claude_session_id`".into(),
+            ))
+        }
+        (SessionMode::New, Some(_)) => {
+            return Err(DecodeError(
+                "session mode `new` does not take `session.claude_session_id`".into(),
+            ))
+        }
+        (_, Some(id)) => validate_claude_session_id(id)?,
+        _ => {}
+    }
+    Ok(job)
+}
+
+/// Job ids become database keys and AMQP correlation ids: keep them short
+/// and printable. A UUID is recommended.
+pub fn validate_job_id(id: &str) -> Result<(), DecodeError> {
+    let ok = !id.is_empty()
+        && id.len() <= 128
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(DecodeError(format!(
+            "`job_id` {id:?} must be 1-128 characters of [A-Za-z0-9-_.:] (a UUID is recommended)"
+        )))
+    }
+}
+
+/// Claude session ids are UUIDs; anything else would only fail later in the
+/// CLI (or worse, be read as a flag).
+pub fn validate_claude_session_id(id: &str) -> Result<(), DecodeError> {
+    uuid::Uuid::parse_str(id)
+        .map(|_| ())
+        .map_err(|_| DecodeError(format!("`session.claude_session_id` {id:?} is not a UUID")))
+}
+
+/// One reply event. `seq` is contiguous per job, starting at 0; exactly one
+/// terminal event (`completed`, `failed`, `cancelled`) ends a job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventV1 {
+    pub v: u32,
+    pub job_id: String,
+    pub session_key: String,
+    pub seq: u64,
+    pub attempt: u32,
+    #[serde(flatten)]
+    pub body: EventBody,
+    #[serde(default)]
+    pub metadata: Value,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum EventBody {
+    Started {
+        claude_session_id: Option<String>,
+        resumed: bool,
+        /// Set when the job asked to resume a session the CLI could not find
+        /// and a new session was started instead.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        resume_failed: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        model: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        permission_mode: Option<String>,
+    },
+    Text {
+        text: String,
+    },
+    ToolUse {
+        name: String,
+        input_summary: String,
+    },
+    Retrying {
+        /// The attempt that comes next.
+        next_attempt: u32,
+        delay_ms: u64,
+        reason: String,
+    },
+    Completed {
+        result: String,
+        claude_session_id: Option<String>,
+        usage: Value,
+        total_cost_usd: f64,
+        duration_ms: u64,
+        num_turns: u32,
+    },
+    Failed {
+        error: ErrorKind,
+        message: String,
+        retryable: bool,
+    },
+    Cancelled {
+        reason: String,
+    },
+}
+
+impl EventBody {
+    pub fn is_terminal(&self) -> bool {
+        matches!(
+            self,
+            EventBody::Completed { .. } | EventBody::Failed { .. } | EventBody::Cancelled { .. }
+        )
+    }
+
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            EventBody::Started { .. } => "started",
+            EventBody::Text { .. } => "text",
+            EventBody::ToolUse { .. } => "tool_use",
+            EventBody::Retrying { .. } => "retrying",
+            EventBody::Completed { .. } => "completed",
+            EventBody::Failed { .. } => "failed",
+            EventBody::Cancelled { .. } => "cancelled",
+        }
+    }
+}
+
+/// What went wrong, as a producer needs to know it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// The job itself was wrong; fix it before sending again.
+    InvalidInput,
+    /// The API rejected the credentials (401/403).
+    Auth,
+    /// The API returned an error (after the CLI's and our retries).
+    Api,
+    /// The turn hit its `max_turns`.
+    MaxTurns,
+    /// The turn ran past the worker's time limit.
+    Timeout,
+    /// The CLI crashed or ended without a result.
+    CliCrashed,
+    /// The CLI could not be started.
+    Spawn,
+    /// The worker lost the job (e.g. it died) too many times.
+    WorkerLost,
+    /// Something inside the worker failed.
+    Internal,
+}

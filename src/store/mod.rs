@@ -1,0 +1,337 @@
+//! The session store: the database owns accepted jobs, sessions and the
+//! per-session leases that keep one turn at a time per session.
+//!
+//! Two backends behind one trait: SQLite (embedded default, one host) and
+//! Postgres (a fleet). Both take the clock as an argument (`now_ms`, Unix
+//! milliseconds) so tests can move time, and every write a lease holder
+//! makes is fenced by the lease epoch: once another worker has claimed the
+//! session, the old holder's writes fail with [`StoreError::LeaseLost`].
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::config::{EffectiveOptions, Secret};
+use crate::protocol::{PermissionMode, SessionMode};
+
+mod postgres;
+mod sqlite;
+
+pub use postgres::PostgresStore;
+pub use sqlite::SqliteStore;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The lease this write was fenced with is no longer held: another
+    /// worker owns the session now. Stop working on it; do not retry.
+    #[error("lease lost for session {session_key} (epoch {epoch})")]
+    LeaseLost { session_key: String, epoch: i64 },
+    /// The database could not be reached or the statement failed in a way
+    /// that may pass (connection, pool timeout, busy). Retry later.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    /// A row did not have the shape this code expects (a bug or a newer schema).
+    #[error("database error: {0}")]
+    Other(String),
+}
+
+impl StoreError {
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_))
+    }
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        // sqlx errors never contain the connection URL, so they are safe to show.
+        match e {
+            sqlx::Error::Io(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed
+            | sqlx::Error::Tls(_) => StoreError::Unavailable(e.to_string()),
+            sqlx::Error::Database(ref db) => {
+                let msg = db.message().to_ascii_lowercase();
+                if msg.contains("locked") || msg.contains("busy") {
+                    StoreError::Unavailable(e.to_string())
+                } else {
+                    StoreError::Other(e.to_string())
+                }
+            }
+            other => StoreError::Other(other.to_string()),
+        }
+    }
+}
+
+/// Everything the worker needs to run a job, stored with it (as JSON) when
+/// it is accepted. A domain type, not the wire type.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobSpec {
+    pub prompt: String,
+    pub mode: SessionMode,
+    /// For `resume` and `fork`: the Claude session to start from.
+    pub claude_session_id: Option<String>,
+    pub profile: String,
+    pub model: Option<String>,
+    pub max_turns: u32,
+    pub permission_mode: PermissionMode,
+    /// Echoed on every event.
+    pub metadata: Value,
+    /// Routing key for reply events.
+    pub reply_to: Option<String>,
+}
+
+impl JobSpec {
+    pub fn options(&self) -> EffectiveOptions {
+        EffectiveOptions {
+            model: self.model.clone(),
+            max_turns: self.max_turns,
+            permission_mode: self.permission_mode,
+        }
+    }
+}
+
+/// A job as accepted from the broker, about to be inserted.
+#[derive(Debug, Clone)]
+pub struct NewJob {
+    pub job_id: String,
+    pub session_key: String,
+    pub spec: JobSpec,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobStatus {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl JobStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobStatus::Queued => "queued",
+            JobStatus::Running => "running",
+            JobStatus::Succeeded => "succeeded",
+            JobStatus::Failed => "failed",
+            JobStatus::Cancelled => "cancelled",
+        }
+    }
+    pub fn parse(s: &str) -> Result<Self, StoreError> {
+        Ok(match s {
+            "queued" => JobStatus::Queued,
+            "running" => JobStatus::Running,
+            "succeeded" => JobStatus::Succeeded,
+            "failed" => JobStatus::Failed,
+            "cancelled" => JobStatus::Cancelled,
+            other => return Err(StoreError::Other(format!("unknown job status {other:?}"))),
+        })
+    }
+    pub fn is_terminal(self) -> bool {
+        matches!(self, JobStatus::Succeeded | JobStatus::Failed | JobStatus::Cancelled)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SessionStatus {
+    /// A lease holder is running (or about to run) one of its jobs.
+    Active,
+    /// Nothing running.
+    Idle,
+    /// A worker lost its lease mid-turn; the job will be picked up again.
+    Interrupted,
+    /// Forgotten by `sessions delete`; the next job starts fresh.
+    Closed,
+}
+
+impl SessionStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SessionStatus::Active => "active",
+            SessionStatus::Idle => "idle",
+            SessionStatus::Interrupted => "interrupted",
+            SessionStatus::Closed => "closed",
+        }
+    }
+    pub fn parse(s: &str) -> Result<Self, StoreError> {
+        Ok(match s {
+            "active" => SessionStatus::Active,
+            "idle" => SessionStatus::Idle,
+            "interrupted" => SessionStatus::Interrupted,
+            "closed" => SessionStatus::Closed,
+            other => return Err(StoreError::Other(format!("unknown session status {other:?}"))),
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobRecord {
+    pub job_id: String,
+    pub session_key: String,
+    /// Acceptance order (global, increasing); a session's jobs run in this order.
+    pub order: i64,
+    pub status: JobStatus,
+    /// Attempts started so far.
+    pub attempts: u32,
+    /// The seq the next event of this job gets.
+    pub next_seq: u64,
+    pub spec: JobSpec,
+    pub error: Option<String>,
+    /// The terminal event as published (JSON), kept to answer duplicates.
+    pub terminal_event: Option<String>,
+    pub created_at_ms: i64,
+    pub started_at_ms: Option<i64>,
+    pub finished_at_ms: Option<i64>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SessionRecord {
+    pub session_key: String,
+    pub claude_session_id: Option<String>,
+    pub profile: String,
+    pub status: SessionStatus,
+    pub cwd: Option<String>,
+    pub model: Option<String>,
+    pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+    pub last_job_id: Option<String>,
+    pub turns: i64,
+    pub input_tokens: i64,
+    pub output_tokens: i64,
+    pub cost_usd: f64,
+    pub lease_owner: Option<String>,
+    pub lease_epoch: i64,
+    pub lease_expires_at_ms: Option<i64>,
+}
+
+/// Proof of holding a session's lease. `epoch` only grows; every fenced
+/// write checks it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    pub session_key: String,
+    pub owner: String,
+    pub epoch: i64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum AcceptOutcome {
+    /// New job, queued.
+    Inserted,
+    /// This job_id was accepted before; it is not run again.
+    Duplicate {
+        status: JobStatus,
+        terminal_event: Option<String>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReleaseOutcome {
+    Released,
+    /// Jobs arrived for the session meanwhile; the lease is still held.
+    MoreWork,
+}
+
+/// What a finished job changes in its session (successful turns only).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SessionUpdate {
+    pub claude_session_id: String,
+    pub cwd: String,
+    pub model: Option<String>,
+    pub input_tokens: i64,
+    pub output_tokens: i64,
+    pub cost_usd: f64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobFinish {
+    pub job_id: String,
+    pub status: JobStatus,
+    pub error: Option<String>,
+    pub terminal_event: String,
+    pub next_seq: u64,
+    pub session_update: Option<SessionUpdate>,
+    pub now_ms: i64,
+}
+
+#[async_trait]
+pub trait SessionStore: Send + Sync + 'static {
+    /// Runs the embedded migrations for this backend.
+    async fn migrate(&self) -> Result<(), StoreError>;
+
+    /// Inserts a queued job (and its session row if missing) in one
+    /// transaction. A known `job_id` is not inserted again.
+    async fn accept_job(&self, job: &NewJob, now_ms: i64) -> Result<AcceptOutcome, StoreError>;
+
+    /// Claims the lease of a session that has runnable jobs (queued, or
+    /// running under an expired lease) and no live lease, oldest job first.
+    /// `prefer` names a session to try first (the one just accepted).
+    /// The new lease's epoch is one more than any before it. A session whose
+    /// previous holder left a `running` job is marked `interrupted`.
+    async fn claim_session(
+        &self,
+        owner: &str,
+        now_ms: i64,
+        ttl_ms: i64,
+        prefer: Option<&str>,
+    ) -> Result<Option<Lease>, StoreError>;
+
+    /// Extends the lease; `Ok(false)` when it is no longer ours.
+    async fn renew_lease(&self, lease: &Lease, now_ms: i64, ttl_ms: i64) -> Result<bool, StoreError>;
+
+    /// Gives the lease up unless runnable jobs arrived meanwhile (then
+    /// `MoreWork`, lease kept). Sets the session `idle`.
+    async fn release_lease(&self, lease: &Lease, now_ms: i64) -> Result<ReleaseOutcome, StoreError>;
+
+    /// Gives the lease up whatever is queued (shutdown). Running jobs of the
+    /// session go back to `queued` so another worker takes them at once.
+    async fn abandon_lease(&self, lease: &Lease, now_ms: i64) -> Result<(), StoreError>;
+
+    /// The session's next job to run: a `running` one left by a lost
+    /// holder first, else the oldest `queued`. Fenced.
+    async fn next_job(&self, lease: &Lease) -> Result<Option<JobRecord>, StoreError>;
+
+    /// Marks the job running and counts the attempt; returns the attempt
+    /// number (1-based). Sets the session `active`. Fenced.
+    async fn start_attempt(&self, lease: &Lease, job_id: &str, now_ms: i64) -> Result<u32, StoreError>;
+
+    /// Records that events up to `next_seq - 1` are being published. Called
+    /// before each publish, so a fenced-out worker publishes nothing. Fenced.
+    async fn record_seq(&self, lease: &Lease, job_id: &str, next_seq: u64) -> Result<(), StoreError>;
+
+    /// Stores the job's outcome and terminal event and, for a successful
+    /// turn, the session's new state and counters. Fenced.
+    async fn finish_job(&self, lease: &Lease, finish: &JobFinish) -> Result<(), StoreError>;
+
+    async fn get_job(&self, job_id: &str) -> Result<Option<JobRecord>, StoreError>;
+    async fn get_session(&self, session_key: &str) -> Result<Option<SessionRecord>, StoreError>;
+    /// Sessions, most recently updated first.
+    async fn list_sessions(&self, limit: i64) -> Result<Vec<SessionRecord>, StoreError>;
+    /// A session's jobs in acceptance order (most recent `limit`).
+    async fn list_jobs(&self, session_key: &str, limit: i64) -> Result<Vec<JobRecord>, StoreError>;
+    /// Forgets the session's Claude session (status `closed`); the next job
+    /// starts fresh. Returns false if the key is unknown.
+    async fn forget_session(&self, session_key: &str, now_ms: i64) -> Result<bool, StoreError>;
+}
+
+/// Opens the store named by `url` (`sqlite:` or `postgres://`).
+pub async fn connect(url: &Secret, max_connections: u32) -> Result<std::sync::Arc<dyn SessionStore>, StoreError> {
+    let raw = url.expose();
+    if raw.starts_with("sqlite:") {
+        let _s = SqliteStore::connect(raw, max_connections).await?; unimplemented_store()
+    } else {
+        let _s = PostgresStore::connect(raw, max_connections).await?; unimplemented_store()
+    }
+}
+
+/// Current time in Unix milliseconds (the worker's clock).
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn unimplemented_store() -> Result<std::sync::Arc<dyn SessionStore>, StoreError> { Err(StoreError::Other("not implemented".into())) }
