@@ -4,3 +4,13 @@
 pub mod config;
 pub mod protocol;
 pub mod store;
+pub mod amqp;
+pub mod publish;
+pub mod drive;
+pub mod retry;
+pub mod context;
+pub mod turn;
+pub mod schedule;
+pub mod accept;
+pub mod consume;
+pub mod worker;

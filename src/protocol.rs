@@ -145,8 +145,8 @@ pub fn decode_job(body: &[u8]) -> Result<JobV1, DecodeError> {
     if job.session_key.trim().is_empty() {
         return Err(DecodeError("`session_key` must not be empty".into()));
     }
-    if job.session_key.len() > 512 {
-        return Err(DecodeError("`session_key` is longer than 512 bytes".into()));
+    if job.session_key.len() > 255 {
+        return Err(DecodeError("`session_key` is longer than 255 bytes".into()));
     }
     if job.prompt.trim().is_empty() {
         return Err(DecodeError("`prompt` must not be empty".into()));
@@ -159,6 +159,9 @@ pub fn decode_job(body: &[u8]) -> Result<JobV1, DecodeError> {
     }
     if let Some(id) = &job.job_id {
         validate_job_id(id)?;
+    }
+    if let Some(r) = &job.reply_to {
+        validate_reply_to(r)?;
     }
     if let Some(m) = &job.metadata {
         if !m.is_object() {
@@ -197,6 +200,14 @@ pub fn validate_job_id(id: &str) -> Result<(), DecodeError> {
             "`job_id` {id:?} must be 1-128 characters of [A-Za-z0-9-_.:] (a UUID is recommended)"
         )))
     }
+}
+
+/// `reply_to` becomes an AMQP routing key (a short string).
+pub fn validate_reply_to(r: &str) -> Result<(), DecodeError> {
+    if r.is_empty() || r.len() > 255 {
+        return Err(DecodeError("`reply_to` must be 1-255 bytes".into()));
+    }
+    Ok(())
 }
 
 /// Claude session ids are UUIDs; anything else would only fail later in the

@@ -1,0 +1,142 @@
+//! Accepting a delivery: validate, persist, ack. Once `accept` returns
+//! `Ok`, the database owns the job (or it was dead-lettered with its
+//! reason) and the delivery may be acked.
+
+use lapin::message::Delivery;
+use serde_json::Value;
+use tracing::{info, warn};
+
+use crate::context::Context;
+use crate::protocol::{self, ErrorKind, EventBody, EventV1, JobV1, PROTOCOL_VERSION};
+use crate::publish::PublishError;
+use crate::store::{now_ms, AcceptOutcome, JobSpec, NewJob, StoreError};
+
+/// What happened to a delivery; each variant means "ack it".
+#[derive(Debug, PartialEq)]
+pub enum Accepted {
+    /// Persisted and queued.
+    Queued { job_id: String, session_key: String },
+    /// Seen before; not run again (its terminal event was republished if
+    /// it had one).
+    Duplicate { job_id: String },
+    /// Invalid; dead-lettered with the reason (and a `failed` event sent
+    /// where a reply_to was readable).
+    Rejected { reason: String },
+}
+
+/// Failures that mean "do not ack; let the broker redeliver later".
+#[derive(Debug, thiserror::Error)]
+pub enum AcceptError {
+    #[error("could not persist the job: {0}")]
+    Store(#[from] StoreError),
+    #[error("could not publish: {0}")]
+    Publish(#[from] PublishError),
+}
+
+/// Validates and persists one delivery.
+pub async fn accept(ctx: &Context, delivery: &Delivery) -> Result<Accepted, AcceptError> {
+    let props = &delivery.properties;
+    let prop_reply_to = props.reply_to().as_ref().map(|s| s.as_str().to_string());
+    let prop_message_id = props.message_id().as_ref().map(|s| s.as_str().to_string());
+
+    let job = match protocol::decode_job(&delivery.data) {
+        Ok(job) => job,
+        Err(e) => return reject(ctx, delivery, prop_reply_to, prop_message_id, e.0).await,
+    };
+    let profile_name = job.profile.clone().unwrap_or_else(|| "default".to_string());
+    let Some(profile) = ctx.settings.profiles.get(&profile_name) else {
+        let known: Vec<&str> = ctx.settings.profiles.keys().map(String::as_str).collect();
+        let reason = format!("unknown profile `{profile_name}` (this worker has: {})", known.join(", "));
+        return reject(ctx, delivery, prop_reply_to, prop_message_id, reason).await;
+    };
+    let options = match profile.resolve(&profile_name, &job.options) {
+        Ok(o) => o,
+        Err(reason) => return reject(ctx, delivery, prop_reply_to, prop_message_id, reason).await,
+    };
+    let job_id = match job.job_id.clone().or(prop_message_id.clone()) {
+        Some(id) => match protocol::validate_job_id(&id) {
+            Ok(()) => id,
+            Err(e) => return reject(ctx, delivery, prop_reply_to, None, e.0).await,
+        },
+        // Without an id a redelivery cannot be recognised; producers that
+        // need exactly-once set job_id or message_id.
+        None => uuid::Uuid::new_v4().to_string(),
+    };
+    let reply_to = prop_reply_to.or(job.reply_to.clone());
+    let new = NewJob {
+        job_id: job_id.clone(),
+        session_key: job.session_key.clone(),
+        spec: spec_of(&job, profile_name, options, reply_to.clone()),
+    };
+    match ctx.store.accept_job(&new, now_ms()).await? {
+        AcceptOutcome::Inserted => {
+            info!(job_id = %job_id, session_key = %job.session_key, "job accepted");
+            Ok(Accepted::Queued { job_id, session_key: job.session_key })
+        }
+        AcceptOutcome::Duplicate { status, terminal_event } => {
+            info!(job_id = %job_id, status = status.as_str(), "duplicate job_id; not run again");
+            if let Some(event) = terminal_event {
+                let key = reply_to.unwrap_or_else(|| job.session_key.clone());
+                ctx.sink.publish_raw_event(&key, &job_id, event.as_bytes()).await?;
+            }
+            Ok(Accepted::Duplicate { job_id })
+        }
+    }
+}
+
+fn spec_of(job: &JobV1, profile: String, options: crate::config::EffectiveOptions, reply_to: Option<String>) -> JobSpec {
+    JobSpec {
+        prompt: job.prompt.clone(),
+        mode: job.session.mode,
+        claude_session_id: job.session.claude_session_id.clone(),
+        profile,
+        model: options.model,
+        max_turns: options.max_turns,
+        permission_mode: options.permission_mode,
+        metadata: job.metadata.clone().unwrap_or_else(|| Value::Object(Default::default())),
+        reply_to,
+    }
+}
+
+/// Dead-letters an invalid job with its reason, and tells the producer
+/// with a `failed` event if it said where to reply.
+async fn reject(
+    ctx: &Context,
+    delivery: &Delivery,
+    reply_to: Option<String>,
+    message_id: Option<String>,
+    reason: String,
+) -> Result<Accepted, AcceptError> {
+    warn!(%reason, "invalid job dead-lettered");
+    ctx.sink.dead_letter(delivery, &reason).await?;
+    // Best effort: whatever of the body is readable addresses the event.
+    let body: Option<Value> = serde_json::from_slice(&delivery.data).ok();
+    let field = |k: &str| body.as_ref().and_then(|b| b.get(k)).and_then(Value::as_str).map(str::to_string);
+    let reply_to = reply_to
+        .or_else(|| field("reply_to"))
+        .filter(|r| protocol::validate_reply_to(r).is_ok());
+    if let Some(reply_to) = reply_to {
+        let job_id = field("job_id")
+            .filter(|id| protocol::validate_job_id(id).is_ok())
+            .or(message_id.filter(|id| protocol::validate_job_id(id).is_ok()))
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        let metadata = body
+            .as_ref()
+            .and_then(|b| b.get("metadata"))
+            .filter(|m| m.is_object())
+            .cloned()
+            .unwrap_or_else(|| Value::Object(Default::default()));
+        let event = EventV1 {
+            v: PROTOCOL_VERSION,
+            job_id,
+            session_key: field("session_key").unwrap_or_default(),
+            seq: 0,
+            attempt: 0,
+            body: EventBody::Failed { error: ErrorKind::InvalidInput, message: reason.clone(), retryable: false },
+            metadata,
+        };
+        let bytes = serde_json::to_vec(&event).expect("events serialise");
+        ctx.sink.publish_event(&reply_to, &event, &bytes).await?;
+    }
+    Ok(Accepted::Rejected { reason })
+}

@@ -1,0 +1,159 @@
+//! RabbitMQ connection and topology, shared by every stage that talks to
+//! the broker. All names derive from `amqp.prefix` (default `claude`).
+
+use lapin::options::{
+    BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
+
+use crate::config::{redact_url, AmqpSettings};
+
+/// Header carrying the reason a job was dead-lettered by the worker.
+pub const DEAD_LETTER_REASON_HEADER: &str = "x-claude-worker-error";
+/// Quorum-queue delivery limit: a message that keeps coming back (e.g. it
+/// crashes whatever consumes it) is dead-lettered by the broker instead of
+/// looping forever.
+pub const DELIVERY_LIMIT: i64 = 20;
+
+/// The exchange and queue names of one deployment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topology {
+    pub jobs_exchange: String,
+    pub jobs_queue: String,
+    pub jobs_routing_key: String,
+    pub dead_letter_exchange: String,
+    pub dead_letter_queue: String,
+    pub replies_exchange: String,
+}
+
+impl Topology {
+    pub fn from_prefix(prefix: &str, jobs_routing_key: &str) -> Topology {
+        Topology {
+            jobs_exchange: format!("{prefix}.jobs"),
+            jobs_queue: format!("{prefix}.jobs.{jobs_routing_key}"),
+            jobs_routing_key: jobs_routing_key.to_string(),
+            dead_letter_exchange: format!("{prefix}.jobs.dlx"),
+            dead_letter_queue: format!("{prefix}.jobs.dead"),
+            replies_exchange: format!("{prefix}.replies"),
+        }
+    }
+
+    pub fn from_settings(s: &AmqpSettings) -> Topology {
+        Topology::from_prefix(&s.prefix, &s.jobs_routing_key)
+    }
+
+    /// Declares everything, idempotently. Safe to run from every worker
+    /// (and from producers) at start-up.
+    pub async fn declare(&self, channel: &Channel) -> Result<(), lapin::Error> {
+        let durable = ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        channel
+            .exchange_declare(self.jobs_exchange.as_str().into(), ExchangeKind::Direct, durable, FieldTable::default())
+            .await?;
+        channel
+            .exchange_declare(
+                self.dead_letter_exchange.as_str().into(),
+                ExchangeKind::Fanout,
+                durable,
+                FieldTable::default(),
+            )
+            .await?;
+        channel
+            .exchange_declare(self.replies_exchange.as_str().into(), ExchangeKind::Topic, durable, FieldTable::default())
+            .await?;
+
+        let queue_opts = QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        let mut dead_args = FieldTable::default();
+        dead_args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+        channel
+            .queue_declare(self.dead_letter_queue.as_str().into(), queue_opts, dead_args)
+            .await?;
+        channel
+            .queue_bind(
+                self.dead_letter_queue.as_str().into(),
+                self.dead_letter_exchange.as_str().into(),
+                "".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+
+        let mut job_args = FieldTable::default();
+        job_args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+        job_args.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString(self.dead_letter_exchange.as_str().into()),
+        );
+        job_args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(DELIVERY_LIMIT));
+        channel
+            .queue_declare(self.jobs_queue.as_str().into(), queue_opts, job_args)
+            .await?;
+        channel
+            .queue_bind(
+                self.jobs_queue.as_str().into(),
+                self.jobs_exchange.as_str().into(),
+                self.jobs_routing_key.as_str().into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        Ok(())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AmqpError {
+    #[error(
+        "could not connect to RabbitMQ at {url}: {source}. Is it running? \
+         Start one with `docker compose up -d rabbitmq` (or `rabbitmq-server -detached`), \
+         or point CLAUDE_WORKER__AMQP__URL at yours."
+    )]
+    Connect { url: String, source: lapin::Error },
+    #[error("RabbitMQ error: {0}")]
+    Broker(#[from] lapin::Error),
+}
+
+/// Connects with automatic connection and topology recovery on.
+pub async fn connect(settings: &AmqpSettings, name: &str) -> Result<Connection, AmqpError> {
+    let props = ConnectionProperties::default()
+        .with_connection_name(LongString::from(name))
+        .enable_auto_recover();
+    Connection::connect(settings.url.expose(), props)
+        .await
+        .map_err(|source| AmqpError::Connect {
+            url: redact_url(settings.url.expose()),
+            source,
+        })
+}
+
+/// A channel with publisher confirms on, for events and dead letters.
+pub async fn confirm_channel(conn: &Connection) -> Result<Channel, AmqpError> {
+    let ch = conn.create_channel().await?;
+    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+    Ok(ch)
+}
+
+/// A channel for consuming with a prefetch limit.
+pub async fn consumer_channel(conn: &Connection, prefetch: u16) -> Result<Channel, AmqpError> {
+    let ch = conn.create_channel().await?;
+    ch.basic_qos(prefetch, BasicQosOptions::default()).await?;
+    Ok(ch)
+}
+
+/// Reads a string-ish header value.
+pub fn header_str(headers: &Option<FieldTable>, key: &str) -> Option<String> {
+    let table = headers.as_ref()?;
+    let key: ShortString = key.into();
+    match table.inner().get(&key)? {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_string()),
+        _ => None,
+    }
+}

@@ -1,0 +1,75 @@
+//! What every stage shares: settings, the store, the reply sink, this
+//! worker's identity and the scheduler's wake-up signal. No globals: one
+//! `Context` is built at start-up and passed down.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::Notify;
+
+use crate::config::Settings;
+use crate::publish::ReplySink;
+use crate::retry::RetryPolicy;
+use crate::store::SessionStore;
+
+pub struct Context {
+    pub settings: Arc<Settings>,
+    pub store: Arc<dyn SessionStore>,
+    pub sink: Arc<dyn ReplySink>,
+    pub worker_id: String,
+    pub retry: RetryPolicy,
+    wake: Notify,
+    preferred: Mutex<VecDeque<String>>,
+}
+
+impl Context {
+    pub fn new(
+        settings: Arc<Settings>,
+        store: Arc<dyn SessionStore>,
+        sink: Arc<dyn ReplySink>,
+        worker_id: String,
+    ) -> Arc<Context> {
+        let retry = RetryPolicy::new(settings.retry.clone());
+        Arc::new(Context {
+            settings,
+            store,
+            sink,
+            worker_id,
+            retry,
+            wake: Notify::new(),
+            preferred: Mutex::new(VecDeque::new()),
+        })
+    }
+
+    /// Tells the scheduler there may be work, optionally naming the session
+    /// (the one whose job was just accepted here, so it starts at once).
+    pub fn wake_scheduler(&self, session_key: Option<&str>) {
+        if let Some(key) = session_key {
+            let mut q = self.preferred.lock().unwrap_or_else(|p| p.into_inner());
+            if !q.iter().any(|k| k == key) {
+                q.push_back(key.to_string());
+            }
+        }
+        self.wake.notify_one();
+    }
+
+    pub(crate) fn take_preferred(&self) -> Option<String> {
+        self.preferred.lock().unwrap_or_else(|p| p.into_inner()).pop_front()
+    }
+
+    pub(crate) async fn woken(&self) {
+        self.wake.notified().await
+    }
+}
+
+/// A default worker id: host, pid and a random suffix, so restarts and
+/// several workers per host never share one.
+pub fn default_worker_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "worker".into());
+    let rand = &uuid::Uuid::new_v4().simple().to_string()[..8];
+    format!("{host}-{}-{rand}", std::process::id())
+}

@@ -1,0 +1,501 @@
+//! Drives one Claude Code CLI process through one turn. The only module
+//! that spawns processes.
+//!
+//! The CLI runs as `claude -p --input-format stream-json --output-format
+//! stream-json --verbose --include-partial-messages …` in its own process
+//! group, with a clean environment. The prompt goes in on stdin as a
+//! stream-json user message (never on argv); stdout lines are parsed into
+//! [`CliMessage`]s. Dropping a [`CliProcess`] kills its whole process group,
+//! and the child also gets SIGKILL if the worker dies (PR_SET_PDEATHSIG),
+//! so no CLI outlives the worker that spawned it.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdin, ChildStdout, Command};
+
+use crate::config::{ClaudeSettings, EffectiveOptions, Profile};
+
+/// How much of the CLI's stderr is kept for error messages.
+const STDERR_KEEP_BYTES: usize = 8 * 1024;
+
+/// What one turn asks of the CLI.
+#[derive(Debug, Clone)]
+pub struct TurnRequest {
+    pub prompt: String,
+    pub cwd: PathBuf,
+    /// Claude session to resume, if any.
+    pub resume: Option<String>,
+    /// With `resume`: continue in a new session forked from it.
+    pub fork: bool,
+    pub options: EffectiveOptions,
+}
+
+/// A stdout line of the CLI, reduced to what the worker uses.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CliMessage {
+    /// `system/init`: the session is known.
+    Init {
+        session_id: String,
+        model: Option<String>,
+        permission_mode: Option<String>,
+    },
+    /// A streamed text delta of the top-level assistant.
+    TextDelta(String),
+    /// The assistant called a tool.
+    ToolUse { name: String, input: Value },
+    /// The CLI is retrying an API call itself.
+    ApiRetry { attempt: u64, error_status: Option<u64>, error: String },
+    /// The turn's result.
+    Result(TurnResult),
+    /// Anything else (valid JSON the worker does not use).
+    Other,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TurnResult {
+    pub subtype: String,
+    pub is_error: bool,
+    pub result: Option<String>,
+    pub session_id: Option<String>,
+    pub api_error_status: Option<u64>,
+    pub errors: Vec<String>,
+    pub usage: Value,
+    pub total_cost_usd: f64,
+    pub duration_ms: u64,
+    pub num_turns: u32,
+}
+
+/// Parses one stdout line. `Err` means the line is not JSON (the caller
+/// logs it and carries on).
+pub fn parse_line(line: &str) -> Result<CliMessage, serde_json::Error> {
+    let v: Value = serde_json::from_str(line)?;
+    let s = |key: &str| v.get(key).and_then(Value::as_str).map(str::to_string);
+    Ok(match v.get("type").and_then(Value::as_str) {
+        Some("system") => match v.get("subtype").and_then(Value::as_str) {
+            Some("init") => match s("session_id") {
+                Some(session_id) => CliMessage::Init {
+                    session_id,
+                    model: s("model"),
+                    permission_mode: s("permissionMode"),
+                },
+                None => CliMessage::Other,
+            },
+            Some("api_retry") => CliMessage::ApiRetry {
+                attempt: v.get("attempt").and_then(Value::as_u64).unwrap_or(0),
+                error_status: v.get("error_status").and_then(Value::as_u64),
+                error: s("error").unwrap_or_default(),
+            },
+            _ => CliMessage::Other,
+        },
+        Some("stream_event") if v.get("parent_tool_use_id").is_none_or(Value::is_null) => {
+            let ev = &v["event"];
+            if ev["type"] == "content_block_delta" && ev["delta"]["type"] == "text_delta" {
+                match ev["delta"]["text"].as_str() {
+                    Some(t) => CliMessage::TextDelta(t.to_string()),
+                    None => CliMessage::Other,
+                }
+            } else {
+                CliMessage::Other
+            }
+        }
+        Some("assistant") if v.get("parent_tool_use_id").is_none_or(Value::is_null) => {
+            // Text already arrived as deltas; only tool calls are new here.
+            let tool = v["message"]["content"]
+                .as_array()
+                .and_then(|blocks| blocks.iter().find(|b| b["type"] == "tool_use"));
+            match tool {
+                Some(b) => CliMessage::ToolUse {
+                    name: b["name"].as_str().unwrap_or("?").to_string(),
+                    input: b["input"].clone(),
+                },
+                None => CliMessage::Other,
+            }
+        }
+        Some("result") => CliMessage::Result(TurnResult {
+            subtype: s("subtype").unwrap_or_default(),
+            is_error: v.get("is_error").and_then(Value::as_bool).unwrap_or(false),
+            result: s("result"),
+            session_id: s("session_id"),
+            api_error_status: v.get("api_error_status").and_then(Value::as_u64),
+            errors: v
+                .get("errors")
+                .and_then(Value::as_array)
+                .map(|a| a.iter().filter_map(|e| e.as_str().map(str::to_string)).collect())
+                .unwrap_or_default(),
+            usage: v.get("usage").cloned().unwrap_or(Value::Null),
+            total_cost_usd: v.get("total_cost_usd").and_then(Value::as_f64).unwrap_or(0.0),
+            duration_ms: v.get("duration_ms").and_then(Value::as_u64).unwrap_or(0),
+            num_turns: v.get("num_turns").and_then(Value::as_u64).unwrap_or(0) as u32,
+        }),
+        _ => CliMessage::Other,
+    })
+}
+
+/// A short, human-readable summary of a tool call's input.
+pub fn summarize_tool_input(name: &str, input: &Value) -> String {
+    let pick = ["command", "file_path", "path", "pattern", "url", "query", "description"]
+        .iter()
+        .find_map(|k| input.get(*k).and_then(Value::as_str));
+    let text = match pick {
+        Some(s) => s.to_string(),
+        None => input.to_string(),
+    };
+    let _ = name;
+    truncate_chars(&text, 200)
+}
+
+fn truncate_chars(s: &str, max: usize) -> String {
+    if s.chars().count() <= max {
+        s.to_string()
+    } else {
+        let mut out: String = s.chars().take(max).collect();
+        out.push('…');
+        out
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    #[error("could not start the Claude CLI {path}: {source}")]
+    Io { path: String, source: std::io::Error },
+    #[error("could not create the working directory {path}: {source}")]
+    Workdir { path: String, source: std::io::Error },
+}
+
+impl SpawnError {
+    /// A spawn that may pass on another try (resource exhaustion, a binary
+    /// being replaced) as opposed to a missing or non-executable CLI.
+    pub fn may_pass(&self) -> bool {
+        match self {
+            SpawnError::Io { source, .. } => !matches!(
+                source.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied
+            ),
+            SpawnError::Workdir { .. } => false,
+        }
+    }
+}
+
+/// Builds the CLI's argv (without the prompt, which goes on stdin).
+pub fn cli_args(req: &TurnRequest, profile: &Profile) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "-p",
+        "--input-format",
+        "stream-json",
+        "--output-format",
+        "stream-json",
+        "--verbose",
+        "--include-partial-messages",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    if let Some(id) = &req.resume {
+        // `=` form: an id can never be read as a flag.
+        args.push(format!("--resume={id}"));
+        if req.fork {
+            args.push("--fork-session".into());
+        }
+    }
+    if let Some(model) = &req.options.model {
+        args.push(format!("--model={model}"));
+    }
+    args.push(format!("--max-turns={}", req.options.max_turns));
+    args.push(format!("--permission-mode={}", req.options.permission_mode));
+    if !profile.allowed_tools.is_empty() {
+        args.push("--allowed-tools".into());
+        args.extend(profile.allowed_tools.iter().cloned());
+    }
+    if !profile.disallowed_tools.is_empty() {
+        args.push("--disallowed-tools".into());
+        args.extend(profile.disallowed_tools.iter().cloned());
+    }
+    args.extend(profile.extra_args.iter().cloned());
+    args
+}
+
+/// The CLI's environment: the allow-listed part of ours plus the profile's.
+pub fn cli_env(passthrough: &[String], profile: &Profile) -> BTreeMap<String, String> {
+    let mut env = BTreeMap::new();
+    for (k, v) in std::env::vars() {
+        let allowed = passthrough.iter().any(|p| match p.strip_suffix('*') {
+            Some(prefix) => k.starts_with(prefix),
+            None => k == *p,
+        });
+        if allowed {
+            env.insert(k, v);
+        }
+    }
+    for (k, v) in &profile.env {
+        env.insert(k.clone(), v.clone());
+    }
+    env
+}
+
+/// The stream-json user message carrying a prompt.
+pub fn user_message_line(prompt: &str) -> String {
+    let mut line = json!({
+        "type": "user",
+        "message": {"role": "user", "content": prompt},
+    })
+    .to_string();
+    line.push('\n');
+    line
+}
+
+/// A running CLI process. Dropping it kills the process group.
+pub struct CliProcess {
+    child: Child,
+    pgid: Option<i32>,
+    stdin: Option<ChildStdin>,
+    stdout: Lines<BufReader<ChildStdout>>,
+    stderr: Arc<Mutex<VecDeque<u8>>>,
+    stderr_task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl CliProcess {
+    /// Spawns the CLI for `req` and writes the prompt to its stdin.
+    pub async fn spawn(
+        settings: &ClaudeSettings,
+        profile: &Profile,
+        req: &TurnRequest,
+    ) -> Result<CliProcess, SpawnError> {
+        std::fs::create_dir_all(&req.cwd).map_err(|source| SpawnError::Workdir {
+            path: req.cwd.display().to_string(),
+            source,
+        })?;
+        let mut cmd = Command::new(&settings.path);
+        cmd.args(cli_args(req, profile))
+            .current_dir(&req.cwd)
+            .env_clear()
+            .envs(cli_env(&settings.env_passthrough, profile))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .kill_on_drop(true);
+        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                // The child dies with the worker even on SIGKILL.
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().map_err(|source| SpawnError::Io {
+            path: settings.path.display().to_string(),
+            source,
+        })?;
+        let pgid = child.id().map(|p| p as i32);
+        let stdin = child.stdin.take();
+        let stdout = BufReader::new(child.stdout.take().expect("stdout is piped")).lines();
+        let stderr_buf = Arc::new(Mutex::new(VecDeque::new()));
+        let stderr_task = child.stderr.take().map(|mut err| {
+            let buf = Arc::clone(&stderr_buf);
+            tokio::spawn(async move {
+                let mut chunk = [0u8; 4096];
+                while let Ok(n) = err.read(&mut chunk).await {
+                    if n == 0 {
+                        break;
+                    }
+                    let mut b = buf.lock().unwrap_or_else(|p| p.into_inner());
+                    b.extend(&chunk[..n]);
+                    let excess = b.len().saturating_sub(STDERR_KEEP_BYTES);
+                    b.drain(..excess);
+                }
+            })
+        });
+        let mut proc = CliProcess {
+            child,
+            pgid,
+            stdin,
+            stdout,
+            stderr: stderr_buf,
+            stderr_task,
+        };
+        proc.write_stdin(&user_message_line(&req.prompt)).await;
+        Ok(proc)
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.pgid.map(|p| p as u32)
+    }
+
+    /// Writes to the CLI's stdin. A closed pipe means the CLI died; that
+    /// shows up as a missing result, so the error is not reported here.
+    pub async fn write_stdin(&mut self, line: &str) {
+        if let Some(stdin) = self.stdin.as_mut() {
+            if stdin.write_all(line.as_bytes()).await.is_ok() {
+                let _ = stdin.flush().await;
+            }
+        }
+    }
+
+    /// Closes stdin: the CLI ends once the current turn is done.
+    pub fn close_stdin(&mut self) {
+        self.stdin = None;
+    }
+
+    /// The next stdout message; `None` at end of output. Non-JSON lines are
+    /// logged and skipped.
+    pub async fn next_message(&mut self) -> Option<CliMessage> {
+        loop {
+            match self.stdout.next_line().await {
+                Ok(Some(line)) => {
+                    if line.trim().is_empty() {
+                        continue;
+                    }
+                    match parse_line(&line) {
+                        Ok(msg) => return Some(msg),
+                        Err(_) => {
+                            tracing::debug!(line = %truncate_chars(&line, 300), "non-JSON line from the CLI");
+                        }
+                    }
+                }
+                Ok(None) => return None,
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading the CLI's stdout failed");
+                    return None;
+                }
+            }
+        }
+    }
+
+    /// The tail of what the CLI wrote to stderr.
+    pub async fn stderr_tail(&mut self) -> String {
+        // Give the reader a moment to drain what the process wrote last.
+        if let Some(task) = self.stderr_task.take() {
+            let _ = tokio::time::timeout(Duration::from_millis(500), task).await;
+        }
+        let b = self.stderr.lock().unwrap_or_else(|p| p.into_inner());
+        let bytes: Vec<u8> = b.iter().copied().collect();
+        String::from_utf8_lossy(&bytes).trim().to_string()
+    }
+
+    /// Waits for the process to exit after its turn, killing the group if
+    /// it lingers past `grace`. Returns the exit description.
+    pub async fn finish(&mut self, grace: Duration) -> String {
+        self.close_stdin();
+        match tokio::time::timeout(grace, self.child.wait()).await {
+            Ok(Ok(status)) => {
+                self.kill_group();
+                status.to_string()
+            }
+            Ok(Err(e)) => format!("wait failed: {e}"),
+            Err(_) => {
+                self.kill_group();
+                let _ = self.child.wait().await;
+                format!("did not exit within {} ms and was killed", grace.as_millis())
+            }
+        }
+    }
+
+    /// Stops the process: SIGTERM to the group, then SIGKILL after `grace`.
+    pub async fn terminate(&mut self, grace: Duration) {
+        self.close_stdin();
+        if let Some(pgid) = self.pgid {
+            // SAFETY: plain syscall on a process group we created.
+            unsafe { libc::killpg(pgid, libc::SIGTERM) };
+        }
+        if tokio::time::timeout(grace, self.child.wait()).await.is_err() {
+            self.kill_group();
+            let _ = self.child.wait().await;
+        }
+        self.kill_group();
+    }
+
+    fn kill_group(&mut self) {
+        if let Some(pgid) = self.pgid {
+            // The CLI's own children (tools, shells) are in its group too.
+            // SAFETY: plain syscall; the group id stays reserved while any member lives.
+            unsafe { libc::killpg(pgid, libc::SIGKILL) };
+        }
+    }
+}
+
+impl Drop for CliProcess {
+    fn drop(&mut self) {
+        self.kill_group();
+    }
+}
+
+/// The directory a session works in: `<profile workdir>/<safe key>-<hash>`.
+/// Stable for a key, so `--resume` finds the CLI's transcript (which the
+/// CLI files under the working directory).
+pub fn session_dir(workdir: &Path, session_key: &str) -> PathBuf {
+    let safe: String = session_key
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+        .take(64)
+        .collect();
+    // FNV-1a: distinguishes keys that sanitise to the same name.
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in session_key.bytes() {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    let base = std::path::absolute(workdir).unwrap_or_else(|_| workdir.to_path_buf());
+    base.join(format!("{safe}-{:08x}", h as u32))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_messages_the_worker_uses() {
+        let init = r#"{"type":"system","subtype":"init","session_id":"s1","model":"m","permissionMode":"plan"}"#;
+        assert_eq!(
+            parse_line(init).unwrap(),
+            CliMessage::Init { session_id: "s1".into(), model: Some("m".into()), permission_mode: Some("plan".into()) }
+        );
+        let delta = r#"{"type":"stream_event","event":{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Hel"}},"parent_tool_use_id":null}"#;
+        assert_eq!(parse_line(delta).unwrap(), CliMessage::TextDelta("Hel".into()));
+        let sub = r#"{"type":"stream_event","event":{"type":"content_block_delta","delta":{"type":"text_delta","text":"x"}},"parent_tool_use_id":"t1"}"#;
+        assert_eq!(parse_line(sub).unwrap(), CliMessage::Other);
+        assert_eq!(parse_line(r#"{"type":"brand_new_kind"}"#).unwrap(), CliMessage::Other);
+        assert!(parse_line("[claude-code:warning] not json").is_err());
+        let res = r#"{"type":"result","subtype":"success","is_error":true,"api_error_status":529,"result":"API Error: 529","num_turns":1}"#;
+        match parse_line(res).unwrap() {
+            CliMessage::Result(r) => {
+                assert!(r.is_error);
+                assert_eq!(r.api_error_status, Some(529));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn prompt_never_reaches_argv_and_ids_cannot_be_flags() {
+        let s = crate::config::Settings::from_toml_overrides("").unwrap();
+        let p = &s.profiles["default"];
+        let req = TurnRequest {
+            prompt: "--dangerously-skip-permissions".into(),
+            cwd: "/tmp".into(),
+            resume: Some("0b5a3c1e-0000-4000-8000-000000000000".into()),
+            fork: true,
+            options: p.resolve("default", &Default::default()).unwrap(),
+        };
+        let args = cli_args(&req, p);
+        assert!(!args.iter().any(|a| a.contains("dangerously")));
+        assert!(args.contains(&"--resume=0b5a3c1e-0000-4000-8000-000000000000".to_string()));
+        assert!(args.contains(&"--fork-session".to_string()));
+        assert!(user_message_line(&req.prompt).ends_with('\n'));
+    }
+
+    #[test]
+    fn session_dirs_are_stable_and_distinct() {
+        let a = session_dir(Path::new("/w"), "discord:1:2:3");
+        assert_eq!(a, session_dir(Path::new("/w"), "discord:1:2:3"));
+        assert_ne!(a, session_dir(Path::new("/w"), "discord_1_2_3"));
+        assert!(a.starts_with("/w"));
+    }
+}

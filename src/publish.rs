@@ -1,0 +1,145 @@
+//! Publishing to the broker with publisher confirms: reply events to the
+//! reply exchange, and dead letters to the dead-letter exchange. A publish
+//! returns only once the broker has confirmed it, so what the worker
+//! records as published really is.
+
+use std::sync::Arc;
+
+use lapin::options::BasicPublishOptions;
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Confirmation};
+use tokio::sync::Mutex;
+
+use crate::amqp::{Topology, DEAD_LETTER_REASON_HEADER};
+use crate::protocol::EventV1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// The broker refused or lost the message, or the connection is gone
+    /// and did not recover. The caller keeps the job and tries later.
+    #[error("publish to RabbitMQ failed: {0}")]
+    Broker(String),
+}
+
+/// Where reply events and dead letters go. The AMQP implementation is the
+/// product; the trait lets a test observe or fail publishing.
+#[async_trait::async_trait]
+pub trait ReplySink: Send + Sync + 'static {
+    /// Publishes one event (already serialised) to `routing_key`.
+    async fn publish_event(&self, routing_key: &str, event: &EventV1, body: &[u8]) -> Result<(), PublishError>;
+    /// Republishes a stored terminal event verbatim.
+    async fn publish_raw_event(&self, routing_key: &str, job_id: &str, body: &[u8]) -> Result<(), PublishError>;
+    /// Dead-letters a job body with the reason in a header.
+    async fn dead_letter(&self, original: &lapin::message::Delivery, reason: &str) -> Result<(), PublishError>;
+}
+
+pub struct AmqpSink {
+    channel: Channel,
+    topology: Topology,
+    /// Confirms are awaited one at a time per publish; serialising the
+    /// publish+confirm pair keeps one job's events in order on the channel
+    /// even when its confirm fails and is retried.
+    lock: Mutex<()>,
+}
+
+impl AmqpSink {
+    pub fn new(channel: Channel, topology: Topology) -> Arc<AmqpSink> {
+        Arc::new(AmqpSink {
+            channel,
+            topology,
+            lock: Mutex::new(()),
+        })
+    }
+
+    async fn publish_confirmed(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        props: BasicProperties,
+    ) -> Result<(), PublishError> {
+        let _guard = self.lock.lock().await;
+        // One retry after a connection recovery; a second failure goes to the caller.
+        let mut last_err = None;
+        for _ in 0..2 {
+            let result = async {
+                self.channel
+                    .basic_publish(
+                        exchange.into(),
+                        routing_key.into(),
+                        BasicPublishOptions::default(),
+                        body,
+                        props.clone(),
+                    )
+                    .await?
+                    .await
+            }
+            .await;
+            match result {
+                Ok(Confirmation::Ack(_)) | Ok(Confirmation::NotRequested) => return Ok(()),
+                Ok(Confirmation::Nack(_)) => {
+                    return Err(PublishError::Broker(format!("broker nacked a message to {exchange}")))
+                }
+                Err(e) => match self.channel.wait_for_recovery(e).await {
+                    Ok(()) => continue,
+                    Err(e) => {
+                        last_err = Some(e);
+                        break;
+                    }
+                },
+            }
+        }
+        Err(PublishError::Broker(
+            last_err.map(|e| e.to_string()).unwrap_or_else(|| "channel did not recover".into()),
+        ))
+    }
+}
+
+fn event_props(job_id: &str, type_name: &str) -> BasicProperties {
+    BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_correlation_id(job_id.into())
+        .with_type(type_name.into())
+        .with_delivery_mode(2)
+}
+
+#[async_trait::async_trait]
+impl ReplySink for AmqpSink {
+    async fn publish_event(&self, routing_key: &str, event: &EventV1, body: &[u8]) -> Result<(), PublishError> {
+        let props = event_props(&event.job_id, event.body.type_name())
+            .with_message_id(format!("{}:{}", event.job_id, event.seq).as_str().into());
+        self.publish_confirmed(&self.topology.replies_exchange, routing_key, body, props)
+            .await
+    }
+
+    async fn publish_raw_event(&self, routing_key: &str, job_id: &str, body: &[u8]) -> Result<(), PublishError> {
+        let type_name = serde_json::from_slice::<serde_json::Value>(body)
+            .ok()
+            .and_then(|v| v.get("type").and_then(|t| t.as_str()).map(str::to_string))
+            .unwrap_or_default();
+        self.publish_confirmed(
+            &self.topology.replies_exchange,
+            routing_key,
+            body,
+            event_props(job_id, &type_name),
+        )
+        .await
+    }
+
+    async fn dead_letter(&self, original: &lapin::message::Delivery, reason: &str) -> Result<(), PublishError> {
+        let mut headers = original.properties.headers().clone().unwrap_or_default();
+        headers.insert(DEAD_LETTER_REASON_HEADER.into(), AMQPValue::LongString(reason.into()));
+        headers.insert(
+            "x-original-routing-key".into(),
+            AMQPValue::LongString(original.routing_key.as_str().into()),
+        );
+        let props = original.properties.clone().with_headers(FieldTable::from(headers.inner().clone()));
+        self.publish_confirmed(
+            &self.topology.dead_letter_exchange,
+            original.routing_key.as_str(),
+            &original.data,
+            props,
+        )
+        .await
+    }
+}
