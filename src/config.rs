@@ -137,8 +137,9 @@ pub struct Profile {
     pub models: Vec<String>,
     #[serde(default)]
     pub extra_args: Vec<String>,
+    /// Extra environment for the CLI. Values are secrets (API keys live here).
     #[serde(default)]
-    pub env: BTreeMap<String, String>,
+    pub env: BTreeMap<String, Secret>,
 }
 
 /// Options of one turn after the job's wishes were checked against its profile.

@@ -233,7 +233,7 @@ pub fn cli_env(passthrough: &[String], profile: &Profile) -> BTreeMap<String, St
         }
     }
     for (k, v) in &profile.env {
-        env.insert(k.clone(), v.clone());
+        env.insert(k.clone(), v.expose().to_string());
     }
     env
 }
@@ -270,11 +270,19 @@ impl CliProcess {
             path: req.cwd.display().to_string(),
             source,
         })?;
+        let env = cli_env(&settings.env_passthrough, profile);
+        if let Some(id) = &req.resume {
+            // Best effort: if it fails the CLI reports the session missing
+            // and the caller starts a new one.
+            if let Err(e) = ensure_transcript(&env, &req.cwd, id) {
+                tracing::warn!(error = %e, claude_session_id = %id, "could not make the transcript available");
+            }
+        }
         let mut cmd = Command::new(&settings.path);
         cmd.args(cli_args(req, profile))
             .current_dir(&req.cwd)
             .env_clear()
-            .envs(cli_env(&settings.env_passthrough, profile))
+            .envs(env)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -425,6 +433,46 @@ impl Drop for CliProcess {
     fn drop(&mut self) {
         self.kill_group();
     }
+}
+
+/// The CLI's config dir as the child will see it.
+fn config_dir(env: &BTreeMap<String, String>) -> Option<PathBuf> {
+    env.get("CLAUDE_CONFIG_DIR")
+        .map(PathBuf::from)
+        .or_else(|| env.get("HOME").map(|h| Path::new(h).join(".claude")))
+}
+
+/// The CLI files a session's transcript under
+/// `<config dir>/projects/<cwd, every non-alphanumeric char as '-'>/<id>.jsonl`
+/// and `--resume` only looks in the current cwd's folder.
+pub fn project_dir_name(cwd: &Path) -> String {
+    cwd.to_string_lossy()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect()
+}
+
+/// Makes the transcript of `session_id` visible from `cwd`: a session
+/// resumed by id from another key (another working directory) is copied
+/// into this directory's project folder. Returns whether it is there now.
+pub fn ensure_transcript(env: &BTreeMap<String, String>, cwd: &Path, session_id: &str) -> std::io::Result<bool> {
+    let Some(config) = config_dir(env) else { return Ok(false) };
+    let file = format!("{session_id}.jsonl");
+    let projects = config.join("projects");
+    let target = projects.join(project_dir_name(cwd)).join(&file);
+    if target.exists() {
+        return Ok(true);
+    }
+    let Ok(entries) = std::fs::read_dir(&projects) else { return Ok(false) };
+    for entry in entries.flatten() {
+        let candidate = entry.path().join(&file);
+        if candidate.is_file() {
+            std::fs::create_dir_all(target.parent().expect("target has a parent"))?;
+            std::fs::copy(&candidate, &target)?;
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 /// The directory a session works in: `<profile workdir>/<safe key>-<hash>`.
