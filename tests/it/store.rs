@@ -131,6 +131,7 @@ store_tests!(
     concurrent_claimers_one_wins,
     concurrent_claimers_share_sessions,
     release_and_accept_race_never_strands_a_job,
+    concurrent_duplicate_accepts_insert_once,
 );
 
 // ---------------------------------------------------------------- helpers
@@ -988,4 +989,32 @@ async fn release_and_accept_race_never_strands_a_job(ctx: Ctx) {
             JobStatus::Succeeded
         );
     }
+}
+
+async fn concurrent_duplicate_accepts_insert_once(ctx: Ctx) {
+    // A redelivery racing the original delivery on another worker.
+    let stores = [ctx.open().await, ctx.open().await];
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let s = stores[i % 2].clone();
+        tasks.push(tokio::spawn(async move {
+            s.accept_job(&new_job("j1", "S"), 100 + i as i64)
+                .await
+                .unwrap()
+        }));
+    }
+    let mut inserted = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            AcceptOutcome::Inserted => inserted += 1,
+            AcceptOutcome::Duplicate {
+                status,
+                terminal_event,
+            } => {
+                assert_eq!((status, terminal_event), (JobStatus::Queued, None));
+            }
+        }
+    }
+    assert_eq!(inserted, 1);
+    assert_eq!(stores[0].list_jobs("S", 10).await.unwrap().len(), 1);
 }
