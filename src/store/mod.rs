@@ -7,14 +7,18 @@
 //! makes is fenced by the lease epoch: once another worker has claimed the
 //! session, the old holder's writes fail with [`StoreError::LeaseLost`].
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use sqlx::error::DatabaseError;
 
 use crate::config::{EffectiveOptions, Secret};
 use crate::protocol::{PermissionMode, SessionMode};
 
 mod postgres;
+mod rows;
 mod sqlite;
 
 pub use postgres::PostgresStore;
@@ -50,17 +54,36 @@ impl From<sqlx::Error> for StoreError {
             | sqlx::Error::PoolClosed
             | sqlx::Error::WorkerCrashed
             | sqlx::Error::Tls(_) => StoreError::Unavailable(e.to_string()),
-            sqlx::Error::Database(ref db) => {
-                let msg = db.message().to_ascii_lowercase();
-                if msg.contains("locked") || msg.contains("busy") {
-                    StoreError::Unavailable(e.to_string())
-                } else {
-                    StoreError::Other(e.to_string())
-                }
+            sqlx::Error::Database(ref db) if is_transient(db.as_ref()) => {
+                StoreError::Unavailable(e.to_string())
             }
             other => StoreError::Other(other.to_string()),
         }
     }
+}
+
+/// Database errors that may pass if the statement is tried again.
+fn is_transient(db: &(dyn DatabaseError + 'static)) -> bool {
+    if let Some(pg) = db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>() {
+        let code = pg.code();
+        // 40001 serialization failure, 40P01 deadlock, 08xxx connection
+        // exceptions, 53300 too many connections, 57P0x server shutting down.
+        return matches!(
+            code,
+            "40001" | "40P01" | "53300" | "57P01" | "57P02" | "57P03" | "55P03"
+        ) || code.starts_with("08");
+    }
+    if let Some(code) = db
+        .try_downcast_ref::<sqlx::sqlite::SqliteError>()
+        .and_then(|e| e.code())
+    {
+        // Extended result codes: the primary code is the low byte.
+        if let Ok(n) = code.parse::<i32>() {
+            return matches!(n & 0xff, 5 | 6); // SQLITE_BUSY, SQLITE_LOCKED
+        }
+    }
+    let msg = db.message().to_ascii_lowercase();
+    msg.contains("database is locked") || msg.contains("busy")
 }
 
 /// Everything the worker needs to run a job, stored with it (as JSON) when
@@ -130,7 +153,10 @@ impl JobStatus {
         })
     }
     pub fn is_terminal(self) -> bool {
-        matches!(self, JobStatus::Succeeded | JobStatus::Failed | JobStatus::Cancelled)
+        matches!(
+            self,
+            JobStatus::Succeeded | JobStatus::Failed | JobStatus::Cancelled
+        )
     }
 }
 
@@ -162,7 +188,11 @@ impl SessionStatus {
             "idle" => SessionStatus::Idle,
             "interrupted" => SessionStatus::Interrupted,
             "closed" => SessionStatus::Closed,
-            other => return Err(StoreError::Other(format!("unknown session status {other:?}"))),
+            other => {
+                return Err(StoreError::Other(format!(
+                    "unknown session status {other:?}"
+                )))
+            }
         })
     }
 }
@@ -279,11 +309,17 @@ pub trait SessionStore: Send + Sync + 'static {
     ) -> Result<Option<Lease>, StoreError>;
 
     /// Extends the lease; `Ok(false)` when it is no longer ours.
-    async fn renew_lease(&self, lease: &Lease, now_ms: i64, ttl_ms: i64) -> Result<bool, StoreError>;
+    async fn renew_lease(
+        &self,
+        lease: &Lease,
+        now_ms: i64,
+        ttl_ms: i64,
+    ) -> Result<bool, StoreError>;
 
     /// Gives the lease up unless runnable jobs arrived meanwhile (then
     /// `MoreWork`, lease kept). Sets the session `idle`.
-    async fn release_lease(&self, lease: &Lease, now_ms: i64) -> Result<ReleaseOutcome, StoreError>;
+    async fn release_lease(&self, lease: &Lease, now_ms: i64)
+        -> Result<ReleaseOutcome, StoreError>;
 
     /// Gives the lease up whatever is queued (shutdown). Running jobs of the
     /// session go back to `queued` so another worker takes them at once.
@@ -295,11 +331,21 @@ pub trait SessionStore: Send + Sync + 'static {
 
     /// Marks the job running and counts the attempt; returns the attempt
     /// number (1-based). Sets the session `active`. Fenced.
-    async fn start_attempt(&self, lease: &Lease, job_id: &str, now_ms: i64) -> Result<u32, StoreError>;
+    async fn start_attempt(
+        &self,
+        lease: &Lease,
+        job_id: &str,
+        now_ms: i64,
+    ) -> Result<u32, StoreError>;
 
     /// Records that events up to `next_seq - 1` are being published. Called
     /// before each publish, so a fenced-out worker publishes nothing. Fenced.
-    async fn record_seq(&self, lease: &Lease, job_id: &str, next_seq: u64) -> Result<(), StoreError>;
+    async fn record_seq(
+        &self,
+        lease: &Lease,
+        job_id: &str,
+        next_seq: u64,
+    ) -> Result<(), StoreError>;
 
     /// Stores the job's outcome and terminal event and, for a successful
     /// turn, the session's new state and counters. Fenced.
@@ -316,13 +362,19 @@ pub trait SessionStore: Send + Sync + 'static {
     async fn forget_session(&self, session_key: &str, now_ms: i64) -> Result<bool, StoreError>;
 }
 
-/// Opens the store named by `url` (`sqlite:` or `postgres://`).
-pub async fn connect(url: &Secret, max_connections: u32) -> Result<std::sync::Arc<dyn SessionStore>, StoreError> {
+/// Opens the store named by `url` (`sqlite:` or `postgres://`). Does not
+/// migrate; call [`SessionStore::migrate`] once at start-up.
+pub async fn connect(
+    url: &Secret,
+    max_connections: u32,
+) -> Result<Arc<dyn SessionStore>, StoreError> {
     let raw = url.expose();
     if raw.starts_with("sqlite:") {
-        let _s = SqliteStore::connect(raw, max_connections).await?; unimplemented_store()
+        Ok(Arc::new(SqliteStore::connect(raw, max_connections).await?))
     } else {
-        let _s = PostgresStore::connect(raw, max_connections).await?; unimplemented_store()
+        Ok(Arc::new(
+            PostgresStore::connect(raw, max_connections).await?,
+        ))
     }
 }
 
@@ -333,5 +385,3 @@ pub fn now_ms() -> i64 {
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
 }
-
-fn unimplemented_store() -> Result<std::sync::Arc<dyn SessionStore>, StoreError> { Err(StoreError::Other("not implemented".into())) }

@@ -1,0 +1,120 @@
+//! Raw row shapes shared by both backends, and their conversion into the
+//! domain records. Both schemas store integers as 64-bit and times as
+//! Unix milliseconds, so one row type decodes either.
+
+use super::{JobRecord, JobSpec, JobStatus, SessionRecord, SessionStatus, StoreError};
+
+pub(crate) const JOB_COLUMNS: &str = "job_id, session_key, job_order, status, attempts, next_seq, \
+     spec, error, terminal_event, created_at_ms, started_at_ms, finished_at_ms";
+
+pub(crate) const SESSION_COLUMNS: &str = "session_key, claude_session_id, profile, status, cwd, \
+     model, created_at_ms, updated_at_ms, last_job_id, turns, input_tokens, output_tokens, \
+     cost_usd, lease_owner, lease_epoch, lease_expires_at_ms";
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct JobRow {
+    job_id: String,
+    session_key: String,
+    job_order: i64,
+    status: String,
+    attempts: i64,
+    next_seq: i64,
+    spec: String,
+    error: Option<String>,
+    terminal_event: Option<String>,
+    created_at_ms: i64,
+    started_at_ms: Option<i64>,
+    finished_at_ms: Option<i64>,
+}
+
+impl TryFrom<JobRow> for JobRecord {
+    type Error = StoreError;
+
+    fn try_from(r: JobRow) -> Result<Self, StoreError> {
+        let spec: JobSpec = serde_json::from_str(&r.spec)
+            .map_err(|e| StoreError::Other(format!("job {}: unreadable spec: {e}", r.job_id)))?;
+        let attempts = u32::try_from(r.attempts).map_err(|_| {
+            StoreError::Other(format!("job {}: bad attempts {}", r.job_id, r.attempts))
+        })?;
+        let next_seq = u64::try_from(r.next_seq).map_err(|_| {
+            StoreError::Other(format!("job {}: bad next_seq {}", r.job_id, r.next_seq))
+        })?;
+        Ok(JobRecord {
+            status: JobStatus::parse(&r.status)?,
+            job_id: r.job_id,
+            session_key: r.session_key,
+            order: r.job_order,
+            attempts,
+            next_seq,
+            spec,
+            error: r.error,
+            terminal_event: r.terminal_event,
+            created_at_ms: r.created_at_ms,
+            started_at_ms: r.started_at_ms,
+            finished_at_ms: r.finished_at_ms,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct SessionRow {
+    session_key: String,
+    claude_session_id: Option<String>,
+    profile: String,
+    status: String,
+    cwd: Option<String>,
+    model: Option<String>,
+    created_at_ms: i64,
+    updated_at_ms: i64,
+    last_job_id: Option<String>,
+    turns: i64,
+    input_tokens: i64,
+    output_tokens: i64,
+    cost_usd: f64,
+    lease_owner: Option<String>,
+    lease_epoch: i64,
+    lease_expires_at_ms: Option<i64>,
+}
+
+impl TryFrom<SessionRow> for SessionRecord {
+    type Error = StoreError;
+
+    fn try_from(r: SessionRow) -> Result<Self, StoreError> {
+        Ok(SessionRecord {
+            status: SessionStatus::parse(&r.status)?,
+            session_key: r.session_key,
+            claude_session_id: r.claude_session_id,
+            profile: r.profile,
+            cwd: r.cwd,
+            model: r.model,
+            created_at_ms: r.created_at_ms,
+            updated_at_ms: r.updated_at_ms,
+            last_job_id: r.last_job_id,
+            turns: r.turns,
+            input_tokens: r.input_tokens,
+            output_tokens: r.output_tokens,
+            cost_usd: r.cost_usd,
+            lease_owner: r.lease_owner,
+            lease_epoch: r.lease_epoch,
+            lease_expires_at_ms: r.lease_expires_at_ms,
+        })
+    }
+}
+
+pub(crate) fn spec_json(spec: &JobSpec) -> Result<String, StoreError> {
+    serde_json::to_string(spec)
+        .map_err(|e| StoreError::Other(format!("cannot encode job spec: {e}")))
+}
+
+/// `u64` seqs are stored as signed 64-bit integers.
+pub(crate) fn seq_to_db(next_seq: u64) -> Result<i64, StoreError> {
+    i64::try_from(next_seq)
+        .map_err(|_| StoreError::Other(format!("next_seq {next_seq} out of range")))
+}
+
+pub(crate) fn lease_lost(lease: &super::Lease) -> StoreError {
+    StoreError::LeaseLost {
+        session_key: lease.session_key.clone(),
+        epoch: lease.epoch,
+    }
+}

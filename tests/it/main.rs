@@ -1,0 +1,3 @@
+//! Integration tests, one binary (`cargo test --test it`).
+
+mod store;

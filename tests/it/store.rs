@@ -1,0 +1,1020 @@
+//! One suite of `SessionStore` tests, run against both backends.
+//!
+//! SQLite tests use a database file in a temporary directory; Postgres tests
+//! create a fresh database on `TEST_POSTGRES_URL` (default: the local server
+//! with trust auth) and drop it afterwards, also when the test fails.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use claude_worker::config::Secret;
+use claude_worker::protocol::{PermissionMode, SessionMode};
+use claude_worker::store::{
+    self, AcceptOutcome, JobFinish, JobSpec, JobStatus, Lease, NewJob, ReleaseOutcome,
+    SessionStatus, SessionStore, SessionUpdate, StoreError,
+};
+use sqlx::{Connection, Executor};
+
+const DEFAULT_PG_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+const TTL: i64 = 30_000;
+
+/// Where one test's database lives; `open` may be called more than once to
+/// get independent stores (separate pools, like separate processes).
+struct Ctx {
+    url: String,
+}
+
+impl Ctx {
+    async fn open(&self) -> Arc<dyn SessionStore> {
+        let s = store::connect(&Secret::new(self.url.clone()), 8)
+            .await
+            .expect("connect");
+        s.migrate().await.expect("migrate");
+        s
+    }
+}
+
+async fn run_sqlite<F, Fut>(case: F)
+where
+    F: FnOnce(Ctx) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("sqlite://{}", dir.path().join("store.db").display());
+    case(Ctx { url }).await;
+}
+
+/// `base` with its database name replaced by `db` (query string kept).
+fn with_database(base: &str, db: &str) -> String {
+    let (head, query) = match base.split_once('?') {
+        Some((h, q)) => (h, Some(q)),
+        None => (base, None),
+    };
+    let scheme_end = head.find("://").map(|i| i + 3).unwrap_or(0);
+    let host_end = head[scheme_end..]
+        .find('/')
+        .map(|i| scheme_end + i)
+        .unwrap_or(head.len());
+    let mut url = format!("{}/{db}", &head[..host_end]);
+    if let Some(q) = query {
+        url.push('?');
+        url.push_str(q);
+    }
+    url
+}
+
+async fn run_postgres<F, Fut>(case: F)
+where
+    F: FnOnce(Ctx) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let admin_url =
+        std::env::var("TEST_POSTGRES_URL").unwrap_or_else(|_| DEFAULT_PG_URL.to_string());
+    let mut admin = sqlx::PgConnection::connect(&admin_url)
+        .await
+        .expect("postgres is reachable (set TEST_POSTGRES_URL)");
+    let db = format!("cw_test_{}", uuid::Uuid::new_v4().simple());
+    admin
+        .execute(format!("CREATE DATABASE {db}").as_str())
+        .await
+        .expect("create test database");
+    // Run the case as a task so a failing assertion still reaches the drop.
+    let outcome = tokio::spawn(case(Ctx {
+        url: with_database(&admin_url, &db),
+    }))
+    .await;
+    admin
+        .execute(format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)").as_str())
+        .await
+        .expect("drop test database");
+    if let Err(e) = outcome {
+        std::panic::resume_unwind(e.into_panic());
+    }
+}
+
+/// Generates `sqlite::<case>` and `postgres::<case>` for every case.
+macro_rules! store_tests {
+    ($($case:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $case() {
+                    super::run_sqlite(super::$case).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $case() {
+                    super::run_postgres(super::$case).await
+                }
+            )*
+        }
+    };
+}
+
+store_tests!(
+    accept_and_duplicate,
+    duplicate_changes_nothing,
+    forget_closes_and_accept_reopens,
+    claim_picks_oldest_and_prefer,
+    claim_respects_live_lease_and_takes_expired,
+    stale_epoch_writes_fail,
+    renew_extends_only_our_lease,
+    release_reports_more_work,
+    abandon_requeues_running_jobs,
+    finish_updates_counters_only_with_session_update,
+    per_session_order_across_interleaved_sessions,
+    listing,
+    wrong_job_is_an_error,
+    concurrent_claimers_one_wins,
+    concurrent_claimers_share_sessions,
+    release_and_accept_race_never_strands_a_job,
+    concurrent_duplicate_accepts_insert_once,
+);
+
+// ---------------------------------------------------------------- helpers
+
+fn spec(prompt: &str) -> JobSpec {
+    JobSpec {
+        prompt: prompt.to_string(),
+        mode: SessionMode::Continue,
+        claude_session_id: None,
+        profile: "default".to_string(),
+        model: Some("sonnet".to_string()),
+        max_turns: 10,
+        permission_mode: PermissionMode::Plan,
+        metadata: serde_json::json!({ "chat": 42 }),
+        reply_to: Some("replies.x".to_string()),
+    }
+}
+
+fn new_job(job_id: &str, session_key: &str) -> NewJob {
+    NewJob {
+        job_id: job_id.to_string(),
+        session_key: session_key.to_string(),
+        spec: spec(&format!("prompt of {job_id}")),
+    }
+}
+
+async fn accept(s: &Arc<dyn SessionStore>, job_id: &str, session_key: &str, now: i64) {
+    let out = s
+        .accept_job(&new_job(job_id, session_key), now)
+        .await
+        .unwrap();
+    assert_eq!(out, AcceptOutcome::Inserted, "{job_id}");
+}
+
+fn finish(job_id: &str, status: JobStatus, next_seq: u64, now: i64) -> JobFinish {
+    JobFinish {
+        job_id: job_id.to_string(),
+        status,
+        error: (status == JobStatus::Failed).then(|| "boom".to_string()),
+        terminal_event: format!(
+            "{{\"job_id\":\"{job_id}\",\"type\":\"{}\"}}",
+            status.as_str()
+        ),
+        next_seq,
+        session_update: None,
+        now_ms: now,
+    }
+}
+
+fn update(claude_session_id: &str, input: i64, output: i64, cost: f64) -> SessionUpdate {
+    SessionUpdate {
+        claude_session_id: claude_session_id.to_string(),
+        cwd: "/work/sessions/s".to_string(),
+        model: Some("opus".to_string()),
+        input_tokens: input,
+        output_tokens: output,
+        cost_usd: cost,
+    }
+}
+
+/// Runs the session's next job to success under `lease`; returns its id.
+async fn run_next(s: &Arc<dyn SessionStore>, lease: &Lease, now: i64) -> Option<String> {
+    let job = s.next_job(lease).await.unwrap()?;
+    s.start_attempt(lease, &job.job_id, now).await.unwrap();
+    s.finish_job(lease, &finish(&job.job_id, JobStatus::Succeeded, 2, now))
+        .await
+        .unwrap();
+    Some(job.job_id)
+}
+
+fn assert_lease_lost<T: std::fmt::Debug>(r: Result<T, StoreError>, lease: &Lease) {
+    match r {
+        Err(StoreError::LeaseLost { session_key, epoch }) => {
+            assert_eq!(session_key, lease.session_key);
+            assert_eq!(epoch, lease.epoch);
+        }
+        other => panic!("expected LeaseLost, got {other:?}"),
+    }
+}
+
+// ------------------------------------------------------------------ cases
+
+async fn accept_and_duplicate(ctx: Ctx) {
+    let s = ctx.open().await;
+    accept(&s, "j1", "chat-1", 100).await;
+
+    let job = s.get_job("j1").await.unwrap().expect("job stored");
+    assert_eq!(job.session_key, "chat-1");
+    assert_eq!(job.status, JobStatus::Queued);
+    assert_eq!((job.attempts, job.next_seq), (0, 0));
+    assert_eq!(job.spec, spec("prompt of j1"));
+    assert_eq!(job.created_at_ms, 100);
+    assert_eq!((job.started_at_ms, job.finished_at_ms), (None, None));
+    assert_eq!((job.error, job.terminal_event), (None, None));
+
+    let sess = s
+        .get_session("chat-1")
+        .await
+        .unwrap()
+        .expect("session created");
+    assert_eq!(sess.status, SessionStatus::Idle);
+    assert_eq!(sess.profile, "default");
+    assert_eq!((sess.created_at_ms, sess.updated_at_ms), (100, 100));
+    assert_eq!(
+        (sess.lease_owner, sess.lease_epoch, sess.lease_expires_at_ms),
+        (None, 0, None)
+    );
+    assert_eq!(
+        (
+            sess.turns,
+            sess.input_tokens,
+            sess.output_tokens,
+            sess.cost_usd
+        ),
+        (0, 0, 0, 0.0)
+    );
+
+    // A redelivery before the job ran.
+    let dup = s.accept_job(&new_job("j1", "chat-1"), 200).await.unwrap();
+    assert_eq!(
+        dup,
+        AcceptOutcome::Duplicate {
+            status: JobStatus::Queued,
+            terminal_event: None
+        }
+    );
+
+    // A redelivery after it finished carries the terminal event.
+    let lease = s
+        .claim_session("w1", 300, TTL, None)
+        .await
+        .unwrap()
+        .unwrap();
+    s.start_attempt(&lease, "j1", 310).await.unwrap();
+    let fin = finish("j1", JobStatus::Succeeded, 5, 320);
+    s.finish_job(&lease, &fin).await.unwrap();
+    let dup = s.accept_job(&new_job("j1", "chat-1"), 400).await.unwrap();
+    assert_eq!(
+        dup,
+        AcceptOutcome::Duplicate {
+            status: JobStatus::Succeeded,
+            terminal_event: Some(fin.terminal_event.clone())
+        }
+    );
+    assert_eq!(s.list_jobs("chat-1", 10).await.unwrap().len(), 1);
+}
+
+async fn duplicate_changes_nothing(ctx: Ctx) {
+    let s = ctx.open().await;
+    accept(&s, "j1", "chat-1", 100).await;
+    // Same job id under another key: no session, no job, no bump.
+    let dup = s.accept_job(&new_job("j1", "chat-2"), 500).await.unwrap();
+    assert!(matches!(dup, AcceptOutcome::Duplicate { .. }));
+    assert!(s.get_session("chat-2").await.unwrap().is_none());
+    assert_eq!(
+        s.get_session("chat-1")
+            .await
+            .unwrap()
+            .unwrap()
+            .updated_at_ms,
+        100
+    );
+    assert_eq!(
+        s.get_job("j1").await.unwrap().unwrap().session_key,
+        "chat-1"
+    );
+    assert_eq!(s.list_sessions(10).await.unwrap().len(), 1);
+
+    // A second job for a known session only bumps updated_at.
+    accept(&s, "j2", "chat-1", 600).await;
+    let sess = s.get_session("chat-1").await.unwrap().unwrap();
+    assert_eq!((sess.created_at_ms, sess.updated_at_ms), (100, 600));
+    assert_eq!(sess.status, SessionStatus::Idle);
+}
+
+async fn forget_closes_and_accept_reopens(ctx: Ctx) {
+    let s = ctx.open().await;
+    assert!(!s.forget_session("nobody", 1).await.unwrap());
+
+    accept(&s, "j1", "chat-1", 100).await;
+    let lease = s
+        .claim_session("w1", 110, TTL, None)
+        .await
+        .unwrap()
+        .unwrap();
+    let job = s.next_job(&lease).await.unwrap().unwrap();
+    s.start_attempt(&lease, &job.job_id, 120).await.unwrap();
+    let mut fin = finish("j1", JobStatus::Succeeded, 3, 130);
+    fin.session_update = Some(update("c-1", 1, 2, 0.25));
+    s.finish_job(&lease, &fin).await.unwrap();
+    assert_eq!(
+        s.release_lease(&lease, 140).await.unwrap(),
+        ReleaseOutcome::Released
+    );
+
+    assert!(s.forget_session("chat-1", 200).await.unwrap());
+    let sess = s.get_session("chat-1").await.unwrap().unwrap();
+    assert_eq!(sess.status, SessionStatus::Closed);
+    assert_eq!(sess.claude_session_id, None);
+    assert_eq!(sess.updated_at_ms, 200);
+    assert_eq!(sess.turns, 1, "history counters are kept");
+
+    accept(&s, "j2", "chat-1", 300).await;
+    let sess = s.get_session("chat-1").await.unwrap().unwrap();
+    assert_eq!(sess.status, SessionStatus::Idle);
+    assert_eq!(sess.claude_session_id, None);
+    assert_eq!(sess.updated_at_ms, 300);
+}
+
+async fn claim_picks_oldest_and_prefer(ctx: Ctx) {
+    let s = ctx.open().await;
+    assert_eq!(s.claim_session("w1", 100, TTL, None).await.unwrap(), None);
+
+    accept(&s, "b1", "B", 100).await;
+    accept(&s, "a1", "A", 101).await;
+    accept(&s, "b2", "B", 102).await;
+    accept(&s, "c1", "C", 103).await;
+
+    // `prefer` wins when claimable.
+    let c = s
+        .claim_session("w1", 200, TTL, Some("C"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        c,
+        Lease {
+            session_key: "C".into(),
+            owner: "w1".into(),
+            epoch: 1
+        }
+    );
+    // Leased, unknown or workless preferences fall back to the oldest job.
+    let b = s
+        .claim_session("w1", 200, TTL, Some("C"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(b.session_key, "B");
+    let a = s
+        .claim_session("w1", 200, TTL, Some("nope"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(a.session_key, "A");
+    assert_eq!(s.claim_session("w1", 200, TTL, None).await.unwrap(), None);
+
+    let sess = s.get_session("B").await.unwrap().unwrap();
+    assert_eq!(sess.status, SessionStatus::Active);
+    assert_eq!(sess.lease_owner.as_deref(), Some("w1"));
+    assert_eq!(sess.lease_epoch, 1);
+    assert_eq!(sess.lease_expires_at_ms, Some(200 + TTL));
+
+    // A session whose jobs are all finished is not claimable.
+    while run_next(&s, &a, 300).await.is_some() {}
+    assert_eq!(
+        s.release_lease(&a, 310).await.unwrap(),
+        ReleaseOutcome::Released
+    );
+    assert_eq!(
+        s.claim_session("w2", 400, TTL, Some("A")).await.unwrap(),
+        None
+    );
+}
+
+async fn claim_respects_live_lease_and_takes_expired(ctx: Ctx) {
+    let s = ctx.open().await;
+    accept(&s, "j1", "S", 100).await;
+    let l1 = s
+        .claim_session("w1", 1_000, 100, None)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(l1.epoch, 1);
+    assert_eq!(s.next_job(&l1).await.unwrap().unwrap().job_id, "j1");
+    assert_eq!(s.start_attempt(&l1, "j1", 1_010).await.unwrap(), 1);
+
+    // Live until (and including) its expiry instant.
+    assert_eq!(s.claim_session("w2", 1_050, 100, None).await.unwrap(), None);
+    assert_eq!(
+        s.claim_session("w2", 1_100, 100, Some("S")).await.unwrap(),
+        None
+    );
+
+    // Expired with a running job left behind: taken over, interrupted.
+    let l2 = s
+        .claim_session("w2", 1_101, 100, None)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        l2,
+        Lease {
+            session_key: "S".into(),
+            owner: "w2".into(),
+            epoch: 2
+        }
+    );
+    let sess = s.get_session("S").await.unwrap().unwrap();
+    assert_eq!(sess.status, SessionStatus::Interrupted);
+    assert_eq!(sess.lease_owner.as_deref(), Some("w2"));
+    assert_eq!(sess.lease_expires_at_ms, Some(1_201));
+
+    // The running job is resumed first, and its attempt counted.
+    accept(&s, "j2", "S", 1_150).await;
+    let next = s.next_job(&l2).await.unwrap().unwrap();
+    assert_eq!(
+        (next.job_id.as_str(), next.status),
+        ("j1", JobStatus::Running)
+    );
+    assert_eq!(s.start_attempt(&l2, "j1", 1_160).await.unwrap(), 2);
+    let job = s.get_job("j1").await.unwrap().unwrap();
+    assert_eq!(job.started_at_ms, Some(1_010), "first start is kept");
+    assert_eq!(
+        s.get_session("S").await.unwrap().unwrap().status,
+        SessionStatus::Active
+    );
+
+    // An expired lease with only queued work is claimed as `active`.
+    s.finish_job(&l2, &finish("j1", JobStatus::Succeeded, 1, 1_170))
+        .await
+        .unwrap();
+    let l3 = s
+        .claim_session("w3", 5_000, 100, None)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(l3.epoch, 3);
+    assert_eq!(
+        s.get_session("S").await.unwrap().unwrap().status,
+        SessionStatus::Active
+    );
+}
+
+async fn stale_epoch_writes_fail(ctx: Ctx) {
+    let s = ctx.open().await;
+    accept(&s, "j1", "S", 100).await;
+    let old = s
+        .claim_session("w1", 1_000, 100, None)
+        .await
+        .unwrap()
+        .unwrap();
+    s.start_attempt(&old, "j1", 1_001).await.unwrap();
+    s.record_seq(&old, "j1", 3).await.unwrap();
+
+    // The same owner re-claiming after expiry still fences the old epoch.
+    let new = s
+        .claim_session("w1", 2_000, 100, None)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(new.epoch, old.epoch + 1);
+
+    assert_lease_lost(s.record_seq(&old, "j1", 9).await, &old);
+    assert_lease_lost(
+        s.finish_job(&old, &finish("j1", JobStatus::Failed, 9, 2_001))
+            .await,
+        &old,
+    );
+    assert_lease_lost(s.start_attempt(&old, "j1", 2_002).await, &old);
+    assert_lease_lost(s.next_job(&old).await, &old);
+    assert_lease_lost(s.release_lease(&old, 2_003).await, &old);
+    assert_lease_lost(s.abandon_lease(&old, 2_004).await, &old);
+    assert!(!s.renew_lease(&old, 2_005, 100).await.unwrap());
+
+    // Nothing the old holder tried landed.
+    let job = s.get_job("j1").await.unwrap().unwrap();
+    assert_eq!(
+        (job.status, job.attempts, job.next_seq),
+        (JobStatus::Running, 1, 3)
+    );
+    assert_eq!(job.finished_at_ms, None);
+    let sess = s.get_session("S").await.unwrap().unwrap();
+    assert_eq!(
+        (sess.lease_epoch, sess.lease_expires_at_ms),
+        (new.epoch, Some(2_100))
+    );
+    assert_eq!(sess.last_job_id, None);
+
+    // The new holder carries on.
+    s.record_seq(&new, "j1", 4).await.unwrap();
+    assert_eq!(s.start_attempt(&new, "j1", 2_010).await.unwrap(), 2);
+
+    // A released lease is fenced too.
+    s.finish_job(&new, &finish("j1", JobStatus::Succeeded, 6, 2_020))
+        .await
+        .unwrap();
+    assert_eq!(
+        s.release_lease(&new, 2_030).await.unwrap(),
+        ReleaseOutcome::Released
+    );
+    assert_lease_lost(s.record_seq(&new, "j1", 7).await, &new);
+    assert_lease_lost(s.next_job(&new).await, &new);
+    assert_eq!(s.get_job("j1").await.unwrap().unwrap().next_seq, 6);
+}
+
+async fn renew_extends_only_our_lease(ctx: Ctx) {
+    let s = ctx.open().await;
+    accept(&s, "j1", "S", 100).await;
+    let l = s
+        .claim_session("w1", 1_000, 100, None)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(s.renew_lease(&l, 1_050, 100).await.unwrap());
+    assert_eq!(
+        s.get_session("S")
+            .await
+            .unwrap()
+            .unwrap()
+            .lease_expires_at_ms,
+        Some(1_150)
+    );
+    // Expired but not yet claimed by anyone: still ours (fencing is by epoch).
+    assert!(s.renew_lease(&l, 5_000, 100).await.unwrap());
+    assert_eq!(s.claim_session("w2", 5_050, 100, None).await.unwrap(), None);
+
+    let wrong_owner = Lease {
+        owner: "w2".into(),
+        ..l.clone()
+    };
+    assert!(!s.renew_lease(&wrong_owner, 5_060, 100).await.unwrap());
+    let wrong_epoch = Lease {
+        epoch: l.epoch + 1,
+        ..l.clone()
+    };
+    assert!(!s.renew_lease(&wrong_epoch, 5_060, 100).await.unwrap());
+    assert_eq!(
+        s.get_session("S")
+            .await
+            .unwrap()
+            .unwrap()
+            .lease_expires_at_ms,
+        Some(5_100)
+    );
+}
+
+async fn release_reports_more_work(ctx: Ctx) {
+    let s = ctx.open().await;
+    accept(&s, "j1", "S", 100).await;
+    let l = s
+        .claim_session("w1", 1_000, TTL, None)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(run_next(&s, &l, 1_010).await.as_deref(), Some("j1"));
+    assert_eq!(
+        s.get_session("S").await.unwrap().unwrap().status,
+        SessionStatus::Active
+    );
+
+    // A job arrived while the first ran: keep the lease.
+    accept(&s, "j2", "S", 1_020).await;
+    assert_eq!(
+        s.release_lease(&l, 1_030).await.unwrap(),
+        ReleaseOutcome::MoreWork
+    );
+    let sess = s.get_session("S").await.unwrap().unwrap();
+    assert_eq!(
+        (sess.lease_owner.as_deref(), sess.lease_epoch),
+        (Some("w1"), 1)
+    );
+    assert_eq!(sess.status, SessionStatus::Active);
+    assert_eq!(s.claim_session("w2", 1_040, TTL, None).await.unwrap(), None);
+
+    assert_eq!(run_next(&s, &l, 1_050).await.as_deref(), Some("j2"));
+    assert_eq!(s.next_job(&l).await.unwrap(), None);
+    assert_eq!(
+        s.release_lease(&l, 1_060).await.unwrap(),
+        ReleaseOutcome::Released
+    );
+    let sess = s.get_session("S").await.unwrap().unwrap();
+    assert_eq!(sess.status, SessionStatus::Idle);
+    assert_eq!((sess.lease_owner, sess.lease_expires_at_ms), (None, None));
+    assert_eq!(sess.lease_epoch, 1, "release keeps the epoch");
+    assert_eq!(sess.updated_at_ms, 1_060);
+
+    accept(&s, "j3", "S", 1_070).await;
+    let l2 = s
+        .claim_session("w2", 1_080, TTL, None)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(l2.epoch, 2);
+}
+
+async fn abandon_requeues_running_jobs(ctx: Ctx) {
+    let s = ctx.open().await;
+    accept(&s, "j1", "S", 100).await;
+    accept(&s, "j2", "S", 101).await;
+    let l = s
+        .claim_session("w1", 1_000, TTL, None)
+        .await
+        .unwrap()
+        .unwrap();
+    s.start_attempt(&l, "j1", 1_010).await.unwrap();
+    s.record_seq(&l, "j1", 2).await.unwrap();
+
+    s.abandon_lease(&l, 1_020).await.unwrap();
+    let job = s.get_job("j1").await.unwrap().unwrap();
+    assert_eq!(
+        (job.status, job.attempts, job.next_seq),
+        (JobStatus::Queued, 1, 2)
+    );
+    assert_eq!(
+        s.get_job("j2").await.unwrap().unwrap().status,
+        JobStatus::Queued
+    );
+    let sess = s.get_session("S").await.unwrap().unwrap();
+    assert_eq!(sess.status, SessionStatus::Idle);
+    assert_eq!(
+        (sess.lease_owner, sess.lease_expires_at_ms, sess.lease_epoch),
+        (None, None, 1)
+    );
+
+    // Claimable at once, without waiting for the TTL, and not `interrupted`.
+    let l2 = s
+        .claim_session("w2", 1_030, TTL, None)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(l2.epoch, 2);
+    assert_eq!(
+        s.get_session("S").await.unwrap().unwrap().status,
+        SessionStatus::Active
+    );
+    assert_eq!(s.next_job(&l2).await.unwrap().unwrap().job_id, "j1");
+    assert_lease_lost(s.abandon_lease(&l, 1_040).await, &l);
+}
+
+async fn finish_updates_counters_only_with_session_update(ctx: Ctx) {
+    let s = ctx.open().await;
+    for (i, id) in ["j1", "j2", "j3"].iter().enumerate() {
+        accept(&s, id, "S", 100 + i as i64).await;
+    }
+    let l = s
+        .claim_session("w1", 1_000, TTL, None)
+        .await
+        .unwrap()
+        .unwrap();
+
+    s.start_attempt(&l, "j1", 1_010).await.unwrap();
+    let mut f1 = finish("j1", JobStatus::Succeeded, 7, 1_020);
+    f1.session_update = Some(update("c-1", 10, 20, 0.5));
+    s.finish_job(&l, &f1).await.unwrap();
+
+    let job = s.get_job("j1").await.unwrap().unwrap();
+    assert_eq!(job.status, JobStatus::Succeeded);
+    assert_eq!(job.next_seq, 7);
+    assert_eq!(
+        job.terminal_event.as_deref(),
+        Some(f1.terminal_event.as_str())
+    );
+    assert_eq!(
+        (job.started_at_ms, job.finished_at_ms),
+        (Some(1_010), Some(1_020))
+    );
+    assert_eq!(job.error, None);
+    let sess = s.get_session("S").await.unwrap().unwrap();
+    assert_eq!(sess.claude_session_id.as_deref(), Some("c-1"));
+    assert_eq!(sess.cwd.as_deref(), Some("/work/sessions/s"));
+    assert_eq!(sess.model.as_deref(), Some("opus"));
+    assert_eq!(
+        (sess.turns, sess.input_tokens, sess.output_tokens),
+        (1, 10, 20)
+    );
+    assert!((sess.cost_usd - 0.5).abs() < 1e-9);
+    assert_eq!(sess.last_job_id.as_deref(), Some("j1"));
+    assert_eq!(sess.updated_at_ms, 1_020);
+    assert_eq!(sess.status, SessionStatus::Active, "still held");
+
+    // A failed turn: job outcome stored, session counters untouched.
+    s.start_attempt(&l, "j2", 1_030).await.unwrap();
+    s.finish_job(&l, &finish("j2", JobStatus::Failed, 1, 1_040))
+        .await
+        .unwrap();
+    let job = s.get_job("j2").await.unwrap().unwrap();
+    assert_eq!(
+        (job.status, job.error.as_deref()),
+        (JobStatus::Failed, Some("boom"))
+    );
+    let sess = s.get_session("S").await.unwrap().unwrap();
+    assert_eq!(sess.claude_session_id.as_deref(), Some("c-1"));
+    assert_eq!(
+        (sess.turns, sess.input_tokens, sess.output_tokens),
+        (1, 10, 20)
+    );
+    assert_eq!(sess.last_job_id.as_deref(), Some("j2"));
+    assert_eq!(sess.updated_at_ms, 1_040);
+
+    // Counters add up.
+    s.start_attempt(&l, "j3", 1_050).await.unwrap();
+    let mut f3 = finish("j3", JobStatus::Succeeded, 4, 1_060);
+    f3.session_update = Some(update("c-2", 5, 6, 0.25));
+    s.finish_job(&l, &f3).await.unwrap();
+    let sess = s.get_session("S").await.unwrap().unwrap();
+    assert_eq!(sess.claude_session_id.as_deref(), Some("c-2"));
+    assert_eq!(
+        (sess.turns, sess.input_tokens, sess.output_tokens),
+        (2, 15, 26)
+    );
+    assert!((sess.cost_usd - 0.75).abs() < 1e-9);
+}
+
+async fn per_session_order_across_interleaved_sessions(ctx: Ctx) {
+    let s = ctx.open().await;
+    let plan = [
+        ("a1", "A"),
+        ("b1", "B"),
+        ("a2", "A"),
+        ("c1", "C"),
+        ("b2", "B"),
+        ("a3", "A"),
+        ("c2", "C"),
+    ];
+    for (i, (id, key)) in plan.iter().enumerate() {
+        accept(&s, id, key, 100 + i as i64).await;
+    }
+    let orders: Vec<i64> = {
+        let mut v = Vec::new();
+        for (id, _) in plan {
+            v.push(s.get_job(id).await.unwrap().unwrap().order);
+        }
+        v
+    };
+    assert!(
+        orders.windows(2).all(|w| w[0] < w[1]),
+        "acceptance order grows: {orders:?}"
+    );
+
+    let mut ran: Vec<(String, Vec<String>)> = Vec::new();
+    while let Some(l) = s.claim_session("w1", 1_000, TTL, None).await.unwrap() {
+        let mut ids = Vec::new();
+        while let Some(id) = run_next(&s, &l, 1_000).await {
+            ids.push(id);
+        }
+        assert_eq!(
+            s.release_lease(&l, 1_000).await.unwrap(),
+            ReleaseOutcome::Released
+        );
+        ran.push((l.session_key.clone(), ids));
+    }
+    let expect = |k: &str, ids: &[&str]| {
+        (
+            k.to_string(),
+            ids.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+        )
+    };
+    assert_eq!(
+        ran,
+        vec![
+            expect("A", &["a1", "a2", "a3"]),
+            expect("B", &["b1", "b2"]),
+            expect("C", &["c1", "c2"]),
+        ]
+    );
+}
+
+async fn listing(ctx: Ctx) {
+    let s = ctx.open().await;
+    for i in 0..5 {
+        accept(&s, &format!("a{i}"), "A", 100 + i).await;
+    }
+    accept(&s, "b0", "B", 200).await;
+    accept(&s, "c0", "C", 150).await;
+
+    let jobs = s.list_jobs("A", 3).await.unwrap();
+    let ids: Vec<&str> = jobs.iter().map(|j| j.job_id.as_str()).collect();
+    assert_eq!(ids, ["a2", "a3", "a4"], "most recent three, oldest first");
+    assert_eq!(s.list_jobs("A", 100).await.unwrap().len(), 5);
+    assert!(s.list_jobs("nobody", 10).await.unwrap().is_empty());
+
+    let keys: Vec<String> = s
+        .list_sessions(10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|x| x.session_key)
+        .collect();
+    assert_eq!(keys, ["B", "C", "A"]);
+    let keys: Vec<String> = s
+        .list_sessions(2)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|x| x.session_key)
+        .collect();
+    assert_eq!(keys, ["B", "C"]);
+}
+
+async fn wrong_job_is_an_error(ctx: Ctx) {
+    let s = ctx.open().await;
+    accept(&s, "a1", "A", 100).await;
+    accept(&s, "b1", "B", 101).await;
+    let la = s
+        .claim_session("w1", 1_000, TTL, Some("A"))
+        .await
+        .unwrap()
+        .unwrap();
+    // Another session's job, an unknown job, a non-terminal finish.
+    assert!(matches!(
+        s.start_attempt(&la, "b1", 1_001).await,
+        Err(StoreError::Other(_))
+    ));
+    assert!(matches!(
+        s.record_seq(&la, "nope", 1).await,
+        Err(StoreError::Other(_))
+    ));
+    assert!(matches!(
+        s.finish_job(&la, &finish("a1", JobStatus::Running, 1, 1_002))
+            .await,
+        Err(StoreError::Other(_))
+    ));
+    assert_eq!(
+        s.get_job("b1").await.unwrap().unwrap().status,
+        JobStatus::Queued
+    );
+    assert_eq!(
+        s.get_job("a1").await.unwrap().unwrap().status,
+        JobStatus::Queued
+    );
+    // A finished job is not started again.
+    run_next(&s, &la, 1_003).await.unwrap();
+    assert!(matches!(
+        s.start_attempt(&la, "a1", 1_004).await,
+        Err(StoreError::Other(_))
+    ));
+    assert!(s.get_job("zzz").await.unwrap().is_none());
+    assert!(s.get_session("zzz").await.unwrap().is_none());
+}
+
+async fn concurrent_claimers_one_wins(ctx: Ctx) {
+    // Two stores on one database: two processes as far as the DB can tell.
+    let stores = [ctx.open().await, ctx.open().await];
+    accept(&stores[0], "j1", "S", 100).await;
+
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let s = stores[i % 2].clone();
+        tasks.push(tokio::spawn(async move {
+            s.claim_session(&format!("w{i}"), 1_000, TTL, Some("S"))
+                .await
+                .unwrap()
+        }));
+    }
+    let mut winners = Vec::new();
+    for t in tasks {
+        if let Some(l) = t.await.unwrap() {
+            winners.push(l);
+        }
+    }
+    assert_eq!(winners.len(), 1, "{winners:?}");
+    let sess = stores[1].get_session("S").await.unwrap().unwrap();
+    assert_eq!(sess.lease_owner.as_deref(), Some(winners[0].owner.as_str()));
+    assert_eq!((sess.lease_epoch, winners[0].epoch), (1, 1));
+}
+
+async fn concurrent_claimers_share_sessions(ctx: Ctx) {
+    let stores = [ctx.open().await, ctx.open().await];
+    for i in 0..12 {
+        accept(
+            &stores[i % 2],
+            &format!("j{i}"),
+            &format!("S{}", i % 6),
+            100 + i as i64,
+        )
+        .await;
+    }
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let s = stores[i % 2].clone();
+        tasks.push(tokio::spawn(async move {
+            let mut got = Vec::new();
+            while let Some(l) = s
+                .claim_session(&format!("w{i}"), 1_000, TTL, None)
+                .await
+                .unwrap()
+            {
+                got.push(l.session_key);
+            }
+            got
+        }));
+    }
+    let mut claimed = Vec::new();
+    for t in tasks {
+        claimed.extend(t.await.unwrap());
+    }
+    claimed.sort();
+    let expect: Vec<String> = (0..6).map(|i| format!("S{i}")).collect();
+    assert_eq!(claimed, expect, "every session claimed exactly once");
+}
+
+async fn release_and_accept_race_never_strands_a_job(ctx: Ctx) {
+    let stores = [ctx.open().await, ctx.open().await];
+    for round in 0..20i64 {
+        let key = format!("S{round}");
+        accept(&stores[0], &format!("first{round}"), &key, 100).await;
+        let lease = stores[0]
+            .claim_session("w1", 1_000, TTL, Some(&key))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(lease.session_key, key);
+        run_next(&stores[0], &lease, 1_000).await.unwrap();
+
+        let releaser = {
+            let s = stores[0].clone();
+            let lease = lease.clone();
+            tokio::spawn(async move { s.release_lease(&lease, 1_001).await.unwrap() })
+        };
+        let accepter = {
+            let s = stores[1].clone();
+            let (id, key) = (format!("second{round}"), key.clone());
+            tokio::spawn(async move { s.accept_job(&new_job(&id, &key), 1_001).await.unwrap() })
+        };
+        let released = releaser.await.unwrap();
+        assert_eq!(accepter.await.unwrap(), AcceptOutcome::Inserted);
+
+        // Either the holder was told about the job, or anyone can claim it.
+        match released {
+            ReleaseOutcome::MoreWork => {
+                assert_eq!(
+                    run_next(&stores[0], &lease, 1_002).await,
+                    Some(format!("second{round}"))
+                );
+                assert_eq!(
+                    stores[0].release_lease(&lease, 1_003).await.unwrap(),
+                    ReleaseOutcome::Released
+                );
+            }
+            ReleaseOutcome::Released => {
+                let l2 = stores[1]
+                    .claim_session("w2", 1_002, TTL, None)
+                    .await
+                    .unwrap()
+                    .unwrap();
+                assert_eq!(l2.session_key, key);
+                assert_eq!(
+                    run_next(&stores[1], &l2, 1_002).await,
+                    Some(format!("second{round}"))
+                );
+                assert_eq!(
+                    stores[1].release_lease(&l2, 1_003).await.unwrap(),
+                    ReleaseOutcome::Released
+                );
+            }
+        }
+        assert_eq!(
+            stores[1]
+                .get_job(&format!("second{round}"))
+                .await
+                .unwrap()
+                .unwrap()
+                .status,
+            JobStatus::Succeeded
+        );
+    }
+}
+
+async fn concurrent_duplicate_accepts_insert_once(ctx: Ctx) {
+    // A redelivery racing the original delivery on another worker.
+    let stores = [ctx.open().await, ctx.open().await];
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let s = stores[i % 2].clone();
+        tasks.push(tokio::spawn(async move {
+            s.accept_job(&new_job("j1", "S"), 100 + i as i64)
+                .await
+                .unwrap()
+        }));
+    }
+    let mut inserted = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            AcceptOutcome::Inserted => inserted += 1,
+            AcceptOutcome::Duplicate {
+                status,
+                terminal_event,
+            } => {
+                assert_eq!((status, terminal_event), (JobStatus::Queued, None));
+            }
+        }
+    }
+    assert_eq!(inserted, 1);
+    assert_eq!(stores[0].list_jobs("S", 10).await.unwrap().len(), 1);
+}
