@@ -218,6 +218,53 @@ pub fn validate_claude_session_id(id: &str) -> Result<(), DecodeError> {
         .map_err(|_| DecodeError(format!("`session.claude_session_id` {id:?} is not a UUID")))
 }
 
+/// A control message, version 1, published to the control exchange (every
+/// worker receives it).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+pub struct ControlV1 {
+    pub v: u32,
+    #[serde(flatten)]
+    pub body: ControlBody,
+    /// Where to send the answer (a `control_result` event); optional.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply_to: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ControlBody {
+    /// Cancel one job, or every running and queued job of a session.
+    Cancel {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        job_id: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        session_key: Option<String>,
+    },
+    /// Change the permission mode of a session's running turn and later turns.
+    SetPermissionMode { session_key: String, mode: PermissionMode },
+}
+
+/// Decodes a control body.
+pub fn decode_control(body: &[u8]) -> Result<ControlV1, DecodeError> {
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|e| DecodeError(format!("control message is not valid JSON: {e}")))?;
+    match value.get("v") {
+        Some(Value::Number(n)) if n.as_u64() == Some(PROTOCOL_VERSION as u64) => {}
+        None => return Err(DecodeError("missing field `v` (protocol version; use 1)".into())),
+        Some(other) => {
+            return Err(DecodeError(format!(
+                "unsupported protocol version v={other}; this worker speaks v={PROTOCOL_VERSION}"
+            )))
+        }
+    }
+    let msg: ControlV1 =
+        serde_json::from_value(value).map_err(|e| DecodeError(format!("invalid control message: {e}")))?;
+    if let ControlBody::Cancel { job_id: None, session_key: None } = msg.body {
+        return Err(DecodeError("cancel needs `job_id` or `session_key`".into()));
+    }
+    Ok(msg)
+}
+
 /// One reply event. `seq` is contiguous per job, starting at 0; exactly one
 /// terminal event (`completed`, `failed`, `cancelled`) ends a job.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
