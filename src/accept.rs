@@ -46,7 +46,10 @@ pub async fn accept(ctx: &Context, delivery: &Delivery) -> Result<Accepted, Acce
     let profile_name = job.profile.clone().unwrap_or_else(|| "default".to_string());
     let Some(profile) = ctx.settings.profiles.get(&profile_name) else {
         let known: Vec<&str> = ctx.settings.profiles.keys().map(String::as_str).collect();
-        let reason = format!("unknown profile `{profile_name}` (this worker has: {})", known.join(", "));
+        let reason = format!(
+            "unknown profile `{profile_name}` (this worker has: {})",
+            known.join(", ")
+        );
         return reject(ctx, delivery, prop_reply_to, prop_message_id, reason).await;
     };
     let options = match profile.resolve(&profile_name, &job.options) {
@@ -71,20 +74,33 @@ pub async fn accept(ctx: &Context, delivery: &Delivery) -> Result<Accepted, Acce
     match ctx.store.accept_job(&new, now_ms()).await? {
         AcceptOutcome::Inserted => {
             info!(job_id = %job_id, session_key = %job.session_key, "job accepted");
-            Ok(Accepted::Queued { job_id, session_key: job.session_key })
+            Ok(Accepted::Queued {
+                job_id,
+                session_key: job.session_key,
+            })
         }
-        AcceptOutcome::Duplicate { status, terminal_event } => {
+        AcceptOutcome::Duplicate {
+            status,
+            terminal_event,
+        } => {
             info!(job_id = %job_id, status = status.as_str(), "duplicate job_id; not run again");
             if let Some(event) = terminal_event {
                 let key = reply_to.unwrap_or_else(|| job.session_key.clone());
-                ctx.sink.publish_raw_event(&key, &job_id, event.as_bytes()).await?;
+                ctx.sink
+                    .publish_raw_event(&key, &job_id, event.as_bytes())
+                    .await?;
             }
             Ok(Accepted::Duplicate { job_id })
         }
     }
 }
 
-fn spec_of(job: &JobV1, profile: String, options: crate::config::EffectiveOptions, reply_to: Option<String>) -> JobSpec {
+fn spec_of(
+    job: &JobV1,
+    profile: String,
+    options: crate::config::EffectiveOptions,
+    reply_to: Option<String>,
+) -> JobSpec {
     JobSpec {
         prompt: job.prompt.clone(),
         mode: job.session.mode,
@@ -93,7 +109,10 @@ fn spec_of(job: &JobV1, profile: String, options: crate::config::EffectiveOption
         model: options.model,
         max_turns: options.max_turns,
         permission_mode: options.permission_mode,
-        metadata: job.metadata.clone().unwrap_or_else(|| Value::Object(Default::default())),
+        metadata: job
+            .metadata
+            .clone()
+            .unwrap_or_else(|| Value::Object(Default::default())),
         reply_to,
     }
 }
@@ -111,7 +130,12 @@ async fn reject(
     ctx.sink.dead_letter(delivery, &reason).await?;
     // Best effort: whatever of the body is readable addresses the event.
     let body: Option<Value> = serde_json::from_slice(&delivery.data).ok();
-    let field = |k: &str| body.as_ref().and_then(|b| b.get(k)).and_then(Value::as_str).map(str::to_string);
+    let field = |k: &str| {
+        body.as_ref()
+            .and_then(|b| b.get(k))
+            .and_then(Value::as_str)
+            .map(str::to_string)
+    };
     let reply_to = reply_to
         .or_else(|| field("reply_to"))
         .filter(|r| protocol::validate_reply_to(r).is_ok());
@@ -132,7 +156,11 @@ async fn reject(
             session_key: field("session_key").unwrap_or_default(),
             seq: 0,
             attempt: 0,
-            body: EventBody::Failed { error: ErrorKind::InvalidInput, message: reason.clone(), retryable: false },
+            body: EventBody::Failed {
+                error: ErrorKind::InvalidInput,
+                message: reason.clone(),
+                retryable: false,
+            },
             metadata,
         };
         let bytes = serde_json::to_vec(&event).expect("events serialise");

@@ -52,7 +52,12 @@ impl Topology {
             ..Default::default()
         };
         channel
-            .exchange_declare(self.jobs_exchange.as_str().into(), ExchangeKind::Direct, durable, FieldTable::default())
+            .exchange_declare(
+                self.jobs_exchange.as_str().into(),
+                ExchangeKind::Direct,
+                durable,
+                FieldTable::default(),
+            )
             .await?;
         channel
             .exchange_declare(
@@ -63,7 +68,12 @@ impl Topology {
             )
             .await?;
         channel
-            .exchange_declare(self.replies_exchange.as_str().into(), ExchangeKind::Topic, durable, FieldTable::default())
+            .exchange_declare(
+                self.replies_exchange.as_str().into(),
+                ExchangeKind::Topic,
+                durable,
+                FieldTable::default(),
+            )
             .await?;
 
         let queue_opts = QueueDeclareOptions {
@@ -71,9 +81,16 @@ impl Topology {
             ..Default::default()
         };
         let mut dead_args = FieldTable::default();
-        dead_args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+        dead_args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString("quorum".into()),
+        );
         channel
-            .queue_declare(self.dead_letter_queue.as_str().into(), queue_opts, dead_args)
+            .queue_declare(
+                self.dead_letter_queue.as_str().into(),
+                queue_opts,
+                dead_args,
+            )
             .await?;
         channel
             .queue_bind(
@@ -86,12 +103,18 @@ impl Topology {
             .await?;
 
         let mut job_args = FieldTable::default();
-        job_args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+        job_args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString("quorum".into()),
+        );
         job_args.insert(
             "x-dead-letter-exchange".into(),
             AMQPValue::LongString(self.dead_letter_exchange.as_str().into()),
         );
-        job_args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(DELIVERY_LIMIT));
+        job_args.insert(
+            "x-delivery-limit".into(),
+            AMQPValue::LongLongInt(DELIVERY_LIMIT),
+        );
         channel
             .queue_declare(self.jobs_queue.as_str().into(), queue_opts, job_args)
             .await?;

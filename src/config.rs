@@ -239,7 +239,10 @@ impl Settings {
     /// and embedding), without reading the environment.
     pub fn from_toml_overrides(toml: &str) -> Result<Settings, ConfigError> {
         let settings: Settings = config::Config::builder()
-            .add_source(config::File::from_str(DEFAULT_TOML, config::FileFormat::Toml))
+            .add_source(config::File::from_str(
+                DEFAULT_TOML,
+                config::FileFormat::Toml,
+            ))
             .add_source(config::File::from_str(toml, config::FileFormat::Toml))
             .build()?
             .try_deserialize()?;
@@ -250,7 +253,10 @@ impl Settings {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
         let url = self.database.url.expose();
-        if !(url.starts_with("sqlite:") || url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        if !(url.starts_with("sqlite:")
+            || url.starts_with("postgres://")
+            || url.starts_with("postgresql://"))
+        {
             return bad(format!(
                 "database.url must start with sqlite: or postgres:// (got {})",
                 redact_url(url)
@@ -258,7 +264,10 @@ impl Settings {
         }
         let amqp = self.amqp.url.expose();
         if !(amqp.starts_with("amqp://") || amqp.starts_with("amqps://")) {
-            return bad(format!("amqp.url must start with amqp:// or amqps:// (got {})", redact_url(amqp)));
+            return bad(format!(
+                "amqp.url must start with amqp:// or amqps:// (got {})",
+                redact_url(amqp)
+            ));
         }
         if self.amqp.prefix.is_empty() || self.amqp.prefix.len() > 200 {
             return bad("amqp.prefix must be 1-200 characters".into());
@@ -270,7 +279,9 @@ impl Settings {
             return bad("worker.max_concurrent_turns must be at least 1".into());
         }
         if self.worker.lease_ttl_secs < 2 {
-            return bad("worker.lease_ttl_secs must be at least 2 (heartbeats renew it every third)".into());
+            return bad(
+                "worker.lease_ttl_secs must be at least 2 (heartbeats renew it every third)".into(),
+            );
         }
         if self.worker.sweep_interval_secs == 0 {
             return bad("worker.sweep_interval_secs must be at least 1".into());
@@ -302,7 +313,9 @@ impl Settings {
             }
             if let Some(m) = &p.model {
                 if !p.models.is_empty() && !p.models.contains(m) {
-                    return bad(format!("profiles.{name}: model {m:?} is not in its `models` list"));
+                    return bad(format!(
+                        "profiles.{name}: model {m:?} is not in its `models` list"
+                    ));
                 }
             }
         }
@@ -328,7 +341,10 @@ mod tests {
     fn defaults_load_and_ship_three_profiles() {
         let s = Settings::from_toml_overrides("").unwrap();
         assert_eq!(s.profiles["discord"].max_turns, 100);
-        assert_eq!(s.profiles["discord"].permission_mode, PermissionMode::AcceptEdits);
+        assert_eq!(
+            s.profiles["discord"].permission_mode,
+            PermissionMode::AcceptEdits
+        );
         assert_eq!(s.profiles["webapp"].max_turns, 200);
         assert_eq!(s.profiles["webapp"].permission_mode, PermissionMode::Plan);
         assert!(s.profiles.contains_key("default"));
@@ -338,11 +354,26 @@ mod tests {
     fn job_options_are_narrowed_not_widened() {
         let s = Settings::from_toml_overrides("").unwrap();
         let p = &s.profiles["webapp"];
-        let too_many = JobOptions { max_turns: Some(201), ..Default::default() };
-        assert!(p.resolve("webapp", &too_many).unwrap_err().contains("cap of 200"));
-        let too_free = JobOptions { permission_mode: Some(PermissionMode::AcceptEdits), ..Default::default() };
-        assert!(p.resolve("webapp", &too_free).unwrap_err().contains("ceiling plan"));
-        let ok = JobOptions { max_turns: Some(5), ..Default::default() };
+        let too_many = JobOptions {
+            max_turns: Some(201),
+            ..Default::default()
+        };
+        assert!(p
+            .resolve("webapp", &too_many)
+            .unwrap_err()
+            .contains("cap of 200"));
+        let too_free = JobOptions {
+            permission_mode: Some(PermissionMode::AcceptEdits),
+            ..Default::default()
+        };
+        assert!(p
+            .resolve("webapp", &too_free)
+            .unwrap_err()
+            .contains("ceiling plan"));
+        let ok = JobOptions {
+            max_turns: Some(5),
+            ..Default::default()
+        };
         assert_eq!(p.resolve("webapp", &ok).unwrap().max_turns, 5);
     }
 
@@ -350,7 +381,10 @@ mod tests {
     fn secrets_do_not_print() {
         let s = Secret::new("postgres://u:hunter2@h/db");
         assert!(!format!("{s:?}").contains("hunter2"));
-        assert_eq!(redact_url("amqp://guest:pw@host:5672/%2f"), "amqp://guest:***@host:5672/%2f");
+        assert_eq!(
+            redact_url("amqp://guest:pw@host:5672/%2f"),
+            "amqp://guest:***@host:5672/%2f"
+        );
     }
 
     #[test]

@@ -38,7 +38,10 @@ pub async fn handle_delivery(ctx: &Context, delivery: &Delivery) -> Option<Accep
             error!(error = %e, "could not accept a job; returning it to the queue");
             tokio::time::sleep(REQUEUE_PAUSE).await;
             let _ = delivery
-                .nack(BasicNackOptions { requeue: true, ..Default::default() })
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..Default::default()
+                })
                 .await;
             None
         }
@@ -46,7 +49,12 @@ pub async fn handle_delivery(ctx: &Context, delivery: &Delivery) -> Option<Accep
 }
 
 /// The consume loop: deliveries until shutdown.
-pub async fn run(ctx: Arc<Context>, channel: Channel, mut consumer: Consumer, shutdown: CancellationToken) {
+pub async fn run(
+    ctx: Arc<Context>,
+    channel: Channel,
+    mut consumer: Consumer,
+    shutdown: CancellationToken,
+) {
     loop {
         let next = tokio::select! {
             d = consumer.next() => d,
@@ -54,7 +62,11 @@ pub async fn run(ctx: Arc<Context>, channel: Channel, mut consumer: Consumer, sh
         };
         match next {
             Some(Ok(delivery)) => {
-                let span = info_span!("delivery", delivery_tag = delivery.delivery_tag, redelivered = delivery.redelivered);
+                let span = info_span!(
+                    "delivery",
+                    delivery_tag = delivery.delivery_tag,
+                    redelivered = delivery.redelivered
+                );
                 handle_delivery(&ctx, &delivery).instrument(span).await;
             }
             Some(Err(e)) => {

@@ -54,7 +54,10 @@ impl Context {
     }
 
     pub(crate) fn take_preferred(&self) -> Option<String> {
-        self.preferred.lock().unwrap_or_else(|p| p.into_inner()).pop_front()
+        self.preferred
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop_front()
     }
 
     pub(crate) async fn woken(&self) {

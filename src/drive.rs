@@ -46,11 +46,24 @@ pub enum CliMessage {
         permission_mode: Option<String>,
     },
     /// A streamed text delta of the top-level assistant.
-    TextDelta(String),
-    /// The assistant called a tool.
-    ToolUse { name: String, input: Value },
+    TextDelta {
+        message_id: Option<String>,
+        text: String,
+    },
+    /// A complete top-level assistant message: its text (already streamed
+    /// as deltas, unless the CLI fell back to a non-streaming request) and
+    /// its tool calls.
+    Assistant {
+        message_id: Option<String>,
+        text: String,
+        tool_uses: Vec<(String, Value)>,
+    },
     /// The CLI is retrying an API call itself.
-    ApiRetry { attempt: u64, error_status: Option<u64>, error: String },
+    ApiRetry {
+        attempt: u64,
+        error_status: Option<u64>,
+        error: String,
+    },
     /// The turn's result.
     Result(TurnResult),
     /// Anything else (valid JSON the worker does not use).
@@ -97,7 +110,10 @@ pub fn parse_line(line: &str) -> Result<CliMessage, serde_json::Error> {
             let ev = &v["event"];
             if ev["type"] == "content_block_delta" && ev["delta"]["type"] == "text_delta" {
                 match ev["delta"]["text"].as_str() {
-                    Some(t) => CliMessage::TextDelta(t.to_string()),
+                    Some(t) => CliMessage::TextDelta {
+                        message_id: s("api_message_id"),
+                        text: t.to_string(),
+                    },
                     None => CliMessage::Other,
                 }
             } else {
@@ -105,16 +121,29 @@ pub fn parse_line(line: &str) -> Result<CliMessage, serde_json::Error> {
             }
         }
         Some("assistant") if v.get("parent_tool_use_id").is_none_or(Value::is_null) => {
-            // Text already arrived as deltas; only tool calls are new here.
-            let tool = v["message"]["content"]
+            let blocks = v["message"]["content"]
                 .as_array()
-                .and_then(|blocks| blocks.iter().find(|b| b["type"] == "tool_use"));
-            match tool {
-                Some(b) => CliMessage::ToolUse {
-                    name: b["name"].as_str().unwrap_or("?").to_string(),
-                    input: b["input"].clone(),
-                },
-                None => CliMessage::Other,
+                .cloned()
+                .unwrap_or_default();
+            let text: String = blocks
+                .iter()
+                .filter(|b| b["type"] == "text")
+                .filter_map(|b| b["text"].as_str())
+                .collect();
+            let tool_uses = blocks
+                .iter()
+                .filter(|b| b["type"] == "tool_use")
+                .map(|b| {
+                    (
+                        b["name"].as_str().unwrap_or("?").to_string(),
+                        b["input"].clone(),
+                    )
+                })
+                .collect();
+            CliMessage::Assistant {
+                message_id: v["message"]["id"].as_str().map(str::to_string),
+                text,
+                tool_uses,
             }
         }
         Some("result") => CliMessage::Result(TurnResult {
@@ -126,10 +155,17 @@ pub fn parse_line(line: &str) -> Result<CliMessage, serde_json::Error> {
             errors: v
                 .get("errors")
                 .and_then(Value::as_array)
-                .map(|a| a.iter().filter_map(|e| e.as_str().map(str::to_string)).collect())
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|e| e.as_str().map(str::to_string))
+                        .collect()
+                })
                 .unwrap_or_default(),
             usage: v.get("usage").cloned().unwrap_or(Value::Null),
-            total_cost_usd: v.get("total_cost_usd").and_then(Value::as_f64).unwrap_or(0.0),
+            total_cost_usd: v
+                .get("total_cost_usd")
+                .and_then(Value::as_f64)
+                .unwrap_or(0.0),
             duration_ms: v.get("duration_ms").and_then(Value::as_u64).unwrap_or(0),
             num_turns: v.get("num_turns").and_then(Value::as_u64).unwrap_or(0) as u32,
         }),
@@ -138,15 +174,22 @@ pub fn parse_line(line: &str) -> Result<CliMessage, serde_json::Error> {
 }
 
 /// A short, human-readable summary of a tool call's input.
-pub fn summarize_tool_input(name: &str, input: &Value) -> String {
-    let pick = ["command", "file_path", "path", "pattern", "url", "query", "description"]
-        .iter()
-        .find_map(|k| input.get(*k).and_then(Value::as_str));
+pub fn summarize_tool_input(input: &Value) -> String {
+    let pick = [
+        "command",
+        "file_path",
+        "path",
+        "pattern",
+        "url",
+        "query",
+        "description",
+    ]
+    .iter()
+    .find_map(|k| input.get(*k).and_then(Value::as_str));
     let text = match pick {
         Some(s) => s.to_string(),
         None => input.to_string(),
     };
-    let _ = name;
     truncate_chars(&text, 200)
 }
 
@@ -163,9 +206,15 @@ fn truncate_chars(s: &str, max: usize) -> String {
 #[derive(Debug, thiserror::Error)]
 pub enum SpawnError {
     #[error("could not start the Claude CLI {path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("could not create the working directory {path}: {source}")]
-    Workdir { path: String, source: std::io::Error },
+    Workdir {
+        path: String,
+        source: std::io::Error,
+    },
 }
 
 impl SpawnError {
@@ -401,7 +450,10 @@ impl CliProcess {
             Err(_) => {
                 self.kill_group();
                 let _ = self.child.wait().await;
-                format!("did not exit within {} ms and was killed", grace.as_millis())
+                format!(
+                    "did not exit within {} ms and was killed",
+                    grace.as_millis()
+                )
             }
         }
     }
@@ -413,7 +465,10 @@ impl CliProcess {
             // SAFETY: plain syscall on a process group we created.
             unsafe { libc::killpg(pgid, libc::SIGTERM) };
         }
-        if tokio::time::timeout(grace, self.child.wait()).await.is_err() {
+        if tokio::time::timeout(grace, self.child.wait())
+            .await
+            .is_err()
+        {
             self.kill_group();
             let _ = self.child.wait().await;
         }
@@ -455,15 +510,23 @@ pub fn project_dir_name(cwd: &Path) -> String {
 /// Makes the transcript of `session_id` visible from `cwd`: a session
 /// resumed by id from another key (another working directory) is copied
 /// into this directory's project folder. Returns whether it is there now.
-pub fn ensure_transcript(env: &BTreeMap<String, String>, cwd: &Path, session_id: &str) -> std::io::Result<bool> {
-    let Some(config) = config_dir(env) else { return Ok(false) };
+pub fn ensure_transcript(
+    env: &BTreeMap<String, String>,
+    cwd: &Path,
+    session_id: &str,
+) -> std::io::Result<bool> {
+    let Some(config) = config_dir(env) else {
+        return Ok(false);
+    };
     let file = format!("{session_id}.jsonl");
     let projects = config.join("projects");
     let target = projects.join(project_dir_name(cwd)).join(&file);
     if target.exists() {
         return Ok(true);
     }
-    let Ok(entries) = std::fs::read_dir(&projects) else { return Ok(false) };
+    let Ok(entries) = std::fs::read_dir(&projects) else {
+        return Ok(false);
+    };
     for entry in entries.flatten() {
         let candidate = entry.path().join(&file);
         if candidate.is_file() {
@@ -481,7 +544,13 @@ pub fn ensure_transcript(env: &BTreeMap<String, String>, cwd: &Path, session_id:
 pub fn session_dir(workdir: &Path, session_key: &str) -> PathBuf {
     let safe: String = session_key
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
         .take(64)
         .collect();
     // FNV-1a: distinguishes keys that sanitise to the same name.
@@ -503,13 +572,26 @@ mod tests {
         let init = r#"{"type":"system","subtype":"init","session_id":"s1","model":"m","permissionMode":"plan"}"#;
         assert_eq!(
             parse_line(init).unwrap(),
-            CliMessage::Init { session_id: "s1".into(), model: Some("m".into()), permission_mode: Some("plan".into()) }
+            CliMessage::Init {
+                session_id: "s1".into(),
+                model: Some("m".into()),
+                permission_mode: Some("plan".into())
+            }
         );
-        let delta = r#"{"type":"stream_event","event":{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Hel"}},"parent_tool_use_id":null}"#;
-        assert_eq!(parse_line(delta).unwrap(), CliMessage::TextDelta("Hel".into()));
+        let delta = r#"{"type":"stream_event","event":{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Hel"}},"parent_tool_use_id":null,"api_message_id":"m1"}"#;
+        assert_eq!(
+            parse_line(delta).unwrap(),
+            CliMessage::TextDelta {
+                message_id: Some("m1".into()),
+                text: "Hel".into()
+            }
+        );
         let sub = r#"{"type":"stream_event","event":{"type":"content_block_delta","delta":{"type":"text_delta","text":"x"}},"parent_tool_use_id":"t1"}"#;
         assert_eq!(parse_line(sub).unwrap(), CliMessage::Other);
-        assert_eq!(parse_line(r#"{"type":"brand_new_kind"}"#).unwrap(), CliMessage::Other);
+        assert_eq!(
+            parse_line(r#"{"type":"brand_new_kind"}"#).unwrap(),
+            CliMessage::Other
+        );
         assert!(parse_line("[claude-code:warning] not json").is_err());
         let res = r#"{"type":"result","subtype":"success","is_error":true,"api_error_status":529,"result":"API Error: 529","num_turns":1}"#;
         match parse_line(res).unwrap() {

@@ -132,7 +132,11 @@ pub fn decode_job(body: &[u8]) -> Result<JobV1, DecodeError> {
         return Err(DecodeError("body must be a JSON object".into()));
     };
     match obj.get("v") {
-        None => return Err(DecodeError("missing field `v` (protocol version; use 1)".into())),
+        None => {
+            return Err(DecodeError(
+                "missing field `v` (protocol version; use 1)".into(),
+            ))
+        }
         Some(Value::Number(n)) if n.as_u64() == Some(PROTOCOL_VERSION as u64) => {}
         Some(other) => {
             return Err(DecodeError(format!(
@@ -140,8 +144,8 @@ pub fn decode_job(body: &[u8]) -> Result<JobV1, DecodeError> {
             )))
         }
     }
-    let job: JobV1 = serde_json::from_value(value)
-        .map_err(|e| DecodeError(format!("invalid job: {e}")))?;
+    let job: JobV1 =
+        serde_json::from_value(value).map_err(|e| DecodeError(format!("invalid job: {e}")))?;
     if job.session_key.trim().is_empty() {
         return Err(DecodeError("`session_key` must not be empty".into()));
     }
@@ -241,7 +245,10 @@ pub enum ControlBody {
         session_key: Option<String>,
     },
     /// Change the permission mode of a session's running turn and later turns.
-    SetPermissionMode { session_key: String, mode: PermissionMode },
+    SetPermissionMode {
+        session_key: String,
+        mode: PermissionMode,
+    },
 }
 
 /// Decodes a control body.
@@ -250,16 +257,24 @@ pub fn decode_control(body: &[u8]) -> Result<ControlV1, DecodeError> {
         .map_err(|e| DecodeError(format!("control message is not valid JSON: {e}")))?;
     match value.get("v") {
         Some(Value::Number(n)) if n.as_u64() == Some(PROTOCOL_VERSION as u64) => {}
-        None => return Err(DecodeError("missing field `v` (protocol version; use 1)".into())),
+        None => {
+            return Err(DecodeError(
+                "missing field `v` (protocol version; use 1)".into(),
+            ))
+        }
         Some(other) => {
             return Err(DecodeError(format!(
                 "unsupported protocol version v={other}; this worker speaks v={PROTOCOL_VERSION}"
             )))
         }
     }
-    let msg: ControlV1 =
-        serde_json::from_value(value).map_err(|e| DecodeError(format!("invalid control message: {e}")))?;
-    if let ControlBody::Cancel { job_id: None, session_key: None } = msg.body {
+    let msg: ControlV1 = serde_json::from_value(value)
+        .map_err(|e| DecodeError(format!("invalid control message: {e}")))?;
+    if let ControlBody::Cancel {
+        job_id: None,
+        session_key: None,
+    } = msg.body
+    {
         return Err(DecodeError("cancel needs `job_id` or `session_key`".into()));
     }
     Ok(msg)

@@ -26,11 +26,25 @@ pub enum PublishError {
 #[async_trait::async_trait]
 pub trait ReplySink: Send + Sync + 'static {
     /// Publishes one event (already serialised) to `routing_key`.
-    async fn publish_event(&self, routing_key: &str, event: &EventV1, body: &[u8]) -> Result<(), PublishError>;
+    async fn publish_event(
+        &self,
+        routing_key: &str,
+        event: &EventV1,
+        body: &[u8],
+    ) -> Result<(), PublishError>;
     /// Republishes a stored terminal event verbatim.
-    async fn publish_raw_event(&self, routing_key: &str, job_id: &str, body: &[u8]) -> Result<(), PublishError>;
+    async fn publish_raw_event(
+        &self,
+        routing_key: &str,
+        job_id: &str,
+        body: &[u8],
+    ) -> Result<(), PublishError>;
     /// Dead-letters a job body with the reason in a header.
-    async fn dead_letter(&self, original: &lapin::message::Delivery, reason: &str) -> Result<(), PublishError>;
+    async fn dead_letter(
+        &self,
+        original: &lapin::message::Delivery,
+        reason: &str,
+    ) -> Result<(), PublishError>;
 }
 
 pub struct AmqpSink {
@@ -78,7 +92,9 @@ impl AmqpSink {
             match result {
                 Ok(Confirmation::Ack(_)) | Ok(Confirmation::NotRequested) => return Ok(()),
                 Ok(Confirmation::Nack(_)) => {
-                    return Err(PublishError::Broker(format!("broker nacked a message to {exchange}")))
+                    return Err(PublishError::Broker(format!(
+                        "broker nacked a message to {exchange}"
+                    )))
                 }
                 Err(e) => match self.channel.wait_for_recovery(e).await {
                     Ok(()) => continue,
@@ -90,7 +106,9 @@ impl AmqpSink {
             }
         }
         Err(PublishError::Broker(
-            last_err.map(|e| e.to_string()).unwrap_or_else(|| "channel did not recover".into()),
+            last_err
+                .map(|e| e.to_string())
+                .unwrap_or_else(|| "channel did not recover".into()),
         ))
     }
 }
@@ -105,14 +123,24 @@ fn event_props(job_id: &str, type_name: &str) -> BasicProperties {
 
 #[async_trait::async_trait]
 impl ReplySink for AmqpSink {
-    async fn publish_event(&self, routing_key: &str, event: &EventV1, body: &[u8]) -> Result<(), PublishError> {
+    async fn publish_event(
+        &self,
+        routing_key: &str,
+        event: &EventV1,
+        body: &[u8],
+    ) -> Result<(), PublishError> {
         let props = event_props(&event.job_id, event.body.type_name())
             .with_message_id(format!("{}:{}", event.job_id, event.seq).as_str().into());
         self.publish_confirmed(&self.topology.replies_exchange, routing_key, body, props)
             .await
     }
 
-    async fn publish_raw_event(&self, routing_key: &str, job_id: &str, body: &[u8]) -> Result<(), PublishError> {
+    async fn publish_raw_event(
+        &self,
+        routing_key: &str,
+        job_id: &str,
+        body: &[u8],
+    ) -> Result<(), PublishError> {
         let type_name = serde_json::from_slice::<serde_json::Value>(body)
             .ok()
             .and_then(|v| v.get("type").and_then(|t| t.as_str()).map(str::to_string))
@@ -126,14 +154,24 @@ impl ReplySink for AmqpSink {
         .await
     }
 
-    async fn dead_letter(&self, original: &lapin::message::Delivery, reason: &str) -> Result<(), PublishError> {
+    async fn dead_letter(
+        &self,
+        original: &lapin::message::Delivery,
+        reason: &str,
+    ) -> Result<(), PublishError> {
         let mut headers = original.properties.headers().clone().unwrap_or_default();
-        headers.insert(DEAD_LETTER_REASON_HEADER.into(), AMQPValue::LongString(reason.into()));
+        headers.insert(
+            DEAD_LETTER_REASON_HEADER.into(),
+            AMQPValue::LongString(reason.into()),
+        );
         headers.insert(
             "x-original-routing-key".into(),
             AMQPValue::LongString(original.routing_key.as_str().into()),
         );
-        let props = original.properties.clone().with_headers(FieldTable::from(headers.inner().clone()));
+        let props = original
+            .properties
+            .clone()
+            .with_headers(FieldTable::from(headers.inner().clone()));
         self.publish_confirmed(
             &self.topology.dead_letter_exchange,
             original.routing_key.as_str(),

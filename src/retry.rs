@@ -38,7 +38,11 @@ impl AttemptFailure {
             .or_else(|| (!r.errors.is_empty()).then(|| r.errors.join("; ")))
             .unwrap_or_else(|| format!("the CLI reported an error ({})", r.subtype));
         if r.subtype == "error_max_turns" {
-            return AttemptFailure::new(ErrorKind::MaxTurns, format!("reached max_turns: {text}"), false);
+            return AttemptFailure::new(
+                ErrorKind::MaxTurns,
+                format!("reached max_turns: {text}"),
+                false,
+            );
         }
         match r.api_error_status {
             Some(401) | Some(403) => AttemptFailure::new(ErrorKind::Auth, text, false),
@@ -83,7 +87,9 @@ impl RetryPolicy {
         if self.settings.jitter {
             builder = builder.with_jitter();
         }
-        let delay = builder.build().nth(next_attempt.saturating_sub(2) as usize)?;
+        let delay = builder
+            .build()
+            .nth(next_attempt.saturating_sub(2) as usize)?;
         if elapsed + delay > Duration::from_secs(self.settings.max_total_secs) {
             return None;
         }

@@ -33,11 +33,16 @@ pub async fn run(ctx: Arc<Context>, signals: Shutdown, tracker: TaskTracker) {
             _ = signals.shutdown.cancelled() => break,
         };
         let prefer = ctx.take_preferred();
-        match ctx.store.claim_session(&ctx.worker_id, now_ms(), ttl_ms, prefer.as_deref()).await {
+        match ctx
+            .store
+            .claim_session(&ctx.worker_id, now_ms(), ttl_ms, prefer.as_deref())
+            .await
+        {
             Ok(Some(lease)) => {
                 let ctx = Arc::clone(&ctx);
                 let signals = signals.clone();
-                let span = info_span!("session", session_key = %lease.session_key, epoch = lease.epoch);
+                let span =
+                    info_span!("session", session_key = %lease.session_key, epoch = lease.epoch);
                 tracker.spawn(run_session(ctx, lease, permit, signals).instrument(span));
                 continue;
             }
@@ -61,12 +66,21 @@ pub async fn run(ctx: Arc<Context>, signals: Shutdown, tracker: TaskTracker) {
 
 /// Runs the leased session's jobs one after another, in order, then
 /// releases the lease.
-async fn run_session(ctx: Arc<Context>, lease: Lease, _permit: OwnedSemaphorePermit, signals: Shutdown) {
+async fn run_session(
+    ctx: Arc<Context>,
+    lease: Lease,
+    _permit: OwnedSemaphorePermit,
+    signals: Shutdown,
+) {
     let stop = Stop {
         lease_lost: CancellationToken::new(),
         kill: signals.kill.clone(),
     };
-    let heartbeat = tokio::spawn(heartbeat(Arc::clone(&ctx), lease.clone(), stop.lease_lost.clone()));
+    let heartbeat = tokio::spawn(heartbeat(
+        Arc::clone(&ctx),
+        lease.clone(),
+        stop.lease_lost.clone(),
+    ));
     let result = session_loop(&ctx, &lease, &stop, &signals).await;
     heartbeat.abort();
     match result {
@@ -91,7 +105,12 @@ async fn run_session(ctx: Arc<Context>, lease: Lease, _permit: OwnedSemaphorePer
     ctx.wake_scheduler(None);
 }
 
-async fn session_loop(ctx: &Context, lease: &Lease, stop: &Stop, signals: &Shutdown) -> Result<(), TurnAbort> {
+async fn session_loop(
+    ctx: &Context,
+    lease: &Lease,
+    stop: &Stop,
+    signals: &Shutdown,
+) -> Result<(), TurnAbort> {
     loop {
         if signals.shutdown.is_cancelled() {
             return Err(TurnAbort::Shutdown);

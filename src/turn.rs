@@ -4,6 +4,7 @@
 //! Every event is fenced: its seq is recorded under the lease epoch before
 //! it is published, so a worker that lost the session publishes nothing.
 
+use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -89,7 +90,10 @@ impl JobEvents<'_> {
             .store
             .record_seq(self.lease, &self.job_id, self.next_seq + 1)
             .await?;
-        self.ctx.sink.publish_event(&self.reply_to, &event, &bytes).await?;
+        self.ctx
+            .sink
+            .publish_event(&self.reply_to, &event, &bytes)
+            .await?;
         self.next_seq += 1;
         Ok(())
     }
@@ -126,7 +130,13 @@ impl JobEvents<'_> {
 
 /// The outcome is already recorded, so the terminal event must get out:
 /// keep trying through broker outages until it does or the worker stops.
-async fn publish_terminal(ctx: &Context, reply_to: &str, event: &EventV1, bytes: &[u8], stop: &Stop) {
+async fn publish_terminal(
+    ctx: &Context,
+    reply_to: &str,
+    event: &EventV1,
+    bytes: &[u8],
+    stop: &Stop,
+) {
     let mut delay = Duration::from_millis(200);
     loop {
         match ctx.sink.publish_event(reply_to, event, bytes).await {
@@ -149,7 +159,10 @@ async fn publish_terminal(ctx: &Context, reply_to: &str, event: &EventV1, bytes:
 
 /// How one attempt ended.
 enum AttemptEnd {
-    Completed { result: TurnResult, init: Option<InitInfo> },
+    Completed {
+        result: TurnResult,
+        init: Option<InitInfo>,
+    },
     Failed(AttemptFailure),
     /// The CLI could not find the session it was asked to resume.
     ResumeNotFound,
@@ -162,9 +175,17 @@ struct InitInfo {
 }
 
 /// Runs a job to its outcome (or aborts, leaving it for later).
-pub async fn run_job(ctx: &Context, lease: &Lease, job: JobRecord, stop: &Stop) -> Result<(), TurnAbort> {
+pub async fn run_job(
+    ctx: &Context,
+    lease: &Lease,
+    job: JobRecord,
+    stop: &Stop,
+) -> Result<(), TurnAbort> {
     let spec = job.spec.clone();
-    let reply_to = spec.reply_to.clone().unwrap_or_else(|| job.session_key.clone());
+    let reply_to = spec
+        .reply_to
+        .clone()
+        .unwrap_or_else(|| job.session_key.clone());
     let mut events = JobEvents {
         ctx,
         lease,
@@ -178,11 +199,18 @@ pub async fn run_job(ctx: &Context, lease: &Lease, job: JobRecord, stop: &Stop) 
     };
     let Some(profile) = ctx.settings.profiles.get(&spec.profile).cloned() else {
         // The profile was removed from the config after the job was accepted.
-        let msg = format!("profile `{}` no longer exists in this worker's configuration", spec.profile);
+        let msg = format!(
+            "profile `{}` no longer exists in this worker's configuration",
+            spec.profile
+        );
         return events
             .finish(
                 JobStatus::Failed,
-                EventBody::Failed { error: ErrorKind::InvalidInput, message: msg.clone(), retryable: false },
+                EventBody::Failed {
+                    error: ErrorKind::InvalidInput,
+                    message: msg.clone(),
+                    retryable: false,
+                },
                 Some(msg),
                 None,
             )
@@ -192,20 +220,35 @@ pub async fn run_job(ctx: &Context, lease: &Lease, job: JobRecord, stop: &Stop) 
     // A job found running, or queued after an earlier attempt, lost its
     // worker: that counts as a failed attempt.
     if job.attempts > 0 {
-        let reason = if job.status == JobStatus::Running { "worker_lost" } else { "worker_shutdown" };
+        let reason = if job.status == JobStatus::Running {
+            "worker_lost"
+        } else {
+            "worker_shutdown"
+        };
         if job.attempts >= ctx.retry.max_attempts() {
-            let msg = format!("the job's worker was lost and its {} attempts are used up", job.attempts);
+            let msg = format!(
+                "the job's worker was lost and its {} attempts are used up",
+                job.attempts
+            );
             return events
                 .finish(
                     JobStatus::Failed,
-                    EventBody::Failed { error: ErrorKind::WorkerLost, message: msg.clone(), retryable: true },
+                    EventBody::Failed {
+                        error: ErrorKind::WorkerLost,
+                        message: msg.clone(),
+                        retryable: true,
+                    },
                     Some(msg),
                     None,
                 )
                 .await;
         }
         events
-            .emit(EventBody::Retrying { next_attempt: job.attempts + 1, delay_ms: 0, reason: reason.into() })
+            .emit(EventBody::Retrying {
+                next_attempt: job.attempts + 1,
+                delay_ms: 0,
+                reason: reason.into(),
+            })
             .await?;
     }
 
@@ -226,11 +269,18 @@ pub async fn run_job(ctx: &Context, lease: &Lease, job: JobRecord, stop: &Stop) 
         options: spec.options(),
     };
     let first_started = Instant::now()
-        - Duration::from_millis(job.started_at_ms.map(|t| (now_ms() - t).max(0) as u64).unwrap_or(0));
+        - Duration::from_millis(
+            job.started_at_ms
+                .map(|t| (now_ms() - t).max(0) as u64)
+                .unwrap_or(0),
+        );
     let mut resume_failed: Option<String> = None;
 
     loop {
-        let attempt = ctx.store.start_attempt(lease, &job.job_id, now_ms()).await?;
+        let attempt = ctx
+            .store
+            .start_attempt(lease, &job.job_id, now_ms())
+            .await?;
         events.attempt = attempt;
         let started = Instant::now();
         let end = run_attempt(ctx, &profile, &mut request, &mut resume_failed, &mut events).await?;
@@ -251,7 +301,12 @@ pub async fn run_job(ctx: &Context, lease: &Lease, job: JobRecord, stop: &Stop) 
                     output_tokens: tokens("output_tokens"),
                     cost_usd: result.total_cost_usd,
                 });
-                info!(attempt, duration_ms, num_turns = result.num_turns, "job completed");
+                info!(
+                    attempt,
+                    duration_ms,
+                    num_turns = result.num_turns,
+                    "job completed"
+                );
                 return events
                     .finish(
                         JobStatus::Succeeded,
@@ -260,7 +315,11 @@ pub async fn run_job(ctx: &Context, lease: &Lease, job: JobRecord, stop: &Stop) 
                             claude_session_id,
                             usage,
                             total_cost_usd: result.total_cost_usd,
-                            duration_ms: if result.duration_ms > 0 { result.duration_ms } else { duration_ms },
+                            duration_ms: if result.duration_ms > 0 {
+                                result.duration_ms
+                            } else {
+                                duration_ms
+                            },
                             num_turns: result.num_turns,
                         },
                         None,
@@ -329,11 +388,17 @@ async fn run_attempt(
             Ok(p) => p,
             Err(e) => {
                 let retryable = e.may_pass();
-                return Ok(AttemptEnd::Failed(AttemptFailure::new(ErrorKind::Spawn, e.to_string(), retryable)));
+                return Ok(AttemptEnd::Failed(AttemptFailure::new(
+                    ErrorKind::Spawn,
+                    e.to_string(),
+                    retryable,
+                )));
             }
         };
         debug!(pid = proc.pid(), resume = ?request.resume, "CLI started");
         let mut init: Option<InitInfo> = None;
+        // Assistant messages whose text arrived as deltas.
+        let mut streamed: HashSet<String> = HashSet::new();
         let outcome = loop {
             let msg = tokio::select! {
                 m = timeout_at(deadline, proc.next_message()) => match m {
@@ -355,9 +420,16 @@ async fn run_attempt(
                 }
             };
             match msg {
-                Some(CliMessage::Init { session_id, model, permission_mode }) => {
+                Some(CliMessage::Init {
+                    session_id,
+                    model,
+                    permission_mode,
+                }) => {
                     if init.is_none() {
-                        init = Some(InitInfo { session_id: session_id.clone(), model: model.clone() });
+                        init = Some(InitInfo {
+                            session_id: session_id.clone(),
+                            model: model.clone(),
+                        });
                         events
                             .emit(EventBody::Started {
                                 claude_session_id: Some(session_id),
@@ -369,18 +441,45 @@ async fn run_attempt(
                             .await?;
                     }
                 }
-                Some(CliMessage::TextDelta(text)) => events.emit(EventBody::Text { text }).await?,
-                Some(CliMessage::ToolUse { name, input }) => {
-                    let input_summary = drive::summarize_tool_input(&name, &input);
-                    events.emit(EventBody::ToolUse { name, input_summary }).await?
+                Some(CliMessage::TextDelta { message_id, text }) => {
+                    streamed.extend(message_id);
+                    events.emit(EventBody::Text { text }).await?
                 }
-                Some(CliMessage::ApiRetry { attempt, error_status, error }) => {
+                Some(CliMessage::Assistant {
+                    message_id,
+                    text,
+                    tool_uses,
+                }) => {
+                    // After a broken stream the CLI retries without
+                    // streaming: the text then arrives only here.
+                    let was_streamed = message_id.as_ref().is_some_and(|id| streamed.contains(id));
+                    if !text.is_empty() && !was_streamed {
+                        events.emit(EventBody::Text { text }).await?;
+                    }
+                    for (name, input) in tool_uses {
+                        let input_summary = drive::summarize_tool_input(&input);
+                        events
+                            .emit(EventBody::ToolUse {
+                                name,
+                                input_summary,
+                            })
+                            .await?;
+                    }
+                }
+                Some(CliMessage::ApiRetry {
+                    attempt,
+                    error_status,
+                    error,
+                }) => {
                     debug!(cli_attempt = attempt, ?error_status, %error, "the CLI is retrying an API call");
                 }
                 Some(CliMessage::Result(result)) => {
                     let _ = proc.finish(EXIT_GRACE).await;
                     if !result.is_error && result.subtype == "success" {
-                        break AttemptEnd::Completed { result, init: init.clone() };
+                        break AttemptEnd::Completed {
+                            result,
+                            init: init.clone(),
+                        };
                     }
                     if init.is_none() && request.resume.is_some() && resume_not_found(&result) {
                         break AttemptEnd::ResumeNotFound;
@@ -396,7 +495,11 @@ async fn run_attempt(
                         msg.push_str(": ");
                         msg.push_str(&stderr);
                     }
-                    break AttemptEnd::Failed(AttemptFailure::new(ErrorKind::CliCrashed, msg, true));
+                    break AttemptEnd::Failed(AttemptFailure::new(
+                        ErrorKind::CliCrashed,
+                        msg,
+                        true,
+                    ));
                 }
             }
         };

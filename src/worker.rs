@@ -50,13 +50,17 @@ impl Worker {
             settings.worker.id.clone()
         };
         let cli_version = check_cli(&settings).await?;
-        let store = store::connect(&settings.database.url, settings.database.max_connections).await?;
+        let store =
+            store::connect(&settings.database.url, settings.database.max_connections).await?;
         store.migrate().await?;
 
         let topology = Topology::from_settings(&settings.amqp);
         let conn = amqp::connect(&settings.amqp, &format!("claude-worker {id}")).await?;
         let publish_channel = amqp::confirm_channel(&conn).await?;
-        topology.declare(&publish_channel).await.map_err(amqp::AmqpError::from)?;
+        topology
+            .declare(&publish_channel)
+            .await
+            .map_err(amqp::AmqpError::from)?;
         let sink = AmqpSink::new(publish_channel, topology.clone());
         let consume_channel = amqp::consumer_channel(&conn, settings.amqp.prefetch).await?;
         let consumer = consume_channel
@@ -74,9 +78,16 @@ impl Worker {
               max_concurrent_turns = settings.worker.max_concurrent_turns, "worker started");
 
         let shutdown = CancellationToken::new();
-        let signals = Shutdown { shutdown: shutdown.clone(), kill: CancellationToken::new() };
+        let signals = Shutdown {
+            shutdown: shutdown.clone(),
+            kill: CancellationToken::new(),
+        };
         let tracker = TaskTracker::new();
-        let scheduler = tokio::spawn(schedule::run(Arc::clone(&ctx), signals.clone(), tracker.clone()));
+        let scheduler = tokio::spawn(schedule::run(
+            Arc::clone(&ctx),
+            signals.clone(),
+            tracker.clone(),
+        ));
         let consume = tokio::spawn(crate::consume::run(
             Arc::clone(&ctx),
             consume_channel.clone(),
@@ -90,17 +101,24 @@ impl Worker {
         let done = tokio::spawn(async move {
             let mut consume = consume;
             let consumer_failed = tokio::select! {
-                _ = signals.shutdown.cancelled() => false,
-                _ = &mut consume => true,
+                _ = signals.shutdown.cancelled() => {
+                    let _ = (&mut consume).await;
+                    false
+                }
+                _ = &mut consume => !signals.shutdown.is_cancelled(),
             };
             signals.shutdown.cancel();
-            let _ = consume.await;
             // Unacked prefetched deliveries go back to the queue with the channel.
-            let _ = consume_channel.close(200, "worker shutting down".into()).await;
+            let _ = consume_channel
+                .close(200, "worker shutting down".into())
+                .await;
             let _ = scheduler.await;
             tracker.close();
             if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
-                warn!(grace_secs = grace.as_secs(), "turns still running after the grace period; stopping them");
+                warn!(
+                    grace_secs = grace.as_secs(),
+                    "turns still running after the grace period; stopping them"
+                );
                 signals.kill.cancel();
                 tracker.wait().await;
             }
@@ -112,7 +130,13 @@ impl Worker {
                 Ok(())
             }
         });
-        Ok(Worker { id, topology, context: ctx, shutdown, done })
+        Ok(Worker {
+            id,
+            topology,
+            context: ctx,
+            shutdown,
+            done,
+        })
     }
 
     /// Begins a graceful shutdown.
@@ -128,7 +152,9 @@ impl Worker {
     /// Waits until the worker has stopped. `Err` if it stopped on its own
     /// because it could no longer consume.
     pub async fn wait(self) -> Result<(), String> {
-        self.done.await.map_err(|e| format!("worker task failed: {e}"))?
+        self.done
+            .await
+            .map_err(|e| format!("worker task failed: {e}"))?
     }
 }
 
@@ -141,17 +167,30 @@ async fn check_cli(settings: &Settings) -> Result<String, StartError> {
         tokio::process::Command::new(&settings.claude.path)
             .arg("--version")
             .env_clear()
-            .envs(crate::drive::cli_env(&settings.claude.env_passthrough, &settings.profiles["default"]))
+            .envs(crate::drive::cli_env(
+                &settings.claude.env_passthrough,
+                &settings.profiles["default"],
+            ))
             .kill_on_drop(true)
             .output(),
     )
     .await
-    .map_err(|_| StartError::Cli { path: path.clone(), reason: "`--version` did not answer within 30 s".into() })?
-    .map_err(|e| StartError::Cli { path: path.clone(), reason: e.to_string() })?;
+    .map_err(|_| StartError::Cli {
+        path: path.clone(),
+        reason: "`--version` did not answer within 30 s".into(),
+    })?
+    .map_err(|e| StartError::Cli {
+        path: path.clone(),
+        reason: e.to_string(),
+    })?;
     if !out.status.success() {
         return Err(StartError::Cli {
             path,
-            reason: format!("`--version` exited with {}: {}", out.status, String::from_utf8_lossy(&out.stderr).trim()),
+            reason: format!(
+                "`--version` exited with {}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
         });
     }
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())

@@ -37,7 +37,8 @@ pub enum Backend {
 }
 
 pub fn postgres_admin_url() -> String {
-    std::env::var("TEST_POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+    std::env::var("TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
 }
 
 pub fn init_tracing() {
@@ -51,7 +52,6 @@ pub fn init_tracing() {
 }
 
 pub struct TestEnv {
-    pub backend: Backend,
     pub prefix: String,
     pub dir: TempDir,
     pub mock: MockApi,
@@ -75,27 +75,42 @@ impl TestEnv {
         let prefix = format!("cwtest.{}", &id[..12]);
         let dir = tempfile::tempdir().expect("temp dir");
         let (db_url, pg_database) = match backend {
-            Backend::Sqlite => (format!("sqlite:{}", dir.path().join("worker.db").display()), None),
+            Backend::Sqlite => (
+                format!("sqlite:{}", dir.path().join("worker.db").display()),
+                None,
+            ),
             Backend::Postgres => {
                 let name = format!("cw_test_{}", &id[..16]);
                 let admin = postgres_admin_url();
-                let mut c = sqlx::PgConnection::connect(&admin).await.expect("connect to Postgres");
-                sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut c).await.expect("create db");
-                let base = admin.rsplit_once('/').map(|(b, _)| b.to_string()).unwrap_or(admin);
+                let mut c = sqlx::PgConnection::connect(&admin)
+                    .await
+                    .expect("connect to Postgres");
+                sqlx::query(&format!("CREATE DATABASE {name}"))
+                    .execute(&mut c)
+                    .await
+                    .expect("create db");
+                let base = admin
+                    .rsplit_once('/')
+                    .map(|(b, _)| b.to_string())
+                    .unwrap_or(admin);
                 (format!("{base}/{name}"), Some(name))
             }
         };
         let mock = MockApi::start().await;
         let topology = Topology::from_prefix(&prefix, "prompt");
-        let conn = Connection::connect(AMQP_URL, ConnectionProperties::default()).await.expect("RabbitMQ");
+        let conn = Connection::connect(AMQP_URL, ConnectionProperties::default())
+            .await
+            .expect("RabbitMQ");
         let channel = conn.create_channel().await.expect("channel");
-        channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .unwrap();
         topology.declare(&channel).await.expect("declare topology");
         let reply_key = format!("test.{}", &id[..12]);
         let events = bind_reply_queue(&conn, &topology, &reply_key).await;
         let dead_letters = consume_dead_letters(&conn, &topology).await;
         TestEnv {
-            backend,
             prefix,
             dir,
             mock,
@@ -171,8 +186,16 @@ max_total_secs = 120
         Settings::from_toml_overrides(&toml).expect("test settings")
     }
 
-    pub async fn start_worker(&self, extra: &str) -> Worker {
-        Worker::start(self.settings(extra)).await.expect("worker starts")
+    pub async fn start_worker(&self) -> Worker {
+        self.start_worker_with(|_| {}).await
+    }
+
+    /// Starts a worker after `tweak` has adjusted its settings.
+    pub async fn start_worker_with(&self, tweak: impl FnOnce(&mut Settings)) -> Worker {
+        let mut settings = self.settings("");
+        tweak(&mut settings);
+        settings.validate().expect("valid settings");
+        Worker::start(settings).await.expect("worker starts")
     }
 
     /// Publishes a job body (any bytes) with reply_to = this test's key.
@@ -201,7 +224,8 @@ max_total_secs = 120
     /// Publishes a v1 job and returns its job_id.
     pub async fn publish_job(&self, session_key: &str, prompt: &str, extra: Value) -> String {
         let job_id = uuid::Uuid::new_v4().to_string();
-        let mut body = json!({"v": 1, "job_id": job_id, "session_key": session_key, "prompt": prompt});
+        let mut body =
+            json!({"v": 1, "job_id": job_id, "session_key": session_key, "prompt": prompt});
         if let (Value::Object(b), Value::Object(e)) = (&mut body, extra) {
             b.extend(e);
         }
@@ -268,15 +292,27 @@ max_total_secs = 120
     pub async fn cleanup(self) {
         let t = &self.topology;
         for q in [&t.jobs_queue, &t.dead_letter_queue] {
-            let _ = self.channel.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await;
+            let _ = self
+                .channel
+                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                .await;
         }
-        for x in [&t.jobs_exchange, &t.dead_letter_exchange, &t.replies_exchange] {
-            let _ = self.channel.exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default()).await;
+        for x in [
+            &t.jobs_exchange,
+            &t.dead_letter_exchange,
+            &t.replies_exchange,
+        ] {
+            let _ = self
+                .channel
+                .exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())
+                .await;
         }
         let _ = self.conn.close(200, "test done".into()).await;
         if let Some(name) = self.pg_database {
             if let Ok(mut c) = sqlx::PgConnection::connect(&postgres_admin_url()).await {
-                let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&mut c).await;
+                let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .execute(&mut c)
+                    .await;
             }
         }
     }
@@ -289,7 +325,15 @@ async fn bind_reply_queue(
 ) -> mpsc::UnboundedReceiver<(Value, EventV1)> {
     let ch = conn.create_channel().await.unwrap();
     let q = ch
-        .queue_declare("".into(), QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() }, FieldTable::default())
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
         .await
         .unwrap();
     ch.queue_bind(
@@ -302,7 +346,15 @@ async fn bind_reply_queue(
     .await
     .unwrap();
     let mut consumer = ch
-        .basic_consume(q.name().as_str().into(), "".into(), BasicConsumeOptions { no_ack: true, ..Default::default() }, FieldTable::default())
+        .basic_consume(
+            q.name().as_str().into(),
+            "".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
         .await
         .unwrap();
     let (tx, rx) = mpsc::unbounded_channel();
@@ -328,7 +380,10 @@ async fn consume_dead_letters(
         .basic_consume(
             topology.dead_letter_queue.as_str().into(),
             "".into(),
-            BasicConsumeOptions { no_ack: true, ..Default::default() },
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
             FieldTable::default(),
         )
         .await
@@ -341,7 +396,10 @@ async fn consume_dead_letters(
             if let Some(h) = d.properties.headers() {
                 for (k, v) in h.inner() {
                     if let AMQPValue::LongString(s) = v {
-                        headers.insert(k.as_str().to_string(), String::from_utf8_lossy(s.as_bytes()).into_owned());
+                        headers.insert(
+                            k.as_str().to_string(),
+                            String::from_utf8_lossy(s.as_bytes()).into_owned(),
+                        );
                     }
                 }
             }
@@ -358,9 +416,13 @@ async fn consume_dead_letters(
 pub fn cli_pids(prefix: &str) -> Vec<i32> {
     let needle = format!("CW_TEST_PREFIX={prefix}");
     let mut pids = Vec::new();
-    let Ok(entries) = std::fs::read_dir("/proc") else { return pids };
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return pids;
+    };
     for e in entries.flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
         if let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) {
             if env.split(|b| *b == 0).any(|kv| kv == needle.as_bytes()) {
                 // Skip zombies: they are dead, only not yet reaped.

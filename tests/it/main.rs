@@ -1,3 +1,11 @@
-//! Integration tests, one binary (`cargo test --test it`).
+//! Integration tests, one binary (`cargo test --test it`). Fixtures:
+//! `mock_api` (the Anthropic Messages API), `support` (running the real
+//! CLI), `harness` (an isolated world per test: AMQP prefix, database,
+//! temp dirs, a worker).
 
+mod harness;
+mod mock_api;
+mod mock_selftest;
+mod pipeline;
 mod store;
+mod support;

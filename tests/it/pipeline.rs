@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use claude_worker::protocol::{ErrorKind, EventBody, EventV1};
-use claude_worker::store::{now_ms, JobStatus, JobSpec, NewJob};
+use claude_worker::store::{now_ms, JobSpec, JobStatus, NewJob};
 use serde_json::{json, Value};
 
 use crate::harness::{cli_pids, Backend, TestEnv, WAIT};
@@ -41,7 +41,10 @@ fn assert_contiguous(events: &[EventV1]) {
     assert_eq!(seqs, expected, "seq must be contiguous from 0: {events:#?}");
     let terminals = events.iter().filter(|e| e.body.is_terminal()).count();
     assert_eq!(terminals, 1, "exactly one terminal event");
-    assert!(events.last().unwrap().body.is_terminal(), "the terminal event is last");
+    assert!(
+        events.last().unwrap().body.is_terminal(),
+        "the terminal event is last"
+    );
 }
 
 fn text_of(events: &[EventV1], attempt: u32) -> String {
@@ -60,9 +63,12 @@ fn started(events: &[EventV1]) -> (Option<String>, bool, Option<String>) {
         .iter()
         .rev()
         .find_map(|e| match &e.body {
-            EventBody::Started { claude_session_id, resumed, resume_failed, .. } => {
-                Some((claude_session_id.clone(), *resumed, resume_failed.clone()))
-            }
+            EventBody::Started {
+                claude_session_id,
+                resumed,
+                resume_failed,
+                ..
+            } => Some((claude_session_id.clone(), *resumed, resume_failed.clone())),
             _ => None,
         })
         .expect("a started event")
@@ -70,9 +76,12 @@ fn started(events: &[EventV1]) -> (Option<String>, bool, Option<String>) {
 
 fn completed(events: &[EventV1]) -> (String, Option<String>, u32) {
     match &events.last().unwrap().body {
-        EventBody::Completed { result, claude_session_id, num_turns, .. } => {
-            (result.clone(), claude_session_id.clone(), *num_turns)
-        }
+        EventBody::Completed {
+            result,
+            claude_session_id,
+            num_turns,
+            ..
+        } => (result.clone(), claude_session_id.clone(), *num_turns),
         other => panic!("expected completed, got {other:?}"),
     }
 }
@@ -98,23 +107,37 @@ fn conversation_seen(env: &TestEnv, prompt: &str) -> (Vec<String>, Vec<String>) 
 
 async fn session_modes_stream_and_resume(backend: Backend) {
     let mut env = TestEnv::new(backend).await;
-    let worker = env.start_worker("").await;
+    let worker = env.start_worker().await;
     let key = "discord:guild1:chan1:user1";
 
     // A first job streams started → text… → completed with the mock's text.
-    let job = env.publish_job(key, "hello one", json!({"metadata": {"channel": "c1"}})).await;
+    let job = env
+        .publish_job(key, "hello one", json!({"metadata": {"channel": "c1"}}))
+        .await;
     let ev = env.events_until_terminal(&job).await;
     assert_contiguous(&ev);
-    assert!(matches!(ev[0].body, EventBody::Started { resumed: false, .. }), "{:?}", ev[0]);
-    let texts = ev.iter().filter(|e| matches!(e.body, EventBody::Text { .. })).count();
-    assert!(texts >= 2, "the answer streams in several text events: {ev:#?}");
+    assert!(
+        matches!(ev[0].body, EventBody::Started { resumed: false, .. }),
+        "{:?}",
+        ev[0]
+    );
+    let texts = ev
+        .iter()
+        .filter(|e| matches!(e.body, EventBody::Text { .. }))
+        .count();
+    assert!(
+        texts >= 2,
+        "the answer streams in several text events: {ev:#?}"
+    );
     assert_eq!(text_of(&ev, 1), "echo: hello one");
     let (result, id1, turns) = completed(&ev);
     assert_eq!(result, "echo: hello one");
     assert_eq!(turns, 1);
     let id1 = id1.expect("completed carries the Claude session id");
     assert_eq!(started(&ev).0.as_deref(), Some(id1.as_str()));
-    assert!(ev.iter().all(|e| e.metadata == json!({"channel": "c1"}) && e.attempt == 1));
+    assert!(ev
+        .iter()
+        .all(|e| e.metadata == json!({"channel": "c1"}) && e.attempt == 1));
     assert!(ev.iter().all(|e| e.session_key == key && e.job_id == job));
 
     // The second job on the key resumes: the mock sees the earlier turn.
@@ -127,15 +150,27 @@ async fn session_modes_stream_and_resume(backend: Backend) {
     assert_eq!(assistants, vec!["echo: hello one"]);
 
     // `new` starts fresh, and the key then continues the new session.
-    let ev = run(&mut env, key, "fresh start", json!({"session": {"mode": "new"}})).await;
+    let ev = run(
+        &mut env,
+        key,
+        "fresh start",
+        json!({"session": {"mode": "new"}}),
+    )
+    .await;
     let (id3, resumed, _) = started(&ev);
     let id3 = id3.unwrap();
     assert!(!resumed);
     assert_ne!(id3, id1);
-    assert_eq!(conversation_seen(&env, "fresh start").0, vec!["fresh start"]);
+    assert_eq!(
+        conversation_seen(&env, "fresh start").0,
+        vec!["fresh start"]
+    );
     let ev = run(&mut env, key, "after reset", json!({})).await;
     assert_eq!(started(&ev).0.as_deref(), Some(id3.as_str()));
-    assert_eq!(conversation_seen(&env, "after reset").0, vec!["fresh start", "after reset"]);
+    assert_eq!(
+        conversation_seen(&env, "after reset").0,
+        vec!["fresh start", "after reset"]
+    );
 
     // `resume` by id, from another key.
     let ev = run(
@@ -146,7 +181,10 @@ async fn session_modes_stream_and_resume(backend: Backend) {
     )
     .await;
     assert_eq!(started(&ev), (Some(id1.clone()), true, None));
-    assert_eq!(conversation_seen(&env, "resume by id").0, vec!["hello one", "hello two", "resume by id"]);
+    assert_eq!(
+        conversation_seen(&env, "resume by id").0,
+        vec!["hello one", "hello two", "resume by id"]
+    );
 
     // `fork`: the conversation so far, in a new session the key then follows.
     let ev = run(
@@ -158,7 +196,10 @@ async fn session_modes_stream_and_resume(backend: Backend) {
     .await;
     let fork_id = completed(&ev).1.unwrap();
     assert_ne!(fork_id, id3, "a fork gets its own session id");
-    assert_eq!(conversation_seen(&env, "fork turn").0, vec!["fresh start", "after reset", "fork turn"]);
+    assert_eq!(
+        conversation_seen(&env, "fork turn").0,
+        vec!["fresh start", "after reset", "fork turn"]
+    );
     let ev = run(&mut env, "fork:key", "after fork", json!({})).await;
     assert_eq!(started(&ev).0.as_deref(), Some(fork_id.as_str()));
     assert_eq!(
@@ -189,7 +230,13 @@ async fn session_modes_stream_and_resume(backend: Backend) {
     assert_eq!(completed(&ev).0, "echo: resume a ghost");
 
     // The store kept the session's state.
-    let session = worker.context.store.get_session(key).await.unwrap().unwrap();
+    let session = worker
+        .context
+        .store
+        .get_session(key)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(session.claude_session_id.as_deref(), Some(id3.as_str()));
     assert_eq!(session.turns, 5);
     assert!(session.output_tokens > 0);
@@ -201,22 +248,41 @@ async fn session_modes_stream_and_resume(backend: Backend) {
 
 async fn bad_input_is_dead_lettered_and_the_worker_goes_on(backend: Backend) {
     let mut env = TestEnv::new(backend).await;
-    let worker = env.start_worker("").await;
+    let worker = env.start_worker().await;
     let good = |extra: Value| {
         let mut b = json!({"v": 1, "session_key": "bad:input", "prompt": "hi"});
-        b.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        b.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
         b.to_string().into_bytes()
     };
     let cases: Vec<(Vec<u8>, &str)> = vec![
         (b"\xff\xfe\x00 not utf-8".to_vec(), "not valid UTF-8"),
         (b"{\"v\":1, this is not json".to_vec(), "not valid JSON"),
-        (json!({"v": 1, "session_key": "k"}).to_string().into_bytes(), "missing field `prompt`"),
-        (json!({"session_key": "k", "prompt": "p"}).to_string().into_bytes(), "missing field `v`"),
+        (
+            json!({"v": 1, "session_key": "k"}).to_string().into_bytes(),
+            "missing field `prompt`",
+        ),
+        (
+            json!({"session_key": "k", "prompt": "p"})
+                .to_string()
+                .into_bytes(),
+            "missing field `v`",
+        ),
         (good(json!({"v": 2})), "unsupported protocol version"),
         (good(json!({"profile": "nope"})), "unknown profile `nope`"),
-        (good(json!({"profile": "discord", "options": {"max_turns": 101}})), "cap of 100"),
-        (good(json!({"options": {"permission_mode": "bypassPermissions"}})), "ceiling"),
-        (good(json!({"session": {"mode": "resume"}})), "needs `session.claude_session_id`"),
+        (
+            good(json!({"profile": "discord", "options": {"max_turns": 101}})),
+            "cap of 100",
+        ),
+        (
+            good(json!({"options": {"permission_mode": "bypassPermissions"}})),
+            "ceiling",
+        ),
+        (
+            good(json!({"session": {"mode": "resume"}})),
+            "needs `session.claude_session_id`",
+        ),
     ];
     for (body, reason) in &cases {
         let id = uuid::Uuid::new_v4().to_string();
@@ -224,10 +290,17 @@ async fn bad_input_is_dead_lettered_and_the_worker_goes_on(backend: Backend) {
         let (dead_body, headers) = env.next_dead_letter().await;
         assert_eq!(&dead_body, body, "the dead letter is the original body");
         let header = headers.get("x-claude-worker-error").expect("reason header");
-        assert!(header.contains(reason), "{header:?} should mention {reason:?}");
+        assert!(
+            header.contains(reason),
+            "{header:?} should mention {reason:?}"
+        );
         let (raw, event) = env.next_event(&id).await;
         match &event.body {
-            EventBody::Failed { error, message, retryable } => {
+            EventBody::Failed {
+                error,
+                message,
+                retryable,
+            } => {
                 assert_eq!(*error, ErrorKind::InvalidInput);
                 assert!(!retryable);
                 assert_eq!(message, header);
@@ -246,9 +319,10 @@ async fn bad_input_is_dead_lettered_and_the_worker_goes_on(backend: Backend) {
 
 async fn redelivered_job_id_runs_once(backend: Backend) {
     let mut env = TestEnv::new(backend).await;
-    let worker = env.start_worker("").await;
+    let worker = env.start_worker().await;
     let job_id = uuid::Uuid::new_v4().to_string();
-    let body = json!({"v": 1, "job_id": job_id, "session_key": "dup:key", "prompt": "only once"}).to_string();
+    let body = json!({"v": 1, "job_id": job_id, "session_key": "dup:key", "prompt": "only once"})
+        .to_string();
     // Three copies while the first is queued or running…
     for _ in 0..3 {
         env.publish_raw(body.as_bytes(), None).await;
@@ -259,8 +333,18 @@ async fn redelivered_job_id_runs_once(backend: Backend) {
     env.publish_raw(body.as_bytes(), None).await;
     let (_, again) = env.next_event(&job_id).await;
     assert_eq!(&again, first.last().unwrap());
-    assert!(env.maybe_event(&job_id, Duration::from_secs(2)).await.is_none(), "no second run");
-    let runs = env.mock.requests().iter().filter(|r| r.last_user_text().as_deref() == Some("only once")).count();
+    assert!(
+        env.maybe_event(&job_id, Duration::from_secs(2))
+            .await
+            .is_none(),
+        "no second run"
+    );
+    let runs = env
+        .mock
+        .requests()
+        .iter()
+        .filter(|r| r.last_user_text().as_deref() == Some("only once"))
+        .count();
     assert_eq!(runs, 1, "the CLI ran the job once");
     worker.shutdown();
     worker.wait().await.unwrap();
@@ -269,16 +353,27 @@ async fn redelivered_job_id_runs_once(backend: Backend) {
 
 async fn api_failure_is_retried_then_completes(backend: Backend) {
     let mut env = TestEnv::new(backend).await;
-    let worker = env.start_worker("").await;
-    let five_hundred = || Behavior::Status { code: 500, error_type: "api_error".into(), message: "mock outage".into() };
+    let worker = env.start_worker().await;
+    let five_hundred = || Behavior::Status {
+        code: 500,
+        error_type: "api_error".into(),
+        message: "mock outage".into(),
+    };
 
     // One failure the CLI gives up on: retrying, then completed.
     env.mock.push_behavior_for("flaky", five_hundred());
     let ev = run(&mut env, "retry:one", "[[mock:flaky]] hi", json!({})).await;
-    let retrying: Vec<_> = ev.iter().filter(|e| matches!(e.body, EventBody::Retrying { .. })).collect();
+    let retrying: Vec<_> = ev
+        .iter()
+        .filter(|e| matches!(e.body, EventBody::Retrying { .. }))
+        .collect();
     assert_eq!(retrying.len(), 1, "{ev:#?}");
     match &retrying[0].body {
-        EventBody::Retrying { next_attempt, reason, .. } => {
+        EventBody::Retrying {
+            next_attempt,
+            reason,
+            ..
+        } => {
             assert_eq!(*next_attempt, 2);
             assert!(reason.contains("500"), "{reason}");
         }
@@ -293,13 +388,28 @@ async fn api_failure_is_retried_then_completes(backend: Backend) {
         env.mock.push_behavior_for("down", five_hundred());
     }
     let ev = run(&mut env, "retry:all", "[[mock:down]] hi", json!({})).await;
-    let kinds: Vec<&str> = ev.iter().map(|e| e.body.type_name()).filter(|t| *t != "text").collect();
-    assert_eq!(kinds, vec!["started", "retrying", "started", "retrying", "started", "failed"]);
+    let kinds: Vec<&str> = ev
+        .iter()
+        .map(|e| e.body.type_name())
+        .filter(|t| *t != "text")
+        .collect();
+    assert_eq!(
+        kinds,
+        vec!["started", "retrying", "started", "retrying", "started", "failed"]
+    );
     match &ev.last().unwrap().body {
-        EventBody::Failed { error, retryable, .. } => assert_eq!((*error, *retryable), (ErrorKind::Api, true)),
+        EventBody::Failed {
+            error, retryable, ..
+        } => assert_eq!((*error, *retryable), (ErrorKind::Api, true)),
         _ => unreachable!(),
     }
-    let job = worker.context.store.get_job(&ev[0].job_id).await.unwrap().unwrap();
+    let job = worker
+        .context
+        .store
+        .get_job(&ev[0].job_id)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!((job.status, job.attempts), (JobStatus::Failed, 3));
 
     worker.shutdown();
@@ -309,21 +419,38 @@ async fn api_failure_is_retried_then_completes(backend: Backend) {
 
 async fn auth_failure_fails_without_retry(backend: Backend) {
     let mut env = TestEnv::new(backend).await;
-    let worker = env.start_worker("").await;
+    let worker = env.start_worker().await;
     env.mock.push_behavior_for(
         "auth",
-        Behavior::Status { code: 401, error_type: "authentication_error".into(), message: "invalid x-api-key".into() },
+        Behavior::Status {
+            code: 401,
+            error_type: "authentication_error".into(),
+            message: "invalid x-api-key".into(),
+        },
     );
     let ev = run(&mut env, "auth:key", "[[mock:auth]] hi", json!({})).await;
-    assert!(!ev.iter().any(|e| matches!(e.body, EventBody::Retrying { .. })), "{ev:#?}");
+    assert!(
+        !ev.iter()
+            .any(|e| matches!(e.body, EventBody::Retrying { .. })),
+        "{ev:#?}"
+    );
     match &ev.last().unwrap().body {
-        EventBody::Failed { error, retryable, .. } => assert_eq!((*error, *retryable), (ErrorKind::Auth, false)),
+        EventBody::Failed {
+            error, retryable, ..
+        } => assert_eq!((*error, *retryable), (ErrorKind::Auth, false)),
         other => panic!("{other:?}"),
     }
-    let calls = env.mock.requests().iter().filter(|r| r.marker().as_deref() == Some("auth")).count();
+    let calls = env
+        .mock
+        .requests()
+        .iter()
+        .filter(|r| r.marker().as_deref() == Some("auth"))
+        .count();
     assert_eq!(calls, 1);
     // The key never leaks into events.
-    assert!(ev.iter().all(|e| !serde_json::to_string(e).unwrap().contains("sk-test-secret-key")));
+    assert!(ev.iter().all(|e| !serde_json::to_string(e)
+        .unwrap()
+        .contains("sk-test-secret-key")));
     worker.shutdown();
     worker.wait().await.unwrap();
     env.cleanup().await;
@@ -332,9 +459,16 @@ async fn auth_failure_fails_without_retry(backend: Backend) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_killed_mid_turn_is_retried() {
     let mut env = TestEnv::new(Backend::Sqlite).await;
-    let worker = env.start_worker("").await;
-    env.mock.push_behavior_for("hold", Behavior::Hold { text: "never finished".into() });
-    let job = env.publish_job("kill:key", "[[mock:hold]] hi", json!({})).await;
+    let worker = env.start_worker().await;
+    env.mock.push_behavior_for(
+        "hold",
+        Behavior::Hold {
+            text: "never finished".into(),
+        },
+    );
+    let job = env
+        .publish_job("kill:key", "[[mock:hold]] hi", json!({}))
+        .await;
     env.mock.wait_for_held(1, WAIT).await;
     let pids = cli_pids(&env.prefix);
     assert_eq!(pids.len(), 1, "one CLI process is running: {pids:?}");
@@ -345,7 +479,11 @@ async fn cli_killed_mid_turn_is_retried() {
     let reason = ev
         .iter()
         .find_map(|e| match &e.body {
-            EventBody::Retrying { reason, next_attempt: 2, .. } => Some(reason.clone()),
+            EventBody::Retrying {
+                reason,
+                next_attempt: 2,
+                ..
+            } => Some(reason.clone()),
             _ => None,
         })
         .expect("a retrying event");
@@ -360,24 +498,42 @@ async fn cli_killed_mid_turn_is_retried() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_kills_the_cli_and_requeues_the_job() {
     let mut env = TestEnv::new(Backend::Sqlite).await;
-    let worker = env.start_worker("[worker]\nshutdown_grace_secs = 1").await;
-    env.mock.push_behavior_for("hold", Behavior::Hold { text: "never finished".into() });
-    let job = env.publish_job("shutdown:key", "[[mock:hold]] hi", json!({})).await;
+    let worker = env
+        .start_worker_with(|s| s.worker.shutdown_grace_secs = 1)
+        .await;
+    env.mock.push_behavior_for(
+        "hold",
+        Behavior::Hold {
+            text: "never finished".into(),
+        },
+    );
+    let job = env
+        .publish_job("shutdown:key", "[[mock:hold]] hi", json!({}))
+        .await;
     env.mock.wait_for_held(1, WAIT).await;
     assert_eq!(cli_pids(&env.prefix).len(), 1);
     let store = worker.context.store.clone();
     worker.shutdown();
     worker.wait().await.unwrap();
-    assert!(cli_pids(&env.prefix).is_empty(), "no CLI outlives the worker");
+    assert!(
+        cli_pids(&env.prefix).is_empty(),
+        "no CLI outlives the worker"
+    );
     let row = store.get_job(&job).await.unwrap().unwrap();
-    assert_eq!((row.status, row.attempts), (JobStatus::Queued, 1), "the job went back to the queue");
+    assert_eq!(
+        (row.status, row.attempts),
+        (JobStatus::Queued, 1),
+        "the job went back to the queue"
+    );
     env.mock.release_held();
 
     // The next worker picks it up as a new attempt.
-    let worker = env.start_worker("").await;
+    let worker = env.start_worker().await;
     let rest = env.events_until_terminal(&job).await;
-    assert!(matches!(&rest.iter().find(|e| matches!(e.body, EventBody::Retrying { .. })).unwrap().body,
-        EventBody::Retrying { reason, next_attempt: 2, .. } if reason == "worker_shutdown"));
+    assert!(
+        matches!(&rest.iter().find(|e| matches!(e.body, EventBody::Retrying { .. })).unwrap().body,
+        EventBody::Retrying { reason, next_attempt: 2, .. } if reason == "worker_shutdown")
+    );
     assert_eq!(completed(&rest).0, "echo: [[mock:hold]] hi");
     worker.shutdown();
     worker.wait().await.unwrap();
@@ -389,7 +545,9 @@ async fn a_dead_workers_job_is_picked_up_after_its_lease_expires() {
     let mut env = TestEnv::new(Backend::Sqlite).await;
     // A "worker" that claimed a session, started a job, and died.
     let settings = env.settings("");
-    let store = claude_worker::store::connect(&settings.database.url, 2).await.unwrap();
+    let store = claude_worker::store::connect(&settings.database.url, 2)
+        .await
+        .unwrap();
     store.migrate().await.unwrap();
     let job_id = uuid::Uuid::new_v4().to_string();
     let spec = JobSpec {
@@ -404,20 +562,104 @@ async fn a_dead_workers_job_is_picked_up_after_its_lease_expires() {
         reply_to: Some(env.reply_key.clone()),
     };
     store
-        .accept_job(&NewJob { job_id: job_id.clone(), session_key: "ghost:worker".into(), spec }, now_ms())
+        .accept_job(
+            &NewJob {
+                job_id: job_id.clone(),
+                session_key: "ghost:worker".into(),
+                spec,
+            },
+            now_ms(),
+        )
         .await
         .unwrap();
-    let lease = store.claim_session("dead-worker", now_ms(), 1_000, None).await.unwrap().unwrap();
-    assert_eq!(store.start_attempt(&lease, &job_id, now_ms()).await.unwrap(), 1);
+    let lease = store
+        .claim_session("dead-worker", now_ms(), 1_000, None)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        store
+            .start_attempt(&lease, &job_id, now_ms())
+            .await
+            .unwrap(),
+        1
+    );
 
-    let worker = env.start_worker("").await;
+    let worker = env.start_worker().await;
     let ev = env.events_until_terminal(&job_id).await;
     match &ev[0].body {
-        EventBody::Retrying { reason, next_attempt, .. } => assert_eq!((reason.as_str(), *next_attempt), ("worker_lost", 2)),
+        EventBody::Retrying {
+            reason,
+            next_attempt,
+            ..
+        } => assert_eq!((reason.as_str(), *next_attempt), ("worker_lost", 2)),
         other => panic!("expected retrying first, got {other:?}"),
     }
     assert_eq!(completed(&ev).0, "echo: left behind");
-    assert!(worker.context.store.get_session("ghost:worker").await.unwrap().unwrap().lease_epoch >= 2);
+    assert!(
+        worker
+            .context
+            .store
+            .get_session("ghost:worker")
+            .await
+            .unwrap()
+            .unwrap()
+            .lease_epoch
+            >= 2
+    );
+    worker.shutdown();
+    worker.wait().await.unwrap();
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tool_use_and_unstreamed_text_reach_the_reply() {
+    let mut env = TestEnv::new(Backend::Sqlite).await;
+    let worker = env.start_worker().await;
+
+    // A tool call shows up as a tool_use event; the CLI really ran it
+    // (reading a file in the session's own working directory).
+    let workdir = env.settings("").profiles["default"].workdir.clone();
+    let cwd = claude_worker::drive::session_dir(&workdir, "tool:key");
+    std::fs::create_dir_all(&cwd).unwrap();
+    let file = cwd.join("notes.txt");
+    std::fs::write(&file, "the secret word is turnip\n").unwrap();
+    let path = file.display().to_string();
+    env.mock.push_behavior_for(
+        "tool",
+        Behavior::tool_use("Read", json!({"file_path": path})),
+    );
+    let ev = run(&mut env, "tool:key", "[[mock:tool]] read it", json!({})).await;
+    let tools: Vec<(String, String)> = ev
+        .iter()
+        .filter_map(|e| match &e.body {
+            EventBody::ToolUse {
+                name,
+                input_summary,
+            } => Some((name.clone(), input_summary.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(tools, vec![("Read".to_string(), path.clone())]);
+    assert_eq!(completed(&ev).0, "echo: [[mock:tool]] read it");
+    let follow_up = env.mock.requests_for("tool");
+    assert_eq!(follow_up.len(), 2, "the CLI sent the tool result back");
+    let results = follow_up[1].tool_results();
+    assert!(
+        results.iter().any(|r| r.to_string().contains("turnip")),
+        "{results:?}"
+    );
+
+    // A dropped stream makes the CLI retry without streaming: the text
+    // then arrives whole, and still reaches the reply.
+    env.mock.push_behavior_for("drop", Behavior::Disconnect);
+    let ev = run(&mut env, "drop:key", "[[mock:drop]] hi", json!({})).await;
+    assert!(!ev
+        .iter()
+        .any(|e| matches!(e.body, EventBody::Retrying { .. })));
+    assert_eq!(text_of(&ev, 1), "echo: [[mock:drop]] hi");
+    assert_eq!(completed(&ev).0, "echo: [[mock:drop]] hi");
+
     worker.shutdown();
     worker.wait().await.unwrap();
     env.cleanup().await;

@@ -9,7 +9,11 @@ mod migrate;
 mod worker;
 
 #[derive(Parser)]
-#[command(name = "claude-worker", version, about = "Claude Code behind a message queue")]
+#[command(
+    name = "claude-worker",
+    version,
+    about = "Claude Code behind a message queue"
+)]
 struct Cli {
     /// Extra config file, layered over config/default.toml (also: $CLAUDE_WORKER_CONFIG).
     #[arg(long, global = true)]
@@ -59,7 +63,9 @@ fn main() -> ExitCode {
 fn init_tracing(format: claude_worker::config::LogFormat) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         claude_worker::config::LogFormat::Json => builder.json().init(),
         claude_worker::config::LogFormat::Text => builder.init(),

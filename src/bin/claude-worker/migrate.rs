@@ -8,7 +8,10 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let store = claude_worker::store::connect(&settings.database.url, 1)
         .await
         .with_context(|| format!("could not open the database {url}"))?;
-    store.migrate().await.with_context(|| format!("migrating {url} failed"))?;
+    store
+        .migrate()
+        .await
+        .with_context(|| format!("migrating {url} failed"))?;
     println!("database {url} is up to date");
     Ok(())
 }

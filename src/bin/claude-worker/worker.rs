@@ -6,7 +6,9 @@ use claude_worker::worker::Worker;
 use tokio::signal::unix::{signal, SignalKind};
 
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
-    let worker = Worker::start(settings).await.context("the worker could not start")?;
+    let worker = Worker::start(settings)
+        .await
+        .context("the worker could not start")?;
     let token = worker.shutdown_token();
     tokio::spawn(async move {
         let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
