@@ -52,6 +52,7 @@ pub fn redact_url(url: &str) -> String {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Settings {
     pub amqp: AmqpSettings,
     pub database: DatabaseSettings,
@@ -63,6 +64,7 @@ pub struct Settings {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct AmqpSettings {
     pub url: Secret,
     pub prefix: String,
@@ -71,12 +73,14 @@ pub struct AmqpSettings {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct DatabaseSettings {
     pub url: Secret,
     pub max_connections: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct WorkerSettings {
     pub id: String,
     pub max_concurrent_turns: usize,
@@ -86,6 +90,7 @@ pub struct WorkerSettings {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ClaudeSettings {
     pub path: PathBuf,
     pub turn_timeout_secs: u64,
@@ -93,6 +98,7 @@ pub struct ClaudeSettings {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RetrySettings {
     pub max_attempts: u32,
     pub min_delay_ms: u64,
@@ -102,6 +108,7 @@ pub struct RetrySettings {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct LogSettings {
     pub format: LogFormat,
 }

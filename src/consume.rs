@@ -1,7 +1,9 @@
 //! Consuming the jobs queue: each delivery is accepted (validated and
-//! persisted) and then acked; a delivery that cannot be persisted is
-//! nacked back to the queue after a pause, so nothing is lost while the
-//! database is down.
+//! persisted) and then acked. A delivery that cannot be persisted (the
+//! database or broker is down) is held and retried in place with backoff —
+//! that also stops further deliveries — and only handed back to the queue
+//! after `HOLD_LIMIT` or at shutdown, so an outage neither loses jobs nor
+//! burns through the queue's delivery limit.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,34 +18,49 @@ use tracing::{error, info_span, warn, Instrument};
 use crate::accept::{accept, Accepted};
 use crate::context::Context;
 
-/// Pause before handing back a delivery we could not persist, so an
-/// outage is not a hot redelivery loop.
-const REQUEUE_PAUSE: Duration = Duration::from_secs(1);
+/// How long a delivery that cannot be persisted is held and retried
+/// before it goes back to the queue.
+const HOLD_LIMIT: Duration = Duration::from_secs(120);
 
 /// One step: accept a delivery, then ack or nack it. Never panics on
 /// input; returns what happened for tests and logs.
-pub async fn handle_delivery(ctx: &Context, delivery: &Delivery) -> Option<Accepted> {
-    match accept(ctx, delivery).await {
-        Ok(accepted) => {
-            if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
-                // The broker will redeliver; the job_id makes that harmless.
-                warn!(error = %e, "ack failed after the job was accepted");
+pub async fn handle_delivery(
+    ctx: &Context,
+    delivery: &Delivery,
+    shutdown: &CancellationToken,
+) -> Option<Accepted> {
+    let started = tokio::time::Instant::now();
+    let mut delay = Duration::from_millis(250);
+    loop {
+        match accept(ctx, delivery).await {
+            Ok(accepted) => {
+                if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
+                    // The broker will redeliver; the job_id makes that harmless.
+                    warn!(error = %e, "ack failed after the job was accepted");
+                }
+                if let Accepted::Queued { session_key, .. } = &accepted {
+                    ctx.wake_scheduler(Some(session_key));
+                }
+                return Some(accepted);
             }
-            if let Accepted::Queued { session_key, .. } = &accepted {
-                ctx.wake_scheduler(Some(session_key));
+            Err(e) if started.elapsed() < HOLD_LIMIT && !shutdown.is_cancelled() => {
+                warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "could not accept a job; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shutdown.cancelled() => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(10));
             }
-            Some(accepted)
-        }
-        Err(e) => {
-            error!(error = %e, "could not accept a job; returning it to the queue");
-            tokio::time::sleep(REQUEUE_PAUSE).await;
-            let _ = delivery
-                .nack(BasicNackOptions {
-                    requeue: true,
-                    ..Default::default()
-                })
-                .await;
-            None
+            Err(e) => {
+                error!(error = %e, "could not accept a job; returning it to the queue");
+                let _ = delivery
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        ..Default::default()
+                    })
+                    .await;
+                return None;
+            }
         }
     }
 }
@@ -67,7 +84,9 @@ pub async fn run(
                     delivery_tag = delivery.delivery_tag,
                     redelivered = delivery.redelivered
                 );
-                handle_delivery(&ctx, &delivery).instrument(span).await;
+                handle_delivery(&ctx, &delivery, &shutdown)
+                    .instrument(span)
+                    .await;
             }
             Some(Err(e)) => {
                 if let Err(e) = channel.wait_for_recovery(e).await {

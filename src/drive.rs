@@ -257,6 +257,8 @@ pub fn cli_args(req: &TurnRequest, profile: &Profile) -> Vec<String> {
     }
     args.push(format!("--max-turns={}", req.options.max_turns));
     args.push(format!("--permission-mode={}", req.options.permission_mode));
+    // Before the tool lists: those take every following word as a value.
+    args.extend(profile.extra_args.iter().cloned());
     if !profile.allowed_tools.is_empty() {
         args.push("--allowed-tools".into());
         args.extend(profile.allowed_tools.iter().cloned());
@@ -265,7 +267,6 @@ pub fn cli_args(req: &TurnRequest, profile: &Profile) -> Vec<String> {
         args.push("--disallowed-tools".into());
         args.extend(profile.disallowed_tools.iter().cloned());
     }
-    args.extend(profile.extra_args.iter().cloned());
     args
 }
 

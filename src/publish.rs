@@ -141,17 +141,14 @@ impl ReplySink for AmqpSink {
         job_id: &str,
         body: &[u8],
     ) -> Result<(), PublishError> {
-        let type_name = serde_json::from_slice::<serde_json::Value>(body)
-            .ok()
-            .and_then(|v| v.get("type").and_then(|t| t.as_str()).map(str::to_string))
-            .unwrap_or_default();
-        self.publish_confirmed(
-            &self.topology.replies_exchange,
-            routing_key,
-            body,
-            event_props(job_id, &type_name),
-        )
-        .await
+        let parsed: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+        let type_name = parsed["type"].as_str().unwrap_or_default();
+        let mut props = event_props(job_id, type_name);
+        if let Some(seq) = parsed["seq"].as_u64() {
+            props = props.with_message_id(format!("{job_id}:{seq}").as_str().into());
+        }
+        self.publish_confirmed(&self.topology.replies_exchange, routing_key, body, props)
+            .await
     }
 
     async fn dead_letter(

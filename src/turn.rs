@@ -220,10 +220,12 @@ pub async fn run_job(
     // A job found running, or queued after an earlier attempt, lost its
     // worker: that counts as a failed attempt.
     if job.attempts > 0 {
+        // Running: its worker died. Queued: its worker handed it back
+        // (shutdown, or the database or broker failed mid-turn).
         let reason = if job.status == JobStatus::Running {
             "worker_lost"
         } else {
-            "worker_shutdown"
+            "interrupted"
         };
         if job.attempts >= ctx.retry.max_attempts() {
             let msg = format!(

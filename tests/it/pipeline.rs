@@ -532,7 +532,7 @@ async fn shutdown_kills_the_cli_and_requeues_the_job() {
     let rest = env.events_until_terminal(&job).await;
     assert!(
         matches!(&rest.iter().find(|e| matches!(e.body, EventBody::Retrying { .. })).unwrap().body,
-        EventBody::Retrying { reason, next_attempt: 2, .. } if reason == "worker_shutdown")
+        EventBody::Retrying { reason, next_attempt: 2, .. } if reason == "interrupted")
     );
     assert_eq!(completed(&rest).0, "echo: [[mock:hold]] hi");
     worker.shutdown();
