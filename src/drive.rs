@@ -371,7 +371,7 @@ impl CliProcess {
                 }
             })
         });
-        let mut proc = CliProcess {
+        let proc = CliProcess {
             child,
             pgid,
             stdin,
@@ -379,12 +379,31 @@ impl CliProcess {
             stderr: stderr_buf,
             stderr_task,
         };
-        proc.write_stdin(&user_message_line(&req.prompt)).await;
         Ok(proc)
     }
 
     pub fn pid(&self) -> Option<u32> {
         self.pgid.map(|p| p as u32)
+    }
+
+    /// Starts a turn: writes a user message to the CLI's stdin. The CLI
+    /// answers with `init`, the turn's messages and a `result`; it then
+    /// waits for the next user message until stdin is closed.
+    pub async fn send_user_message(&mut self, prompt: &str) {
+        self.write_stdin(&user_message_line(prompt)).await;
+    }
+
+    /// Sends a stream-json control request (`interrupt`,
+    /// `set_permission_mode`, `set_model`, …); returns its request id. The
+    /// CLI answers with a `control_response` line carrying that id.
+    pub async fn send_control_request(&mut self, request: Value) -> String {
+        let request_id = uuid::Uuid::new_v4().to_string();
+        let mut line =
+            json!({"type": "control_request", "request_id": request_id, "request": request})
+                .to_string();
+        line.push('\n');
+        self.write_stdin(&line).await;
+        request_id
     }
 
     /// Writes to the CLI's stdin. A closed pipe means the CLI died; that

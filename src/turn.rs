@@ -398,6 +398,7 @@ async fn run_attempt(
             }
         };
         debug!(pid = proc.pid(), resume = ?request.resume, "CLI started");
+        proc.send_user_message(&request.prompt).await;
         let mut init: Option<InitInfo> = None;
         // Assistant messages whose text arrived as deltas.
         let mut streamed: HashSet<String> = HashSet::new();
