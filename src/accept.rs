@@ -114,6 +114,7 @@ fn spec_of(
             .clone()
             .unwrap_or_else(|| Value::Object(Default::default())),
         reply_to,
+        on_busy: options.on_busy,
     }
 }
 

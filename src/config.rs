@@ -144,6 +144,9 @@ pub struct Profile {
     pub models: Vec<String>,
     #[serde(default)]
     pub extra_args: Vec<String>,
+    /// Double-texting policy for jobs that do not set `options.on_busy`.
+    #[serde(default)]
+    pub on_busy: crate::protocol::OnBusy,
     /// Extra environment for the CLI. Values are secrets (API keys live here).
     #[serde(default)]
     pub env: BTreeMap<String, Secret>,
@@ -155,6 +158,7 @@ pub struct EffectiveOptions {
     pub model: Option<String>,
     pub max_turns: u32,
     pub permission_mode: PermissionMode,
+    pub on_busy: crate::protocol::OnBusy,
 }
 
 impl Profile {
@@ -199,6 +203,7 @@ impl Profile {
             model,
             max_turns,
             permission_mode,
+            on_busy: opts.on_busy.unwrap_or(self.on_busy),
         })
     }
 }

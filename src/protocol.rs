@@ -77,6 +77,23 @@ pub struct JobOptions {
     pub max_turns: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub permission_mode: Option<PermissionMode>,
+    /// What to do if the session already has a running turn when this job
+    /// arrives; default: the profile's `on_busy`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_busy: Option<OnBusy>,
+}
+
+/// Double-texting policy: a job that arrives while its session is busy.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnBusy {
+    /// Run after the running turn, in order.
+    #[default]
+    Enqueue,
+    /// Interrupt the running turn (it ends `cancelled`), then run this job.
+    Interrupt,
+    /// Fail this job at once with error `busy`.
+    Reject,
 }
 
 /// Claude Code permission modes, ordered from least to most permissive so a
@@ -384,4 +401,44 @@ pub enum ErrorKind {
     WorkerLost,
     /// Something inside the worker failed.
     Internal,
+    /// The session was busy and the job's `on_busy` policy is `reject`.
+    Busy,
+}
+
+/// The answer to a control message, published to the replies exchange with
+/// the control message's `reply_to` as routing key and its `message_id` as
+/// correlation id. Exactly one per control message.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ControlResultV1 {
+    pub v: u32,
+    /// Always "control_result".
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The control message's `message_id` (or a generated id).
+    pub request_id: String,
+    pub ok: bool,
+    pub outcome: ControlOutcome,
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_key: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ControlOutcome {
+    /// Queued job(s) cancelled and/or running turn(s) being interrupted;
+    /// each affected job ends with a `cancelled` event.
+    Cancelled,
+    /// Nothing to do: the job had already finished.
+    AlreadyFinished,
+    /// No such job or session.
+    Unknown,
+    /// Permission mode changed (for the running turn, if any, and later turns).
+    Applied,
+    /// Refused (e.g. a mode above the profile's ceiling); `message` says why.
+    Refused,
+    /// The control message was not valid.
+    Invalid,
 }

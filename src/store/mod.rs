@@ -102,6 +102,9 @@ pub struct JobSpec {
     pub metadata: Value,
     /// Routing key for reply events.
     pub reply_to: Option<String>,
+    /// Double-texting policy (absent in jobs stored before it existed).
+    #[serde(default)]
+    pub on_busy: crate::protocol::OnBusy,
 }
 
 impl JobSpec {
@@ -110,6 +113,7 @@ impl JobSpec {
             model: self.model.clone(),
             max_turns: self.max_turns,
             permission_mode: self.permission_mode,
+            on_busy: self.on_busy,
         }
     }
 }

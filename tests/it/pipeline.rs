@@ -560,6 +560,7 @@ async fn a_dead_workers_job_is_picked_up_after_its_lease_expires() {
         permission_mode: claude_worker::protocol::PermissionMode::Default,
         metadata: json!({}),
         reply_to: Some(env.reply_key.clone()),
+        on_busy: Default::default(),
     };
     store
         .accept_job(

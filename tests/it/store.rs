@@ -147,6 +147,7 @@ fn spec(prompt: &str) -> JobSpec {
         permission_mode: PermissionMode::Plan,
         metadata: serde_json::json!({ "chat": 42 }),
         reply_to: Some("replies.x".to_string()),
+        on_busy: Default::default(),
     }
 }
 
