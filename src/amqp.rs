@@ -7,6 +7,7 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
+use std::time::Duration;
 
 use crate::config::{redact_url, AmqpSettings};
 
@@ -134,26 +135,65 @@ impl Topology {
 #[derive(Debug, thiserror::Error)]
 pub enum AmqpError {
     #[error(
-        "could not connect to RabbitMQ at {url}: {source}. Is it running? \
+        "could not connect to RabbitMQ at {url}: {reason}. Is it running? \
          Start one with `docker compose up -d rabbitmq` (or `rabbitmq-server -detached`), \
          or point CLAUDE_WORKER__AMQP__URL at yours."
     )]
-    Connect { url: String, source: lapin::Error },
+    Connect { url: String, reason: String },
     #[error("RabbitMQ error: {0}")]
     Broker(#[from] lapin::Error),
 }
 
-/// Connects with automatic connection and topology recovery on.
+/// How long the first connection may take before start-up fails.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Connects with automatic connection and topology recovery on. The first
+/// connection fails fast with a message a user can act on: recovery's
+/// backoff would otherwise keep retrying silently for minutes.
 pub async fn connect(settings: &AmqpSettings, name: &str) -> Result<Connection, AmqpError> {
+    let url = settings.url.expose();
+    let connect_error = |reason: String| AmqpError::Connect {
+        url: redact_url(url),
+        reason,
+    };
+    if let Some(addr) = host_port(url) {
+        match tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(&addr)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(connect_error(e.to_string())),
+            Err(_) => {
+                return Err(connect_error(format!(
+                    "no answer within {} s",
+                    CONNECT_TIMEOUT.as_secs()
+                )))
+            }
+        }
+    }
     let props = ConnectionProperties::default()
         .with_connection_name(LongString::from(name))
         .enable_auto_recover();
-    Connection::connect(settings.url.expose(), props)
-        .await
-        .map_err(|source| AmqpError::Connect {
-            url: redact_url(settings.url.expose()),
-            source,
-        })
+    match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(url, props)).await {
+        Ok(Ok(conn)) => Ok(conn),
+        Ok(Err(e)) => Err(connect_error(e.to_string())),
+        Err(_) => Err(connect_error(format!(
+            "the AMQP handshake did not finish within {} s",
+            CONNECT_TIMEOUT.as_secs()
+        ))),
+    }
+}
+
+/// `host:port` of an AMQP URL (default ports 5672 / 5671 for amqps).
+fn host_port(url: &str) -> Option<String> {
+    let (scheme, rest) = url.split_once("://")?;
+    let rest = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+    let authority = rest.split(['/', '?']).next()?;
+    if authority.is_empty() {
+        return None;
+    }
+    if authority.contains(':') && !authority.ends_with(']') {
+        return Some(authority.to_string());
+    }
+    let port = if scheme == "amqps" { 5671 } else { 5672 };
+    Some(format!("{authority}:{port}"))
 }
 
 /// A channel with publisher confirms on, for events and dead letters.
@@ -178,5 +218,20 @@ pub fn header_str(headers: &Option<FieldTable>, key: &str) -> Option<String> {
         AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
         AMQPValue::ShortString(s) => Some(s.as_str().to_string()),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::host_port;
+
+    #[test]
+    fn host_port_of_amqp_urls() {
+        assert_eq!(
+            host_port("amqp://u:p@h:5673/%2f").as_deref(),
+            Some("h:5673")
+        );
+        assert_eq!(host_port("amqp://h").as_deref(), Some("h:5672"));
+        assert_eq!(host_port("amqps://u@h/v").as_deref(), Some("h:5671"));
     }
 }
