@@ -7,9 +7,12 @@ use serde_json::Value;
 use tracing::{info, warn};
 
 use crate::context::Context;
-use crate::protocol::{self, ErrorKind, EventBody, EventV1, JobV1, PROTOCOL_VERSION};
+use crate::control::{self, ControlError};
+use crate::protocol::{
+    self, ControlBody, ControlV1, ErrorKind, EventBody, EventV1, JobV1, OnBusy, PROTOCOL_VERSION,
+};
 use crate::publish::PublishError;
-use crate::store::{now_ms, AcceptOutcome, JobSpec, NewJob, StoreError};
+use crate::store::{now_ms, AcceptOutcome, JobRecord, JobSpec, JobStatus, NewJob, StoreError};
 
 /// What happened to a delivery; each variant means "ack it".
 #[derive(Debug, PartialEq)]
@@ -19,6 +22,9 @@ pub enum Accepted {
     /// Seen before; not run again (its terminal event was republished if
     /// it had one).
     Duplicate { job_id: String },
+    /// Persisted, then failed at once with error `busy`: its session was
+    /// busy and its on_busy policy is `reject`.
+    RejectedBusy { job_id: String },
     /// Invalid; dead-lettered with the reason (and a `failed` event sent
     /// where a reply_to was readable).
     Rejected { reason: String },
@@ -31,6 +37,15 @@ pub enum AcceptError {
     Store(#[from] StoreError),
     #[error("could not publish: {0}")]
     Publish(#[from] PublishError),
+}
+
+impl From<ControlError> for AcceptError {
+    fn from(e: ControlError) -> Self {
+        match e {
+            ControlError::Store(e) => AcceptError::Store(e),
+            ControlError::Publish(e) => AcceptError::Publish(e),
+        }
+    }
 }
 
 /// Validates and persists one delivery.
@@ -74,6 +89,9 @@ pub async fn accept(ctx: &Context, delivery: &Delivery) -> Result<Accepted, Acce
     match ctx.store.accept_job(&new, now_ms()).await? {
         AcceptOutcome::Inserted => {
             info!(job_id = %job_id, session_key = %job.session_key, "job accepted");
+            if apply_on_busy(ctx, &new).await? {
+                return Ok(Accepted::RejectedBusy { job_id });
+            }
             Ok(Accepted::Queued {
                 job_id,
                 session_key: job.session_key,
@@ -91,6 +109,66 @@ pub async fn accept(ctx: &Context, delivery: &Delivery) -> Result<Accepted, Acce
                     .await?;
             }
             Ok(Accepted::Duplicate { job_id })
+        }
+    }
+}
+
+/// Double texting: what a job does when its session already has work.
+/// `enqueue` waits its turn; `interrupt` cancels the running turn (on
+/// whichever worker runs it) and then waits; `reject` fails at once.
+/// Returns true if the job was rejected.
+async fn apply_on_busy(ctx: &Context, new: &NewJob) -> Result<bool, AcceptError> {
+    if new.spec.on_busy == OnBusy::Enqueue {
+        return Ok(false);
+    }
+    let others: Vec<JobRecord> = ctx
+        .store
+        .list_jobs(&new.session_key, 1000)
+        .await?
+        .into_iter()
+        .filter(|j| j.job_id != new.job_id && !j.status.is_terminal())
+        .collect();
+    let running: Vec<&JobRecord> = others
+        .iter()
+        .filter(|j| j.status == JobStatus::Running)
+        .collect();
+    match new.spec.on_busy {
+        OnBusy::Enqueue => Ok(false),
+        OnBusy::Reject if others.is_empty() => Ok(false),
+        OnBusy::Reject => {
+            let Some(me) = ctx.store.get_job(&new.job_id).await? else {
+                return Ok(false);
+            };
+            let busy_with = running
+                .first()
+                .copied()
+                .or(others.first())
+                .map(|j| j.job_id.as_str());
+            let body = control::busy_event(busy_with);
+            let EventBody::Failed { message, .. } = &body else {
+                unreachable!()
+            };
+            let message = message.clone();
+            Ok(control::end_queued_job(ctx, &me, JobStatus::Failed, Some(&message), body).await?)
+        }
+        OnBusy::Interrupt => {
+            let reason = format!("interrupted by job {} (on_busy=interrupt)", new.job_id);
+            for job in running {
+                ctx.running.cancel_job(&job.job_id, &reason);
+                let cancel = ControlV1 {
+                    v: PROTOCOL_VERSION,
+                    body: ControlBody::Cancel {
+                        job_id: Some(job.job_id.clone()),
+                        session_key: None,
+                        reason: Some(reason.clone()),
+                    },
+                    reply_to: None,
+                };
+                let bytes = serde_json::to_vec(&cancel).expect("control messages serialise");
+                let request_id = uuid::Uuid::new_v4().to_string();
+                ctx.sink.publish_control(&bytes, &request_id, None).await?;
+            }
+            Ok(false)
         }
     }
 }

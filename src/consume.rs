@@ -65,11 +65,21 @@ pub async fn handle_delivery(
     }
 }
 
+/// Which queue a consume loop serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    /// The shared jobs queue.
+    Jobs,
+    /// This worker's own queue on the control exchange.
+    Control,
+}
+
 /// The consume loop: deliveries until shutdown.
 pub async fn run(
     ctx: Arc<Context>,
     channel: Channel,
     mut consumer: Consumer,
+    stream: Stream,
     shutdown: CancellationToken,
 ) {
     loop {
@@ -81,23 +91,49 @@ pub async fn run(
             Some(Ok(delivery)) => {
                 let span = info_span!(
                     "delivery",
+                    ?stream,
                     delivery_tag = delivery.delivery_tag,
                     redelivered = delivery.redelivered
                 );
-                handle_delivery(&ctx, &delivery, &shutdown)
-                    .instrument(span)
-                    .await;
+                match stream {
+                    Stream::Jobs => {
+                        handle_delivery(&ctx, &delivery, &shutdown)
+                            .instrument(span)
+                            .await;
+                    }
+                    Stream::Control => handle_control(&ctx, &delivery).instrument(span).await,
+                }
             }
             Some(Err(e)) => {
                 if let Err(e) = channel.wait_for_recovery(e).await {
-                    error!(error = %e, "the jobs consumer failed and did not recover");
+                    error!(error = %e, ?stream, "a consumer failed and did not recover");
                     break;
                 }
             }
             None => {
-                warn!("the jobs consumer was cancelled by the broker");
+                warn!(?stream, "a consumer was cancelled by the broker");
                 break;
             }
+        }
+    }
+}
+
+/// One control delivery: handled, then acked. A failure (database or
+/// broker down) hands it back once; control messages are best effort
+/// beyond that, and the sender's wait times out with a clear message.
+async fn handle_control(ctx: &Context, delivery: &Delivery) {
+    match crate::control::handle(ctx, delivery).await {
+        Ok(()) => {
+            let _ = delivery.ack(BasicAckOptions::default()).await;
+        }
+        Err(e) => {
+            error!(error = %e, "handling a control message failed");
+            let _ = delivery
+                .nack(BasicNackOptions {
+                    requeue: !delivery.redelivered,
+                    ..Default::default()
+                })
+                .await;
         }
     }
 }

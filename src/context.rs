@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::Notify;
 
 use crate::config::Settings;
+use crate::control::RunningTurns;
 use crate::publish::ReplySink;
 use crate::retry::RetryPolicy;
 use crate::store::SessionStore;
@@ -18,6 +19,8 @@ pub struct Context {
     pub sink: Arc<dyn ReplySink>,
     pub worker_id: String,
     pub retry: RetryPolicy,
+    /// Turns running on this worker (for cancel and control requests).
+    pub running: Arc<RunningTurns>,
     wake: Notify,
     preferred: Mutex<VecDeque<String>>,
 }
@@ -36,6 +39,7 @@ impl Context {
             sink,
             worker_id,
             retry,
+            running: Arc::new(RunningTurns::default()),
             wake: Notify::new(),
             preferred: Mutex::new(VecDeque::new()),
         })

@@ -478,6 +478,41 @@ impl CliProcess {
         }
     }
 
+    /// Interrupts the running turn gently, then harder: the stream-json
+    /// `interrupt` control request (the CLI ends the turn and keeps the
+    /// session resumable), then SIGINT, then SIGTERM and SIGKILL, each after
+    /// `grace`. Returns true if the CLI ended the turn on request.
+    pub async fn interrupt(&mut self, grace: Duration) -> bool {
+        self.send_control_request(json!({"subtype": "interrupt"}))
+            .await;
+        let ended = tokio::time::timeout(grace, async {
+            while let Some(msg) = self.next_message().await {
+                if matches!(msg, CliMessage::Result(_)) {
+                    return true;
+                }
+            }
+            false
+        })
+        .await
+        .unwrap_or(false);
+        if ended {
+            self.finish(grace).await;
+            return true;
+        }
+        if let Some(pid) = self.pgid {
+            // SAFETY: plain syscall on our child.
+            unsafe { libc::kill(pid, libc::SIGINT) };
+        }
+        if tokio::time::timeout(grace, self.child.wait())
+            .await
+            .is_err()
+        {
+            self.terminate(grace).await;
+        }
+        self.kill_group();
+        false
+    }
+
     /// Stops the process: SIGTERM to the group, then SIGKILL after `grace`.
     pub async fn terminate(&mut self, grace: Duration) {
         self.close_stdin();

@@ -6,6 +6,7 @@ pub mod amqp;
 pub mod config;
 pub mod consume;
 pub mod context;
+pub mod control;
 pub mod drive;
 pub mod protocol;
 pub mod publish;

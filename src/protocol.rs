@@ -260,6 +260,9 @@ pub enum ControlBody {
         job_id: Option<String>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         session_key: Option<String>,
+        /// Shown in the `cancelled` event; default "cancelled by request".
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
     },
     /// Change the permission mode of a session's running turn and later turns.
     SetPermissionMode {
@@ -290,6 +293,7 @@ pub fn decode_control(body: &[u8]) -> Result<ControlV1, DecodeError> {
     if let ControlBody::Cancel {
         job_id: None,
         session_key: None,
+        ..
     } = msg.body
     {
         return Err(DecodeError("cancel needs `job_id` or `session_key`".into()));

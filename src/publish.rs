@@ -39,6 +39,20 @@ pub trait ReplySink: Send + Sync + 'static {
         job_id: &str,
         body: &[u8],
     ) -> Result<(), PublishError>;
+    /// Publishes a control message's answer (already serialised).
+    async fn publish_control_result(
+        &self,
+        routing_key: &str,
+        request_id: &str,
+        body: &[u8],
+    ) -> Result<(), PublishError>;
+    /// Publishes a control message to every worker.
+    async fn publish_control(
+        &self,
+        body: &[u8],
+        request_id: &str,
+        reply_to: Option<&str>,
+    ) -> Result<(), PublishError>;
     /// Dead-letters a job body with the reason in a header.
     async fn dead_letter(
         &self,
@@ -148,6 +162,33 @@ impl ReplySink for AmqpSink {
             props = props.with_message_id(format!("{job_id}:{seq}").as_str().into());
         }
         self.publish_confirmed(&self.topology.replies_exchange, routing_key, body, props)
+            .await
+    }
+
+    async fn publish_control_result(
+        &self,
+        routing_key: &str,
+        request_id: &str,
+        body: &[u8],
+    ) -> Result<(), PublishError> {
+        let props = event_props(request_id, "control_result");
+        self.publish_confirmed(&self.topology.replies_exchange, routing_key, body, props)
+            .await
+    }
+
+    async fn publish_control(
+        &self,
+        body: &[u8],
+        request_id: &str,
+        reply_to: Option<&str>,
+    ) -> Result<(), PublishError> {
+        let mut props = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_message_id(request_id.into());
+        if let Some(r) = reply_to {
+            props = props.with_reply_to(r.into());
+        }
+        self.publish_confirmed(&self.topology.control_exchange, "", body, props)
             .await
     }
 

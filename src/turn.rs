@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::context::Context;
+use crate::control::{self, CancelReason, TurnRegistration};
 use crate::drive::{self, CliMessage, CliProcess, TurnRequest, TurnResult};
 use crate::protocol::{ErrorKind, EventBody, EventV1, SessionMode, PROTOCOL_VERSION};
 use crate::publish::PublishError;
@@ -21,6 +22,9 @@ use crate::store::{now_ms, JobFinish, JobRecord, JobStatus, Lease, SessionUpdate
 
 /// How long a CLI gets to exit after its result before its group is killed.
 const EXIT_GRACE: Duration = Duration::from_secs(5);
+/// Each step of interrupting a turn (control request, SIGINT, SIGTERM)
+/// gets this long before the next, harsher one.
+const INTERRUPT_GRACE: Duration = Duration::from_secs(3);
 
 /// Why a job stopped without an outcome. The job stays in the database
 /// (running or requeued) and runs again later, here or elsewhere.
@@ -65,6 +69,8 @@ struct JobEvents<'a> {
     metadata: Value,
     next_seq: u64,
     attempt: u32,
+    /// This job in the worker's registry of running turns (cancel, control).
+    turn: TurnRegistration,
 }
 
 impl JobEvents<'_> {
@@ -166,6 +172,10 @@ enum AttemptEnd {
     Failed(AttemptFailure),
     /// The CLI could not find the session it was asked to resume.
     ResumeNotFound,
+    /// Cancelled by a control message (or a newer job's on_busy=interrupt).
+    Cancelled {
+        init: Option<InitInfo>,
+    },
 }
 
 #[derive(Clone)]
@@ -196,6 +206,7 @@ pub async fn run_job(
         metadata: spec.metadata.clone(),
         next_seq: job.next_seq,
         attempt: job.attempts,
+        turn: ctx.running.register(&job.job_id, &job.session_key),
     };
     let Some(profile) = ctx.settings.profiles.get(&spec.profile).cloned() else {
         // The profile was removed from the config after the job was accepted.
@@ -263,12 +274,17 @@ pub async fn run_job(
         SessionMode::Fork => (spec.claude_session_id.clone().or(known_id), true),
     };
     let cwd = drive::session_dir(&profile.workdir, &job.session_key);
+    let mut options = spec.options();
+    // A mode set at runtime (set_permission_mode) holds for later turns.
+    if let Some(mode) = session.as_ref().and_then(|s| s.permission_mode) {
+        options.permission_mode = mode;
+    }
     let mut request = TurnRequest {
         prompt: spec.prompt.clone(),
         cwd: cwd.clone(),
         resume,
         fork,
-        options: spec.options(),
+        options,
     };
     let first_started = Instant::now()
         - Duration::from_millis(
@@ -279,15 +295,31 @@ pub async fn run_job(
     let mut resume_failed: Option<String> = None;
 
     loop {
-        let attempt = ctx
-            .store
-            .start_attempt(lease, &job.job_id, now_ms())
-            .await?;
+        let attempt = match ctx.store.start_attempt(lease, &job.job_id, now_ms()).await {
+            Ok(a) => a,
+            // Cancelled (or otherwise ended) while it waited: nothing to run.
+            Err(StoreError::NotRunnable(_)) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
         events.attempt = attempt;
         let started = Instant::now();
         let end = run_attempt(ctx, &profile, &mut request, &mut resume_failed, &mut events).await?;
         let duration_ms = started.elapsed().as_millis() as u64;
         match end {
+            AttemptEnd::Cancelled { init } => {
+                let reason = events.turn.cancel_reason();
+                info!(attempt, duration_ms, reason = %reason.text, "job cancelled");
+                // The interrupted turn is in the transcript: the key keeps it.
+                let update = init.map(|i| SessionUpdate {
+                    claude_session_id: i.session_id,
+                    cwd: cwd.display().to_string(),
+                    model: i.model,
+                    input_tokens: 0,
+                    output_tokens: 0,
+                    cost_usd: 0.0,
+                });
+                return finish_cancelled(&mut events, reason, update).await;
+            }
             AttemptEnd::Completed { result, init } => {
                 let claude_session_id = result
                     .session_id
@@ -350,6 +382,10 @@ pub async fn run_job(
                             .await?;
                         tokio::select! {
                             _ = tokio::time::sleep(delay) => {}
+                            _ = events.turn.cancel.cancelled() => {
+                                let reason = events.turn.cancel_reason();
+                                                                return finish_cancelled(&mut events, reason, None).await;
+                            }
                             _ = events.stop.lease_lost.cancelled() => return Err(TurnAbort::LeaseLost),
                             _ = events.stop.kill.cancelled() => return Err(TurnAbort::Shutdown),
                         }
@@ -373,6 +409,34 @@ pub async fn run_job(
             }
         }
     }
+}
+
+/// Ends a cancelled job; after a session-wide cancel, its queued jobs go
+/// too, before this worker could start the next one.
+async fn finish_cancelled(
+    events: &mut JobEvents<'_>,
+    reason: CancelReason,
+    update: Option<SessionUpdate>,
+) -> Result<(), TurnAbort> {
+    events
+        .finish(
+            JobStatus::Cancelled,
+            EventBody::Cancelled {
+                reason: reason.text.clone(),
+            },
+            Some(reason.text.clone()),
+            update,
+        )
+        .await?;
+    if reason.session_wide {
+        control::cancel_session_jobs(events.ctx, &events.session_key, &reason.text)
+            .await
+            .map_err(|e| match e {
+                control::ControlError::Store(e) => TurnAbort::from(e),
+                control::ControlError::Publish(e) => TurnAbort::from(e),
+            })?;
+    }
+    Ok(())
 }
 
 /// One attempt: spawn, stream, classify. If the session to resume does not
@@ -420,6 +484,15 @@ async fn run_attempt(
                 _ = events.stop.kill.cancelled() => {
                     proc.terminate(Duration::from_secs(2)).await;
                     return Err(TurnAbort::Shutdown);
+                }
+                _ = events.turn.cancel.cancelled() => {
+                    let graceful = proc.interrupt(INTERRUPT_GRACE).await;
+                    debug!(graceful, "turn interrupted");
+                    break AttemptEnd::Cancelled { init: init.clone() };
+                }
+                Some(request) = events.turn.cli_requests.recv() => {
+                    proc.send_control_request(request).await;
+                    continue;
                 }
             };
             match msg {

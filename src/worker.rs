@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use lapin::options::BasicConsumeOptions;
+use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -13,6 +13,7 @@ use tracing::{info, warn};
 
 use crate::amqp::{self, Topology};
 use crate::config::Settings;
+use crate::consume::Stream;
 use crate::context::{default_worker_id, Context};
 use crate::publish::AmqpSink;
 use crate::schedule::{self, Shutdown};
@@ -73,6 +74,40 @@ impl Worker {
             .await
             .map_err(amqp::AmqpError::from)?;
 
+        // Control messages: this worker's own queue on the fanout exchange.
+        let control_channel = amqp::consumer_channel(&conn, 16).await?;
+        let control_queue = control_channel
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(amqp::AmqpError::from)?;
+        control_channel
+            .queue_bind(
+                control_queue.name().as_str().into(),
+                topology.control_exchange.as_str().into(),
+                "".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(amqp::AmqpError::from)?;
+        let control_consumer = control_channel
+            .basic_consume(
+                control_queue.name().as_str().into(),
+                format!("{id}-control").as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(amqp::AmqpError::from)?;
+
         let ctx = Context::new(Arc::clone(&settings), store, sink, id.clone());
         info!(worker_id = %id, %cli_version, queue = %topology.jobs_queue,
               max_concurrent_turns = settings.worker.max_concurrent_turns, "worker started");
@@ -92,7 +127,18 @@ impl Worker {
             Arc::clone(&ctx),
             consume_channel.clone(),
             consumer,
+            Stream::Jobs,
             shutdown.clone(),
+        ));
+        // Control keeps flowing until running turns are done (a cancel
+        // during the shutdown grace period still works).
+        let control_stop = CancellationToken::new();
+        let control = tokio::spawn(crate::consume::run(
+            Arc::clone(&ctx),
+            control_channel.clone(),
+            control_consumer,
+            Stream::Control,
+            control_stop.clone(),
         ));
         // Work left by an earlier run or another worker starts right away.
         ctx.wake_scheduler(None);
@@ -122,6 +168,8 @@ impl Worker {
                 signals.kill.cancel();
                 tracker.wait().await;
             }
+            control_stop.cancel();
+            let _ = control.await;
             let _ = conn.close(200, "worker stopped".into()).await;
             info!("worker stopped");
             if consumer_failed {

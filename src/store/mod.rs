@@ -34,6 +34,10 @@ pub enum StoreError {
     /// that may pass (connection, pool timeout, busy). Retry later.
     #[error("database unavailable: {0}")]
     Unavailable(String),
+    /// The job is no longer queued or running (e.g. it was cancelled while
+    /// waiting): skip it.
+    #[error("job {0} is no longer runnable")]
+    NotRunnable(String),
     /// A row did not have the shape this code expects (a bug or a newer schema).
     #[error("database error: {0}")]
     Other(String),
@@ -239,6 +243,8 @@ pub struct SessionRecord {
     pub lease_owner: Option<String>,
     pub lease_epoch: i64,
     pub lease_expires_at_ms: Option<i64>,
+    /// Set at runtime by `set_permission_mode`; applies to later turns.
+    pub permission_mode: Option<PermissionMode>,
 }
 
 /// Proof of holding a session's lease. `epoch` only grows; every fenced
@@ -364,6 +370,31 @@ pub trait SessionStore: Send + Sync + 'static {
     /// Forgets the session's Claude session (status `closed`); the next job
     /// starts fresh. Returns false if the key is unknown.
     async fn forget_session(&self, session_key: &str, now_ms: i64) -> Result<bool, StoreError>;
+
+    /// Records a control request id; `false` if some worker already took
+    /// it (control messages reach every worker; one answers).
+    async fn claim_control(&self, request_id: &str, now_ms: i64) -> Result<bool, StoreError>;
+
+    /// Ends a job that has not started yet (status `queued`) with `status`
+    /// and its terminal event; `false` if it is no longer queued.
+    async fn finish_queued_job(
+        &self,
+        job_id: &str,
+        status: JobStatus,
+        error: Option<&str>,
+        terminal_event: &str,
+        next_seq: u64,
+        now_ms: i64,
+    ) -> Result<bool, StoreError>;
+
+    /// Sets or clears the session's permission-mode override; `false` if
+    /// the key is unknown.
+    async fn set_session_permission_mode(
+        &self,
+        session_key: &str,
+        mode: Option<PermissionMode>,
+        now_ms: i64,
+    ) -> Result<bool, StoreError>;
 }
 
 /// Opens the store named by `url` (`sqlite:` or `postgres://`). Does not

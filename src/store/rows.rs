@@ -9,7 +9,7 @@ pub(crate) const JOB_COLUMNS: &str = "job_id, session_key, job_order, status, at
 
 pub(crate) const SESSION_COLUMNS: &str = "session_key, claude_session_id, profile, status, cwd, \
      model, created_at_ms, updated_at_ms, last_job_id, turns, input_tokens, output_tokens, \
-     cost_usd, lease_owner, lease_epoch, lease_expires_at_ms";
+     cost_usd, lease_owner, lease_epoch, lease_expires_at_ms, permission_mode";
 
 #[derive(sqlx::FromRow)]
 pub(crate) struct JobRow {
@@ -74,6 +74,7 @@ pub(crate) struct SessionRow {
     lease_owner: Option<String>,
     lease_epoch: i64,
     lease_expires_at_ms: Option<i64>,
+    permission_mode: Option<String>,
 }
 
 impl TryFrom<SessionRow> for SessionRecord {
@@ -97,6 +98,13 @@ impl TryFrom<SessionRow> for SessionRecord {
             lease_owner: r.lease_owner,
             lease_epoch: r.lease_epoch,
             lease_expires_at_ms: r.lease_expires_at_ms,
+            permission_mode: r
+                .permission_mode
+                .map(|m| {
+                    serde_json::from_value(serde_json::Value::String(m.clone()))
+                        .map_err(|_| StoreError::Other(format!("unknown permission mode {m:?}")))
+                })
+                .transpose()?,
         })
     }
 }

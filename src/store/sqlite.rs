@@ -21,6 +21,7 @@ use super::{
     AcceptOutcome, JobFinish, JobRecord, JobStatus, Lease, NewJob, ReleaseOutcome, SessionRecord,
     SessionStore, StoreError,
 };
+use crate::protocol::PermissionMode;
 
 /// Claimable: no lease, or one that ran out.
 const LEASE_FREE: &str =
@@ -296,10 +297,7 @@ impl SessionStore for SqliteStore {
         .fetch_optional(&mut *tx)
         .await?;
         let Some(attempts) = attempts else {
-            return Err(StoreError::Other(format!(
-                "job {job_id} is not a runnable job of session {}",
-                lease.session_key
-            )));
+            return Err(StoreError::NotRunnable(job_id.to_string()));
         };
         sqlx::query(
             "UPDATE sessions SET status = 'active', updated_at_ms = ? WHERE session_key = ?",
@@ -441,6 +439,59 @@ impl SessionStore for SqliteStore {
             "UPDATE sessions SET claude_session_id = NULL, status = 'closed', updated_at_ms = ? \
              WHERE session_key = ?",
         )
+        .bind(now_ms)
+        .bind(session_key)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn claim_control(&self, request_id: &str, now_ms: i64) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "INSERT INTO control_requests (request_id, created_at_ms) VALUES (?, ?) \
+             ON CONFLICT (request_id) DO NOTHING",
+        )
+        .bind(request_id)
+        .bind(now_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn finish_queued_job(
+        &self,
+        job_id: &str,
+        status: JobStatus,
+        error: Option<&str>,
+        terminal_event: &str,
+        next_seq: u64,
+        now_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE jobs SET status = ?, error = ?, terminal_event = ?, next_seq = ?, \
+               finished_at_ms = ? WHERE job_id = ? AND status = 'queued'",
+        )
+        .bind(status.as_str())
+        .bind(error)
+        .bind(terminal_event)
+        .bind(seq_to_db(next_seq)?)
+        .bind(now_ms)
+        .bind(job_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn set_session_permission_mode(
+        &self,
+        session_key: &str,
+        mode: Option<PermissionMode>,
+        now_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE sessions SET permission_mode = ?, updated_at_ms = ? WHERE session_key = ?",
+        )
+        .bind(mode.map(|m| m.as_str()))
         .bind(now_ms)
         .bind(session_key)
         .execute(&self.pool)

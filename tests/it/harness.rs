@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use claude_worker::amqp::Topology;
 use claude_worker::config::Settings;
-use claude_worker::protocol::EventV1;
+use claude_worker::protocol::{ControlResultV1, EventV1};
 use claude_worker::worker::Worker;
 use futures_util::StreamExt;
 use lapin::options::{
@@ -63,6 +63,7 @@ pub struct TestEnv {
     /// Routing key this test's reply queue is bound to.
     pub reply_key: String,
     events: mpsc::UnboundedReceiver<(Value, EventV1)>,
+    control_results: mpsc::UnboundedReceiver<ControlResultV1>,
     dead_letters: mpsc::UnboundedReceiver<(Vec<u8>, HashMap<String, String>)>,
     /// Events read but not yet returned, per job.
     pending: Vec<(Value, EventV1)>,
@@ -108,7 +109,7 @@ impl TestEnv {
             .unwrap();
         topology.declare(&channel).await.expect("declare topology");
         let reply_key = format!("test.{}", &id[..12]);
-        let events = bind_reply_queue(&conn, &topology, &reply_key).await;
+        let (events, control_results) = bind_reply_queue(&conn, &topology, &reply_key).await;
         let dead_letters = consume_dead_letters(&conn, &topology).await;
         TestEnv {
             prefix,
@@ -121,6 +122,7 @@ impl TestEnv {
             channel,
             reply_key,
             events,
+            control_results,
             dead_letters,
             pending: Vec::new(),
         }
@@ -280,6 +282,37 @@ max_total_secs = 120
         }
     }
 
+    /// Publishes a control message (with reply_to = this test's key) and
+    /// returns its request id.
+    pub async fn publish_control(&self, body: Value) -> String {
+        let request_id = uuid::Uuid::new_v4().to_string();
+        let props = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_message_id(request_id.as_str().into())
+            .with_reply_to(self.reply_key.as_str().into());
+        self.channel
+            .basic_publish(
+                self.topology.control_exchange.as_str().into(),
+                "".into(),
+                BasicPublishOptions::default(),
+                body.to_string().as_bytes(),
+                props,
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        request_id
+    }
+
+    /// The next control result (they arrive in request order per worker).
+    pub async fn next_control_result(&mut self) -> ControlResultV1 {
+        tokio::time::timeout(WAIT, self.control_results.recv())
+            .await
+            .unwrap_or_else(|_| panic!("no control result within {WAIT:?}"))
+            .expect("reply consumer ended")
+    }
+
     /// The next dead-lettered message: (body, string headers).
     pub async fn next_dead_letter(&mut self) -> (Vec<u8>, HashMap<String, String>) {
         tokio::time::timeout(WAIT, self.dead_letters.recv())
@@ -301,6 +334,7 @@ max_total_secs = 120
             &t.jobs_exchange,
             &t.dead_letter_exchange,
             &t.replies_exchange,
+            &t.control_exchange,
         ] {
             let _ = self
                 .channel
@@ -318,11 +352,12 @@ max_total_secs = 120
     }
 }
 
-async fn bind_reply_queue(
-    conn: &Connection,
-    topology: &Topology,
-    key: &str,
-) -> mpsc::UnboundedReceiver<(Value, EventV1)> {
+type Replies = (
+    mpsc::UnboundedReceiver<(Value, EventV1)>,
+    mpsc::UnboundedReceiver<ControlResultV1>,
+);
+
+async fn bind_reply_queue(conn: &Connection, topology: &Topology, key: &str) -> Replies {
     let ch = conn.create_channel().await.unwrap();
     let q = ch
         .queue_declare(
@@ -358,17 +393,26 @@ async fn bind_reply_queue(
         .await
         .unwrap();
     let (tx, rx) = mpsc::unbounded_channel();
+    let (control_tx, control_rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         let _keep = ch;
         while let Some(Ok(d)) = consumer.next().await {
             let raw: Value = serde_json::from_slice(&d.data).expect("events are JSON");
+            if raw["type"] == "control_result" {
+                let result: ControlResultV1 =
+                    serde_json::from_value(raw).expect("control results are v1");
+                if control_tx.send(result).is_err() {
+                    break;
+                }
+                continue;
+            }
             let event: EventV1 = serde_json::from_value(raw.clone()).expect("events are v1");
             if tx.send((raw, event)).is_err() {
                 break;
             }
         }
     });
-    rx
+    (rx, control_rx)
 }
 
 async fn consume_dead_letters(

@@ -35,7 +35,7 @@ on_both_backends!(
     auth_failure_fails_without_retry,
 );
 
-fn assert_contiguous(events: &[EventV1]) {
+pub(crate) fn assert_contiguous(events: &[EventV1]) {
     let seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
     let expected: Vec<u64> = (0..events.len() as u64).collect();
     assert_eq!(seqs, expected, "seq must be contiguous from 0: {events:#?}");
@@ -47,7 +47,7 @@ fn assert_contiguous(events: &[EventV1]) {
     );
 }
 
-fn text_of(events: &[EventV1], attempt: u32) -> String {
+pub(crate) fn text_of(events: &[EventV1], attempt: u32) -> String {
     events
         .iter()
         .filter(|e| e.attempt == attempt)
@@ -58,7 +58,7 @@ fn text_of(events: &[EventV1], attempt: u32) -> String {
         .collect()
 }
 
-fn started(events: &[EventV1]) -> (Option<String>, bool, Option<String>) {
+pub(crate) fn started(events: &[EventV1]) -> (Option<String>, bool, Option<String>) {
     events
         .iter()
         .rev()
@@ -74,7 +74,7 @@ fn started(events: &[EventV1]) -> (Option<String>, bool, Option<String>) {
         .expect("a started event")
 }
 
-fn completed(events: &[EventV1]) -> (String, Option<String>, u32) {
+pub(crate) fn completed(events: &[EventV1]) -> (String, Option<String>, u32) {
     match &events.last().unwrap().body {
         EventBody::Completed {
             result,
@@ -87,7 +87,7 @@ fn completed(events: &[EventV1]) -> (String, Option<String>, u32) {
 }
 
 /// Runs one job to its terminal event and checks the stream's shape.
-async fn run(env: &mut TestEnv, key: &str, prompt: &str, extra: Value) -> Vec<EventV1> {
+pub(crate) async fn run(env: &mut TestEnv, key: &str, prompt: &str, extra: Value) -> Vec<EventV1> {
     let job = env.publish_job(key, prompt, extra).await;
     let events = env.events_until_terminal(&job).await;
     assert_contiguous(&events);
@@ -95,7 +95,7 @@ async fn run(env: &mut TestEnv, key: &str, prompt: &str, extra: Value) -> Vec<Ev
 }
 
 /// The user texts the mock saw in the request that carried `prompt`.
-fn conversation_seen(env: &TestEnv, prompt: &str) -> (Vec<String>, Vec<String>) {
+pub(crate) fn conversation_seen(env: &TestEnv, prompt: &str) -> (Vec<String>, Vec<String>) {
     let reqs = env.mock.requests();
     let req = reqs
         .iter()

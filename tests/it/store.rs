@@ -132,6 +132,9 @@ store_tests!(
     concurrent_claimers_share_sessions,
     release_and_accept_race_never_strands_a_job,
     concurrent_duplicate_accepts_insert_once,
+    control_requests_are_claimed_once,
+    queued_jobs_end_without_running,
+    session_permission_mode_override,
 );
 
 // ---------------------------------------------------------------- helpers
@@ -835,7 +838,7 @@ async fn wrong_job_is_an_error(ctx: Ctx) {
     // Another session's job, an unknown job, a non-terminal finish.
     assert!(matches!(
         s.start_attempt(&la, "b1", 1_001).await,
-        Err(StoreError::Other(_))
+        Err(StoreError::NotRunnable(_))
     ));
     assert!(matches!(
         s.record_seq(&la, "nope", 1).await,
@@ -858,7 +861,7 @@ async fn wrong_job_is_an_error(ctx: Ctx) {
     run_next(&s, &la, 1_003).await.unwrap();
     assert!(matches!(
         s.start_attempt(&la, "a1", 1_004).await,
-        Err(StoreError::Other(_))
+        Err(StoreError::NotRunnable(_))
     ));
     assert!(s.get_job("zzz").await.unwrap().is_none());
     assert!(s.get_session("zzz").await.unwrap().is_none());
@@ -1018,4 +1021,77 @@ async fn concurrent_duplicate_accepts_insert_once(ctx: Ctx) {
     }
     assert_eq!(inserted, 1);
     assert_eq!(stores[0].list_jobs("S", 10).await.unwrap().len(), 1);
+}
+
+async fn control_requests_are_claimed_once(ctx: Ctx) {
+    let s = ctx.open().await;
+    let other = ctx.open().await;
+    assert!(s.claim_control("req-1", 1).await.unwrap());
+    assert!(!other.claim_control("req-1", 2).await.unwrap());
+    assert!(other.claim_control("req-2", 3).await.unwrap());
+}
+
+async fn queued_jobs_end_without_running(ctx: Ctx) {
+    let s = ctx.open().await;
+    accept(&s, "q1", "S", 100).await;
+    accept(&s, "q2", "S", 101).await;
+    let done = s
+        .finish_queued_job(
+            "q2",
+            JobStatus::Cancelled,
+            Some("stop"),
+            "{\"type\":\"cancelled\"}",
+            1,
+            200,
+        )
+        .await
+        .unwrap();
+    assert!(done);
+    let q2 = s.get_job("q2").await.unwrap().unwrap();
+    assert_eq!(
+        (q2.status, q2.next_seq, q2.error.as_deref()),
+        (JobStatus::Cancelled, 1, Some("stop"))
+    );
+    assert_eq!(
+        q2.terminal_event.as_deref(),
+        Some("{\"type\":\"cancelled\"}")
+    );
+    // A running job is not "queued": it is left alone, and a cancelled
+    // job is not runnable any more.
+    let lease = s
+        .claim_session("w1", 300, TTL, None)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(s.start_attempt(&lease, "q1", 301).await.unwrap(), 1);
+    assert!(!s
+        .finish_queued_job("q1", JobStatus::Cancelled, None, "{}", 1, 302)
+        .await
+        .unwrap());
+    assert!(matches!(
+        s.start_attempt(&lease, "q2", 303).await,
+        Err(StoreError::NotRunnable(_))
+    ));
+    assert_eq!(s.next_job(&lease).await.unwrap().unwrap().job_id, "q1");
+}
+
+async fn session_permission_mode_override(ctx: Ctx) {
+    let s = ctx.open().await;
+    accept(&s, "m1", "S", 100).await;
+    assert_eq!(
+        s.get_session("S").await.unwrap().unwrap().permission_mode,
+        None
+    );
+    assert!(s
+        .set_session_permission_mode("S", Some(PermissionMode::Plan), 200)
+        .await
+        .unwrap());
+    assert_eq!(
+        s.get_session("S").await.unwrap().unwrap().permission_mode,
+        Some(PermissionMode::Plan)
+    );
+    assert!(!s
+        .set_session_permission_mode("nope", None, 201)
+        .await
+        .unwrap());
 }
