@@ -26,6 +26,9 @@ pub struct Topology {
     pub dead_letter_exchange: String,
     pub dead_letter_queue: String,
     pub replies_exchange: String,
+    /// Fanout exchange for control messages (cancel, set_permission_mode);
+    /// every worker binds its own queue to it.
+    pub control_exchange: String,
 }
 
 impl Topology {
@@ -37,6 +40,7 @@ impl Topology {
             dead_letter_exchange: format!("{prefix}.jobs.dlx"),
             dead_letter_queue: format!("{prefix}.jobs.dead"),
             replies_exchange: format!("{prefix}.replies"),
+            control_exchange: format!("{prefix}.control"),
         }
     }
 
@@ -71,6 +75,14 @@ impl Topology {
             .exchange_declare(
                 self.replies_exchange.as_str().into(),
                 ExchangeKind::Topic,
+                durable,
+                FieldTable::default(),
+            )
+            .await?;
+        channel
+            .exchange_declare(
+                self.control_exchange.as_str().into(),
+                ExchangeKind::Fanout,
                 durable,
                 FieldTable::default(),
             )

@@ -301,6 +301,7 @@ max_total_secs = 120
             &t.jobs_exchange,
             &t.dead_letter_exchange,
             &t.replies_exchange,
+            &t.control_exchange,
         ] {
             let _ = self
                 .channel
@@ -362,6 +363,7 @@ async fn bind_reply_queue(
         let _keep = ch;
         while let Some(Ok(d)) = consumer.next().await {
             let raw: Value = serde_json::from_slice(&d.data).expect("events are JSON");
+            crate::schema::assert_valid_reply(&raw);
             let event: EventV1 = serde_json::from_value(raw.clone()).expect("events are v1");
             if tx.send((raw, event)).is_err() {
                 break;
