@@ -460,7 +460,9 @@ mod tests {
     #[test]
     fn incoming_decodes_events_control_results_and_junk() {
         let e = br#"{"v":1,"job_id":"j","session_key":"k","seq":0,"attempt":1,"type":"text","text":"hi","metadata":{}}"#;
-        assert!(matches!(Incoming::decode(e, None), Incoming::Event { ref raw, .. } if raw.as_bytes() == e));
+        assert!(
+            matches!(Incoming::decode(e, None), Incoming::Event { ref raw, .. } if raw.as_bytes() == e)
+        );
         let c = br#"{"v":1,"type":"control_result","request_id":"r1","ok":true,"outcome":"cancelled","message":"m","job_id":"j"}"#;
         match Incoming::decode(c, Some("r1".into())) {
             Incoming::ControlResult { result, .. } => {

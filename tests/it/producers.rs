@@ -39,7 +39,14 @@ async fn run_python_producer(env: &TestEnv, session: &str, prompt: &str) -> (i32
     let child = tokio::process::Command::new(&py)
         .arg(&script)
         .arg(prompt)
-        .args(["--session", session, "--prefix", &env.prefix, "--amqp-url", AMQP_URL])
+        .args([
+            "--session",
+            session,
+            "--prefix",
+            &env.prefix,
+            "--amqp-url",
+            AMQP_URL,
+        ])
         .args(["--timeout", &WAIT.as_secs().to_string()])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

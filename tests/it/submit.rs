@@ -112,11 +112,7 @@ async fn submit_streams_the_answer_and_sessions_show_it() {
     assert_eq!(users, vec!["hello there", "second one\n"]);
 
     // --json: the events as received, schema-valid, contiguous, ending in completed.
-    let out = run(
-        &env,
-        &["submit", "--session", "cli:one", "--json", "third"],
-    )
-    .await;
+    let out = run(&env, &["submit", "--session", "cli:one", "--json", "third"]).await;
     assert_eq!(out.code, 0, "{out:?}");
     let events = json_events(&out);
     let seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
@@ -131,11 +127,30 @@ async fn submit_streams_the_answer_and_sessions_show_it() {
     );
     let job_id = events[0].job_id.clone();
 
+    // The terminal event is published before the worker releases the
+    // session: wait for it to go idle.
+    let store = claude_worker::store::connect(&claude_worker::config::Secret::new(&env.db_url), 1)
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while store.get_session("cli:one").await.unwrap().unwrap().status != SessionStatus::Idle {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "cli:one never went idle"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
     // sessions list / --json / --status / --profile.
     let out = run(&env, &["sessions", "list"]).await;
     assert_eq!(out.code, 0, "{out:?}");
     let mut lines = out.stdout.lines();
-    let header: Vec<&str> = lines.next().unwrap().split("  ").filter(|s| !s.is_empty()).collect();
+    let header: Vec<&str> = lines
+        .next()
+        .unwrap()
+        .split("  ")
+        .filter(|s| !s.is_empty())
+        .collect();
     assert_eq!(
         header.iter().map(|s| s.trim()).collect::<Vec<_>>(),
         ["KEY", "STATUS", "PROFILE", "TURNS", "COST", "LAST ACTIVITY"]
@@ -173,12 +188,16 @@ async fn submit_streams_the_answer_and_sessions_show_it() {
     // sessions delete: the next job starts a new Claude session.
     let out = run(&env, &["sessions", "delete", "cli:one"]).await;
     assert_eq!(out.code, 0, "{out:?}");
-    let store = claude_worker::store::connect(&claude_worker::config::Secret::new(&env.db_url), 1)
-        .await
-        .unwrap();
     let s = store.get_session("cli:one").await.unwrap().unwrap();
-    assert_eq!((s.status, s.claude_session_id), (SessionStatus::Closed, None));
-    let out = run(&env, &["submit", "--session", "cli:one", "--json", "after delete"]).await;
+    assert_eq!(
+        (s.status, s.claude_session_id),
+        (SessionStatus::Closed, None)
+    );
+    let out = run(
+        &env,
+        &["submit", "--session", "cli:one", "--json", "after delete"],
+    )
+    .await;
     assert_eq!(out.code, 0, "{out:?}");
     let events = json_events(&out);
     match &events[0].body {
@@ -210,27 +229,48 @@ async fn submit_exit_codes_for_failure_retry_and_usage() {
     let worker = env.start_worker().await;
 
     // failed → 1, with the error kind on stderr and nothing on stdout.
-    env.mock
-        .push_behavior_for("auth", Behavior::status(401, "authentication_error", "invalid x-api-key"));
-    let out = run(&env, &["submit", "--session", "cli:auth", "[[mock:auth]] hi"]).await;
+    env.mock.push_behavior_for(
+        "auth",
+        Behavior::status(401, "authentication_error", "invalid x-api-key"),
+    );
+    let out = run(
+        &env,
+        &["submit", "--session", "cli:auth", "[[mock:auth]] hi"],
+    )
+    .await;
     assert_eq!(out.code, 1, "{out:?}");
     assert_eq!(out.stdout, "", "{out:?}");
     assert!(out.stderr.contains("failed (auth)"), "{out:?}");
 
     // A retried attempt: a notice, then the answer of the attempt that worked.
-    env.mock
-        .push_behavior_for("flaky", Behavior::status(500, "api_error", "Internal server error"));
-    let out = run(&env, &["submit", "--session", "cli:flaky", "[[mock:flaky]] hi"]).await;
+    env.mock.push_behavior_for(
+        "flaky",
+        Behavior::status(500, "api_error", "Internal server error"),
+    );
+    let out = run(
+        &env,
+        &["submit", "--session", "cli:flaky", "[[mock:flaky]] hi"],
+    )
+    .await;
     assert_eq!(out.code, 0, "{out:?}");
     assert_eq!(out.stdout, "echo: [[mock:flaky]] hi\n", "{out:?}");
-    assert!(out.stderr.contains("[retrying: attempt 2 follows"), "{out:?}");
+    assert!(
+        out.stderr.contains("[retrying: attempt 2 follows"),
+        "{out:?}"
+    );
 
     // on_busy reaches the job: an invalid value is a usage error (clap).
     let out = run(&env, &["submit", "--on-busy", "later", "hi"]).await;
     assert_eq!(out.code, 2, "{out:?}");
     // Usage errors: conflicting modes, a blank prompt, a bad resume id, a bad job id.
     for args in [
-        &["submit", "--new", "--fork", "0b5a3c1e-7d2f-4e6a-8c1b-2f3e4d5a6b7c", "hi"][..],
+        &[
+            "submit",
+            "--new",
+            "--fork",
+            "0b5a3c1e-7d2f-4e6a-8c1b-2f3e4d5a6b7c",
+            "hi",
+        ][..],
         &["submit", "--session", "k", "   "],
         &["submit", "--resume", "not-a-uuid", "hi"],
         &["submit", "--job-id", "has space", "hi"],
@@ -248,7 +288,11 @@ async fn submit_exit_codes_for_failure_retry_and_usage() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn submit_and_cancel_without_a_worker_time_out_with_exit_4() {
     let env = TestEnv::new(Backend::Sqlite).await;
-    let out = run(&env, &["submit", "--timeout", "2", "--session", "k", "anyone?"]).await;
+    let out = run(
+        &env,
+        &["submit", "--timeout", "2", "--session", "k", "anyone?"],
+    )
+    .await;
     assert_eq!(out.code, 4, "{out:?}");
     assert!(
         out.stderr.contains(&env.topology.jobs_queue)
@@ -272,9 +316,12 @@ async fn ctrl_c_cancels_the_job() {
     let worker = env.start_worker().await;
     env.mock
         .push_behavior_for("hold", Behavior::hold("this answer never finishes"));
-    let child = command(&env, &["submit", "--session", "cli:cancel", "[[mock:hold]] wait"])
-        .spawn()
-        .unwrap();
+    let child = command(
+        &env,
+        &["submit", "--session", "cli:cancel", "[[mock:hold]] wait"],
+    )
+    .spawn()
+    .unwrap();
     env.mock.wait_for_held(1, WAIT).await;
     // SAFETY: kill(2) on our own child's pid.
     let rc = unsafe { libc::kill(child.id().unwrap() as i32, libc::SIGINT) };
@@ -284,7 +331,11 @@ async fn ctrl_c_cancels_the_job() {
     assert!(out.stderr.contains("cancelled"), "{out:?}");
 
     // `cancel` for a finished job answers already_finished.
-    let out = run(&env, &["submit", "--session", "cli:cancel", "--json", "quick"]).await;
+    let out = run(
+        &env,
+        &["submit", "--session", "cli:cancel", "--json", "quick"],
+    )
+    .await;
     let job = json_events(&out)[0].job_id.clone();
     let out = run(&env, &["cancel", &job]).await;
     assert!(out.stdout.starts_with("already_finished"), "{out:?}");

@@ -51,7 +51,12 @@ pub async fn run(settings: Settings, args: Args) -> anyhow::Result<u8> {
     answer
 }
 
-async fn wait(client: &mut Client, request_id: &str, timeout: u64, json: bool) -> anyhow::Result<u8> {
+async fn wait(
+    client: &mut Client,
+    request_id: &str,
+    timeout: u64,
+    json: bool,
+) -> anyhow::Result<u8> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(timeout);
     loop {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());

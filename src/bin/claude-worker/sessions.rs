@@ -94,7 +94,11 @@ pub async fn run(settings: Settings, cmd: Command) -> anyhow::Result<u8> {
             Ok(exit::OK)
         }
         Command::Show { key, jobs, json } => {
-            let Some(s) = store.get_session(&key).await.context("reading the session")? else {
+            let Some(s) = store
+                .get_session(&key)
+                .await
+                .context("reading the session")?
+            else {
                 eprintln!("claude-worker sessions show: no session {key:?}");
                 return Ok(exit::FAILED);
             };
@@ -234,7 +238,11 @@ fn print_session(s: &SessionRecord, jobs: &[JobRecord]) {
             (Some(a), Some(b)) => format!(" in {:.1} s", (b - a) as f64 / 1000.0),
             _ => String::new(),
         };
-        let error = j.error.as_deref().map(|e| format!(": {e}")).unwrap_or_default();
+        let error = j
+            .error
+            .as_deref()
+            .map(|e| format!(": {e}"))
+            .unwrap_or_default();
         let mut prompt: String = j.spec.prompt.chars().take(60).collect();
         if j.spec.prompt.chars().count() > 60 {
             prompt.push('…');
