@@ -27,7 +27,8 @@ pub struct Topology {
     pub dead_letter_exchange: String,
     pub dead_letter_queue: String,
     pub replies_exchange: String,
-    /// Fanout: control messages reach every worker.
+    /// Fanout exchange for control messages (cancel, set_permission_mode);
+    /// every worker binds its own queue to it.
     pub control_exchange: String,
 }
 
@@ -79,7 +80,6 @@ impl Topology {
                 FieldTable::default(),
             )
             .await?;
-
         channel
             .exchange_declare(
                 self.control_exchange.as_str().into(),

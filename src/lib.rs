@@ -3,6 +3,7 @@
 
 pub mod accept;
 pub mod amqp;
+pub mod client;
 pub mod config;
 pub mod consume;
 pub mod context;

@@ -398,6 +398,7 @@ async fn bind_reply_queue(conn: &Connection, topology: &Topology, key: &str) -> 
         let _keep = ch;
         while let Some(Ok(d)) = consumer.next().await {
             let raw: Value = serde_json::from_slice(&d.data).expect("events are JSON");
+            crate::schema::assert_valid_reply(&raw);
             if raw["type"] == "control_result" {
                 let result: ControlResultV1 =
                     serde_json::from_value(raw).expect("control results are v1");

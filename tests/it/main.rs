@@ -8,5 +8,8 @@ mod harness;
 mod mock_api;
 mod mock_selftest;
 mod pipeline;
+mod producers;
+mod schema;
 mod store;
+mod submit;
 mod support;

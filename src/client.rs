@@ -1,0 +1,483 @@
+//! A producer-side client: what `claude-worker submit` and `cancel` use, and
+//! what a Rust program can use to send jobs and control messages and read
+//! the answers.
+//!
+//! A [`Client`] owns one connection, a confirm channel for publishing, and a
+//! private reply queue (exclusive, auto-delete, server-named) bound to
+//! `<prefix>.replies` with a routing key of its own (`cli.<uuid>`). Jobs and
+//! control messages it publishes carry that key in `reply_to`, so their
+//! events and control results come back to it, and only to it.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicConsumeOptions, BasicPublishOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Confirmation, Connection, Consumer};
+use serde_json::Value;
+
+use crate::amqp::{self, AmqpError, Topology};
+use crate::config::AmqpSettings;
+use crate::protocol::{
+    validate_job_id, ControlBody, ControlResultV1, ControlV1, EventBody, EventV1, JobV1,
+    PROTOCOL_VERSION,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(transparent)]
+    Amqp(#[from] AmqpError),
+    #[error("RabbitMQ error: {0}")]
+    Broker(#[from] lapin::Error),
+    /// The broker nacked the publish: it did not take the message.
+    #[error("the broker refused the message to {exchange}")]
+    Nacked { exchange: String },
+    /// A mandatory publish no queue was bound for.
+    #[error("{0}")]
+    Unroutable(String),
+    #[error("invalid message: {0}")]
+    Invalid(String),
+    /// The reply consumer ended (connection closed and not recovered).
+    #[error("the reply queue's consumer ended (connection to RabbitMQ lost?)")]
+    ConsumerEnded,
+}
+
+/// One message read from the reply queue.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Incoming {
+    /// A reply event; `raw` is the body exactly as received.
+    Event { raw: String, event: EventV1 },
+    /// The answer to a control message; `raw` is the body as received.
+    ControlResult {
+        raw: String,
+        result: ControlResultV1,
+        /// The AMQP `correlation_id` (the control message's request id).
+        correlation_id: Option<String>,
+    },
+    /// Something that is neither (not JSON, another version, a type this
+    /// client does not know). Callers should skip it.
+    Unknown { raw: String, reason: String },
+}
+
+impl Incoming {
+    /// Decodes a reply-queue body.
+    pub fn decode(body: &[u8], correlation_id: Option<String>) -> Incoming {
+        let raw = String::from_utf8_lossy(body).into_owned();
+        let value: Value = match serde_json::from_str(&raw) {
+            Ok(v) => v,
+            Err(e) => {
+                return Incoming::Unknown {
+                    raw,
+                    reason: format!("not JSON: {e}"),
+                }
+            }
+        };
+        if value.get("type").and_then(Value::as_str) == Some("control_result") {
+            return match serde_json::from_value::<ControlResultV1>(value) {
+                Ok(result) => Incoming::ControlResult {
+                    raw,
+                    result,
+                    correlation_id,
+                },
+                Err(e) => Incoming::Unknown {
+                    raw,
+                    reason: format!("not a control_result: {e}"),
+                },
+            };
+        }
+        match serde_json::from_value::<EventV1>(value) {
+            Ok(event) => Incoming::Event { raw, event },
+            Err(e) => Incoming::Unknown {
+                raw,
+                reason: format!("not a v1 event: {e}"),
+            },
+        }
+    }
+
+    fn from_delivery(d: &Delivery) -> Incoming {
+        let corr = d
+            .properties
+            .correlation_id()
+            .as_ref()
+            .map(|s| s.as_str().to_string());
+        Incoming::decode(&d.data, corr)
+    }
+}
+
+/// A connection to the broker with a private reply queue.
+pub struct Client {
+    conn: Connection,
+    channel: Channel,
+    topology: Topology,
+    reply_key: String,
+    reply_queue: String,
+    consumer: Consumer,
+}
+
+impl Client {
+    /// Connects, declares the topology (idempotently, the same arguments the
+    /// worker uses) and binds a private reply queue with a fresh
+    /// `cli.<uuid>` routing key.
+    pub async fn connect(settings: &AmqpSettings, name: &str) -> Result<Client, ClientError> {
+        let conn = amqp::connect(settings, name).await?;
+        let channel = amqp::confirm_channel(&conn).await?;
+        let topology = Topology::from_settings(settings);
+        topology.declare(&channel).await?;
+        let reply_key = format!("cli.{}", uuid::Uuid::new_v4().simple());
+        let queue = channel
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        let reply_queue = queue.name().as_str().to_string();
+        channel
+            .queue_bind(
+                reply_queue.as_str().into(),
+                topology.replies_exchange.as_str().into(),
+                reply_key.as_str().into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let consumer = channel
+            .basic_consume(
+                reply_queue.as_str().into(),
+                "".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        Ok(Client {
+            conn,
+            channel,
+            topology,
+            reply_key,
+            reply_queue,
+            consumer,
+        })
+    }
+
+    pub fn topology(&self) -> &Topology {
+        &self.topology
+    }
+
+    /// The routing key this client's events and control results come back with.
+    pub fn reply_key(&self) -> &str {
+        &self.reply_key
+    }
+
+    /// The server-named reply queue.
+    pub fn reply_queue(&self) -> &str {
+        &self.reply_queue
+    }
+
+    /// Publishes a job, persistent and mandatory, and waits for the broker's
+    /// confirm. Fills in `job_id` (a UUID) if the job has none; sets the
+    /// `message_id` property to it and `reply_to` to this client's key
+    /// (the body's `reply_to` is left as is, the property wins). Returns the
+    /// job id. Publishing the same job (same `job_id`) again is safe: a
+    /// worker runs a job id once and answers a duplicate of a finished job
+    /// with its terminal event.
+    pub async fn publish_job(&self, job: &JobV1) -> Result<String, ClientError> {
+        let mut job = job.clone();
+        let job_id = job
+            .job_id
+            .get_or_insert_with(|| uuid::Uuid::new_v4().to_string())
+            .clone();
+        validate_job_id(&job_id).map_err(|e| ClientError::Invalid(e.0))?;
+        let body = serde_json::to_vec(&job).map_err(|e| ClientError::Invalid(e.to_string()))?;
+        // Check the body the way the worker will, so a bad job fails here.
+        crate::protocol::decode_job(&body).map_err(|e| ClientError::Invalid(e.0))?;
+        let props = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_message_id(job_id.as_str().into())
+            .with_reply_to(self.reply_key.as_str().into())
+            .with_delivery_mode(2);
+        let exchange = self.topology.jobs_exchange.clone();
+        let routing_key = self.topology.jobs_routing_key.clone();
+        self.publish(&exchange, &routing_key, &body, props, || {
+            format!("no queue is bound to {exchange} with routing key {routing_key}")
+        })
+        .await?;
+        Ok(job_id)
+    }
+
+    /// Publishes a control message to `<prefix>.control` (every worker gets
+    /// it) with `message_id` = a new request id and `reply_to` = this
+    /// client's key, and returns the request id. Fails with
+    /// [`ClientError::Unroutable`] if no worker is listening.
+    pub async fn publish_control(&self, body: ControlBody) -> Result<String, ClientError> {
+        let request_id = uuid::Uuid::new_v4().to_string();
+        let msg = ControlV1 {
+            v: PROTOCOL_VERSION,
+            body,
+            reply_to: None,
+        };
+        let bytes = serde_json::to_vec(&msg).map_err(|e| ClientError::Invalid(e.to_string()))?;
+        crate::protocol::decode_control(&bytes).map_err(|e| ClientError::Invalid(e.0))?;
+        let props = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_message_id(request_id.as_str().into())
+            .with_reply_to(self.reply_key.as_str().into())
+            .with_type("control".into());
+        let exchange = self.topology.control_exchange.clone();
+        self.publish(&exchange, "", &bytes, props, || {
+            format!(
+                "no worker is listening on the control exchange {exchange} \
+                 (is a worker running? start one with `claude-worker worker`)"
+            )
+        })
+        .await?;
+        Ok(request_id)
+    }
+
+    async fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        props: BasicProperties,
+        unroutable: impl FnOnce() -> String,
+    ) -> Result<(), ClientError> {
+        let confirm = self
+            .channel
+            .basic_publish(
+                exchange.into(),
+                routing_key.into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                body,
+                props,
+            )
+            .await?
+            .await?;
+        match confirm {
+            Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
+            Confirmation::Ack(Some(_)) => Err(ClientError::Unroutable(unroutable())),
+            Confirmation::Nack(_) => Err(ClientError::Nacked {
+                exchange: exchange.to_string(),
+            }),
+        }
+    }
+
+    /// How many consumers (workers) the jobs queue has right now.
+    pub async fn jobs_consumer_count(&self) -> Result<u32, ClientError> {
+        let q = self
+            .channel
+            .queue_declare(
+                self.topology.jobs_queue.as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        Ok(q.consumer_count())
+    }
+
+    /// The next message on the reply queue, or `None` if none arrives
+    /// within `timeout`.
+    pub async fn recv(&mut self, timeout: Duration) -> Result<Option<Incoming>, ClientError> {
+        match tokio::time::timeout(timeout, self.consumer.next()).await {
+            Err(_) => Ok(None),
+            Ok(None) => Err(ClientError::ConsumerEnded),
+            Ok(Some(Err(e))) => Err(ClientError::Broker(e)),
+            Ok(Some(Ok(d))) => Ok(Some(Incoming::from_delivery(&d))),
+        }
+    }
+
+    /// Waits up to `timeout` for the control result answering `request_id`,
+    /// skipping anything else. `None` if it did not come.
+    pub async fn wait_control_result(
+        &mut self,
+        request_id: &str,
+        timeout: Duration,
+    ) -> Result<Option<ControlResultV1>, ClientError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                return Ok(None);
+            }
+            match self.recv(left).await? {
+                None => return Ok(None),
+                Some(Incoming::ControlResult {
+                    result,
+                    correlation_id,
+                    ..
+                }) if result.request_id == request_id
+                    || correlation_id.as_deref() == Some(request_id) =>
+                {
+                    return Ok(Some(result))
+                }
+                Some(_) => {}
+            }
+        }
+    }
+
+    /// Closes the connection (the reply queue goes with it).
+    pub async fn close(self) {
+        let _ = self.channel.close(200, "client done".into()).await;
+        let _ = self.conn.close(200, "client done".into()).await;
+    }
+}
+
+/// Follows one job's events: drops other jobs' events and duplicates
+/// (same `seq`), and keeps the text of the current attempt, discarding it
+/// when the attempt is retried.
+#[derive(Debug, Clone)]
+pub struct JobTracker {
+    job_id: String,
+    seen: HashSet<u64>,
+    /// Text of the attempt in progress.
+    text: String,
+    finished: bool,
+}
+
+/// What an accepted event means for someone printing the reply.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Step {
+    /// Not this job's, or already seen: ignore.
+    Skip,
+    /// A new event of the job (not terminal, not a retry).
+    Event,
+    /// The attempt failed and another follows: the text printed so far
+    /// (returned) is void.
+    Retry { discarded: String },
+    /// The job's terminal event.
+    Terminal,
+}
+
+impl JobTracker {
+    pub fn new(job_id: impl Into<String>) -> JobTracker {
+        JobTracker {
+            job_id: job_id.into(),
+            seen: HashSet::new(),
+            text: String::new(),
+            finished: false,
+        }
+    }
+
+    pub fn job_id(&self) -> &str {
+        &self.job_id
+    }
+
+    /// The text of the attempt in progress (or of the last one).
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.finished
+    }
+
+    pub fn accept(&mut self, ev: &EventV1) -> Step {
+        if ev.job_id != self.job_id || self.finished || !self.seen.insert(ev.seq) {
+            return Step::Skip;
+        }
+        match &ev.body {
+            EventBody::Text { text } => {
+                self.text.push_str(text);
+                Step::Event
+            }
+            EventBody::Retrying { .. } => Step::Retry {
+                discarded: std::mem::take(&mut self.text),
+            },
+            body if body.is_terminal() => {
+                self.finished = true;
+                Step::Terminal
+            }
+            _ => Step::Event,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn ev(seq: u64, attempt: u32, body: Value) -> EventV1 {
+        let mut v = json!({"v": 1, "job_id": "j1", "session_key": "k", "seq": seq,
+                           "attempt": attempt, "metadata": {}});
+        v.as_object_mut()
+            .unwrap()
+            .extend(body.as_object().unwrap().clone());
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn tracker_dedups_discards_retried_text_and_stops_at_terminal() {
+        let mut t = JobTracker::new("j1");
+        assert_eq!(
+            t.accept(&ev(0, 1, json!({"type": "text", "text": "Hel"}))),
+            Step::Event
+        );
+        assert_eq!(
+            t.accept(&ev(0, 1, json!({"type": "text", "text": "Hel"}))),
+            Step::Skip,
+            "duplicate seq"
+        );
+        let retry = json!({"type": "retrying", "next_attempt": 2, "delay_ms": 0, "reason": "x"});
+        assert_eq!(
+            t.accept(&ev(1, 1, retry)),
+            Step::Retry {
+                discarded: "Hel".into()
+            }
+        );
+        t.accept(&ev(2, 2, json!({"type": "text", "text": "Hello"})));
+        assert_eq!(t.text(), "Hello");
+        let mut other = ev(3, 2, json!({"type": "text", "text": "nope"}));
+        other.job_id = "j2".into();
+        assert_eq!(t.accept(&other), Step::Skip, "another job");
+        assert_eq!(
+            t.accept(&ev(4, 2, json!({"type": "cancelled", "reason": "r"}))),
+            Step::Terminal
+        );
+        assert!(t.is_finished());
+        assert_eq!(
+            t.accept(&ev(5, 2, json!({"type": "text", "text": "late"}))),
+            Step::Skip
+        );
+    }
+
+    #[test]
+    fn incoming_decodes_events_control_results_and_junk() {
+        let e = br#"{"v":1,"job_id":"j","session_key":"k","seq":0,"attempt":1,"type":"text","text":"hi","metadata":{}}"#;
+        assert!(
+            matches!(Incoming::decode(e, None), Incoming::Event { ref raw, .. } if raw.as_bytes() == e)
+        );
+        let c = br#"{"v":1,"type":"control_result","request_id":"r1","ok":true,"outcome":"cancelled","message":"m","job_id":"j"}"#;
+        match Incoming::decode(c, Some("r1".into())) {
+            Incoming::ControlResult { result, .. } => {
+                assert!(result.ok);
+                assert_eq!(result.request_id, "r1");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            Incoming::decode(b"nope", None),
+            Incoming::Unknown { .. }
+        ));
+        assert!(matches!(
+            Incoming::decode(br#"{"type":"mystery"}"#, None),
+            Incoming::Unknown { .. }
+        ));
+    }
+}
