@@ -144,11 +144,17 @@ async fn apply_on_busy(ctx: &Context, new: &NewJob) -> Result<bool, AcceptError>
                 .copied()
                 .or(others.first())
                 .map(|j| j.job_id.as_str());
-            let body = control::busy_event(busy_with);
-            let EventBody::Failed { message, .. } = &body else {
-                unreachable!()
+            let message = match busy_with {
+                Some(id) => format!(
+                    "the session is busy with job {id} and this job's on_busy policy is reject"
+                ),
+                None => "the session is busy and this job's on_busy policy is reject".into(),
             };
-            let message = message.clone();
+            let body = EventBody::Failed {
+                error: ErrorKind::Busy,
+                message: message.clone(),
+                retryable: true,
+            };
             Ok(control::end_queued_job(ctx, &me, JobStatus::Failed, Some(&message), body).await?)
         }
         OnBusy::Interrupt => {

@@ -21,8 +21,8 @@ use tracing::{info, warn};
 
 use crate::context::Context;
 use crate::protocol::{
-    self, ControlBody, ControlOutcome, ControlResultV1, ErrorKind, EventBody, EventV1,
-    PermissionMode, PROTOCOL_VERSION,
+    self, ControlBody, ControlOutcome, ControlResultV1, EventBody, EventV1, PermissionMode,
+    PROTOCOL_VERSION,
 };
 use crate::publish::PublishError;
 use crate::store::{now_ms, JobRecord, JobStatus, StoreError};
@@ -435,20 +435,6 @@ pub async fn end_queued_job(
         .unwrap_or_else(|| job.session_key.clone());
     ctx.sink.publish_event(&reply_to, &event, &bytes).await?;
     Ok(true)
-}
-
-/// The error kind a `busy` rejection carries.
-pub fn busy_event(running_job: Option<&str>) -> EventBody {
-    EventBody::Failed {
-        error: ErrorKind::Busy,
-        message: match running_job {
-            Some(id) => {
-                format!("the session is busy with job {id} and this job's on_busy policy is reject")
-            }
-            None => "the session is busy and this job's on_busy policy is reject".into(),
-        },
-        retryable: true,
-    }
 }
 
 struct Answer<'a> {

@@ -275,12 +275,24 @@ async fn on_busy_reject_and_interrupt() {
         other => panic!("{other:?}"),
     }
 
-    // interrupt: the running turn ends `cancelled`, then this job runs.
+    // enqueue (the default, said explicitly here): waits its turn.
+    let waiting = env
+        .publish_job(
+            key,
+            "waits its turn",
+            json!({"options": {"on_busy": "enqueue"}}),
+        )
+        .await;
+
+    // interrupt: the running turn ends `cancelled`, then the jobs run in
+    // order: the enqueued one, then this one.
     let newer = env
         .publish_job(key, "newer", json!({"options": {"on_busy": "interrupt"}}))
         .await;
     let ev = env.events_until_terminal(&first).await;
     assert!(cancelled_reason(&ev).contains(&newer), "{ev:#?}");
+    let ev = env.events_until_terminal(&waiting).await;
+    assert_eq!(completed(&ev).0, "echo: waits its turn");
     let ev = env.events_until_terminal(&newer).await;
     assert_eq!(completed(&ev).0, "echo: newer");
     let (users, _) = conversation_seen(&env, "newer");
@@ -290,6 +302,7 @@ async fn on_busy_reject_and_interrupt() {
         vec![
             "[[mock:hold]] first",
             "[Request interrupted by user]",
+            "waits its turn",
             "newer"
         ]
     );
