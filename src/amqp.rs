@@ -2,11 +2,11 @@
 //! the broker. All names derive from `amqp.prefix` (default `claude`).
 
 use lapin::options::{
-    BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
-    QueueDeclareOptions,
+    BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
+    QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
+use lapin::{Channel, Connection, ConnectionProperties, Consumer, ExchangeKind};
 use std::time::Duration;
 
 use crate::config::{redact_url, AmqpSettings};
@@ -220,6 +220,49 @@ pub async fn consumer_channel(conn: &Connection, prefetch: u16) -> Result<Channe
     let ch = conn.create_channel().await?;
     ch.basic_qos(prefetch, BasicQosOptions::default()).await?;
     Ok(ch)
+}
+
+/// Declares an exclusive, auto-delete, server-named queue bound to
+/// `exchange` with `routing_key`, and consumes it: a worker's control
+/// queue, a client's reply queue.
+pub async fn consume_private(
+    channel: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    consumer_tag: &str,
+    no_ack: bool,
+) -> Result<Consumer, lapin::Error> {
+    let queue = channel
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .queue_bind(
+            queue.name().as_str().into(),
+            exchange.into(),
+            routing_key.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .basic_consume(
+            queue.name().as_str().into(),
+            consumer_tag.into(),
+            BasicConsumeOptions {
+                no_ack,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
 }
 
 /// Reads a string-ish header value.

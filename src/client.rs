@@ -13,9 +13,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use lapin::message::Delivery;
-use lapin::options::{
-    BasicConsumeOptions, BasicPublishOptions, QueueBindOptions, QueueDeclareOptions,
-};
+use lapin::options::{BasicPublishOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Confirmation, Connection, Consumer};
 use serde_json::Value;
@@ -114,7 +112,6 @@ pub struct Client {
     channel: Channel,
     topology: Topology,
     reply_key: String,
-    reply_queue: String,
     consumer: Consumer,
 }
 
@@ -128,44 +125,14 @@ impl Client {
         let topology = Topology::from_settings(settings);
         topology.declare(&channel).await?;
         let reply_key = format!("cli.{}", uuid::Uuid::new_v4().simple());
-        let queue = channel
-            .queue_declare(
-                "".into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
-        let reply_queue = queue.name().as_str().to_string();
-        channel
-            .queue_bind(
-                reply_queue.as_str().into(),
-                topology.replies_exchange.as_str().into(),
-                reply_key.as_str().into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        let consumer = channel
-            .basic_consume(
-                reply_queue.as_str().into(),
-                "".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
+        let consumer =
+            amqp::consume_private(&channel, &topology.replies_exchange, &reply_key, "", true)
+                .await?;
         Ok(Client {
             conn,
             channel,
             topology,
             reply_key,
-            reply_queue,
             consumer,
         })
     }
@@ -177,11 +144,6 @@ impl Client {
     /// The routing key this client's events and control results come back with.
     pub fn reply_key(&self) -> &str {
         &self.reply_key
-    }
-
-    /// The server-named reply queue.
-    pub fn reply_queue(&self) -> &str {
-        &self.reply_queue
     }
 
     /// Publishes a job, persistent and mandatory, and waits for the broker's

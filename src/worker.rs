@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::options::BasicConsumeOptions;
 use lapin::types::FieldTable;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -76,37 +76,15 @@ impl Worker {
 
         // Control messages: this worker's own queue on the fanout exchange.
         let control_channel = amqp::consumer_channel(&conn, 16).await?;
-        let control_queue = control_channel
-            .queue_declare(
-                "".into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .map_err(amqp::AmqpError::from)?;
-        control_channel
-            .queue_bind(
-                control_queue.name().as_str().into(),
-                topology.control_exchange.as_str().into(),
-                "".into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(amqp::AmqpError::from)?;
-        let control_consumer = control_channel
-            .basic_consume(
-                control_queue.name().as_str().into(),
-                format!("{id}-control").as_str().into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(amqp::AmqpError::from)?;
+        let control_consumer = amqp::consume_private(
+            &control_channel,
+            &topology.control_exchange,
+            "",
+            &format!("{id}-control"),
+            false,
+        )
+        .await
+        .map_err(amqp::AmqpError::from)?;
 
         let ctx = Context::new(Arc::clone(&settings), store, sink, id.clone());
         info!(worker_id = %id, %cli_version, queue = %topology.jobs_queue,
