@@ -9,3 +9,4 @@ mod mock_selftest;
 mod pipeline;
 mod store;
 mod support;
+mod warm;
