@@ -353,18 +353,26 @@ pub async fn run_job(
                     )
                     .await?;
                 // Only now, with the outcome recorded, may the process
-                // serve the session's next turn.
-                if let (Some((proc, turns)), Some(id)) = (live, claude_session_id) {
-                    ctx.warm.put(WarmProcess::new(
-                        proc,
-                        &job.session_key,
-                        &spec.profile,
-                        &profile,
-                        &request,
-                        id,
-                        &job.job_id,
-                        turns,
-                    ));
+                // serve the session's next turn. Without warm reuse it
+                // exits here, off the `completed` event's path but before
+                // the session's next turn can resume its transcript.
+                match (live, claude_session_id) {
+                    (Some((proc, turns)), Some(id)) if ctx.warm.enabled() => {
+                        ctx.warm.put(WarmProcess::new(
+                            proc,
+                            &job.session_key,
+                            &spec.profile,
+                            &profile,
+                            &request,
+                            id,
+                            &job.job_id,
+                            turns,
+                        ));
+                    }
+                    (Some((mut proc, _)), _) => {
+                        let _ = proc.finish(EXIT_GRACE).await;
+                    }
+                    (None, _) => {}
                 }
                 return Ok(());
             }
@@ -564,8 +572,9 @@ async fn run_attempt(
                 }
                 Some(CliMessage::Result(result)) => {
                     let ok = !result.is_error && result.subtype == "success";
-                    if ok && ctx.warm.enabled() && init.is_some() {
-                        // Kept alive for the session's next turn.
+                    if ok && init.is_some() {
+                        // Kept alive for the session's next turn, or left
+                        // to exit once the outcome is recorded.
                         break AttemptEnd::Completed {
                             result,
                             init: init.clone(),
