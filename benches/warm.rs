@@ -285,7 +285,13 @@ struct WorkerRun {
     events: mpsc::UnboundedReceiver<(Instant, EventV1)>,
 }
 
-fn worker_config(dir: &Path, prefix: &str, base_url: &str, home: &Path, warm_max: usize) -> PathBuf {
+fn worker_config(
+    dir: &Path,
+    prefix: &str,
+    base_url: &str,
+    home: &Path,
+    warm_max: usize,
+) -> PathBuf {
     let cfg = dir.join(format!("{prefix}.toml"));
     let text = format!(
         r#"
@@ -417,7 +423,11 @@ impl WorkerRun {
                 .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
                 .await;
         }
-        for x in [&t.jobs_exchange, &t.dead_letter_exchange, &t.replies_exchange] {
+        for x in [
+            &t.jobs_exchange,
+            &t.dead_letter_exchange,
+            &t.replies_exchange,
+        ] {
             let _ = self
                 .channel
                 .exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())
@@ -506,8 +516,10 @@ async fn main() {
     let conn = Connection::connect(AMQP_URL, ConnectionProperties::default())
         .await
         .expect("RabbitMQ on 127.0.0.1:5672");
-    let mut cold = WorkerRun::start(&conn, "worker cold", dir.path(), &mock.base_url(), &home, 0).await;
-    let mut warm = WorkerRun::start(&conn, "worker warm", dir.path(), &mock.base_url(), &home, 8).await;
+    let mut cold =
+        WorkerRun::start(&conn, "worker cold", dir.path(), &mock.base_url(), &home, 0).await;
+    let mut warm =
+        WorkerRun::start(&conn, "worker warm", dir.path(), &mock.base_url(), &home, 8).await;
     // Warm-up: both workers up and the CLI's files cached.
     cold.turn("warmup", "warm-up").await;
     warm.turn("warmup", "warm-up").await;
@@ -522,7 +534,9 @@ async fn main() {
 
         let cpu0 = cpu_ms(cold.pid);
         for i in 0..MESSAGES {
-            let t = cold.turn(&format!("cold-{c}"), &format!("cold {c} {i}")).await;
+            let t = cold
+                .turn(&format!("cold-{c}"), &format!("cold {c} {i}"))
+                .await;
             series.entry("worker cold").or_default().push(t);
         }
         let e = cpu.entry("worker cold").or_default();
@@ -533,10 +547,13 @@ async fn main() {
         raw_rss = rss;
         series.entry("raw CLI warm").or_default().extend(turns);
 
-        warm.turn(&format!("warm-{c}"), &format!("warm {c} first")).await;
+        warm.turn(&format!("warm-{c}"), &format!("warm {c} first"))
+            .await;
         let cpu0 = cpu_ms(warm.pid);
         for i in 1..MESSAGES {
-            let t = warm.turn(&format!("warm-{c}"), &format!("warm {c} {i}")).await;
+            let t = warm
+                .turn(&format!("warm-{c}"), &format!("warm {c} {i}"))
+                .await;
             series.entry("worker warm").or_default().push(t);
         }
         let e = cpu.entry("worker warm").or_default();
@@ -603,8 +620,12 @@ async fn main() {
             ms / *n as f64
         );
     }
-    println!("worker RSS: cold {} MB, warm {} MB (with {} warm CLI processes held)",
-        rss_cold / 1024, rss_warm / 1024, warm_children.len());
+    println!(
+        "worker RSS: cold {} MB, warm {} MB (with {} warm CLI processes held)",
+        rss_cold / 1024,
+        rss_warm / 1024,
+        warm_children.len()
+    );
     println!(
         "RSS of one warm CLI process: {} MB (raw stream-json CLI after {MESSAGES} turns: {} MB); pool's processes: {:?} MB",
         warm_cli_rss.first().copied().unwrap_or(0) / 1024,

@@ -521,7 +521,9 @@ impl CliProcess {
         let Some(stdin) = self.stdin.as_mut() else {
             return Err(std::io::ErrorKind::BrokenPipe.into());
         };
-        stdin.write_all(user_message_line(prompt).as_bytes()).await?;
+        stdin
+            .write_all(user_message_line(prompt).as_bytes())
+            .await?;
         stdin.flush().await
     }
 

@@ -165,7 +165,7 @@ enum AttemptEnd {
         init: Option<InitInfo>,
         /// The still-running CLI and the turns it has run, when it may go
         /// back to the warm pool.
-        live: Option<(CliProcess, u64)>,
+        live: Option<(Box<CliProcess>, u64)>,
     },
     Failed(AttemptFailure),
     /// The CLI could not find the session it was asked to resume.
@@ -358,16 +358,17 @@ pub async fn run_job(
                 // the session's next turn can resume its transcript.
                 match (live, claude_session_id) {
                     (Some((proc, turns)), Some(id)) if ctx.warm.enabled() => {
-                        ctx.warm.put(WarmProcess::new(
-                            proc,
+                        let mut warm = WarmProcess::new(
+                            *proc,
                             &job.session_key,
                             &spec.profile,
                             &profile,
                             &request,
                             id,
                             &job.job_id,
-                            turns,
-                        ));
+                        );
+                        warm.turns = turns;
+                        ctx.warm.put(warm);
                     }
                     (Some((mut proc, _)), _) => {
                         let _ = proc.finish(EXIT_GRACE).await;
@@ -457,18 +458,18 @@ async fn run_attempt(
                 }
             }
             None => {
-                let mut proc =
-                    match CliProcess::spawn(&ctx.settings.claude, profile, request).await {
-                        Ok(p) => p,
-                        Err(e) => {
-                            let retryable = e.may_pass();
-                            return Ok(AttemptEnd::Failed(AttemptFailure::new(
-                                ErrorKind::Spawn,
-                                e.to_string(),
-                                retryable,
-                            )));
-                        }
-                    };
+                let mut proc = match CliProcess::spawn(&ctx.settings.claude, profile, request).await
+                {
+                    Ok(p) => p,
+                    Err(e) => {
+                        let retryable = e.may_pass();
+                        return Ok(AttemptEnd::Failed(AttemptFailure::new(
+                            ErrorKind::Spawn,
+                            e.to_string(),
+                            retryable,
+                        )));
+                    }
+                };
                 ctx.warm.record_spawn();
                 debug!(pid = proc.pid(), resume = ?request.resume, "CLI started");
                 proc.send_user_message(&request.prompt).await;
@@ -578,7 +579,7 @@ async fn run_attempt(
                         break AttemptEnd::Completed {
                             result,
                             init: init.clone(),
-                            live: Some((proc, warm_turns.unwrap_or(0) + 1)),
+                            live: Some((Box::new(proc), warm_turns.unwrap_or(0) + 1)),
                         };
                     }
                     let _ = proc.finish(EXIT_GRACE).await;

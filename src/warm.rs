@@ -73,7 +73,6 @@ impl WarmProcess {
         req: &TurnRequest,
         claude_session_id: String,
         last_job_id: &str,
-        turns: u64,
     ) -> WarmProcess {
         WarmProcess {
             proc,
@@ -85,7 +84,7 @@ impl WarmProcess {
             permission_mode: req.options.permission_mode,
             claude_session_id,
             last_job_id: last_job_id.to_string(),
-            turns,
+            turns: 1,
         }
     }
 
@@ -242,7 +241,10 @@ impl WarmPool {
     /// A turn runs on a warm process (it answered with `init`).
     pub fn record_hit(&self, session_key: &str, turns: u64) {
         self.counters.hits.fetch_add(1, Ordering::Relaxed);
-        info!(session_key, turns, "warm hit: the turn runs on the session's live CLI process");
+        info!(
+            session_key,
+            turns, "warm hit: the turn runs on the session's live CLI process"
+        );
     }
 
     /// A warm process taken for a turn did not start it (dead, hung or
@@ -250,7 +252,11 @@ impl WarmPool {
     pub fn record_broken(&self, session_key: &str, why: &str) {
         self.counters.discards.fetch_add(1, Ordering::Relaxed);
         self.counters.misses.fetch_add(1, Ordering::Relaxed);
-        info!(session_key, reason = why, "warm miss: the warm process failed to start the turn; starting cold");
+        info!(
+            session_key,
+            reason = why,
+            "warm miss: the warm process failed to start the turn; starting cold"
+        );
     }
 
     /// Takes the session's warm process for `req` if it can run it, after

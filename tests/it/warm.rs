@@ -114,13 +114,19 @@ async fn three_turns_run_on_one_cli_process() {
         .map(|r| r.header("x-claude-code-session-id").map(str::to_string))
         .collect();
     assert_eq!(ids.len(), 3, "{ids:?}");
-    assert!(ids[0].is_some() && ids.iter().all(|i| *i == ids[0]), "{ids:?}");
+    assert!(
+        ids[0].is_some() && ids.iter().all(|i| *i == ids[0]),
+        "{ids:?}"
+    );
     let (users, assistants) = conversation_seen(&env, "warm three");
     assert_eq!(users, vec!["warm one", "warm two", "warm three"]);
     assert_eq!(assistants, vec!["echo: warm one", "echo: warm two"]);
     worker.shutdown();
     worker.wait().await.unwrap();
-    assert!(cli_pids(&env.prefix).is_empty(), "no CLI outlives the worker");
+    assert!(
+        cli_pids(&env.prefix).is_empty(),
+        "no CLI outlives the worker"
+    );
     env.cleanup().await;
 }
 
@@ -169,7 +175,11 @@ async fn a_full_pool_evicts_the_least_recently_used_process() {
     run_ok(&mut env, "warm:a", "lru a2", json!({})).await;
     assert_eq!(cli_pids(&env.prefix).len(), 2);
     let before_c: Vec<i32> = cli_pids(&env.prefix);
-    let b: Vec<i32> = before_c.iter().copied().filter(|p| !a.contains(p)).collect();
+    let b: Vec<i32> = before_c
+        .iter()
+        .copied()
+        .filter(|p| !a.contains(p))
+        .collect();
     assert_eq!(b.len(), 1, "{a:?} {before_c:?}");
     run_ok(&mut env, "warm:c", "lru c1", json!({})).await;
     wait_until("the LRU process (session b) is closed", || !alive(b[0])).await;
@@ -281,7 +291,10 @@ async fn permission_mode_and_model_changes_reach_the_warm_process() {
     .await;
     assert_eq!(started_of(&ev).1.as_deref(), Some(model), "{ev:#?}");
     let req = env.mock.requests().pop().unwrap();
-    assert_eq!(req.body["model"], model, "the API request used the new model");
+    assert_eq!(
+        req.body["model"], model,
+        "the API request used the new model"
+    );
     assert_eq!(cli_pids(&env.prefix), pid, "still the same process");
     let s = stats(&worker);
     assert_eq!((s.spawns, s.hits), (1, 2), "{s:?}");
@@ -365,7 +378,10 @@ async fn a_turn_run_elsewhere_makes_the_warm_process_stale() {
     let mut expected = vec!["stale one".to_string()];
     expected.extend((1..=n).map(|i| format!("stale x{i}")));
     expected.push("stale last".into());
-    assert_eq!(users, expected, "the full conversation, including w2's turn");
+    assert_eq!(
+        users, expected,
+        "the full conversation, including w2's turn"
+    );
     let s = stats(&w1);
     assert!(s.discards >= 1, "{s:?}");
     w1.shutdown();
