@@ -677,6 +677,19 @@ mod tests {
             CliMessage::Other
         );
         assert!(parse_line("[claude-code:warning] not json").is_err());
+        let ok = r#"{"type":"control_response","response":{"subtype":"success","request_id":"r1","response":{"mode":"plan"}}}"#;
+        assert_eq!(
+            parse_line(ok).unwrap(),
+            CliMessage::ControlResponse {
+                request_id: "r1".into(),
+                error: None
+            }
+        );
+        let err = r#"{"type":"control_response","response":{"subtype":"error","request_id":"r3","error":"Unsupported control request subtype: set_max_turns"}}"#;
+        assert!(matches!(
+            parse_line(err).unwrap(),
+            CliMessage::ControlResponse { error: Some(e), .. } if e.contains("set_max_turns")
+        ));
         let res = r#"{"type":"result","subtype":"success","is_error":true,"api_error_status":529,"result":"API Error: 529","num_turns":1}"#;
         match parse_line(res).unwrap() {
             CliMessage::Result(r) => {

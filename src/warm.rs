@@ -457,3 +457,38 @@ async fn prepare(warm: &mut WarmProcess, req: &TurnRequest) -> Result<(), String
     warm.model = req.options.model.clone();
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::JobOptions;
+
+    #[test]
+    fn only_resume_model_and_permission_mode_may_differ_on_a_warm_process() {
+        let s = crate::config::Settings::from_toml_overrides("").unwrap();
+        let p = &s.profiles["discord"];
+        let base = TurnRequest {
+            prompt: "one".into(),
+            cwd: "/w/s".into(),
+            resume: None,
+            fork: false,
+            options: p.resolve("discord", &JobOptions::default()).unwrap(),
+        };
+        let mut other = base.clone();
+        other.prompt = "two".into();
+        other.resume = Some("0b5a3c1e-0000-4000-8000-000000000000".into());
+        other.options.model = Some("claude-haiku-4-5".into());
+        other.options.permission_mode = PermissionMode::Plan;
+        assert_eq!(fixed_args(&base, p), fixed_args(&other, p));
+        let mut turns = base.clone();
+        turns.options.max_turns = 3;
+        assert_ne!(fixed_args(&base, p), fixed_args(&turns, p));
+    }
+
+    #[test]
+    fn a_disabled_pool_holds_nothing() {
+        let pool = WarmPool::new(0, Duration::from_secs(60));
+        assert!(!pool.enabled());
+        assert_eq!(pool.stats(), WarmStats::default());
+    }
+}
