@@ -95,6 +95,11 @@ pub struct ClaudeSettings {
     pub path: PathBuf,
     pub turn_timeout_secs: u64,
     pub env_passthrough: Vec<String>,
+    /// CLI processes kept alive between a session's turns on this worker
+    /// (see `warm`); 0 disables warm reuse.
+    pub warm_max_processes: usize,
+    /// A warm process idle this long is closed.
+    pub warm_idle_ttl_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -301,6 +306,13 @@ impl Settings {
         if self.claude.turn_timeout_secs == 0 {
             return bad("claude.turn_timeout_secs must be at least 1".into());
         }
+        if self.claude.warm_max_processes > 0 && self.claude.warm_idle_ttl_secs == 0 {
+            return bad(
+                "claude.warm_idle_ttl_secs must be at least 1 (set claude.warm_max_processes = 0 \
+                 to disable warm processes)"
+                    .into(),
+            );
+        }
         if self.retry.max_attempts == 0 {
             return bad("retry.max_attempts must be at least 1 (the first attempt counts)".into());
         }
@@ -342,6 +354,9 @@ impl Settings {
     }
     pub fn turn_timeout(&self) -> Duration {
         Duration::from_secs(self.claude.turn_timeout_secs)
+    }
+    pub fn warm_idle_ttl(&self) -> Duration {
+        Duration::from_secs(self.claude.warm_idle_ttl_secs)
     }
 }
 

@@ -1,5 +1,5 @@
 //! What every stage shares: settings, the store, the reply sink, this
-//! worker's identity and the scheduler's wake-up signal. No globals: one
+//! worker's identity, the warm CLI processes and the scheduler's wake-up signal. No globals: one
 //! `Context` is built at start-up and passed down.
 
 use std::collections::VecDeque;
@@ -12,6 +12,7 @@ use crate::control::RunningTurns;
 use crate::publish::ReplySink;
 use crate::retry::RetryPolicy;
 use crate::store::SessionStore;
+use crate::warm::WarmPool;
 
 pub struct Context {
     pub settings: Arc<Settings>,
@@ -21,6 +22,8 @@ pub struct Context {
     pub retry: RetryPolicy,
     /// Turns running on this worker (for cancel and control requests).
     pub running: Arc<RunningTurns>,
+    /// Idle CLI processes kept for their sessions' next turns.
+    pub warm: Arc<WarmPool>,
     wake: Notify,
     preferred: Mutex<VecDeque<String>>,
 }
@@ -33,7 +36,12 @@ impl Context {
         worker_id: String,
     ) -> Arc<Context> {
         let retry = RetryPolicy::new(settings.retry.clone());
+        let warm = Arc::new(WarmPool::new(
+            settings.claude.warm_max_processes,
+            settings.warm_idle_ttl(),
+        ));
         Arc::new(Context {
+            warm,
             settings,
             store,
             sink,

@@ -66,6 +66,11 @@ pub enum CliMessage {
     },
     /// The turn's result.
     Result(TurnResult),
+    /// The answer to a control request: `error` is `None` on success.
+    ControlResponse {
+        request_id: String,
+        error: Option<String>,
+    },
     /// Anything else (valid JSON the worker does not use).
     Other,
 }
@@ -144,6 +149,20 @@ pub fn parse_line(line: &str) -> Result<CliMessage, serde_json::Error> {
                 message_id: v["message"]["id"].as_str().map(str::to_string),
                 text,
                 tool_uses,
+            }
+        }
+        Some("control_response") => {
+            let r = &v["response"];
+            match r["request_id"].as_str() {
+                Some(id) => CliMessage::ControlResponse {
+                    request_id: id.to_string(),
+                    error: if r["subtype"] == "success" {
+                        None
+                    } else {
+                        Some(r["error"].as_str().unwrap_or("unknown error").to_string())
+                    },
+                },
+                None => CliMessage::Other,
             }
         }
         Some("result") => CliMessage::Result(TurnResult {
@@ -530,6 +549,51 @@ impl CliProcess {
         self.kill_group();
     }
 
+    /// Starts a turn like [`send_user_message`](Self::send_user_message),
+    /// but reports a CLI that is gone (a closed pipe) instead of leaving it
+    /// to show up as a missing result.
+    pub async fn try_send_user_message(&mut self, prompt: &str) -> std::io::Result<()> {
+        let Some(stdin) = self.stdin.as_mut() else {
+            return Err(std::io::ErrorKind::BrokenPipe.into());
+        };
+        stdin
+            .write_all(user_message_line(prompt).as_bytes())
+            .await?;
+        stdin.flush().await
+    }
+
+    /// Whether the process has exited (it is reaped if so).
+    pub fn has_exited(&mut self) -> bool {
+        !matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Closes an idle process gracefully: stdin is closed (the CLI ends and
+    /// flushes its transcript), then the group gets SIGTERM after `grace`
+    /// and SIGKILL after another `grace`. Returns how it ended.
+    pub async fn close(&mut self, grace: Duration) -> &'static str {
+        self.close_stdin();
+        let how = match tokio::time::timeout(grace, self.child.wait()).await {
+            Ok(_) => "exited",
+            Err(_) => {
+                if let Some(pgid) = self.pgid {
+                    // SAFETY: plain syscall on a process group we created.
+                    unsafe { libc::killpg(pgid, libc::SIGTERM) };
+                }
+                match tokio::time::timeout(grace, self.child.wait()).await {
+                    Ok(_) => "terminated",
+                    Err(_) => {
+                        self.kill_group();
+                        let _ = self.child.wait().await;
+                        "killed"
+                    }
+                }
+            }
+        };
+        // Tools the CLI left behind in its group.
+        self.kill_group();
+        how
+    }
+
     fn kill_group(&mut self) {
         if let Some(pgid) = self.pgid {
             // The CLI's own children (tools, shells) are in its group too.
@@ -648,6 +712,19 @@ mod tests {
             CliMessage::Other
         );
         assert!(parse_line("[claude-code:warning] not json").is_err());
+        let ok = r#"{"type":"control_response","response":{"subtype":"success","request_id":"r1","response":{"mode":"plan"}}}"#;
+        assert_eq!(
+            parse_line(ok).unwrap(),
+            CliMessage::ControlResponse {
+                request_id: "r1".into(),
+                error: None
+            }
+        );
+        let err = r#"{"type":"control_response","response":{"subtype":"error","request_id":"r3","error":"Unsupported control request subtype: set_max_turns"}}"#;
+        assert!(matches!(
+            parse_line(err).unwrap(),
+            CliMessage::ControlResponse { error: Some(e), .. } if e.contains("set_max_turns")
+        ));
         let res = r#"{"type":"result","subtype":"success","is_error":true,"api_error_status":529,"result":"API Error: 529","num_turns":1}"#;
         match parse_line(res).unwrap() {
             CliMessage::Result(r) => {

@@ -15,4 +15,5 @@ pub mod retry;
 pub mod schedule;
 pub mod store;
 pub mod turn;
+pub mod warm;
 pub mod worker;

@@ -19,6 +19,7 @@ use crate::protocol::{ErrorKind, EventBody, EventV1, SessionMode, PROTOCOL_VERSI
 use crate::publish::PublishError;
 use crate::retry::AttemptFailure;
 use crate::store::{now_ms, JobFinish, JobRecord, JobStatus, Lease, SessionUpdate, StoreError};
+use crate::warm::{WarmProcess, WARM_RESPONSE_TIMEOUT};
 
 /// How long a CLI gets to exit after its result before its group is killed.
 const EXIT_GRACE: Duration = Duration::from_secs(5);
@@ -168,6 +169,9 @@ enum AttemptEnd {
     Completed {
         result: TurnResult,
         init: Option<InitInfo>,
+        /// The still-running CLI and the turns it has run, when it may go
+        /// back to the warm pool.
+        live: Option<(Box<CliProcess>, u64)>,
     },
     Failed(AttemptFailure),
     /// The CLI could not find the session it was asked to resume.
@@ -176,6 +180,8 @@ enum AttemptEnd {
     Cancelled {
         init: Option<InitInfo>,
     },
+    /// A warm process did not start the turn; it is replaced by a cold start.
+    WarmBroken(&'static str),
 }
 
 #[derive(Clone)]
@@ -293,6 +299,16 @@ pub async fn run_job(
                 .unwrap_or(0),
         );
     let mut resume_failed: Option<String> = None;
+    let mut warm = ctx
+        .warm
+        .acquire(
+            &spec.profile,
+            &profile,
+            &request,
+            &job.session_key,
+            session.as_ref(),
+        )
+        .await;
 
     loop {
         let attempt = match ctx.store.start_attempt(lease, &job.job_id, now_ms()).await {
@@ -303,7 +319,15 @@ pub async fn run_job(
         };
         events.attempt = attempt;
         let started = Instant::now();
-        let end = run_attempt(ctx, &profile, &mut request, &mut resume_failed, &mut events).await?;
+        let end = run_attempt(
+            ctx,
+            &profile,
+            &mut request,
+            &mut resume_failed,
+            &mut warm,
+            &mut events,
+        )
+        .await?;
         let duration_ms = started.elapsed().as_millis() as u64;
         match end {
             AttemptEnd::Cancelled { init } => {
@@ -320,7 +344,7 @@ pub async fn run_job(
                 });
                 return finish_cancelled(&mut events, reason, update).await;
             }
-            AttemptEnd::Completed { result, init } => {
+            AttemptEnd::Completed { result, init, live } => {
                 let claude_session_id = result
                     .session_id
                     .clone()
@@ -341,12 +365,12 @@ pub async fn run_job(
                     num_turns = result.num_turns,
                     "job completed"
                 );
-                return events
+                events
                     .finish(
                         JobStatus::Succeeded,
                         EventBody::Completed {
                             result: result.result.clone().unwrap_or_default(),
-                            claude_session_id,
+                            claude_session_id: claude_session_id.clone(),
                             usage,
                             total_cost_usd: result.total_cost_usd,
                             duration_ms: if result.duration_ms > 0 {
@@ -359,9 +383,35 @@ pub async fn run_job(
                         None,
                         update,
                     )
-                    .await;
+                    .await?;
+                // Only now, with the outcome recorded, may the process
+                // serve the session's next turn. Without warm reuse it
+                // exits here, off the `completed` event's path but before
+                // the session's next turn can resume its transcript.
+                match (live, claude_session_id) {
+                    (Some((proc, turns)), Some(id)) if ctx.warm.enabled() => {
+                        let mut warm = WarmProcess::new(
+                            *proc,
+                            &job.session_key,
+                            &spec.profile,
+                            &profile,
+                            &request,
+                            id,
+                            &job.job_id,
+                        );
+                        warm.turns = turns;
+                        ctx.warm.put(warm);
+                    }
+                    (Some((mut proc, _)), _) => {
+                        let _ = proc.finish(EXIT_GRACE).await;
+                    }
+                    (None, _) => {}
+                }
+                return Ok(());
             }
-            AttemptEnd::ResumeNotFound => unreachable!("run_attempt resolves it"),
+            AttemptEnd::ResumeNotFound | AttemptEnd::WarmBroken(_) => {
+                unreachable!("run_attempt resolves it")
+            }
             AttemptEnd::Failed(failure) => {
                 let next = attempt + 1;
                 let delay = if failure.retryable {
@@ -446,30 +496,64 @@ async fn run_attempt(
     profile: &crate::config::Profile,
     request: &mut TurnRequest,
     resume_failed: &mut Option<String>,
+    warm: &mut Option<WarmProcess>,
     events: &mut JobEvents<'_>,
 ) -> Result<AttemptEnd, TurnAbort> {
     let deadline = tokio::time::Instant::now() + ctx.settings.turn_timeout();
     loop {
-        let mut proc = match CliProcess::spawn(&ctx.settings.claude, profile, request).await {
-            Ok(p) => p,
-            Err(e) => {
-                let retryable = e.may_pass();
-                return Ok(AttemptEnd::Failed(AttemptFailure::new(
-                    ErrorKind::Spawn,
-                    e.to_string(),
-                    retryable,
-                )));
+        // A warm process (the session's CLI, idle since its last turn) is
+        // tried first; if it does not start the turn it is dropped (killed)
+        // before any event was published, and the turn starts cold.
+        let mut warm_turns: Option<u64> = None;
+        let mut proc = match warm.take() {
+            Some(w) => {
+                let mut proc = w.proc;
+                match proc.try_send_user_message(&request.prompt).await {
+                    Ok(()) => {
+                        warm_turns = Some(w.turns);
+                        debug!(pid = proc.pid(), "turn sent to the warm CLI process");
+                        proc
+                    }
+                    Err(e) => {
+                        ctx.warm
+                            .record_broken(&w.session_key, &format!("writing the prompt: {e}"));
+                        continue;
+                    }
+                }
+            }
+            None => {
+                let mut proc = match CliProcess::spawn(&ctx.settings.claude, profile, request).await
+                {
+                    Ok(p) => p,
+                    Err(e) => {
+                        let retryable = e.may_pass();
+                        return Ok(AttemptEnd::Failed(AttemptFailure::new(
+                            ErrorKind::Spawn,
+                            e.to_string(),
+                            retryable,
+                        )));
+                    }
+                };
+                ctx.warm.record_spawn();
+                debug!(pid = proc.pid(), resume = ?request.resume, "CLI started");
+                proc.send_user_message(&request.prompt).await;
+                proc
             }
         };
-        debug!(pid = proc.pid(), resume = ?request.resume, "CLI started");
-        proc.send_user_message(&request.prompt).await;
+        // A warm process must start the turn (`init`) promptly.
+        let warm_deadline = warm_turns.map(|_| tokio::time::Instant::now() + WARM_RESPONSE_TIMEOUT);
         let mut init: Option<InitInfo> = None;
         // Assistant messages whose text arrived as deltas.
         let mut streamed: HashSet<String> = HashSet::new();
         let outcome = loop {
+            let until = match warm_deadline {
+                Some(w) if init.is_none() => w.min(deadline),
+                _ => deadline,
+            };
             let msg = tokio::select! {
-                m = timeout_at(deadline, proc.next_message()) => match m {
+                m = timeout_at(until, proc.next_message()) => match m {
                     Ok(m) => m,
+                    Err(_) if warm_turns.is_some() && init.is_none() => break AttemptEnd::WarmBroken("no init"),
                     Err(_) => {
                         proc.terminate(Duration::from_secs(2)).await;
                         let secs = ctx.settings.claude.turn_timeout_secs;
@@ -495,6 +579,14 @@ async fn run_attempt(
                     continue;
                 }
             };
+            if warm_turns.is_some() && init.is_none() {
+                match &msg {
+                    Some(CliMessage::Init { .. }) | Some(CliMessage::Other) => {}
+                    Some(CliMessage::ControlResponse { .. }) => {}
+                    None => break AttemptEnd::WarmBroken("the process exited"),
+                    Some(_) => break AttemptEnd::WarmBroken("turn output before init"),
+                }
+            }
             match msg {
                 Some(CliMessage::Init {
                     session_id,
@@ -502,6 +594,9 @@ async fn run_attempt(
                     permission_mode,
                 }) => {
                     if init.is_none() {
+                        if let Some(turns) = warm_turns {
+                            ctx.warm.record_hit(&events.session_key, turns + 1);
+                        }
                         init = Some(InitInfo {
                             session_id: session_id.clone(),
                             model: model.clone(),
@@ -550,11 +645,22 @@ async fn run_attempt(
                     debug!(cli_attempt = attempt, ?error_status, %error, "the CLI is retrying an API call");
                 }
                 Some(CliMessage::Result(result)) => {
-                    let _ = proc.finish(EXIT_GRACE).await;
-                    if !result.is_error && result.subtype == "success" {
+                    let ok = !result.is_error && result.subtype == "success";
+                    if ok && init.is_some() {
+                        // Kept alive for the session's next turn, or left
+                        // to exit once the outcome is recorded.
                         break AttemptEnd::Completed {
                             result,
                             init: init.clone(),
+                            live: Some((Box::new(proc), warm_turns.unwrap_or(0) + 1)),
+                        };
+                    }
+                    let _ = proc.finish(EXIT_GRACE).await;
+                    if ok {
+                        break AttemptEnd::Completed {
+                            result,
+                            init: init.clone(),
+                            live: None,
                         };
                     }
                     if init.is_none() && request.resume.is_some() && resume_not_found(&result) {
@@ -562,7 +668,7 @@ async fn run_attempt(
                     }
                     break AttemptEnd::Failed(AttemptFailure::from_result(&result));
                 }
-                Some(CliMessage::Other) => {}
+                Some(CliMessage::Other) | Some(CliMessage::ControlResponse { .. }) => {}
                 None => {
                     let status = proc.finish(EXIT_GRACE).await;
                     let stderr = proc.stderr_tail().await;
@@ -580,6 +686,12 @@ async fn run_attempt(
             }
         };
         match outcome {
+            AttemptEnd::WarmBroken(why) => {
+                // Nothing was published for it; the process is killed
+                // when `proc` goes out of scope.
+                ctx.warm.record_broken(&events.session_key, why);
+                continue;
+            }
             AttemptEnd::ResumeNotFound if resume_failed.is_none() => {
                 let id = request.resume.take().unwrap_or_default();
                 request.fork = false;

@@ -88,7 +88,8 @@ impl Worker {
 
         let ctx = Context::new(Arc::clone(&settings), store, sink, id.clone());
         info!(worker_id = %id, %cli_version, queue = %topology.jobs_queue,
-              max_concurrent_turns = settings.worker.max_concurrent_turns, "worker started");
+              max_concurrent_turns = settings.worker.max_concurrent_turns,
+              warm_max_processes = settings.claude.warm_max_processes, "worker started");
 
         let shutdown = CancellationToken::new();
         let signals = Shutdown {
@@ -118,8 +119,10 @@ impl Worker {
             Stream::Control,
             control_stop.clone(),
         ));
+        let reaper = tokio::spawn(Arc::clone(&ctx.warm).run_reaper(shutdown.clone()));
         // Work left by an earlier run or another worker starts right away.
         ctx.wake_scheduler(None);
+        let warm = Arc::clone(&ctx.warm);
 
         let grace = Duration::from_secs(settings.worker.shutdown_grace_secs);
         let done = tokio::spawn(async move {
@@ -148,6 +151,10 @@ impl Worker {
             }
             control_stop.cancel();
             let _ = control.await;
+            // No turn runs now: close the warm CLI processes (gracefully,
+            // so their transcripts are complete) before the worker ends.
+            let _ = reaper.await;
+            warm.close_all().await;
             let _ = conn.close(200, "worker stopped".into()).await;
             info!("worker stopped");
             if consumer_failed {

@@ -13,3 +13,4 @@ mod schema;
 mod store;
 mod submit;
 mod support;
+mod warm;
