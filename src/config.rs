@@ -95,6 +95,10 @@ pub struct ClaudeSettings {
     pub path: PathBuf,
     pub turn_timeout_secs: u64,
     pub env_passthrough: Vec<String>,
+    /// Largest session transcript (uncompressed JSONL) stored in the
+    /// database after a turn; a larger one is not stored (the previous copy
+    /// stays) and a warning is logged.
+    pub transcript_max_bytes: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -12,5 +12,6 @@ pub mod publish;
 pub mod retry;
 pub mod schedule;
 pub mod store;
+pub mod transcript;
 pub mod turn;
 pub mod worker;
