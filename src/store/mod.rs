@@ -314,10 +314,10 @@ pub trait SessionStore: Send + Sync + 'static {
 
     /// Claims the lease of a session that has runnable jobs (queued, or
     /// running under an expired lease) and no live lease: the least
-    /// recently served session first (never served counts as oldest), then
+    /// recently served session first (never served counts as oldest); among
+    /// equals `prefer` (the session whose job was just accepted here), then
     /// the one whose oldest runnable job is oldest. Claiming marks the
-    /// session served now. `prefer` names a session to try first (the one
-    /// just accepted).
+    /// session served now, so a preference never jumps the fairness order.
     /// The new lease's epoch is one more than any before it. A session whose
     /// previous holder left a `running` job is marked `interrupted`.
     async fn claim_session(

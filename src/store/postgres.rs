@@ -147,40 +147,27 @@ impl SessionStore for PostgresStore {
         prefer: Option<&str>,
     ) -> Result<Option<Lease>, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let mut key: Option<String> = None;
+        // Least recently served first (never served counts as oldest);
+        // among equals the preferred session, then the oldest runnable job.
         // Locked rows are skipped, and a row locked after a concurrent claim
         // committed is re-checked against the WHERE clause, so a live lease
         // is never claimed twice.
-        if let Some(prefer) = prefer {
-            key = sqlx::query_scalar(
-                "SELECT s.session_key FROM sessions s WHERE s.session_key = $1 \
-                   AND (s.lease_owner IS NULL OR s.lease_expires_at_ms IS NULL OR s.lease_expires_at_ms < $2) \
-                   AND EXISTS (SELECT 1 FROM jobs j WHERE j.session_key = s.session_key \
-                               AND j.status IN ('queued', 'running')) \
-                 FOR UPDATE SKIP LOCKED",
-            )
-            .bind(prefer)
-            .bind(now_ms)
-            .fetch_optional(&mut *tx)
-            .await?;
-        }
-        if key.is_none() {
-            // Least recently served first, then the oldest runnable job.
-            key = sqlx::query_scalar(
-                "SELECT s.session_key FROM sessions s \
-                 WHERE (s.lease_owner IS NULL OR s.lease_expires_at_ms IS NULL OR s.lease_expires_at_ms < $1) \
-                   AND s.session_key IN (SELECT j.session_key FROM jobs j \
-                                         WHERE j.status IN ('queued', 'running')) \
-                 ORDER BY COALESCE(s.last_served_at_ms, 0), \
-                   (SELECT MIN(j.job_order) FROM jobs j WHERE j.session_key = s.session_key \
-                      AND j.status IN ('queued', 'running')) \
-                 LIMIT 1 \
-                 FOR UPDATE OF s SKIP LOCKED",
-            )
-            .bind(now_ms)
-            .fetch_optional(&mut *tx)
-            .await?;
-        }
+        let key: Option<String> = sqlx::query_scalar(
+            "SELECT s.session_key FROM sessions s \
+             WHERE (s.lease_owner IS NULL OR s.lease_expires_at_ms IS NULL OR s.lease_expires_at_ms < $1) \
+               AND s.session_key IN (SELECT j.session_key FROM jobs j \
+                                     WHERE j.status IN ('queued', 'running')) \
+             ORDER BY COALESCE(s.last_served_at_ms, 0), \
+               CASE WHEN s.session_key = $2 THEN 0 ELSE 1 END, \
+               (SELECT MIN(j.job_order) FROM jobs j WHERE j.session_key = s.session_key \
+                  AND j.status IN ('queued', 'running')) \
+             LIMIT 1 \
+             FOR UPDATE OF s SKIP LOCKED",
+        )
+        .bind(now_ms)
+        .bind(prefer)
+        .fetch_optional(&mut *tx)
+        .await?;
         let Some(session_key) = key else {
             tx.rollback().await?;
             return Ok(None);

@@ -139,33 +139,22 @@ impl SessionStore for SqliteStore {
         prefer: Option<&str>,
     ) -> Result<Option<Lease>, StoreError> {
         let mut tx = self.begin_immediate().await?;
-        let mut key: Option<String> = None;
-        if let Some(prefer) = prefer {
-            key = sqlx::query_scalar(&format!(
-                "SELECT s.session_key FROM sessions s WHERE s.session_key = ? AND {LEASE_FREE} \
-                 AND EXISTS (SELECT 1 FROM jobs j WHERE j.session_key = s.session_key \
-                             AND j.status IN ('queued', 'running'))"
-            ))
-            .bind(prefer)
-            .bind(now_ms)
-            .fetch_optional(&mut *tx)
-            .await?;
-        }
-        if key.is_none() {
-            // Least recently served first, then the oldest runnable job.
-            key = sqlx::query_scalar(&format!(
-                "SELECT s.session_key FROM sessions s \
-                 WHERE {LEASE_FREE} AND s.session_key IN \
-                   (SELECT j.session_key FROM jobs j WHERE j.status IN ('queued', 'running')) \
-                 ORDER BY COALESCE(s.last_served_at_ms, 0), \
-                   (SELECT MIN(j.job_order) FROM jobs j WHERE j.session_key = s.session_key \
-                      AND j.status IN ('queued', 'running')) \
-                 LIMIT 1"
-            ))
-            .bind(now_ms)
-            .fetch_optional(&mut *tx)
-            .await?;
-        }
+        // Least recently served first (never served counts as oldest);
+        // among equals the preferred session, then the oldest runnable job.
+        let key: Option<String> = sqlx::query_scalar(&format!(
+            "SELECT s.session_key FROM sessions s \
+             WHERE {LEASE_FREE} AND s.session_key IN \
+               (SELECT j.session_key FROM jobs j WHERE j.status IN ('queued', 'running')) \
+             ORDER BY COALESCE(s.last_served_at_ms, 0), \
+               CASE WHEN s.session_key = ? THEN 0 ELSE 1 END, \
+               (SELECT MIN(j.job_order) FROM jobs j WHERE j.session_key = s.session_key \
+                  AND j.status IN ('queued', 'running')) \
+             LIMIT 1"
+        ))
+        .bind(now_ms)
+        .bind(prefer)
+        .fetch_optional(&mut *tx)
+        .await?;
         let Some(session_key) = key else {
             tx.rollback().await?;
             return Ok(None);
