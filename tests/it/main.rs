@@ -3,6 +3,7 @@
 //! CLI), `harness` (an isolated world per test: AMQP prefix, database,
 //! temp dirs, a worker).
 
+mod fleet;
 mod harness;
 mod mock_api;
 mod mock_selftest;
