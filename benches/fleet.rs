@@ -37,7 +37,8 @@ fn claude_bin() -> PathBuf {
     if let Ok(p) = std::env::var("CLAUDE_BIN") {
         return p.into();
     }
-    let local = Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/claude-cli/node_modules/.bin/claude");
+    let local =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/claude-cli/node_modules/.bin/claude");
     if local.exists() {
         return local;
     }
@@ -271,7 +272,11 @@ CLAUDE_CONFIG_DIR = "{home}/.claude"
                 .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
                 .await;
         }
-        for x in [&t.jobs_exchange, &t.dead_letter_exchange, &t.replies_exchange] {
+        for x in [
+            &t.jobs_exchange,
+            &t.dead_letter_exchange,
+            &t.replies_exchange,
+        ] {
             let _ = self
                 .channel
                 .exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())
@@ -333,12 +338,10 @@ async fn recovery() -> Duration {
     w.mock.wait_for_held(1, Duration::from_secs(120)).await;
     // Which worker runs it: the one whose CLI the mock is talking to is
     // unknown here, so ask the database.
-    let store = claude_worker::store::connect(
-        &claude_worker::config::Secret::new(w.db_url.clone()),
-        1,
-    )
-    .await
-    .unwrap();
+    let store =
+        claude_worker::store::connect(&claude_worker::config::Secret::new(w.db_url.clone()), 1)
+            .await
+            .unwrap();
     let owner = store
         .get_session("bench:crash")
         .await
