@@ -9,7 +9,7 @@
 //! run.
 
 #[path = "../tests/it/mock_api.rs"]
-#[allow(dead_code, unused_imports)]
+#[allow(unused_imports)]
 mod mock_api;
 
 use std::path::{Path, PathBuf};
