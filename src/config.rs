@@ -100,6 +100,10 @@ pub struct ClaudeSettings {
     pub warm_max_processes: usize,
     /// A warm process idle this long is closed.
     pub warm_idle_ttl_secs: u64,
+    /// Largest session transcript (uncompressed JSONL) stored in the
+    /// database after a turn; a larger one is not stored (the previous copy
+    /// stays) and a warning is logged.
+    pub transcript_max_bytes: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]

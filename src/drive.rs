@@ -610,7 +610,7 @@ impl Drop for CliProcess {
 }
 
 /// The CLI's config dir as the child will see it.
-fn config_dir(env: &BTreeMap<String, String>) -> Option<PathBuf> {
+pub fn config_dir(env: &BTreeMap<String, String>) -> Option<PathBuf> {
     env.get("CLAUDE_CONFIG_DIR")
         .map(PathBuf::from)
         .or_else(|| env.get("HOME").map(|h| Path::new(h).join(".claude")))

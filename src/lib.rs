@@ -14,6 +14,7 @@ pub mod publish;
 pub mod retry;
 pub mod schedule;
 pub mod store;
+pub mod transcript;
 pub mod turn;
 pub mod warm;
 pub mod worker;

@@ -32,6 +32,19 @@ pub trait ReplySink: Send + Sync + 'static {
         event: &EventV1,
         body: &[u8],
     ) -> Result<(), PublishError>;
+    /// Publishes one event of a lease holder, attributed to it: the AMQP
+    /// implementation adds the `x-worker-id` and `x-lease-epoch` headers
+    /// (the JSON body is unchanged). Other sinks may ignore the attribution.
+    async fn publish_event_as(
+        &self,
+        routing_key: &str,
+        event: &EventV1,
+        body: &[u8],
+        from: &Attribution<'_>,
+    ) -> Result<(), PublishError> {
+        let _ = from;
+        self.publish_event(routing_key, event, body).await
+    }
     /// Republishes a stored terminal event verbatim.
     async fn publish_raw_event(
         &self,
@@ -60,6 +73,18 @@ pub trait ReplySink: Send + Sync + 'static {
         reason: &str,
     ) -> Result<(), PublishError>;
 }
+
+/// Who publishes an event: the worker and the session lease epoch it holds.
+#[derive(Debug, Clone, Copy)]
+pub struct Attribution<'a> {
+    pub worker_id: &'a str,
+    pub lease_epoch: i64,
+}
+
+/// AMQP header naming the worker that published an event.
+pub const WORKER_ID_HEADER: &str = "x-worker-id";
+/// AMQP header carrying the session lease epoch an event was published under.
+pub const LEASE_EPOCH_HEADER: &str = "x-lease-epoch";
 
 pub struct AmqpSink {
     channel: Channel,
@@ -145,6 +170,29 @@ impl ReplySink for AmqpSink {
     ) -> Result<(), PublishError> {
         let props = event_props(&event.job_id, event.body.type_name())
             .with_message_id(format!("{}:{}", event.job_id, event.seq).as_str().into());
+        self.publish_confirmed(&self.topology.replies_exchange, routing_key, body, props)
+            .await
+    }
+
+    async fn publish_event_as(
+        &self,
+        routing_key: &str,
+        event: &EventV1,
+        body: &[u8],
+        from: &Attribution<'_>,
+    ) -> Result<(), PublishError> {
+        let mut headers = FieldTable::default();
+        headers.insert(
+            WORKER_ID_HEADER.into(),
+            AMQPValue::LongString(from.worker_id.into()),
+        );
+        headers.insert(
+            LEASE_EPOCH_HEADER.into(),
+            AMQPValue::LongLongInt(from.lease_epoch),
+        );
+        let props = event_props(&event.job_id, event.body.type_name())
+            .with_message_id(format!("{}:{}", event.job_id, event.seq).as_str().into())
+            .with_headers(headers);
         self.publish_confirmed(&self.topology.replies_exchange, routing_key, body, props)
             .await
     }

@@ -4,6 +4,7 @@
 //! periodic sweep finds work other workers left (expired leases) or that
 //! arrived through another worker.
 
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -33,9 +34,10 @@ pub async fn run(ctx: Arc<Context>, signals: Shutdown, tracker: TaskTracker) {
             _ = signals.shutdown.cancelled() => break,
         };
         let prefer = ctx.take_preferred();
+        let claimed_at = now_ms();
         match ctx
             .store
-            .claim_session(&ctx.worker_id, now_ms(), ttl_ms, prefer.as_deref())
+            .claim_session(&ctx.worker_id, claimed_at, ttl_ms, prefer.as_deref())
             .await
         {
             Ok(Some(lease)) => {
@@ -43,7 +45,8 @@ pub async fn run(ctx: Arc<Context>, signals: Shutdown, tracker: TaskTracker) {
                 let signals = signals.clone();
                 let span =
                     info_span!("session", session_key = %lease.session_key, epoch = lease.epoch);
-                tracker.spawn(run_session(ctx, lease, permit, signals).instrument(span));
+                tracker
+                    .spawn(run_session(ctx, lease, claimed_at, permit, signals).instrument(span));
                 continue;
             }
             Ok(None) => drop(permit),
@@ -64,22 +67,35 @@ pub async fn run(ctx: Arc<Context>, signals: Shutdown, tracker: TaskTracker) {
     }
 }
 
+/// How long before its recorded expiry a lease is no longer trusted for
+/// publishing (clock skew between hosts, time between check and publish).
+fn lease_margin_ms(ttl_ms: i64) -> i64 {
+    ttl_ms / 5
+}
+
 /// Runs the leased session's jobs one after another, in order, then
-/// releases the lease.
+/// releases the lease, or hands it back between two jobs when another
+/// session is waiting for a worker.
 async fn run_session(
     ctx: Arc<Context>,
     lease: Lease,
+    claimed_at_ms: i64,
     _permit: OwnedSemaphorePermit,
     signals: Shutdown,
 ) {
+    let ttl_ms = ctx.settings.lease_ttl().as_millis() as i64;
     let stop = Stop {
         lease_lost: CancellationToken::new(),
         kill: signals.kill.clone(),
+        lease_valid_until: Arc::new(AtomicI64::new(
+            claimed_at_ms + ttl_ms - lease_margin_ms(ttl_ms),
+        )),
     };
     let heartbeat = tokio::spawn(heartbeat(
         Arc::clone(&ctx),
         lease.clone(),
         stop.lease_lost.clone(),
+        Arc::clone(&stop.lease_valid_until),
     ));
     let result = session_loop(&ctx, &lease, &stop, &signals).await;
     heartbeat.abort();
@@ -119,6 +135,11 @@ async fn session_loop(
             Some(job) => {
                 let span = info_span!("job", job_id = %job.job_id, session_key = %job.session_key);
                 run_job(ctx, lease, job, stop).instrument(span).await?;
+                // Fairness: another session waiting for a worker goes first;
+                // this one is claimed again in least-recently-served order.
+                if ctx.store.yield_lease(lease, now_ms()).await? {
+                    return Ok(());
+                }
             }
             None => match ctx.store.release_lease(lease, now_ms()).await? {
                 ReleaseOutcome::Released => return Ok(()),
@@ -132,14 +153,23 @@ async fn session_loop(
 /// store says it is gone, or when it could not be renewed before it
 /// expired (the database unreachable): past that point another worker may
 /// own the session.
-async fn heartbeat(ctx: Arc<Context>, lease: Lease, lease_lost: CancellationToken) {
+async fn heartbeat(
+    ctx: Arc<Context>,
+    lease: Lease,
+    lease_lost: CancellationToken,
+    valid_until: Arc<AtomicI64>,
+) {
     let ttl = ctx.settings.lease_ttl();
     let ttl_ms = ttl.as_millis() as i64;
     let mut expires = now_ms() + ttl_ms;
     loop {
         tokio::time::sleep(ttl / 3).await;
-        match ctx.store.renew_lease(&lease, now_ms(), ttl_ms).await {
-            Ok(true) => expires = now_ms() + ttl_ms,
+        let renewed_at = now_ms();
+        match ctx.store.renew_lease(&lease, renewed_at, ttl_ms).await {
+            Ok(true) => {
+                expires = renewed_at + ttl_ms;
+                valid_until.store(expires - lease_margin_ms(ttl_ms), Ordering::SeqCst);
+            }
             Ok(false) | Err(StoreError::LeaseLost { .. }) => {
                 lease_lost.cancel();
                 return;

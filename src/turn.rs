@@ -5,6 +5,8 @@
 //! it is published, so a worker that lost the session publishes nothing.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -16,7 +18,7 @@ use crate::context::Context;
 use crate::control::{self, CancelReason, TurnRegistration};
 use crate::drive::{self, CliMessage, CliProcess, TurnRequest, TurnResult};
 use crate::protocol::{ErrorKind, EventBody, EventV1, SessionMode, PROTOCOL_VERSION};
-use crate::publish::PublishError;
+use crate::publish::{Attribution, PublishError};
 use crate::retry::AttemptFailure;
 use crate::store::{now_ms, JobFinish, JobRecord, JobStatus, Lease, SessionUpdate, StoreError};
 use crate::warm::{WarmProcess, WARM_RESPONSE_TIMEOUT};
@@ -57,6 +59,17 @@ pub struct Stop {
     pub lease_lost: CancellationToken,
     /// Shutdown's grace period is over: kill the turn, requeue the job.
     pub kill: CancellationToken,
+    /// Until when (Unix ms, with a safety margin) the lease is surely ours,
+    /// as of its last renewal. An event is published only before this, so
+    /// a worker that was paused past its lease publishes nothing even if
+    /// it wakes between the fenced `record_seq` and the publish.
+    pub lease_valid_until: Arc<AtomicI64>,
+}
+
+impl Stop {
+    fn lease_fresh(&self) -> bool {
+        now_ms() < self.lease_valid_until.load(Ordering::SeqCst)
+    }
 }
 
 /// Publishes a job's events in order, fenced by the lease.
@@ -97,9 +110,12 @@ impl JobEvents<'_> {
             .store
             .record_seq(self.lease, &self.job_id, self.next_seq + 1)
             .await?;
+        if !self.stop.lease_fresh() {
+            return Err(TurnAbort::LeaseLost);
+        }
         self.ctx
             .sink
-            .publish_event(&self.reply_to, &event, &bytes)
+            .publish_event_as(&self.reply_to, &event, &bytes, &self.attribution())
             .await?;
         self.next_seq += 1;
         Ok(())
@@ -130,8 +146,16 @@ impl JobEvents<'_> {
         };
         self.ctx.store.finish_job(self.lease, &finish).await?;
         self.next_seq += 1;
-        publish_terminal(self.ctx, &self.reply_to, &event, &bytes, self.stop).await;
+        let from = self.attribution();
+        publish_terminal(self.ctx, &self.reply_to, &event, &bytes, self.stop, &from).await;
         Ok(())
+    }
+
+    fn attribution(&self) -> Attribution<'_> {
+        Attribution {
+            worker_id: &self.ctx.worker_id,
+            lease_epoch: self.lease.epoch,
+        }
     }
 }
 
@@ -143,10 +167,15 @@ async fn publish_terminal(
     event: &EventV1,
     bytes: &[u8],
     stop: &Stop,
+    from: &Attribution<'_>,
 ) {
     let mut delay = Duration::from_millis(200);
     loop {
-        match ctx.sink.publish_event(reply_to, event, bytes).await {
+        match ctx
+            .sink
+            .publish_event_as(reply_to, event, bytes, from)
+            .await
+        {
             Ok(()) => return,
             Err(e) => {
                 warn!(error = %e, job_id = %event.job_id, "publishing a terminal event failed; retrying");
@@ -309,6 +338,11 @@ pub async fn run_job(
             session.as_ref(),
         )
         .await;
+    if let (None, Some(id)) = (&warm, &request.resume) {
+        // A cold resume: the session may have run on another worker, so
+        // fetch its stored transcript. (A warm process has it already.)
+        crate::transcript::materialise(ctx, &profile, &cwd, id).await;
+    }
 
     loop {
         let attempt = match ctx.store.start_attempt(lease, &job.job_id, now_ms()).await {
@@ -365,6 +399,10 @@ pub async fn run_job(
                     num_turns = result.num_turns,
                     "job completed"
                 );
+                if let Some(id) = &claude_session_id {
+                    // Before the outcome, so the next turn finds it anywhere.
+                    crate::transcript::save(ctx, lease, &profile, &cwd, id).await?;
+                }
                 events
                     .finish(
                         JobStatus::Succeeded,

@@ -285,6 +285,19 @@ pub struct SessionUpdate {
     pub cost_usd: f64,
 }
 
+/// A session's transcript as stored in the database: the CLI's JSONL file,
+/// gzipped, so the session can continue on any worker.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Transcript {
+    pub claude_session_id: String,
+    pub session_key: String,
+    /// The gzipped JSONL.
+    pub data: Vec<u8>,
+    /// Uncompressed size.
+    pub size_bytes: i64,
+    pub updated_at_ms: i64,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct JobFinish {
     pub job_id: String,
@@ -306,8 +319,11 @@ pub trait SessionStore: Send + Sync + 'static {
     async fn accept_job(&self, job: &NewJob, now_ms: i64) -> Result<AcceptOutcome, StoreError>;
 
     /// Claims the lease of a session that has runnable jobs (queued, or
-    /// running under an expired lease) and no live lease, oldest job first.
-    /// `prefer` names a session to try first (the one just accepted).
+    /// running under an expired lease) and no live lease: the least
+    /// recently served session first (never served counts as oldest); among
+    /// equals `prefer` (the session whose job was just accepted here), then
+    /// the one whose oldest runnable job is oldest. Claiming marks the
+    /// session served now, so a preference never jumps the fairness order.
     /// The new lease's epoch is one more than any before it. A session whose
     /// previous holder left a `running` job is marked `interrupted`.
     async fn claim_session(
@@ -330,6 +346,27 @@ pub trait SessionStore: Send + Sync + 'static {
     /// `MoreWork`, lease kept). Sets the session `idle`.
     async fn release_lease(&self, lease: &Lease, now_ms: i64)
         -> Result<ReleaseOutcome, StoreError>;
+
+    /// Between two jobs: gives the lease up if another session with runnable
+    /// jobs is waiting for a worker (its lease free or expired), so capacity
+    /// is shared fairly; `Ok(true)` when given up. The session's queued jobs
+    /// stay queued and it is claimed again in least-recently-served order.
+    /// Fenced.
+    async fn yield_lease(&self, lease: &Lease, now_ms: i64) -> Result<bool, StoreError>;
+
+    /// Stores (replaces) a session's transcript. Fenced by `lease`, which
+    /// must be the lease of `transcript.session_key`.
+    async fn put_transcript(
+        &self,
+        lease: &Lease,
+        transcript: &Transcript,
+    ) -> Result<(), StoreError>;
+
+    /// The stored transcript of a Claude session, if any.
+    async fn get_transcript(
+        &self,
+        claude_session_id: &str,
+    ) -> Result<Option<Transcript>, StoreError>;
 
     /// Gives the lease up whatever is queued (shutdown). Running jobs of the
     /// session go back to `queued` so another worker takes them at once.

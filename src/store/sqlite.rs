@@ -19,7 +19,7 @@ use super::rows::{
 };
 use super::{
     AcceptOutcome, JobFinish, JobRecord, JobStatus, Lease, NewJob, ReleaseOutcome, SessionRecord,
-    SessionStore, StoreError,
+    SessionStore, StoreError, Transcript,
 };
 use crate::protocol::PermissionMode;
 
@@ -140,30 +140,22 @@ impl SessionStore for SqliteStore {
         prefer: Option<&str>,
     ) -> Result<Option<Lease>, StoreError> {
         let mut tx = self.begin_immediate().await?;
-        let mut key: Option<String> = None;
-        if let Some(prefer) = prefer {
-            key = sqlx::query_scalar(&format!(
-                "SELECT s.session_key FROM sessions s WHERE s.session_key = ? AND {LEASE_FREE} \
-                 AND EXISTS (SELECT 1 FROM jobs j WHERE j.session_key = s.session_key \
-                             AND j.status IN ('queued', 'running'))"
-            ))
-            .bind(prefer)
-            .bind(now_ms)
-            .fetch_optional(&mut *tx)
-            .await?;
-        }
-        if key.is_none() {
-            // The oldest runnable job among claimable sessions names the
-            // session whose oldest runnable job is oldest.
-            key = sqlx::query_scalar(&format!(
-                "SELECT j.session_key FROM jobs j JOIN sessions s ON s.session_key = j.session_key \
-                 WHERE j.status IN ('queued', 'running') AND {LEASE_FREE} \
-                 ORDER BY j.job_order LIMIT 1"
-            ))
-            .bind(now_ms)
-            .fetch_optional(&mut *tx)
-            .await?;
-        }
+        // Least recently served first (never served counts as oldest);
+        // among equals the preferred session, then the oldest runnable job.
+        let key: Option<String> = sqlx::query_scalar(&format!(
+            "SELECT s.session_key FROM sessions s \
+             WHERE {LEASE_FREE} AND s.session_key IN \
+               (SELECT j.session_key FROM jobs j WHERE j.status IN ('queued', 'running')) \
+             ORDER BY COALESCE(s.last_served_at_ms, 0), \
+               CASE WHEN s.session_key = ? THEN 0 ELSE 1 END, \
+               (SELECT MIN(j.job_order) FROM jobs j WHERE j.session_key = s.session_key \
+                  AND j.status IN ('queued', 'running')) \
+             LIMIT 1"
+        ))
+        .bind(now_ms)
+        .bind(prefer)
+        .fetch_optional(&mut *tx)
+        .await?;
         let Some(session_key) = key else {
             tx.rollback().await?;
             return Ok(None);
@@ -173,11 +165,12 @@ impl SessionStore for SqliteStore {
                status = CASE WHEN EXISTS (SELECT 1 FROM jobs j WHERE j.session_key = sessions.session_key \
                                           AND j.status = 'running') \
                         THEN 'interrupted' ELSE 'active' END, \
-               updated_at_ms = ? \
+               updated_at_ms = ?, last_served_at_ms = ? \
              WHERE session_key = ? RETURNING lease_epoch",
         )
         .bind(owner)
         .bind(now_ms.saturating_add(ttl_ms))
+        .bind(now_ms)
         .bind(now_ms)
         .bind(&session_key)
         .fetch_one(&mut *tx)
@@ -239,6 +232,85 @@ impl SessionStore for SqliteStore {
         .await?;
         tx.commit().await?;
         Ok(ReleaseOutcome::Released)
+    }
+
+    async fn yield_lease(&self, lease: &Lease, now_ms: i64) -> Result<bool, StoreError> {
+        let mut tx = self.begin_immediate().await?;
+        check_fence(&mut tx, lease).await?;
+        let waiting: Option<i64> = sqlx::query_scalar(&format!(
+            "SELECT 1 FROM sessions s WHERE s.session_key <> ? AND {LEASE_FREE} \
+               AND s.session_key IN (SELECT j.session_key FROM jobs j \
+                                     WHERE j.status IN ('queued', 'running')) LIMIT 1"
+        ))
+        .bind(&lease.session_key)
+        .bind(now_ms)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if waiting.is_none() {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        sqlx::query(
+            "UPDATE sessions SET lease_owner = NULL, lease_expires_at_ms = NULL, status = 'idle', \
+               updated_at_ms = ? WHERE session_key = ?",
+        )
+        .bind(now_ms)
+        .bind(&lease.session_key)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    async fn put_transcript(
+        &self,
+        lease: &Lease,
+        transcript: &Transcript,
+    ) -> Result<(), StoreError> {
+        if transcript.session_key != lease.session_key {
+            return Err(StoreError::Other(format!(
+                "transcript of session {} written under the lease of {}",
+                transcript.session_key, lease.session_key
+            )));
+        }
+        let mut tx = self.begin_immediate().await?;
+        check_fence(&mut tx, lease).await?;
+        sqlx::query(
+            "INSERT INTO transcripts (claude_session_id, session_key, data, size_bytes, updated_at_ms) \
+             VALUES (?, ?, ?, ?, ?) \
+             ON CONFLICT (claude_session_id) DO UPDATE SET session_key = excluded.session_key, \
+               data = excluded.data, size_bytes = excluded.size_bytes, \
+               updated_at_ms = excluded.updated_at_ms",
+        )
+        .bind(&transcript.claude_session_id)
+        .bind(&transcript.session_key)
+        .bind(&transcript.data)
+        .bind(transcript.size_bytes)
+        .bind(transcript.updated_at_ms)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn get_transcript(
+        &self,
+        claude_session_id: &str,
+    ) -> Result<Option<Transcript>, StoreError> {
+        let row: Option<(String, String, Vec<u8>, i64, i64)> = sqlx::query_as(
+            "SELECT claude_session_id, session_key, data, size_bytes, updated_at_ms \
+             FROM transcripts WHERE claude_session_id = ?",
+        )
+        .bind(claude_session_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|r| Transcript {
+            claude_session_id: r.0,
+            session_key: r.1,
+            data: r.2,
+            size_bytes: r.3,
+            updated_at_ms: r.4,
+        }))
     }
 
     async fn abandon_lease(&self, lease: &Lease, now_ms: i64) -> Result<(), StoreError> {

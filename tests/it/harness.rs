@@ -134,9 +134,26 @@ impl TestEnv {
 
     /// Settings for a worker in this world. `extra` is TOML layered on top.
     pub fn settings(&self, extra: &str) -> Settings {
-        let home = self.home();
+        let toml = self.settings_toml(
+            &self.home(),
+            &self.dir.path().join("workspaces"),
+            &self.prefix,
+            extra,
+        );
+        Settings::from_toml_overrides(&toml).expect("test settings")
+    }
+
+    /// The TOML of [`TestEnv::settings`], for a worker whose CLI uses
+    /// `home` (and `home/.claude` as its config dir) and works below
+    /// `work`; its CLI processes carry `CW_TEST_PREFIX=<marker>`.
+    pub fn settings_toml(
+        &self,
+        home: &std::path::Path,
+        work: &std::path::Path,
+        marker: &str,
+        extra: &str,
+    ) -> String {
         std::fs::create_dir_all(home.join(".claude")).unwrap();
-        let work = self.dir.path().join("workspaces");
         let mut profiles = String::new();
         for name in ["default", "discord", "webapp"] {
             profiles.push_str(&format!(
@@ -155,10 +172,10 @@ CW_TEST_PREFIX = "{prefix}"
                 work = work.display(),
                 base = self.mock.base_url(),
                 home = home.display(),
-                prefix = self.prefix,
+                prefix = marker,
             ));
         }
-        let toml = format!(
+        format!(
             r#"
 [amqp]
 url = "{AMQP_URL}"
@@ -184,8 +201,7 @@ max_total_secs = 120
             prefix = self.prefix,
             db = self.db_url,
             cli = claude_bin().display(),
-        );
-        Settings::from_toml_overrides(&toml).expect("test settings")
+        )
     }
 
     pub async fn start_worker(&self) -> Worker {

@@ -4,6 +4,7 @@
 //! temp dirs, a worker).
 
 mod control;
+mod fleet;
 mod harness;
 mod mock_api;
 mod mock_selftest;

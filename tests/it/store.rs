@@ -11,7 +11,7 @@ use claude_worker::config::Secret;
 use claude_worker::protocol::{PermissionMode, SessionMode};
 use claude_worker::store::{
     self, AcceptOutcome, JobFinish, JobSpec, JobStatus, Lease, NewJob, ReleaseOutcome,
-    SessionStatus, SessionStore, SessionUpdate, StoreError,
+    SessionStatus, SessionStore, SessionUpdate, StoreError, Transcript,
 };
 use sqlx::{Connection, Executor};
 
@@ -135,6 +135,9 @@ store_tests!(
     control_requests_are_claimed_once,
     queued_jobs_end_without_running,
     session_permission_mode_override,
+    claims_go_least_recently_served_first,
+    yield_hands_back_only_when_others_wait,
+    transcripts_are_fenced_and_replaced,
 );
 
 // ---------------------------------------------------------------- helpers
@@ -1021,6 +1024,127 @@ async fn concurrent_duplicate_accepts_insert_once(ctx: Ctx) {
     }
     assert_eq!(inserted, 1);
     assert_eq!(stores[0].list_jobs("S", 10).await.unwrap().len(), 1);
+}
+
+// ---------------------------------------------------------------- fleet
+
+async fn claims_go_least_recently_served_first(ctx: Ctx) {
+    let s = ctx.open().await;
+    // A has many jobs, accepted first; B one, accepted later.
+    for i in 0..5 {
+        accept(&s, &format!("a{i}"), "A", 100 + i).await;
+    }
+    accept(&s, "b0", "B", 200).await;
+    let a = s
+        .claim_session("w1", 300, TTL, None)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(a.session_key, "A", "never served: oldest job first");
+    assert_eq!(run_next(&s, &a, 310).await.as_deref(), Some("a0"));
+    assert!(
+        s.yield_lease(&a, 320).await.unwrap(),
+        "B waits: A hands back"
+    );
+    // A was served at 300, B never: B goes first, even preferring A.
+    let b = s
+        .claim_session("w1", 330, TTL, Some("A"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(b.session_key, "B");
+    let a2 = s
+        .claim_session("w2", 340, TTL, None)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(a2.session_key, "A");
+    assert_eq!(a2.epoch, a.epoch + 1);
+    assert_eq!(
+        s.get_session("A").await.unwrap().unwrap().status,
+        SessionStatus::Active
+    );
+    // The old holder's writes are refused after the hand-back.
+    assert!(matches!(
+        s.yield_lease(&a, 350).await,
+        Err(StoreError::LeaseLost { .. })
+    ));
+}
+
+async fn yield_hands_back_only_when_others_wait(ctx: Ctx) {
+    let s = ctx.open().await;
+    accept(&s, "a0", "A", 100).await;
+    accept(&s, "a1", "A", 101).await;
+    let a = s
+        .claim_session("w1", 200, TTL, None)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(run_next(&s, &a, 210).await.as_deref(), Some("a0"));
+    assert!(
+        !s.yield_lease(&a, 220).await.unwrap(),
+        "nobody waits: keep it"
+    );
+    // B's lease is live (held elsewhere): not waiting for a worker.
+    accept(&s, "b0", "B", 230).await;
+    let b = s
+        .claim_session("w2", 240, TTL, Some("B"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(b.session_key, "B");
+    assert!(!s.yield_lease(&a, 250).await.unwrap());
+    // C is claimable: A hands back; its queued job stays queued.
+    accept(&s, "c0", "C", 260).await;
+    assert!(s.yield_lease(&a, 270).await.unwrap());
+    let sess = s.get_session("A").await.unwrap().unwrap();
+    assert_eq!(sess.lease_owner, None);
+    assert_eq!(
+        s.get_job("a1").await.unwrap().unwrap().status,
+        JobStatus::Queued
+    );
+}
+
+async fn transcripts_are_fenced_and_replaced(ctx: Ctx) {
+    let s = ctx.open().await;
+    assert_eq!(s.get_transcript("cs1").await.unwrap(), None);
+    accept(&s, "j1", "S", 100).await;
+    let l1 = s
+        .claim_session("w1", 200, 100, None)
+        .await
+        .unwrap()
+        .unwrap();
+    let t = |data: &[u8], at: i64| Transcript {
+        claude_session_id: "cs1".into(),
+        session_key: "S".into(),
+        data: data.to_vec(),
+        size_bytes: data.len() as i64 * 10,
+        updated_at_ms: at,
+    };
+    s.put_transcript(&l1, &t(b"one", 210)).await.unwrap();
+    s.put_transcript(&l1, &t(b"two\0bytes", 220)).await.unwrap();
+    assert_eq!(
+        s.get_transcript("cs1").await.unwrap(),
+        Some(t(b"two\0bytes", 220))
+    );
+    // Another worker takes the expired lease: the old holder is refused.
+    let l2 = s
+        .claim_session("w2", 1_000, 100, None)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(matches!(
+        s.put_transcript(&l1, &t(b"stale", 1_010)).await,
+        Err(StoreError::LeaseLost { .. })
+    ));
+    // Only under the lease of its own session.
+    let mut other = t(b"x", 1_020);
+    other.session_key = "T".into();
+    assert!(s.put_transcript(&l2, &other).await.is_err());
+    assert_eq!(
+        s.get_transcript("cs1").await.unwrap(),
+        Some(t(b"two\0bytes", 220))
+    );
 }
 
 async fn control_requests_are_claimed_once(ctx: Ctx) {

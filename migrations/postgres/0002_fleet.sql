@@ -1,0 +1,17 @@
+-- Fair scheduling: claims go to the least recently served session first,
+-- so a session with many queued jobs cannot starve one with a single job.
+ALTER TABLE sessions ADD COLUMN last_served_at_ms BIGINT;
+
+-- Session transcripts, so a session continues on any worker (any host, any
+-- CLI config dir). One row per Claude session id, written by the lease
+-- holder after every completed turn (fenced); `data` is the CLI's JSONL
+-- transcript, gzipped; `size_bytes` its uncompressed size.
+CREATE TABLE transcripts (
+    claude_session_id TEXT   PRIMARY KEY,
+    session_key       TEXT   NOT NULL,
+    data              BYTEA  NOT NULL,
+    size_bytes        BIGINT NOT NULL,
+    updated_at_ms     BIGINT NOT NULL
+);
+
+CREATE INDEX transcripts_session_idx ON transcripts (session_key);

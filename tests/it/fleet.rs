@@ -1,0 +1,746 @@
+//! A fleet: several worker PROCESSES (the built binary) sharing one broker
+//! and one database, each with its own HOME, CLI config dir and workspaces,
+//! as if on separate hosts. Exclusion, order, fairness, fencing, crash
+//! recovery and portability of sessions between workers.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use claude_worker::config::Secret;
+use claude_worker::protocol::{EventBody, EventV1};
+use claude_worker::store::SessionStore;
+use futures_util::StreamExt;
+use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use serde_json::json;
+use tokio::sync::Notify;
+
+use crate::harness::{cli_pids, Backend, TestEnv, WAIT};
+use crate::mock_api::Behavior;
+
+/// One `claude-worker worker` process.
+struct WorkerProc {
+    id: String,
+    /// `CW_TEST_PREFIX` of its CLI processes, for [`cli_pids`].
+    marker: String,
+    child: Child,
+    log: PathBuf,
+}
+
+impl WorkerProc {
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    fn signal(&self, sig: i32) {
+        // SAFETY: plain syscall on our own child.
+        unsafe { libc::kill(self.pid(), sig) };
+    }
+
+    /// SIGTERM, then waits (bounded) for a graceful exit.
+    async fn stop(&mut self) {
+        self.signal(libc::SIGTERM);
+        let deadline = Instant::now() + WAIT;
+        while self.child.try_wait().expect("try_wait").is_none() {
+            assert!(Instant::now() < deadline, "worker {} did not stop", self.id);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn log_tail(&self) -> String {
+        let log = std::fs::read(&self.log).unwrap_or_default();
+        let start = log.len().saturating_sub(4000);
+        String::from_utf8_lossy(&log[start..]).into_owned()
+    }
+}
+
+impl Drop for WorkerProc {
+    fn drop(&mut self) {
+        // Its CLI processes die with it (PR_SET_PDEATHSIG).
+        self.signal(libc::SIGCONT);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts worker process `n` of this test with its own home and workspaces.
+/// `vars` are extra `CLAUDE_WORKER__…` settings.
+fn spawn_worker(env: &TestEnv, n: usize, vars: &[(&str, String)]) -> WorkerProc {
+    let base = env.dir.path().join(format!("worker{n}"));
+    let home = base.join("home");
+    let marker = format!("{}.w{n}", env.prefix);
+    let toml = env.settings_toml(&home, &base.join("work"), &marker, "");
+    let config = base.join("config.toml");
+    std::fs::write(&config, toml).unwrap();
+    let id = format!("w{n}-{}", &uuid::Uuid::new_v4().simple().to_string()[..6]);
+    let log = base.join("worker.log");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_claude-worker"));
+    cmd.arg("--config")
+        .arg(&config)
+        .arg("worker")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("HOME", &home)
+        .env("CLAUDE_CONFIG_DIR", home.join(".claude"))
+        .env(
+            "RUST_LOG",
+            std::env::var("FLEET_WORKER_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .env("CLAUDE_WORKER__WORKER__ID", &id)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap());
+    for (k, v) in vars {
+        cmd.env(format!("CLAUDE_WORKER__{k}"), v);
+    }
+    let child = cmd.spawn().expect("spawn claude-worker");
+    WorkerProc {
+        id,
+        marker,
+        child,
+        log,
+    }
+}
+
+/// Waits until `n` consumers are attached to the jobs queue.
+async fn wait_for_consumers(env: &TestEnv, n: u32) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let q = env
+            .channel
+            .queue_declare(
+                env.topology.jobs_queue.as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("jobs queue");
+        if q.consumer_count() >= n {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{n} workers did not start consuming"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A reply event with the attribution headers it arrived with.
+#[derive(Debug, Clone)]
+struct Seen {
+    event: EventV1,
+    worker: Option<String>,
+    epoch: Option<i64>,
+    at: Instant,
+}
+
+/// Every reply event of this test, with headers, as it arrives.
+#[derive(Clone)]
+struct Replies {
+    seen: Arc<Mutex<Vec<Seen>>>,
+    changed: Arc<Notify>,
+}
+
+impl Replies {
+    async fn watch(env: &TestEnv) -> Replies {
+        let ch = env.conn.create_channel().await.unwrap();
+        let q = ch
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        ch.queue_bind(
+            q.name().as_str().into(),
+            env.topology.replies_exchange.as_str().into(),
+            env.reply_key.as_str().into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+        let mut consumer = ch
+            .basic_consume(
+                q.name().as_str().into(),
+                "".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let replies = Replies {
+            seen: Arc::new(Mutex::new(Vec::new())),
+            changed: Arc::new(Notify::new()),
+        };
+        let r = replies.clone();
+        tokio::spawn(async move {
+            let _keep = ch;
+            while let Some(Ok(d)) = consumer.next().await {
+                let event: EventV1 = serde_json::from_slice(&d.data).expect("events are v1");
+                let headers = d.properties.headers().clone().unwrap_or_default();
+                let h = headers.inner();
+                let worker = match h.get("x-worker-id") {
+                    Some(AMQPValue::LongString(s)) => {
+                        Some(String::from_utf8_lossy(s.as_bytes()).into_owned())
+                    }
+                    _ => None,
+                };
+                let epoch = match h.get("x-lease-epoch") {
+                    Some(AMQPValue::LongLongInt(n)) => Some(*n),
+                    Some(AMQPValue::LongInt(n)) => Some(*n as i64),
+                    Some(AMQPValue::LongUInt(n)) => Some(*n as i64),
+                    Some(AMQPValue::ShortInt(n)) => Some(*n as i64),
+                    _ => None,
+                };
+                r.seen.lock().unwrap().push(Seen {
+                    event,
+                    worker,
+                    epoch,
+                    at: Instant::now(),
+                });
+                r.changed.notify_waiters();
+            }
+        });
+        replies
+    }
+
+    fn all(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    /// Waits (up to `timeout`) until `done` holds over all events so far.
+    async fn wait_until(&self, timeout: Duration, what: &str, done: impl Fn(&[Seen]) -> bool) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.changed.notified();
+            if done(&self.seen.lock().unwrap()) {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                panic!("{what}: not within {timeout:?}");
+            }
+        }
+    }
+
+    /// The first event of `job` matching `pred`, waiting for it.
+    async fn wait_for(&self, job: &str, what: &str, pred: impl Fn(&EventV1) -> bool) -> Seen {
+        let find = |all: &[Seen]| {
+            all.iter()
+                .find(|s| s.event.job_id == job && pred(&s.event))
+                .cloned()
+        };
+        self.wait_until(WAIT, what, |all| find(all).is_some()).await;
+        find(&self.all()).unwrap()
+    }
+
+    async fn terminal(&self, job: &str) -> Seen {
+        self.wait_for(job, &format!("terminal event of {job}"), |e| {
+            e.body.is_terminal()
+        })
+        .await
+    }
+}
+
+fn is_completed(e: &EventV1) -> bool {
+    matches!(e.body, EventBody::Completed { .. })
+}
+
+fn vars(pairs: &[(&'static str, &str)]) -> Vec<(&'static str, String)> {
+    pairs.iter().map(|(k, v)| (*k, v.to_string())).collect()
+}
+
+async fn open_store(env: &TestEnv) -> Arc<dyn SessionStore> {
+    claude_worker::store::connect(&Secret::new(env.db_url.clone()), 2)
+        .await
+        .expect("open the test database")
+}
+
+// ------------------------------------------------------------------ burst
+
+/// 3 workers, 50 sessions × 10 jobs in a burst: exactly one terminal per
+/// job, per-session order, no overlapping turns of a session, whole
+/// conversations on every turn (sessions move between workers), and every
+/// worker did work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn burst_of_500_jobs_on_three_workers() {
+    const SESSIONS: usize = 50;
+    const JOBS: usize = 10;
+    let env = TestEnv::new(Backend::Postgres).await;
+    let replies = Replies::watch(&env).await;
+    let v = vars(&[("WORKER__MAX_CONCURRENT_TURNS", "3")]);
+    let workers: Vec<WorkerProc> = (0..3).map(|n| spawn_worker(&env, n, &v)).collect();
+    wait_for_consumers(&env, 3).await;
+    // A short reply in one chunk: the CLI's start-up is what costs.
+    env.mock.set_default(Behavior::Reply {
+        text: "ok".into(),
+        chunks: 1,
+    });
+
+    let started = Instant::now();
+    let mut jobs: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+    for j in 0..JOBS {
+        for s in 0..SESSIONS {
+            let prompt = format!("[[mock:s{s}]] job {j}");
+            let id = env
+                .publish_job(&format!("fleet:s{s}"), &prompt, json!({}))
+                .await;
+            jobs.insert(id, (s, j));
+        }
+    }
+    let total = SESSIONS * JOBS;
+    // About 2-3 minutes on an idle 2-core machine: every turn is a real CLI
+    // process (Node start-up is most of its cost). The bound is generous
+    // because CI machines are shared.
+    let deadline = Duration::from_secs(900);
+    let progress = {
+        let replies = replies.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(10)).await;
+                let n = replies
+                    .all()
+                    .iter()
+                    .filter(|s| s.event.body.is_terminal())
+                    .count();
+                eprintln!("burst: {n} terminal events after {:?}", started.elapsed());
+            }
+        })
+    };
+    replies
+        .wait_until(deadline, "all 500 terminal events", |all| {
+            all.iter().filter(|s| s.event.body.is_terminal()).count() >= total
+        })
+        .await;
+    progress.abort();
+    let elapsed = started.elapsed();
+    // Nothing more may come: a second terminal would show up here.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let all = replies.all();
+
+    let mut terminals: BTreeMap<&str, Vec<&Seen>> = BTreeMap::new();
+    for s in all.iter().filter(|s| s.event.body.is_terminal()) {
+        terminals.entry(&s.event.job_id).or_default().push(s);
+    }
+    assert_eq!(terminals.len(), total, "every job got a terminal event");
+    for (job, t) in &terminals {
+        assert!(jobs.contains_key(*job));
+        assert_eq!(t.len(), 1, "job {job}: exactly one terminal: {t:#?}");
+        assert!(is_completed(&t[0].event), "job {job}: {t:#?}");
+    }
+
+    // Attribution: every event carries its worker and epoch; all three worked.
+    assert!(all.iter().all(|s| s.worker.is_some() && s.epoch.is_some()));
+    let by_worker: BTreeSet<&str> = all.iter().filter_map(|s| s.worker.as_deref()).collect();
+    for w in &workers {
+        assert!(
+            by_worker.contains(w.id.as_str()),
+            "worker {} did no work; workers seen: {by_worker:?}",
+            w.id
+        );
+    }
+
+    // The mock's requests, per session: in acceptance order (the database's
+    // job order; jobs of one session published back to back may be
+    // accepted by different workers in either order), never overlapping,
+    // each carrying the whole conversation so far.
+    let store = open_store(&env).await;
+    let reqs = env.mock.requests();
+    for s in 0..SESSIONS {
+        let accepted: Vec<usize> = store
+            .list_jobs(&format!("fleet:s{s}"), 100)
+            .await
+            .unwrap()
+            .iter()
+            .map(|j| jobs[&j.job_id].1)
+            .collect();
+        let mut sorted = accepted.clone();
+        sorted.sort();
+        assert_eq!(sorted, (0..JOBS).collect::<Vec<_>>(), "session s{s}");
+        let mut mine: Vec<_> = reqs
+            .iter()
+            .filter(|r| r.marker().as_deref() == Some(&format!("s{s}")))
+            .collect();
+        mine.sort_by_key(|r| r.started);
+        let order: Vec<usize> = mine
+            .iter()
+            .map(|r| {
+                let t = r.last_user_text().unwrap();
+                t.rsplit(' ').next().unwrap().parse().unwrap()
+            })
+            .collect();
+        assert_eq!(
+            order, accepted,
+            "session s{s}: one request per job, in acceptance order"
+        );
+        for pair in mine.windows(2) {
+            let end = pair[0].finished.expect("every request finished");
+            assert!(end <= pair[1].started, "session s{s}: two turns overlapped");
+        }
+        for (j, r) in mine.iter().enumerate() {
+            assert_eq!(
+                r.user_texts().len(),
+                j + 1,
+                "session s{s} job {j}: the whole conversation: {:?}",
+                r.user_texts()
+            );
+        }
+    }
+    let per_worker: BTreeMap<&str, usize> = terminals
+        .values()
+        .filter_map(|t| t[0].worker.as_deref())
+        .fold(BTreeMap::new(), |mut m, w| {
+            *m.entry(w).or_default() += 1;
+            m
+        });
+    eprintln!(
+        "burst: {total} jobs in {:.1} s ({:.1} jobs/s); per worker: {per_worker:?}",
+        elapsed.as_secs_f64(),
+        total as f64 / elapsed.as_secs_f64()
+    );
+    drop(workers);
+    env.cleanup().await;
+}
+
+// --------------------------------------------------------- crash recovery
+
+/// A worker SIGKILLed mid-turn: another worker takes the job over as a new
+/// attempt (`retrying`, `worker_lost`), and the session's next job still
+/// sees the whole conversation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkilled_worker_job_completes_elsewhere() {
+    let env = TestEnv::new(Backend::Postgres).await;
+    let replies = Replies::watch(&env).await;
+    let v = vars(&[("WORKER__LEASE_TTL_SECS", "3")]);
+    let mut workers: Vec<WorkerProc> = (0..2).map(|n| spawn_worker(&env, n, &v)).collect();
+    wait_for_consumers(&env, 2).await;
+    let key = "fleet:crash";
+
+    let j1 = env.publish_job(key, "first", json!({})).await;
+    assert!(is_completed(&replies.terminal(&j1).await.event));
+
+    env.mock
+        .push_behavior_for("crash", Behavior::hold("never sent whole"));
+    let p2 = "second [[mock:crash]]";
+    let j2 = env.publish_job(key, p2, json!({})).await;
+    env.mock.wait_for_held(1, WAIT).await;
+    let first = replies
+        .wait_for(&j2, "job 2 started", |e| {
+            matches!(e.body, EventBody::Started { .. })
+        })
+        .await;
+    let victim = workers
+        .iter()
+        .position(|w| Some(&w.id) == first.worker.as_ref())
+        .expect("job 2 ran on one of the workers");
+    let killed = workers.remove(victim);
+    let killed_at = Instant::now();
+    killed.signal(libc::SIGKILL);
+
+    let retry = replies
+        .wait_for(&j2, "retrying after the kill", |e| {
+            matches!(e.body, EventBody::Retrying { .. })
+        })
+        .await;
+    match &retry.event.body {
+        EventBody::Retrying { reason, .. } => assert_eq!(reason, "worker_lost"),
+        _ => unreachable!(),
+    }
+    assert_eq!(retry.worker.as_deref(), Some(workers[0].id.as_str()));
+    assert!(
+        retry.epoch > first.epoch,
+        "a new lease: {retry:?} {first:?}"
+    );
+    let done = replies.terminal(&j2).await;
+    assert!(is_completed(&done.event), "{done:?}");
+    assert_eq!(done.event.attempt, 2);
+    eprintln!(
+        "recovery: kill -> retrying in {:.2} s",
+        (retry.at - killed_at).as_secs_f64()
+    );
+    // The killed worker's CLI died with it.
+    let deadline = Instant::now() + WAIT;
+    while !cli_pids(&killed.marker).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the killed worker's CLI lives on"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(killed);
+
+    let j3 = env.publish_job(key, "third", json!({})).await;
+    assert!(is_completed(&replies.terminal(&j3).await.event));
+    let req = env
+        .mock
+        .requests()
+        .into_iter()
+        .rev()
+        .find(|r| r.last_user_text().as_deref() == Some("third"))
+        .expect("the mock saw job 3");
+    assert_eq!(req.user_texts(), vec!["first", p2, "third"]);
+    assert_eq!(
+        req.assistant_texts(),
+        vec!["echo: first".to_string(), format!("echo: {p2}")]
+    );
+    drop(workers);
+    env.cleanup().await;
+}
+
+// ---------------------------------------------------------------- fencing
+
+/// A worker SIGSTOPped past its lease, then SIGCONTed after another worker
+/// finished its job: nothing it publishes under the stale epoch reaches
+/// the reply exchange, and its CLI process is stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paused_worker_is_fenced_out() {
+    let env = TestEnv::new(Backend::Postgres).await;
+    let replies = Replies::watch(&env).await;
+    let v = vars(&[("WORKER__LEASE_TTL_SECS", "3")]);
+    let workers: Vec<WorkerProc> = (0..2).map(|n| spawn_worker(&env, n, &v)).collect();
+    wait_for_consumers(&env, 2).await;
+
+    env.mock
+        .push_behavior_for("pause", Behavior::hold("late words"));
+    let job = env
+        .publish_job("fleet:pause", "hold on [[mock:pause]]", json!({}))
+        .await;
+    env.mock.wait_for_held(1, WAIT).await;
+    let first = replies
+        .wait_for(&job, "started", |e| {
+            matches!(e.body, EventBody::Started { .. })
+        })
+        .await;
+    let x = workers
+        .iter()
+        .find(|w| Some(&w.id) == first.worker.as_ref())
+        .expect("the job ran on one of the workers");
+    assert!(!cli_pids(&x.marker).is_empty(), "x's CLI is running");
+    x.signal(libc::SIGSTOP);
+
+    // The other worker takes over once the lease expires and finishes the job.
+    let takeover = replies
+        .wait_for(&job, "takeover", |e| {
+            matches!(e.body, EventBody::Retrying { .. })
+        })
+        .await;
+    assert_ne!(takeover.worker, first.worker);
+    assert!(takeover.epoch > first.epoch);
+    let done = replies.terminal(&job).await;
+    assert!(is_completed(&done.event));
+    assert_ne!(done.worker, first.worker);
+
+    // While x sleeps its CLI gets the rest of the held answer: x wakes up
+    // with text and a result to publish.
+    env.mock.release_held();
+    let deadline = Instant::now() + WAIT;
+    while env.mock.requests_for("pause")[0].finished.is_none() {
+        assert!(Instant::now() < deadline, "the held answer did not end");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    x.signal(libc::SIGCONT);
+
+    // x notices it lost the lease and stops its CLI.
+    let deadline = Instant::now() + WAIT;
+    while !cli_pids(&x.marker).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the fenced-out worker's CLI still runs; log: {}",
+            x.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Give anything x might still send time to arrive, then count.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let stale: Vec<Seen> = replies
+        .all()
+        .into_iter()
+        .filter(|s| s.at >= takeover.at && s.worker == first.worker)
+        .collect();
+    assert!(
+        stale.is_empty(),
+        "stale events after the takeover: {stale:#?}"
+    );
+    let terminals = replies
+        .all()
+        .iter()
+        .filter(|s| s.event.job_id == job && s.event.body.is_terminal())
+        .count();
+    assert_eq!(terminals, 1);
+    assert!(
+        x.log_tail().contains("lease lost"),
+        "x logs that it lost the lease: {}",
+        x.log_tail()
+    );
+    drop(workers);
+    env.cleanup().await;
+}
+
+// ------------------------------------------------------------ portability
+
+/// A session started on worker A continues on worker B (separate config
+/// dirs and workspaces): the mock sees the earlier turns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_moves_between_workers() {
+    let env = TestEnv::new(Backend::Postgres).await;
+    let replies = Replies::watch(&env).await;
+    let key = "fleet:moving";
+    let mut a = spawn_worker(&env, 0, &[]);
+    wait_for_consumers(&env, 1).await;
+    let j1 = env.publish_job(key, "on a", json!({})).await;
+    let t1 = replies.terminal(&j1).await;
+    assert_eq!(t1.worker.as_deref(), Some(a.id.as_str()));
+    let id1 = match &t1.event.body {
+        EventBody::Completed {
+            claude_session_id, ..
+        } => claude_session_id.clone().unwrap(),
+        other => panic!("{other:?}"),
+    };
+    a.stop().await;
+
+    let b = spawn_worker(&env, 1, &[]);
+    let j2 = env.publish_job(key, "on b", json!({})).await;
+    let started = replies
+        .wait_for(&j2, "started on b", |e| {
+            matches!(e.body, EventBody::Started { .. })
+        })
+        .await;
+    assert_eq!(started.worker.as_deref(), Some(b.id.as_str()));
+    match &started.event.body {
+        EventBody::Started {
+            claude_session_id,
+            resumed,
+            resume_failed,
+            ..
+        } => {
+            assert!(*resumed, "{started:?}");
+            assert_eq!(resume_failed, &None);
+            assert_eq!(claude_session_id.as_deref(), Some(id1.as_str()));
+        }
+        _ => unreachable!(),
+    }
+    assert!(is_completed(&replies.terminal(&j2).await.event));
+    let req = env
+        .mock
+        .requests()
+        .into_iter()
+        .rev()
+        .find(|r| r.last_user_text().as_deref() == Some("on b"))
+        .unwrap();
+    assert_eq!(req.user_texts(), vec!["on a", "on b"]);
+    assert_eq!(req.assistant_texts(), vec!["echo: on a"]);
+    drop(b);
+    env.cleanup().await;
+}
+
+// ------------------------------------------------- head-of-line, fairness
+
+/// Session A's turn is held open; session B's job completes meanwhile, on
+/// one worker with two slots and across two workers with one slot each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_turn_does_not_block_other_sessions() {
+    let env = TestEnv::new(Backend::Sqlite).await;
+    let replies = Replies::watch(&env).await;
+
+    // One worker, two slots.
+    let one = spawn_worker(&env, 0, &vars(&[("WORKER__MAX_CONCURRENT_TURNS", "2")]));
+    wait_for_consumers(&env, 1).await;
+    env.mock
+        .push_behavior_for("long1", Behavior::hold("long one"));
+    let a = env
+        .publish_job("hol:a", "slow [[mock:long1]]", json!({}))
+        .await;
+    env.mock.wait_for_held(1, WAIT).await;
+    let b = env.publish_job("hol:b", "quick", json!({})).await;
+    assert!(is_completed(&replies.terminal(&b).await.event));
+    assert!(
+        env.mock.requests_for("long1")[0].finished.is_none(),
+        "A still held"
+    );
+    env.mock.release_held();
+    assert!(is_completed(&replies.terminal(&a).await.event));
+    drop(one);
+
+    // Two workers, one slot each: B runs on the other worker.
+    let v = vars(&[("WORKER__MAX_CONCURRENT_TURNS", "1")]);
+    let two: Vec<WorkerProc> = (1..3).map(|n| spawn_worker(&env, n, &v)).collect();
+    wait_for_consumers(&env, 2).await;
+    env.mock
+        .push_behavior_for("long2", Behavior::hold("long two"));
+    let a = env
+        .publish_job("hol:c", "slow [[mock:long2]]", json!({}))
+        .await;
+    env.mock.wait_for_held(2, WAIT).await;
+    let b = env.publish_job("hol:d", "quick too", json!({})).await;
+    let a_started = replies
+        .wait_for(&a, "A started", |e| {
+            matches!(e.body, EventBody::Started { .. })
+        })
+        .await;
+    let b_done = replies.terminal(&b).await;
+    assert!(is_completed(&b_done.event));
+    assert_ne!(b_done.worker, a_started.worker);
+    assert!(
+        env.mock.requests_for("long2")[0].finished.is_none(),
+        "A still held"
+    );
+    env.mock.release_held();
+    assert!(is_completed(&replies.terminal(&a).await.event));
+    drop(two);
+    env.cleanup().await;
+}
+
+/// A session with many queued jobs does not starve one with a single job:
+/// with one slot, B's job runs right after A's current one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busy_session_does_not_starve_another() {
+    let env = TestEnv::new(Backend::Sqlite).await;
+    let replies = Replies::watch(&env).await;
+    let store = open_store(&env).await;
+    let w = spawn_worker(&env, 0, &vars(&[("WORKER__MAX_CONCURRENT_TURNS", "1")]));
+    wait_for_consumers(&env, 1).await;
+    env.mock
+        .push_behavior_for("busy", Behavior::hold("first of many"));
+    let a0 = env
+        .publish_job("fair:a", "a0 [[mock:busy]]", json!({}))
+        .await;
+    env.mock.wait_for_held(1, WAIT).await;
+    let mut a_jobs = vec![a0];
+    for i in 1..10 {
+        a_jobs.push(env.publish_job("fair:a", &format!("a{i}"), json!({})).await);
+    }
+    let b0 = env.publish_job("fair:b", "b0", json!({})).await;
+    // Every job is accepted (in the database) before A's turn ends.
+    let deadline = Instant::now() + WAIT;
+    while store.get_job(&b0).await.unwrap().is_none() {
+        assert!(Instant::now() < deadline, "b0 was not accepted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    env.mock.release_held();
+    let b_done = replies.terminal(&b0).await;
+    let a1_done = replies.terminal(&a_jobs[1]).await;
+    assert!(
+        b_done.at < a1_done.at,
+        "B ran before A's second job (least recently served first)"
+    );
+    for j in &a_jobs {
+        assert!(is_completed(&replies.terminal(j).await.event));
+    }
+    drop(w);
+    env.cleanup().await;
+}
