@@ -87,6 +87,10 @@ pub struct WorkerSettings {
     pub lease_ttl_secs: u64,
     pub sweep_interval_secs: u64,
     pub shutdown_grace_secs: u64,
+    /// After a turn, a worker holding the session's CLI warm keeps the
+    /// session's lease this long, so a follow-up job runs here warm rather
+    /// than cold elsewhere. 0: release at once.
+    pub warm_affinity_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]

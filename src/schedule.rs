@@ -6,6 +6,7 @@
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -141,12 +142,63 @@ async fn session_loop(
                     return Ok(());
                 }
             }
-            None => match ctx.store.release_lease(lease, now_ms()).await? {
-                ReleaseOutcome::Released => return Ok(()),
-                ReleaseOutcome::MoreWork => continue,
-            },
+            None => {
+                match keep_warm_session(ctx, lease, signals).await? {
+                    Affinity::JobArrived => continue,
+                    Affinity::Yielded => return Ok(()),
+                    Affinity::Over => {}
+                }
+                match ctx.store.release_lease(lease, now_ms()).await? {
+                    ReleaseOutcome::Released => return Ok(()),
+                    ReleaseOutcome::MoreWork => continue,
+                }
+            }
         }
     }
+}
+
+/// How often a lease holder in its affinity window looks for the session's
+/// next job (it may be accepted by any worker, so there is no local wake-up).
+const AFFINITY_POLL: Duration = Duration::from_millis(25);
+
+/// Lease affinity: when this worker holds the session's CLI warm, keep the
+/// lease for `worker.warm_affinity_ms` after its last job, so a follow-up
+/// runs here warm instead of cold on whichever worker accepted it. Never at
+/// the cost of others: if another session waits for a slot the lease is
+/// handed back at once.
+async fn keep_warm_session(
+    ctx: &Context,
+    lease: &Lease,
+    signals: &Shutdown,
+) -> Result<Affinity, TurnAbort> {
+    let window = Duration::from_millis(ctx.settings.worker.warm_affinity_ms);
+    if window.is_zero() || !ctx.warm.holds(&lease.session_key) {
+        return Ok(Affinity::Over);
+    }
+    let deadline = tokio::time::Instant::now() + window;
+    while tokio::time::Instant::now() < deadline {
+        tokio::select! {
+            _ = tokio::time::sleep(AFFINITY_POLL) => {}
+                        _ = signals.shutdown.cancelled() => return Ok(Affinity::Over),
+        }
+        if ctx.store.next_job(lease).await?.is_some() {
+            return Ok(Affinity::JobArrived);
+        }
+        if ctx.store.yield_lease(lease, now_ms()).await? {
+            // Handed back: another session needs the slot.
+            return Ok(Affinity::Yielded);
+        }
+    }
+    Ok(Affinity::Over)
+}
+
+enum Affinity {
+    /// The session's next job arrived within the window.
+    JobArrived,
+    /// The lease was handed back to let another session run.
+    Yielded,
+    /// Nothing arrived (or affinity does not apply): release as usual.
+    Over,
 }
 
 /// Renews the lease every third of its TTL. Signals `lease_lost` when the

@@ -224,6 +224,11 @@ impl WarmPool {
         }
     }
 
+    /// Whether this worker holds `session_key`'s CLI warm.
+    pub fn holds(&self, session_key: &str) -> bool {
+        self.lock().idle.contains_key(session_key)
+    }
+
     /// Pids of the idle warm processes.
     pub fn idle_pids(&self) -> Vec<u32> {
         self.lock()

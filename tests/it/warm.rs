@@ -104,6 +104,11 @@ async fn three_turns_run_on_one_cli_process() {
         pids.iter().all(|p| *p == pids[0]),
         "every turn ran on the same process: {pids:?}"
     );
+    // The process goes back to the pool just after `completed` is out.
+    wait_until("the process is back in the pool", || {
+        stats(&worker).idle == 1
+    })
+    .await;
     let s = stats(&worker);
     assert_eq!((s.spawns, s.hits, s.idle), (1, 2, 1), "{s:?}");
     // The mock saw one CLI session throughout, and the third request
@@ -348,8 +353,12 @@ async fn changed_flags_and_new_sessions_do_not_reuse() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_turn_run_elsewhere_makes_the_warm_process_stale() {
     let mut env = TestEnv::new(Backend::Sqlite).await;
+    // No lease affinity here: the point is a turn running elsewhere.
     let w1 = env
-        .start_worker_with(|s| s.worker.id = "warm-w1".into())
+        .start_worker_with(|s| {
+            s.worker.id = "warm-w1".into();
+            s.worker.warm_affinity_ms = 0;
+        })
         .await;
     let key = "warm:stale";
     run_ok(&mut env, key, "stale one", json!({})).await;
@@ -386,6 +395,57 @@ async fn a_turn_run_elsewhere_makes_the_warm_process_stale() {
     assert!(s.discards >= 1, "{s:?}");
     w1.shutdown();
     w1.wait().await.unwrap();
+    assert!(cli_pids(&env.prefix).is_empty());
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_affinity_keeps_a_conversation_on_its_warm_worker() {
+    let mut env = TestEnv::new(Backend::Sqlite).await;
+    // Two workers consume the same queue, so follow-ups are accepted by
+    // either; the one holding the session warm keeps its lease briefly
+    // after each turn and runs them all.
+    let home_b = env.dir.path().join("home-b");
+    std::fs::create_dir_all(home_b.join(".claude")).unwrap();
+    let a = env
+        .start_worker_with(|s| s.worker.id = "affinity-a".into())
+        .await;
+    let b = env
+        .start_worker_with(|s| {
+            s.worker.id = "affinity-b".into();
+            let home = home_b.display().to_string();
+            for p in s.profiles.values_mut() {
+                p.env.insert(
+                    "HOME".into(),
+                    claude_worker::config::Secret::new(home.clone()),
+                );
+                p.env.insert(
+                    "CLAUDE_CONFIG_DIR".into(),
+                    claude_worker::config::Secret::new(format!("{home}/.claude")),
+                );
+            }
+        })
+        .await;
+    let key = "warm:affinity";
+    for i in 0..4 {
+        run_ok(&mut env, key, &format!("affinity {i}"), json!({})).await;
+    }
+    let (sa, sb) = (stats(&a), stats(&b));
+    assert_eq!(
+        sa.spawns + sb.spawns,
+        1,
+        "one CLI for the whole conversation: {sa:?} {sb:?}"
+    );
+    assert_eq!(sa.hits + sb.hits, 3, "{sa:?} {sb:?}");
+    let (users, _) = conversation_seen(&env, "affinity 3");
+    assert_eq!(
+        users,
+        vec!["affinity 0", "affinity 1", "affinity 2", "affinity 3"]
+    );
+    for w in [a, b] {
+        w.shutdown();
+        w.wait().await.unwrap();
+    }
     assert!(cli_pids(&env.prefix).is_empty());
     env.cleanup().await;
 }
