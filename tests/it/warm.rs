@@ -199,6 +199,11 @@ async fn a_full_pool_evicts_the_least_recently_used_process() {
         conversation_seen(&env, "lru b2").0,
         vec!["lru b1".to_string(), "lru b2".to_string()]
     );
+    // b's process goes back to the pool just after `completed`, evicting one.
+    wait_until("b's process evicts the LRU one", || {
+        stats(&worker).evictions == 2
+    })
+    .await;
     let s = stats(&worker);
     assert_eq!((s.spawns, s.hits, s.evictions), (4, 1, 2), "{s:?}");
     worker.shutdown();
@@ -362,7 +367,7 @@ async fn a_turn_run_elsewhere_makes_the_warm_process_stale() {
         .await;
     let key = "warm:stale";
     run_ok(&mut env, key, "stale one", json!({})).await;
-    assert_eq!(stats(&w1).idle, 1);
+    wait_until("w1 keeps the process warm", || stats(&w1).idle == 1).await;
     // A second worker shares the queue and the database: the session's
     // turns now run on either, while w1 keeps its warm process.
     let w2 = env
@@ -457,7 +462,10 @@ async fn shutdown_closes_every_warm_process() {
     run_ok(&mut env, "warm:s1", "bye one", json!({})).await;
     run_ok(&mut env, "warm:s2", "bye two", json!({})).await;
     assert_eq!(cli_pids(&env.prefix).len(), 2);
-    assert_eq!(stats(&worker).idle, 2);
+    wait_until("both processes are back in the pool", || {
+        stats(&worker).idle == 2
+    })
+    .await;
     let ctx = worker.context.clone();
     worker.shutdown();
     worker.wait().await.unwrap();
