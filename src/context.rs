@@ -26,6 +26,8 @@ pub struct Context {
     pub warm: Arc<WarmPool>,
     wake: Notify,
     preferred: Mutex<VecDeque<String>>,
+    /// Signalled whenever this worker accepts a job (for lease affinity).
+    accepted: Notify,
 }
 
 impl Context {
@@ -50,6 +52,7 @@ impl Context {
             running: Arc::new(RunningTurns::default()),
             wake: Notify::new(),
             preferred: Mutex::new(VecDeque::new()),
+            accepted: Notify::new(),
         })
     }
 
@@ -61,8 +64,15 @@ impl Context {
             if !q.iter().any(|k| k == key) {
                 q.push_back(key.to_string());
             }
+            drop(q);
+            self.accepted.notify_waiters();
         }
         self.wake.notify_one();
+    }
+
+    /// Resolves when this worker next accepts a job.
+    pub(crate) fn job_accepted(&self) -> tokio::sync::futures::Notified<'_> {
+        self.accepted.notified()
     }
 
     pub(crate) fn take_preferred(&self) -> Option<String> {

@@ -157,9 +157,9 @@ async fn session_loop(
     }
 }
 
-/// How often a lease holder in its affinity window looks for the session's
-/// next job (it may be accepted by any worker, so there is no local wake-up).
-const AFFINITY_POLL: Duration = Duration::from_millis(25);
+/// How often a lease holder in its affinity window looks for a follow-up
+/// accepted by another worker (one accepted here wakes it at once).
+const AFFINITY_POLL: Duration = Duration::from_millis(100);
 
 /// Lease affinity: when this worker holds the session's CLI warm, keep the
 /// lease for `worker.warm_affinity_ms` after its last job, so a follow-up
@@ -176,11 +176,11 @@ async fn keep_warm_session(
         return Ok(Affinity::Over);
     }
     let deadline = tokio::time::Instant::now() + window;
-    while tokio::time::Instant::now() < deadline {
-        tokio::select! {
-            _ = tokio::time::sleep(AFFINITY_POLL) => {}
-                        _ = signals.shutdown.cancelled() => return Ok(Affinity::Over),
-        }
+    loop {
+        // Armed before looking, so an accept in between is not missed.
+        let accepted = ctx.job_accepted();
+        tokio::pin!(accepted);
+        accepted.as_mut().enable();
         if ctx.store.next_job(lease).await?.is_some() {
             return Ok(Affinity::JobArrived);
         }
@@ -188,8 +188,18 @@ async fn keep_warm_session(
             // Handed back: another session needs the slot.
             return Ok(Affinity::Yielded);
         }
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            return Ok(Affinity::Over);
+        }
+        // A job accepted here wakes us at once; one accepted by another
+        // worker is seen at the next poll.
+        tokio::select! {
+            _ = accepted => {}
+            _ = tokio::time::sleep(AFFINITY_POLL.min(deadline - now)) => {}
+            _ = signals.shutdown.cancelled() => return Ok(Affinity::Over),
+        }
     }
-    Ok(Affinity::Over)
 }
 
 enum Affinity {
