@@ -11,43 +11,26 @@
 #[path = "../tests/it/mock_api.rs"]
 #[allow(unused_imports)]
 mod mock_api;
+#[path = "../tests/it/support.rs"]
+mod support;
 
-use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use claude_worker::amqp::Topology;
 use claude_worker::protocol::EventV1;
 use futures_util::StreamExt;
-use lapin::options::{
-    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeleteOptions,
-    QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
-};
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use mock_api::{Behavior, MockApi};
 use serde_json::json;
 use sqlx::Connection as _;
+use support::claude_bin;
 use tokio::sync::mpsc;
 
 const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 const SLOTS_PER_WORKER: usize = 2;
-
-fn claude_bin() -> PathBuf {
-    if let Ok(p) = std::env::var("CLAUDE_BIN") {
-        return p.into();
-    }
-    let local =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/claude-cli/node_modules/.bin/claude");
-    if local.exists() {
-        return local;
-    }
-    let root = PathBuf::from("/root/.cache/claude-cli/node_modules/.bin/claude");
-    if root.exists() {
-        return root;
-    }
-    "claude".into()
-}
 
 fn pg_admin() -> String {
     std::env::var("TEST_POSTGRES_URL")
@@ -98,39 +81,15 @@ impl World {
         topology.declare(&channel).await.unwrap();
         let reply_key = format!("bench.{}", &id[..12]);
         let ch = conn.create_channel().await.unwrap();
-        let q = ch
-            .queue_declare(
-                "".into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
-        ch.queue_bind(
-            q.name().as_str().into(),
-            topology.replies_exchange.as_str().into(),
-            reply_key.as_str().into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
+        let mut consumer = claude_worker::amqp::consume_private(
+            &ch,
+            &topology.replies_exchange,
+            &reply_key,
+            "",
+            true,
         )
         .await
         .unwrap();
-        let mut consumer = ch
-            .basic_consume(
-                q.name().as_str().into(),
-                "".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
         let (tx, events) = mpsc::unbounded_channel();
         tokio::spawn(async move {
             let _keep = ch;
@@ -265,23 +224,7 @@ CLAUDE_CONFIG_DIR = "{home}/.claude"
     }
 
     async fn cleanup(self) {
-        let t = &self.topology;
-        for q in [&t.jobs_queue, &t.dead_letter_queue] {
-            let _ = self
-                .channel
-                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-                .await;
-        }
-        for x in [
-            &t.jobs_exchange,
-            &t.dead_letter_exchange,
-            &t.replies_exchange,
-        ] {
-            let _ = self
-                .channel
-                .exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())
-                .await;
-        }
+        self.topology.delete(&self.channel).await;
         let _ = self.conn.close(200, "bench done".into()).await;
         if let Ok(mut c) = sqlx::PgConnection::connect(&pg_admin()).await {
             let _ = sqlx::query(&format!(

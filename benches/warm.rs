@@ -23,6 +23,8 @@
 #[path = "../tests/it/mock_api.rs"]
 #[allow(unused_imports)]
 mod mock_api;
+#[path = "../tests/it/support.rs"]
+mod support;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -32,11 +34,7 @@ use std::time::{Duration, Instant};
 use claude_worker::amqp::Topology;
 use claude_worker::protocol::{EventBody, EventV1};
 use futures_util::StreamExt;
-use lapin::options::{
-    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeleteOptions,
-    QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
-};
-use lapin::types::FieldTable;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -44,6 +42,7 @@ use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 
 use mock_api::{Behavior, MockApi};
+use support::claude_bin;
 
 const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 /// Messages per conversation.
@@ -51,22 +50,6 @@ const MESSAGES: usize = 10;
 /// Conversations per mode.
 const CONVERSATIONS: usize = 2;
 const TURN_LIMIT: Duration = Duration::from_secs(60);
-
-fn claude_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("CLAUDE_BIN").filter(|p| !p.is_empty()) {
-        return PathBuf::from(p);
-    }
-    let in_repo =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/claude-cli/node_modules/.bin/claude");
-    if in_repo.exists() {
-        return in_repo;
-    }
-    let root = Path::new("/root/.cache/claude-cli/node_modules/.bin/claude");
-    if root.exists() {
-        return root.to_path_buf();
-    }
-    PathBuf::from("claude")
-}
 
 /// One turn's timings, in milliseconds.
 #[derive(Clone, Copy)]
@@ -416,23 +399,7 @@ impl WorkerRun {
         // SAFETY: signalling the worker process this bench started.
         unsafe { libc::kill(self.pid, libc::SIGTERM) };
         let _ = tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await;
-        let t = &self.topology;
-        for q in [&t.jobs_queue, &t.dead_letter_queue] {
-            let _ = self
-                .channel
-                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-                .await;
-        }
-        for x in [
-            &t.jobs_exchange,
-            &t.dead_letter_exchange,
-            &t.replies_exchange,
-        ] {
-            let _ = self
-                .channel
-                .exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())
-                .await;
-        }
+        self.topology.delete(&self.channel).await;
         let _ = &self.prefix;
     }
 }
@@ -443,39 +410,10 @@ async fn consume_replies(
     key: &str,
 ) -> mpsc::UnboundedReceiver<(Instant, EventV1)> {
     let ch = conn.create_channel().await.unwrap();
-    let q = ch
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    ch.queue_bind(
-        q.name().as_str().into(),
-        topology.replies_exchange.as_str().into(),
-        key.into(),
-        QueueBindOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
-    let mut consumer = ch
-        .basic_consume(
-            q.name().as_str().into(),
-            "".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let mut consumer =
+        claude_worker::amqp::consume_private(&ch, &topology.replies_exchange, key, "", true)
+            .await
+            .unwrap();
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         let _keep = ch;

@@ -3,7 +3,7 @@
 
 use lapin::options::{
     BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
-    QueueBindOptions, QueueDeclareOptions,
+    ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{Channel, Connection, ConnectionProperties, Consumer, ExchangeKind};
@@ -141,6 +141,28 @@ impl Topology {
             )
             .await?;
         Ok(())
+    }
+}
+
+impl Topology {
+    /// Deletes every queue and exchange of this topology (tests and
+    /// benchmarks tearing down their own random prefix). Best effort.
+    pub async fn delete(&self, channel: &Channel) {
+        for q in [&self.jobs_queue, &self.dead_letter_queue] {
+            let _ = channel
+                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                .await;
+        }
+        for x in [
+            &self.jobs_exchange,
+            &self.dead_letter_exchange,
+            &self.replies_exchange,
+            &self.control_exchange,
+        ] {
+            let _ = channel
+                .exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())
+                .await;
+        }
     }
 }
 

@@ -13,7 +13,7 @@ use claude_worker::config::Secret;
 use claude_worker::protocol::{EventBody, EventV1};
 use claude_worker::store::SessionStore;
 use futures_util::StreamExt;
-use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::options::QueueDeclareOptions;
 use lapin::types::{AMQPValue, FieldTable};
 use serde_json::json;
 use tokio::sync::Notify;
@@ -151,39 +151,15 @@ struct Replies {
 impl Replies {
     async fn watch(env: &TestEnv) -> Replies {
         let ch = env.conn.create_channel().await.unwrap();
-        let q = ch
-            .queue_declare(
-                "".into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
-        ch.queue_bind(
-            q.name().as_str().into(),
-            env.topology.replies_exchange.as_str().into(),
-            env.reply_key.as_str().into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
+        let mut consumer = claude_worker::amqp::consume_private(
+            &ch,
+            &env.topology.replies_exchange,
+            &env.reply_key,
+            "",
+            true,
         )
         .await
         .unwrap();
-        let mut consumer = ch
-            .basic_consume(
-                q.name().as_str().into(),
-                "".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
         let replies = Replies {
             seen: Arc::new(Mutex::new(Vec::new())),
             changed: Arc::new(Notify::new()),

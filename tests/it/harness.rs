@@ -12,10 +12,7 @@ use claude_worker::config::Settings;
 use claude_worker::protocol::{ControlResultV1, EventV1};
 use claude_worker::worker::Worker;
 use futures_util::StreamExt;
-use lapin::options::{
-    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeleteOptions,
-    QueueDeleteOptions,
-};
+use lapin::options::{BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use serde_json::{json, Value};
@@ -339,24 +336,7 @@ max_total_secs = 120
 
     /// Deletes this test's exchanges, queues and database.
     pub async fn cleanup(self) {
-        let t = &self.topology;
-        for q in [&t.jobs_queue, &t.dead_letter_queue] {
-            let _ = self
-                .channel
-                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-                .await;
-        }
-        for x in [
-            &t.jobs_exchange,
-            &t.dead_letter_exchange,
-            &t.replies_exchange,
-            &t.control_exchange,
-        ] {
-            let _ = self
-                .channel
-                .exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())
-                .await;
-        }
+        self.topology.delete(&self.channel).await;
         let _ = self.conn.close(200, "test done".into()).await;
         if let Some(name) = self.pg_database {
             if let Ok(mut c) = sqlx::PgConnection::connect(&postgres_admin_url()).await {
