@@ -17,7 +17,7 @@ mod support;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use claude_worker::amqp::Topology;
+use claude_worker::broker::Topology;
 use claude_worker::protocol::EventV1;
 use futures_util::StreamExt;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
@@ -81,7 +81,7 @@ impl World {
         topology.declare(&channel).await.unwrap();
         let reply_key = format!("bench.{}", &id[..12]);
         let ch = conn.create_channel().await.unwrap();
-        let mut consumer = claude_worker::amqp::consume_private(
+        let mut consumer = claude_worker::broker::consume_private(
             &ch,
             &topology.replies_exchange,
             &reply_key,

@@ -31,7 +31,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use claude_worker::amqp::Topology;
+use claude_worker::broker::Topology;
 use claude_worker::protocol::{EventBody, EventV1};
 use futures_util::StreamExt;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
@@ -411,7 +411,7 @@ async fn consume_replies(
 ) -> mpsc::UnboundedReceiver<(Instant, EventV1)> {
     let ch = conn.create_channel().await.unwrap();
     let mut consumer =
-        claude_worker::amqp::consume_private(&ch, &topology.replies_exchange, key, "", true)
+        claude_worker::broker::consume_private(&ch, &topology.replies_exchange, key, "", true)
             .await
             .unwrap();
     let (tx, rx) = mpsc::unbounded_channel();

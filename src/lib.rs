@@ -1,20 +1,18 @@
 //! claude-worker: prompt jobs from RabbitMQ → durable sessions → the Claude
 //! Code CLI → streamed reply events. See ARCHITECTURE.md for the map.
+//!
+//! The data path reads as the folders: `broker` (connection, topology,
+//! publishing) → `worker` (accept, schedule, turn, control) → `claude` (the
+//! only spawner) → `broker`. `protocol` and `client` are the API boundary
+//! front-ends build on; `store` owns jobs and sessions; `config` is read
+//! once at start-up.
 
-pub mod accept;
-pub mod amqp;
+pub mod broker;
+pub(crate) mod claude;
 pub mod client;
 pub mod config;
-pub mod consume;
-pub mod context;
-pub mod control;
-pub mod drive;
 pub mod protocol;
-pub mod publish;
-pub mod retry;
-pub mod schedule;
 pub mod store;
-pub mod transcript;
-pub mod turn;
-pub mod warm;
 pub mod worker;
+
+pub use claude::{session_dir, WarmStats};

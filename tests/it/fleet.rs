@@ -151,7 +151,7 @@ struct Replies {
 impl Replies {
     async fn watch(env: &TestEnv) -> Replies {
         let ch = env.conn.create_channel().await.unwrap();
-        let mut consumer = claude_worker::amqp::consume_private(
+        let mut consumer = claude_worker::broker::consume_private(
             &ch,
             &env.topology.replies_exchange,
             &env.reply_key,

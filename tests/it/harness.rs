@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use claude_worker::amqp::Topology;
+use claude_worker::broker::Topology;
 use claude_worker::config::Settings;
 use claude_worker::protocol::{ControlResultV1, EventV1};
 use claude_worker::worker::Worker;
@@ -356,7 +356,7 @@ type Replies = (
 async fn bind_reply_queue(conn: &Connection, topology: &Topology, key: &str) -> Replies {
     let ch = conn.create_channel().await.unwrap();
     let mut consumer =
-        claude_worker::amqp::consume_private(&ch, &topology.replies_exchange, key, "", true)
+        claude_worker::broker::consume_private(&ch, &topology.replies_exchange, key, "", true)
             .await
             .unwrap();
     let (tx, rx) = mpsc::unbounded_channel();

@@ -621,7 +621,7 @@ async fn tool_use_and_unstreamed_text_reach_the_reply() {
     // A tool call shows up as a tool_use event; the CLI really ran it
     // (reading a file in the session's own working directory).
     let workdir = env.settings("").profiles["default"].workdir.clone();
-    let cwd = claude_worker::drive::session_dir(&workdir, "tool:key");
+    let cwd = claude_worker::session_dir(&workdir, "tool:key");
     std::fs::create_dir_all(&cwd).unwrap();
     let file = cwd.join("notes.txt");
     std::fs::write(&file, "the secret word is turnip\n").unwrap();

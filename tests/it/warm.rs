@@ -5,8 +5,8 @@
 use std::time::{Duration, Instant};
 
 use claude_worker::protocol::{EventBody, EventV1};
-use claude_worker::warm::WarmStats;
 use claude_worker::worker::Worker;
+use claude_worker::WarmStats;
 use serde_json::{json, Value};
 
 use crate::harness::{cli_pids, Backend, TestEnv, WAIT};

@@ -15,8 +15,8 @@ use lapin::{Channel, Consumer};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info_span, warn, Instrument};
 
-use crate::accept::{accept, Accepted};
-use crate::context::Context;
+use crate::worker::accept::{accept, Accepted};
+use crate::worker::context::Context;
 
 /// How long a delivery that cannot be persisted is held and retried
 /// before it goes back to the queue.
@@ -122,7 +122,7 @@ pub async fn run(
 /// broker down) hands it back once; control messages are best effort
 /// beyond that, and the sender's wait times out with a clear message.
 async fn handle_control(ctx: &Context, delivery: &Delivery) {
-    match crate::control::handle(ctx, delivery).await {
+    match crate::worker::control::handle(ctx, delivery).await {
         Ok(()) => {
             let _ = delivery.ack(BasicAckOptions::default()).await;
         }

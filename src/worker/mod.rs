@@ -1,6 +1,19 @@
 //! Wiring a worker together: store, broker topology, consumer, scheduler,
 //! and a graceful shutdown that lets running turns finish (within a grace
 //! period) and hands unfinished work back.
+//!
+//! The stages, in data-path order: `consume` (deliveries in) → `accept`
+//! (validate, persist, ack) → `schedule` (leases, session tasks) → `turn`
+//! (one job's attempts, driving `crate::claude`) → events out through
+//! `crate::broker::publish`. `control` handles control messages.
+
+pub(crate) mod accept;
+pub(crate) mod consume;
+pub mod context;
+pub(crate) mod control;
+pub(crate) mod schedule;
+pub(crate) mod transcript;
+pub(crate) mod turn;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,20 +24,20 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::amqp::{self, Topology};
+use crate::broker::publish::AmqpSink;
+use crate::broker::{self, Topology};
 use crate::config::Settings;
-use crate::consume::Stream;
-use crate::context::{default_worker_id, Context};
-use crate::publish::AmqpSink;
-use crate::schedule::{self, Shutdown};
 use crate::store;
+use consume::Stream;
+use context::{default_worker_id, Context};
+use schedule::Shutdown;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("session store: {0}")]
     Store(#[from] store::StoreError),
     #[error(transparent)]
-    Amqp(#[from] amqp::AmqpError),
+    Amqp(#[from] broker::AmqpError),
     #[error(
         "the Claude CLI `{path}` could not be run: {reason}. Install it with \
          `npm install -g @anthropic-ai/claude-code` or set CLAUDE_WORKER__CLAUDE__PATH"
@@ -56,14 +69,14 @@ impl Worker {
         store.migrate().await?;
 
         let topology = Topology::from_settings(&settings.amqp);
-        let conn = amqp::connect(&settings.amqp, &format!("claude-worker {id}")).await?;
-        let publish_channel = amqp::confirm_channel(&conn).await?;
+        let conn = broker::connect(&settings.amqp, &format!("claude-worker {id}")).await?;
+        let publish_channel = broker::confirm_channel(&conn).await?;
         topology
             .declare(&publish_channel)
             .await
-            .map_err(amqp::AmqpError::from)?;
+            .map_err(broker::AmqpError::from)?;
         let sink = AmqpSink::new(publish_channel, topology.clone());
-        let consume_channel = amqp::consumer_channel(&conn, settings.amqp.prefetch).await?;
+        let consume_channel = broker::consumer_channel(&conn, settings.amqp.prefetch).await?;
         let consumer = consume_channel
             .basic_consume(
                 topology.jobs_queue.as_str().into(),
@@ -72,11 +85,11 @@ impl Worker {
                 FieldTable::default(),
             )
             .await
-            .map_err(amqp::AmqpError::from)?;
+            .map_err(broker::AmqpError::from)?;
 
         // Control messages: this worker's own queue on the fanout exchange.
-        let control_channel = amqp::consumer_channel(&conn, 16).await?;
-        let control_consumer = amqp::consume_private(
+        let control_channel = broker::consumer_channel(&conn, 16).await?;
+        let control_consumer = broker::consume_private(
             &control_channel,
             &topology.control_exchange,
             "",
@@ -84,7 +97,7 @@ impl Worker {
             false,
         )
         .await
-        .map_err(amqp::AmqpError::from)?;
+        .map_err(broker::AmqpError::from)?;
 
         let ctx = Context::new(Arc::clone(&settings), store, sink, id.clone());
         info!(worker_id = %id, %cli_version, queue = %topology.jobs_queue,
@@ -102,7 +115,7 @@ impl Worker {
             signals.clone(),
             tracker.clone(),
         ));
-        let consume = tokio::spawn(crate::consume::run(
+        let consume = tokio::spawn(crate::worker::consume::run(
             Arc::clone(&ctx),
             consume_channel.clone(),
             consumer,
@@ -112,7 +125,7 @@ impl Worker {
         // Control keeps flowing until running turns are done (a cancel
         // during the shutdown grace period still works).
         let control_stop = CancellationToken::new();
-        let control = tokio::spawn(crate::consume::run(
+        let control = tokio::spawn(crate::worker::consume::run(
             Arc::clone(&ctx),
             control_channel.clone(),
             control_consumer,
@@ -200,7 +213,7 @@ async fn check_cli(settings: &Settings) -> Result<String, StartError> {
         tokio::process::Command::new(&settings.claude.path)
             .arg("--version")
             .env_clear()
-            .envs(crate::drive::cli_env(
+            .envs(crate::claude::cli_env(
                 &settings.claude.env_passthrough,
                 &settings.profiles["default"],
             ))

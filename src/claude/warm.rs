@@ -31,8 +31,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info};
 
+use crate::claude::{self, CliMessage, CliProcess, TurnRequest};
 use crate::config::Profile;
-use crate::drive::{self, CliMessage, CliProcess, TurnRequest};
 use crate::protocol::PermissionMode;
 use crate::store::SessionRecord;
 
@@ -137,7 +137,7 @@ pub fn fixed_args(req: &TurnRequest, profile: &Profile) -> Vec<String> {
     r.fork = false;
     r.options.model = None;
     r.options.permission_mode = PermissionMode::Default;
-    drive::cli_args(&r, profile)
+    claude::cli_args(&r, profile)
 }
 
 /// Counters, for logs and tests.

@@ -18,7 +18,7 @@ use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Confirmation, Connection, Consumer};
 use serde_json::Value;
 
-use crate::amqp::{self, AmqpError, Topology};
+use crate::broker::{self, AmqpError, Topology};
 use crate::config::AmqpSettings;
 use crate::protocol::{
     validate_job_id, ControlBody, ControlResultV1, ControlV1, EventBody, EventV1, JobV1,
@@ -120,13 +120,13 @@ impl Client {
     /// worker uses) and binds a private reply queue with a fresh
     /// `cli.<uuid>` routing key.
     pub async fn connect(settings: &AmqpSettings, name: &str) -> Result<Client, ClientError> {
-        let conn = amqp::connect(settings, name).await?;
-        let channel = amqp::confirm_channel(&conn).await?;
+        let conn = broker::connect(settings, name).await?;
+        let channel = broker::confirm_channel(&conn).await?;
         let topology = Topology::from_settings(settings);
         topology.declare(&channel).await?;
         let reply_key = format!("cli.{}", uuid::Uuid::new_v4().simple());
         let consumer =
-            amqp::consume_private(&channel, &topology.replies_exchange, &reply_key, "", true)
+            broker::consume_private(&channel, &topology.replies_exchange, &reply_key, "", true)
                 .await?;
         Ok(Client {
             conn,

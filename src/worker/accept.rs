@@ -6,13 +6,13 @@ use lapin::message::Delivery;
 use serde_json::Value;
 use tracing::{info, warn};
 
-use crate::context::Context;
-use crate::control::{self, ControlError};
+use crate::broker::publish::PublishError;
 use crate::protocol::{
     self, ControlBody, ControlV1, ErrorKind, EventBody, EventV1, JobV1, OnBusy, PROTOCOL_VERSION,
 };
-use crate::publish::PublishError;
 use crate::store::{now_ms, AcceptOutcome, JobRecord, JobSpec, JobStatus, NewJob, StoreError};
+use crate::worker::context::Context;
+use crate::worker::control::{self, ControlError};
 
 /// What happened to a delivery; each variant means "ack it".
 #[derive(Debug, PartialEq)]

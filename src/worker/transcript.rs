@@ -17,10 +17,10 @@ use flate2::write::GzEncoder;
 use flate2::Compression;
 use tracing::{debug, warn};
 
+use crate::claude;
 use crate::config::Profile;
-use crate::context::Context;
-use crate::drive;
 use crate::store::{now_ms, Lease, StoreError, Transcript};
+use crate::worker::context::Context;
 
 /// Where the CLI run for `profile` in `cwd` keeps `session_id`'s transcript.
 pub fn local_path(
@@ -29,12 +29,12 @@ pub fn local_path(
     cwd: &Path,
     session_id: &str,
 ) -> Option<PathBuf> {
-    let env = drive::cli_env(&ctx.settings.claude.env_passthrough, profile);
-    let config = drive::config_dir(&env)?;
+    let env = claude::cli_env(&ctx.settings.claude.env_passthrough, profile);
+    let config = claude::config_dir(&env)?;
     Some(
         config
             .join("projects")
-            .join(drive::project_dir_name(cwd))
+            .join(claude::project_dir_name(cwd))
             .join(format!("{session_id}.jsonl")),
     )
 }

@@ -4,6 +4,8 @@
 //! Every event is fenced: its seq is recorded under the lease epoch before
 //! it is published, so a worker that lost the session publishes nothing.
 
+pub(crate) mod retry;
+
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
@@ -14,14 +16,14 @@ use tokio::time::timeout_at;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::context::Context;
-use crate::control::{self, CancelReason, TurnRegistration};
-use crate::drive::{self, CliMessage, CliProcess, TurnRequest, TurnResult};
+use crate::broker::publish::{Attribution, PublishError};
+use crate::claude::warm::{WarmProcess, WARM_RESPONSE_TIMEOUT};
+use crate::claude::{self, CliMessage, CliProcess, TurnRequest, TurnResult};
 use crate::protocol::{ErrorKind, EventBody, EventV1, SessionMode, PROTOCOL_VERSION};
-use crate::publish::{Attribution, PublishError};
-use crate::retry::AttemptFailure;
 use crate::store::{now_ms, JobFinish, JobRecord, JobStatus, Lease, SessionUpdate, StoreError};
-use crate::warm::{WarmProcess, WARM_RESPONSE_TIMEOUT};
+use crate::worker::context::Context;
+use crate::worker::control::{self, CancelReason, TurnRegistration};
+use crate::worker::turn::retry::AttemptFailure;
 
 /// How long a CLI gets to exit after its result before its group is killed.
 const EXIT_GRACE: Duration = Duration::from_secs(5);
@@ -308,7 +310,7 @@ pub async fn run_job(
         SessionMode::Resume => (spec.claude_session_id.clone(), false),
         SessionMode::Fork => (spec.claude_session_id.clone().or(known_id), true),
     };
-    let cwd = drive::session_dir(&profile.workdir, &job.session_key);
+    let cwd = claude::session_dir(&profile.workdir, &job.session_key);
     let mut options = spec.options();
     // A mode set at runtime (set_permission_mode) holds for later turns.
     if let Some(mode) = session.as_ref().and_then(|s| s.permission_mode) {
@@ -341,7 +343,7 @@ pub async fn run_job(
     if let (None, Some(id)) = (&warm, &request.resume) {
         // A cold resume: the session may have run on another worker, so
         // fetch its stored transcript. (A warm process has it already.)
-        crate::transcript::materialise(ctx, &profile, &cwd, id).await;
+        crate::worker::transcript::materialise(ctx, &profile, &cwd, id).await;
     }
 
     loop {
@@ -401,7 +403,7 @@ pub async fn run_job(
                 );
                 if let Some(id) = &claude_session_id {
                     // Before the outcome, so the next turn finds it anywhere.
-                    crate::transcript::save(ctx, lease, &profile, &cwd, id).await?;
+                    crate::worker::transcript::save(ctx, lease, &profile, &cwd, id).await?;
                 }
                 events
                     .finish(
@@ -666,7 +668,7 @@ async fn run_attempt(
                         events.emit(EventBody::Text { text }).await?;
                     }
                     for (name, input) in tool_uses {
-                        let input_summary = drive::summarize_tool_input(&input);
+                        let input_summary = claude::summarize_tool_input(&input);
                         events
                             .emit(EventBody::ToolUse {
                                 name,

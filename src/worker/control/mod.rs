@@ -19,13 +19,13 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::context::Context;
+use crate::broker::publish::PublishError;
 use crate::protocol::{
     self, ControlBody, ControlOutcome, ControlResultV1, EventBody, EventV1, PermissionMode,
     PROTOCOL_VERSION,
 };
-use crate::publish::PublishError;
 use crate::store::{now_ms, JobRecord, JobStatus, StoreError};
+use crate::worker::context::Context;
 
 /// Turns running on this worker, by job id.
 #[derive(Default)]

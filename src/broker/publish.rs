@@ -10,7 +10,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Confirmation};
 use tokio::sync::Mutex;
 
-use crate::amqp::{Topology, DEAD_LETTER_REASON_HEADER};
+use crate::broker::{Topology, DEAD_LETTER_REASON_HEADER};
 use crate::protocol::EventV1;
 
 #[derive(Debug, thiserror::Error)]

@@ -7,12 +7,12 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
 
+use crate::broker::publish::ReplySink;
+use crate::claude::warm::WarmPool;
 use crate::config::Settings;
-use crate::control::RunningTurns;
-use crate::publish::ReplySink;
-use crate::retry::RetryPolicy;
 use crate::store::SessionStore;
-use crate::warm::WarmPool;
+use crate::worker::control::RunningTurns;
+use crate::worker::turn::retry::RetryPolicy;
 
 pub struct Context {
     pub settings: Arc<Settings>,

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 
+use crate::claude::TurnResult;
 use crate::config::RetrySettings;
-use crate::drive::TurnResult;
 use crate::protocol::ErrorKind;
 
 /// Why an attempt failed, classified for the retry decision.

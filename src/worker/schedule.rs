@@ -12,9 +12,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info_span, warn, Instrument};
 
-use crate::context::Context;
 use crate::store::{now_ms, Lease, ReleaseOutcome, StoreError};
-use crate::turn::{run_job, Stop, TurnAbort};
+use crate::worker::context::Context;
+use crate::worker::turn::{run_job, Stop, TurnAbort};
 
 /// Shutdown signals: `shutdown` stops taking new work; `kill` (after the
 /// grace period) stops running turns.

@@ -1,0 +1,8 @@
+//! RabbitMQ: the connection and the topology every name derives from
+//! (`connection`), and the way events and dead letters leave (`publish`).
+//! Knows the wire protocol's types but nothing of the worker or the store.
+
+pub mod connection;
+pub mod publish;
+
+pub use connection::*;

@@ -1,0 +1,141 @@
+//! What the CLI is started with: argv (never the prompt), a clean
+//! environment built from an allow-list, and the stream-json user message
+//! that carries the prompt on stdin.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde_json::json;
+
+use crate::config::{EffectiveOptions, Profile};
+
+/// What one turn asks of the CLI.
+#[derive(Debug, Clone)]
+pub struct TurnRequest {
+    pub prompt: String,
+    pub cwd: PathBuf,
+    /// Claude session to resume, if any.
+    pub resume: Option<String>,
+    /// With `resume`: continue in a new session forked from it.
+    pub fork: bool,
+    pub options: EffectiveOptions,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    #[error("could not start the Claude CLI {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("could not create the working directory {path}: {source}")]
+    Workdir {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+impl SpawnError {
+    /// A spawn that may pass on another try (resource exhaustion, a binary
+    /// being replaced) as opposed to a missing or non-executable CLI.
+    pub fn may_pass(&self) -> bool {
+        match self {
+            SpawnError::Io { source, .. } => !matches!(
+                source.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied
+            ),
+            SpawnError::Workdir { .. } => false,
+        }
+    }
+}
+
+/// Builds the CLI's argv (without the prompt, which goes on stdin).
+pub fn cli_args(req: &TurnRequest, profile: &Profile) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "-p",
+        "--input-format",
+        "stream-json",
+        "--output-format",
+        "stream-json",
+        "--verbose",
+        "--include-partial-messages",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    if let Some(id) = &req.resume {
+        // `=` form: an id can never be read as a flag.
+        args.push(format!("--resume={id}"));
+        if req.fork {
+            args.push("--fork-session".into());
+        }
+    }
+    if let Some(model) = &req.options.model {
+        args.push(format!("--model={model}"));
+    }
+    args.push(format!("--max-turns={}", req.options.max_turns));
+    args.push(format!("--permission-mode={}", req.options.permission_mode));
+    // Before the tool lists: those take every following word as a value.
+    args.extend(profile.extra_args.iter().cloned());
+    if !profile.allowed_tools.is_empty() {
+        args.push("--allowed-tools".into());
+        args.extend(profile.allowed_tools.iter().cloned());
+    }
+    if !profile.disallowed_tools.is_empty() {
+        args.push("--disallowed-tools".into());
+        args.extend(profile.disallowed_tools.iter().cloned());
+    }
+    args
+}
+
+/// The CLI's environment: the allow-listed part of ours plus the profile's.
+pub fn cli_env(passthrough: &[String], profile: &Profile) -> BTreeMap<String, String> {
+    let mut env = BTreeMap::new();
+    for (k, v) in std::env::vars() {
+        let allowed = passthrough.iter().any(|p| match p.strip_suffix('*') {
+            Some(prefix) => k.starts_with(prefix),
+            None => k == *p,
+        });
+        if allowed {
+            env.insert(k, v);
+        }
+    }
+    for (k, v) in &profile.env {
+        env.insert(k.clone(), v.expose().to_string());
+    }
+    env
+}
+
+/// The stream-json user message carrying a prompt.
+pub fn user_message_line(prompt: &str) -> String {
+    let mut line = json!({
+        "type": "user",
+        "message": {"role": "user", "content": prompt},
+    })
+    .to_string();
+    line.push('\n');
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prompt_never_reaches_argv_and_ids_cannot_be_flags() {
+        let s = crate::config::Settings::from_toml_overrides("").unwrap();
+        let p = &s.profiles["default"];
+        let req = TurnRequest {
+            prompt: "--dangerously-skip-permissions".into(),
+            cwd: "/tmp".into(),
+            resume: Some("0b5a3c1e-0000-4000-8000-000000000000".into()),
+            fork: true,
+            options: p.resolve("default", &Default::default()).unwrap(),
+        };
+        let args = cli_args(&req, p);
+        assert!(!args.iter().any(|a| a.contains("dangerously")));
+        assert!(args.contains(&"--resume=0b5a3c1e-0000-4000-8000-000000000000".to_string()));
+        assert!(args.contains(&"--fork-session".to_string()));
+        assert!(user_message_line(&req.prompt).ends_with('\n'));
+    }
+}

@@ -1,0 +1,244 @@
+//! The CLI's stream-json output, reduced to what the worker uses: one
+//! stdout line → one [`CliMessage`].
+
+use serde_json::Value;
+
+/// A stdout line of the CLI, reduced to what the worker uses.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CliMessage {
+    /// `system/init`: the session is known.
+    Init {
+        session_id: String,
+        model: Option<String>,
+        permission_mode: Option<String>,
+    },
+    /// A streamed text delta of the top-level assistant.
+    TextDelta {
+        message_id: Option<String>,
+        text: String,
+    },
+    /// A complete top-level assistant message: its text (already streamed
+    /// as deltas, unless the CLI fell back to a non-streaming request) and
+    /// its tool calls.
+    Assistant {
+        message_id: Option<String>,
+        text: String,
+        tool_uses: Vec<(String, Value)>,
+    },
+    /// The CLI is retrying an API call itself.
+    ApiRetry {
+        attempt: u64,
+        error_status: Option<u64>,
+        error: String,
+    },
+    /// The turn's result.
+    Result(TurnResult),
+    /// The answer to a control request: `error` is `None` on success.
+    ControlResponse {
+        request_id: String,
+        error: Option<String>,
+    },
+    /// Anything else (valid JSON the worker does not use).
+    Other,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TurnResult {
+    pub subtype: String,
+    pub is_error: bool,
+    pub result: Option<String>,
+    pub session_id: Option<String>,
+    pub api_error_status: Option<u64>,
+    pub errors: Vec<String>,
+    pub usage: Value,
+    pub total_cost_usd: f64,
+    pub duration_ms: u64,
+    pub num_turns: u32,
+}
+
+/// Parses one stdout line. `Err` means the line is not JSON (the caller
+/// logs it and carries on).
+pub fn parse_line(line: &str) -> Result<CliMessage, serde_json::Error> {
+    let v: Value = serde_json::from_str(line)?;
+    let s = |key: &str| v.get(key).and_then(Value::as_str).map(str::to_string);
+    Ok(match v.get("type").and_then(Value::as_str) {
+        Some("system") => match v.get("subtype").and_then(Value::as_str) {
+            Some("init") => match s("session_id") {
+                Some(session_id) => CliMessage::Init {
+                    session_id,
+                    model: s("model"),
+                    permission_mode: s("permissionMode"),
+                },
+                None => CliMessage::Other,
+            },
+            Some("api_retry") => CliMessage::ApiRetry {
+                attempt: v.get("attempt").and_then(Value::as_u64).unwrap_or(0),
+                error_status: v.get("error_status").and_then(Value::as_u64),
+                error: s("error").unwrap_or_default(),
+            },
+            _ => CliMessage::Other,
+        },
+        Some("stream_event") if v.get("parent_tool_use_id").is_none_or(Value::is_null) => {
+            let ev = &v["event"];
+            if ev["type"] == "content_block_delta" && ev["delta"]["type"] == "text_delta" {
+                match ev["delta"]["text"].as_str() {
+                    Some(t) => CliMessage::TextDelta {
+                        message_id: s("api_message_id"),
+                        text: t.to_string(),
+                    },
+                    None => CliMessage::Other,
+                }
+            } else {
+                CliMessage::Other
+            }
+        }
+        Some("assistant") if v.get("parent_tool_use_id").is_none_or(Value::is_null) => {
+            let blocks = v["message"]["content"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            let text: String = blocks
+                .iter()
+                .filter(|b| b["type"] == "text")
+                .filter_map(|b| b["text"].as_str())
+                .collect();
+            let tool_uses = blocks
+                .iter()
+                .filter(|b| b["type"] == "tool_use")
+                .map(|b| {
+                    (
+                        b["name"].as_str().unwrap_or("?").to_string(),
+                        b["input"].clone(),
+                    )
+                })
+                .collect();
+            CliMessage::Assistant {
+                message_id: v["message"]["id"].as_str().map(str::to_string),
+                text,
+                tool_uses,
+            }
+        }
+        Some("control_response") => {
+            let r = &v["response"];
+            match r["request_id"].as_str() {
+                Some(id) => CliMessage::ControlResponse {
+                    request_id: id.to_string(),
+                    error: if r["subtype"] == "success" {
+                        None
+                    } else {
+                        Some(r["error"].as_str().unwrap_or("unknown error").to_string())
+                    },
+                },
+                None => CliMessage::Other,
+            }
+        }
+        Some("result") => CliMessage::Result(TurnResult {
+            subtype: s("subtype").unwrap_or_default(),
+            is_error: v.get("is_error").and_then(Value::as_bool).unwrap_or(false),
+            result: s("result"),
+            session_id: s("session_id"),
+            api_error_status: v.get("api_error_status").and_then(Value::as_u64),
+            errors: v
+                .get("errors")
+                .and_then(Value::as_array)
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|e| e.as_str().map(str::to_string))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            usage: v.get("usage").cloned().unwrap_or(Value::Null),
+            total_cost_usd: v
+                .get("total_cost_usd")
+                .and_then(Value::as_f64)
+                .unwrap_or(0.0),
+            duration_ms: v.get("duration_ms").and_then(Value::as_u64).unwrap_or(0),
+            num_turns: v.get("num_turns").and_then(Value::as_u64).unwrap_or(0) as u32,
+        }),
+        _ => CliMessage::Other,
+    })
+}
+
+/// A short, human-readable summary of a tool call's input.
+pub fn summarize_tool_input(input: &Value) -> String {
+    let pick = [
+        "command",
+        "file_path",
+        "path",
+        "pattern",
+        "url",
+        "query",
+        "description",
+    ]
+    .iter()
+    .find_map(|k| input.get(*k).and_then(Value::as_str));
+    let text = match pick {
+        Some(s) => s.to_string(),
+        None => input.to_string(),
+    };
+    truncate_chars(&text, 200)
+}
+
+pub(crate) fn truncate_chars(s: &str, max: usize) -> String {
+    if s.chars().count() <= max {
+        s.to_string()
+    } else {
+        let mut out: String = s.chars().take(max).collect();
+        out.push('…');
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_messages_the_worker_uses() {
+        let init = r#"{"type":"system","subtype":"init","session_id":"s1","model":"m","permissionMode":"plan"}"#;
+        assert_eq!(
+            parse_line(init).unwrap(),
+            CliMessage::Init {
+                session_id: "s1".into(),
+                model: Some("m".into()),
+                permission_mode: Some("plan".into())
+            }
+        );
+        let delta = r#"{"type":"stream_event","event":{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Hel"}},"parent_tool_use_id":null,"api_message_id":"m1"}"#;
+        assert_eq!(
+            parse_line(delta).unwrap(),
+            CliMessage::TextDelta {
+                message_id: Some("m1".into()),
+                text: "Hel".into()
+            }
+        );
+        let sub = r#"{"type":"stream_event","event":{"type":"content_block_delta","delta":{"type":"text_delta","text":"x"}},"parent_tool_use_id":"t1"}"#;
+        assert_eq!(parse_line(sub).unwrap(), CliMessage::Other);
+        assert_eq!(
+            parse_line(r#"{"type":"brand_new_kind"}"#).unwrap(),
+            CliMessage::Other
+        );
+        assert!(parse_line("[claude-code:warning] not json").is_err());
+        let ok = r#"{"type":"control_response","response":{"subtype":"success","request_id":"r1","response":{"mode":"plan"}}}"#;
+        assert_eq!(
+            parse_line(ok).unwrap(),
+            CliMessage::ControlResponse {
+                request_id: "r1".into(),
+                error: None
+            }
+        );
+        let err = r#"{"type":"control_response","response":{"subtype":"error","request_id":"r3","error":"Unsupported control request subtype: set_max_turns"}}"#;
+        assert!(matches!(
+            parse_line(err).unwrap(),
+            CliMessage::ControlResponse { error: Some(e), .. } if e.contains("set_max_turns")
+        ));
+        let res = r#"{"type":"result","subtype":"success","is_error":true,"api_error_status":529,"result":"API Error: 529","num_turns":1}"#;
+        match parse_line(res).unwrap() {
+            CliMessage::Result(r) => {
+                assert!(r.is_error);
+                assert_eq!(r.api_error_status, Some(529));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
