@@ -60,103 +60,121 @@ pub struct TurnResult {
 /// logs it and carries on).
 pub fn parse_line(line: &str) -> Result<CliMessage, serde_json::Error> {
     let v: Value = serde_json::from_str(line)?;
-    let s = |key: &str| v.get(key).and_then(Value::as_str).map(str::to_string);
+    let top_level = || v.get("parent_tool_use_id").is_none_or(Value::is_null);
     Ok(match v.get("type").and_then(Value::as_str) {
-        Some("system") => match v.get("subtype").and_then(Value::as_str) {
-            Some("init") => match s("session_id") {
-                Some(session_id) => CliMessage::Init {
-                    session_id,
-                    model: s("model"),
-                    permission_mode: s("permissionMode"),
-                },
-                None => CliMessage::Other,
-            },
-            Some("api_retry") => CliMessage::ApiRetry {
-                attempt: v.get("attempt").and_then(Value::as_u64).unwrap_or(0),
-                error_status: v.get("error_status").and_then(Value::as_u64),
-                error: s("error").unwrap_or_default(),
-            },
-            _ => CliMessage::Other,
-        },
-        Some("stream_event") if v.get("parent_tool_use_id").is_none_or(Value::is_null) => {
-            let ev = &v["event"];
-            if ev["type"] == "content_block_delta" && ev["delta"]["type"] == "text_delta" {
-                match ev["delta"]["text"].as_str() {
-                    Some(t) => CliMessage::TextDelta {
-                        message_id: s("api_message_id"),
-                        text: t.to_string(),
-                    },
-                    None => CliMessage::Other,
-                }
-            } else {
-                CliMessage::Other
-            }
-        }
-        Some("assistant") if v.get("parent_tool_use_id").is_none_or(Value::is_null) => {
-            let blocks = v["message"]["content"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default();
-            let text: String = blocks
-                .iter()
-                .filter(|b| b["type"] == "text")
-                .filter_map(|b| b["text"].as_str())
-                .collect();
-            let tool_uses = blocks
-                .iter()
-                .filter(|b| b["type"] == "tool_use")
-                .map(|b| {
-                    (
-                        b["name"].as_str().unwrap_or("?").to_string(),
-                        b["input"].clone(),
-                    )
-                })
-                .collect();
-            CliMessage::Assistant {
-                message_id: v["message"]["id"].as_str().map(str::to_string),
-                text,
-                tool_uses,
-            }
-        }
-        Some("control_response") => {
-            let r = &v["response"];
-            match r["request_id"].as_str() {
-                Some(id) => CliMessage::ControlResponse {
-                    request_id: id.to_string(),
-                    error: if r["subtype"] == "success" {
-                        None
-                    } else {
-                        Some(r["error"].as_str().unwrap_or("unknown error").to_string())
-                    },
-                },
-                None => CliMessage::Other,
-            }
-        }
-        Some("result") => CliMessage::Result(TurnResult {
-            subtype: s("subtype").unwrap_or_default(),
-            is_error: v.get("is_error").and_then(Value::as_bool).unwrap_or(false),
-            result: s("result"),
-            session_id: s("session_id"),
-            api_error_status: v.get("api_error_status").and_then(Value::as_u64),
-            errors: v
-                .get("errors")
-                .and_then(Value::as_array)
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|e| e.as_str().map(str::to_string))
-                        .collect()
-                })
-                .unwrap_or_default(),
-            usage: v.get("usage").cloned().unwrap_or(Value::Null),
-            total_cost_usd: v
-                .get("total_cost_usd")
-                .and_then(Value::as_f64)
-                .unwrap_or(0.0),
-            duration_ms: v.get("duration_ms").and_then(Value::as_u64).unwrap_or(0),
-            num_turns: v.get("num_turns").and_then(Value::as_u64).unwrap_or(0) as u32,
-        }),
+        Some("system") => system(&v),
+        // Sub-agents' output (a `parent_tool_use_id`) is not the answer.
+        Some("stream_event") if top_level() => stream_event(&v),
+        Some("assistant") if top_level() => assistant(&v),
+        Some("control_response") => control_response(&v),
+        Some("result") => CliMessage::Result(result(&v)),
         _ => CliMessage::Other,
     })
+}
+
+fn str_of(v: &Value, key: &str) -> Option<String> {
+    v.get(key).and_then(Value::as_str).map(str::to_string)
+}
+
+fn system(v: &Value) -> CliMessage {
+    match v.get("subtype").and_then(Value::as_str) {
+        Some("init") => match str_of(v, "session_id") {
+            Some(session_id) => CliMessage::Init {
+                session_id,
+                model: str_of(v, "model"),
+                permission_mode: str_of(v, "permissionMode"),
+            },
+            None => CliMessage::Other,
+        },
+        Some("api_retry") => CliMessage::ApiRetry {
+            attempt: v.get("attempt").and_then(Value::as_u64).unwrap_or(0),
+            error_status: v.get("error_status").and_then(Value::as_u64),
+            error: str_of(v, "error").unwrap_or_default(),
+        },
+        _ => CliMessage::Other,
+    }
+}
+
+fn stream_event(v: &Value) -> CliMessage {
+    let ev = &v["event"];
+    if ev["type"] != "content_block_delta" || ev["delta"]["type"] != "text_delta" {
+        return CliMessage::Other;
+    }
+    match ev["delta"]["text"].as_str() {
+        Some(t) => CliMessage::TextDelta {
+            message_id: str_of(v, "api_message_id"),
+            text: t.to_string(),
+        },
+        None => CliMessage::Other,
+    }
+}
+
+fn assistant(v: &Value) -> CliMessage {
+    let blocks = v["message"]["content"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let text: String = blocks
+        .iter()
+        .filter(|b| b["type"] == "text")
+        .filter_map(|b| b["text"].as_str())
+        .collect();
+    let tool_uses = blocks
+        .iter()
+        .filter(|b| b["type"] == "tool_use")
+        .map(|b| {
+            (
+                b["name"].as_str().unwrap_or("?").to_string(),
+                b["input"].clone(),
+            )
+        })
+        .collect();
+    CliMessage::Assistant {
+        message_id: v["message"]["id"].as_str().map(str::to_string),
+        text,
+        tool_uses,
+    }
+}
+
+fn control_response(v: &Value) -> CliMessage {
+    let r = &v["response"];
+    match r["request_id"].as_str() {
+        Some(id) => CliMessage::ControlResponse {
+            request_id: id.to_string(),
+            error: if r["subtype"] == "success" {
+                None
+            } else {
+                Some(r["error"].as_str().unwrap_or("unknown error").to_string())
+            },
+        },
+        None => CliMessage::Other,
+    }
+}
+
+fn result(v: &Value) -> TurnResult {
+    TurnResult {
+        subtype: str_of(v, "subtype").unwrap_or_default(),
+        is_error: v.get("is_error").and_then(Value::as_bool).unwrap_or(false),
+        result: str_of(v, "result"),
+        session_id: str_of(v, "session_id"),
+        api_error_status: v.get("api_error_status").and_then(Value::as_u64),
+        errors: v
+            .get("errors")
+            .and_then(Value::as_array)
+            .map(|a| {
+                a.iter()
+                    .filter_map(|e| e.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default(),
+        usage: v.get("usage").cloned().unwrap_or(Value::Null),
+        total_cost_usd: v
+            .get("total_cost_usd")
+            .and_then(Value::as_f64)
+            .unwrap_or(0.0),
+        duration_ms: v.get("duration_ms").and_then(Value::as_u64).unwrap_or(0),
+        num_turns: v.get("num_turns").and_then(Value::as_u64).unwrap_or(0) as u32,
+    }
 }
 
 /// A short, human-readable summary of a tool call's input.

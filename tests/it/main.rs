@@ -14,4 +14,5 @@ mod schema;
 mod store;
 mod submit;
 mod support;
+mod tidy;
 mod warm;
