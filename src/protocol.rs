@@ -13,6 +13,15 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// something to hand to the CLI.
 pub const MAX_PROMPT_BYTES: usize = 1_000_000;
 
+/// Largest `metadata`, in bytes of its JSON: it is copied onto every event
+/// of the job, so 2 MB of metadata on a 200-event answer would be 400 MB of
+/// reply traffic.
+pub const MAX_METADATA_BYTES: usize = 16 * 1024;
+
+/// Deepest nesting of objects and arrays in a job or control body (the
+/// body itself is level 1). Only `metadata` can nest freely.
+pub const MAX_JSON_DEPTH: usize = 32;
+
 /// A prompt job, version 1, as published by a producer.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -139,27 +148,27 @@ impl std::fmt::Display for PermissionMode {
 #[error("{0}")]
 pub struct DecodeError(pub String);
 
-/// Decodes a job body: UTF-8, JSON object, a supported `v`, then the v1 shape.
+/// Decodes a job body: UTF-8, strict JSON (no duplicate keys, bounded
+/// depth), an object with a supported `v`, then the v1 shape and limits.
 pub fn decode_job(body: &[u8]) -> Result<JobV1, DecodeError> {
     let text = std::str::from_utf8(body)
         .map_err(|e| DecodeError(format!("body is not valid UTF-8: {e}")))?;
-    let value: Value = serde_json::from_str(text)
-        .map_err(|e| DecodeError(format!("body is not valid JSON: {e}")))?;
-    let Value::Object(obj) = &value else {
+    let mut value =
+        parse_strict(text).map_err(|e| DecodeError(format!("body is not valid JSON: {e}")))?;
+    let Value::Object(obj) = &mut value else {
         return Err(DecodeError("body must be a JSON object".into()));
     };
-    match obj.get("v") {
-        None => {
-            return Err(DecodeError(
-                "missing field `v` (protocol version; use 1)".into(),
-            ))
+    check_version(obj)?;
+    // Serde would read a struct from an array (`"options": ["sonnet"]` as
+    // the model): only objects are objects here.
+    for key in ["session", "options"] {
+        if obj.get(key).is_some_and(|v| !v.is_object()) {
+            return Err(DecodeError(format!("`{key}` must be a JSON object")));
         }
-        Some(Value::Number(n)) if n.as_u64() == Some(PROTOCOL_VERSION as u64) => {}
-        Some(other) => {
-            return Err(DecodeError(format!(
-                "unsupported protocol version v={other}; this worker speaks v={PROTOCOL_VERSION}"
-            )))
-        }
+    }
+    // JSON Schema counts 3.0 as an integer; so does the decoder.
+    if let Some(Value::Object(options)) = obj.get_mut("options") {
+        integral_to_int(options, "max_turns");
     }
     let job: JobV1 =
         serde_json::from_value(value).map_err(|e| DecodeError(format!("invalid job: {e}")))?;
@@ -181,12 +190,30 @@ pub fn decode_job(body: &[u8]) -> Result<JobV1, DecodeError> {
     if let Some(id) = &job.job_id {
         validate_job_id(id)?;
     }
+    // The profile-independent option rules, here so the decoder and the
+    // JSON Schema refuse the same bodies (the profile narrows further).
+    if job.options.max_turns == Some(0) {
+        return Err(DecodeError("`options.max_turns` must be at least 1".into()));
+    }
+    if let Some(m) = &job.options.model {
+        if m.is_empty() || m.len() > 200 || m.starts_with('-') {
+            return Err(DecodeError(format!(
+                "`options.model` {m:?} is not a model name (1-200 bytes, not starting with `-`)"
+            )));
+        }
+    }
     if let Some(r) = &job.reply_to {
         validate_reply_to(r)?;
     }
     if let Some(m) = &job.metadata {
         if !m.is_object() {
             return Err(DecodeError("`metadata` must be a JSON object".into()));
+        }
+        let size = serde_json::to_vec(m).map(|v| v.len()).unwrap_or(usize::MAX);
+        if size > MAX_METADATA_BYTES {
+            return Err(DecodeError(format!(
+                "`metadata` is {size} bytes of JSON; the limit is {MAX_METADATA_BYTES} (it is copied onto every event)"
+            )));
         }
     }
     match (job.session.mode, &job.session.claude_session_id) {
@@ -204,6 +231,124 @@ pub fn decode_job(body: &[u8]) -> Result<JobV1, DecodeError> {
         _ => {}
     }
     Ok(job)
+}
+
+/// `v` must be the number 1 (`1.0` too: JSON Schema cannot tell them
+/// apart, so neither does the decoder). Normalised to the integer.
+fn check_version(obj: &mut serde_json::Map<String, Value>) -> Result<(), DecodeError> {
+    match obj.get("v") {
+        None => Err(DecodeError(
+            "missing field `v` (protocol version; use 1)".into(),
+        )),
+        Some(Value::Number(n)) if n.as_f64() == Some(PROTOCOL_VERSION as f64) => {
+            obj.insert("v".into(), Value::from(PROTOCOL_VERSION));
+            Ok(())
+        }
+        Some(other) => Err(DecodeError(format!(
+            "unsupported protocol version v={other}; this worker speaks v={PROTOCOL_VERSION}"
+        ))),
+    }
+}
+
+/// Replaces a float with no fractional part (`3.0`) by the integer.
+fn integral_to_int(obj: &mut serde_json::Map<String, Value>, key: &str) {
+    if let Some(Value::Number(n)) = obj.get(key) {
+        if let Some(f) = n
+            .as_f64()
+            .filter(|f| n.is_f64() && f.fract() == 0.0 && *f >= 0.0 && *f <= u32::MAX as f64)
+        {
+            obj.insert(key.into(), Value::from(f as u64));
+        }
+    }
+}
+
+/// Parses JSON strictly: a key repeated in one object is an error (a
+/// typo'd duplicate would otherwise silently win), and so is nesting deeper
+/// than [`MAX_JSON_DEPTH`]. Lone UTF-16 surrogates (`"\ud800"`) are
+/// rejected by the parser: strings must be valid Unicode.
+pub fn parse_strict(text: &str) -> Result<Value, serde_json::Error> {
+    use serde::de::DeserializeSeed;
+    let mut de = serde_json::Deserializer::from_str(text);
+    let value = Strict { depth: 0 }.deserialize(&mut de)?;
+    de.end()?;
+    Ok(value)
+}
+
+struct Strict {
+    depth: usize,
+}
+
+impl Strict {
+    fn enter<E: serde::de::Error>(&self) -> Result<Strict, E> {
+        if self.depth >= MAX_JSON_DEPTH {
+            return Err(E::custom(format_args!(
+                "nested deeper than {MAX_JSON_DEPTH} levels"
+            )));
+        }
+        Ok(Strict {
+            depth: self.depth + 1,
+        })
+    }
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for Strict {
+    type Value = Value;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Strict {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Value, E> {
+        serde_json::Number::from_f64(v)
+            .map(Value::Number)
+            .ok_or_else(|| E::custom("a number out of range"))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_string()))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let inner = self.enter()?;
+        let mut out = Vec::new();
+        while let Some(v) = seq.next_element_seed(Strict { depth: inner.depth })? {
+            out.push(v);
+        }
+        Ok(Value::Array(out))
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let inner = self.enter()?;
+        let mut out = serde_json::Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if out.contains_key(&key) {
+                return Err(serde::de::Error::custom(format_args!(
+                    "duplicate key `{key}`"
+                )));
+            }
+            let v = map.next_value_seed(Strict { depth: inner.depth })?;
+            out.insert(key, v);
+        }
+        Ok(Value::Object(out))
+    }
 }
 
 /// Job ids become database keys and AMQP correlation ids: keep them short
@@ -271,23 +416,16 @@ pub enum ControlBody {
     },
 }
 
-/// Decodes a control body.
+/// Decodes a control body (strict JSON, as for jobs).
 pub fn decode_control(body: &[u8]) -> Result<ControlV1, DecodeError> {
-    let value: Value = serde_json::from_slice(body)
+    let text = std::str::from_utf8(body)
+        .map_err(|e| DecodeError(format!("control message is not valid UTF-8: {e}")))?;
+    let mut value = parse_strict(text)
         .map_err(|e| DecodeError(format!("control message is not valid JSON: {e}")))?;
-    match value.get("v") {
-        Some(Value::Number(n)) if n.as_u64() == Some(PROTOCOL_VERSION as u64) => {}
-        None => {
-            return Err(DecodeError(
-                "missing field `v` (protocol version; use 1)".into(),
-            ))
-        }
-        Some(other) => {
-            return Err(DecodeError(format!(
-                "unsupported protocol version v={other}; this worker speaks v={PROTOCOL_VERSION}"
-            )))
-        }
-    }
+    let Value::Object(obj) = &mut value else {
+        return Err(DecodeError("control message must be a JSON object".into()));
+    };
+    check_version(obj)?;
     let msg: ControlV1 = serde_json::from_value(value)
         .map_err(|e| DecodeError(format!("invalid control message: {e}")))?;
     if let ControlBody::Cancel {

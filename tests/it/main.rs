@@ -3,6 +3,7 @@
 //! CLI), `harness` (an isolated world per test: AMQP prefix, database,
 //! temp dirs, a worker).
 
+mod bad_input;
 mod control;
 mod fleet;
 mod harness;
