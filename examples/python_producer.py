@@ -68,18 +68,26 @@ def main() -> int:
         )
         return 4
 
-    # 3. Events until the terminal one: dedupe on seq, discard the text of
-    #    an attempt that is retried.
+    # 3. Events until the terminal one, by the protocol's reader rule: drop
+    #    duplicate seqs and events of an older lease epoch than one already
+    #    seen (a paused worker speaking after its successor); discard the
+    #    text of an attempt that is retried.
     seen = set()
+    max_epoch = None
     text = []  # the current attempt's text
-    for _method, _props, body in ch.consume(queue, auto_ack=True, inactivity_timeout=args.timeout):
+    for _method, props, body in ch.consume(queue, auto_ack=True, inactivity_timeout=args.timeout):
         if body is None:
             print(f"\nno event for {args.timeout:.0f} s (is a worker running?)", file=sys.stderr)
             return 4
         ev = json.loads(body)
+        epoch = (props.headers or {}).get("x-lease-epoch")
         if ev.get("job_id") != job_id or ev["seq"] in seen:
             continue
+        if epoch is not None and max_epoch is not None and epoch < max_epoch:
+            continue
         seen.add(ev["seq"])
+        if epoch is not None:
+            max_epoch = epoch if max_epoch is None else max(max_epoch, epoch)
         kind = ev["type"]
         if kind == "text":
             text.append(ev["text"])

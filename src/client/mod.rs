@@ -14,10 +14,11 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{BasicPublishOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, Consumer};
 use serde_json::Value;
 
+use crate::broker::publish::LEASE_EPOCH_HEADER;
 use crate::broker::{self, AmqpError, Topology};
 use crate::config::AmqpSettings;
 use crate::protocol::{
@@ -47,8 +48,14 @@ pub enum ClientError {
 /// One message read from the reply queue.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Incoming {
-    /// A reply event; `raw` is the body exactly as received.
-    Event { raw: String, event: EventV1 },
+    /// A reply event; `raw` is the body exactly as received, `lease_epoch`
+    /// its `x-lease-epoch` header (absent on events of jobs that never ran
+    /// and on republished duplicates), for [`JobTracker::accept`].
+    Event {
+        raw: String,
+        event: EventV1,
+        lease_epoch: Option<i64>,
+    },
     /// The answer to a control message; `raw` is the body as received.
     ControlResult {
         raw: String,
@@ -88,7 +95,11 @@ impl Incoming {
             };
         }
         match serde_json::from_value::<EventV1>(value) {
-            Ok(event) => Incoming::Event { raw, event },
+            Ok(event) => Incoming::Event {
+                raw,
+                event,
+                lease_epoch: None,
+            },
             Err(e) => Incoming::Unknown {
                 raw,
                 reason: format!("not a v1 event: {e}"),
@@ -102,7 +113,24 @@ impl Incoming {
             .correlation_id()
             .as_ref()
             .map(|s| s.as_str().to_string());
-        Incoming::decode(&d.data, corr)
+        let mut incoming = Incoming::decode(&d.data, corr);
+        if let Incoming::Event { lease_epoch, .. } = &mut incoming {
+            *lease_epoch = header_i64(&d.properties, LEASE_EPOCH_HEADER);
+        }
+        incoming
+    }
+}
+
+/// An integer header, whichever AMQP integer type carried it.
+fn header_i64(props: &BasicProperties, key: &str) -> Option<i64> {
+    let headers = props.headers().as_ref()?;
+    match headers.inner().get(key)? {
+        AMQPValue::LongLongInt(n) => Some(*n),
+        AMQPValue::LongInt(n) => Some(i64::from(*n)),
+        AMQPValue::ShortInt(n) => Some(i64::from(*n)),
+        AMQPValue::LongUInt(n) => Some(i64::from(*n)),
+        AMQPValue::ShortUInt(n) => Some(i64::from(*n)),
+        _ => None,
     }
 }
 
@@ -300,13 +328,19 @@ impl Client {
     }
 }
 
-/// Follows one job's events: drops other jobs' events and duplicates
-/// (same `seq`), and keeps the text of the current attempt, discarding it
-/// when the attempt is retried.
+/// Follows one job's events and applies the reader's rules of the protocol
+/// (docs/protocol.md, "Reading events"): it drops other jobs' events,
+/// duplicates (a `seq` already seen), anything after the terminal event, and
+/// any event whose lease epoch is lower than one already seen for the job —
+/// a worker that was paused past its lease and spoke after its successor.
+/// It keeps the text of the current attempt, discarding it when the
+/// attempt is retried.
 #[derive(Debug, Clone)]
 pub struct JobTracker {
     job_id: String,
     seen: HashSet<u64>,
+    /// The highest `x-lease-epoch` seen for the job.
+    epoch: Option<i64>,
     /// Text of the attempt in progress.
     text: String,
     finished: bool,
@@ -331,6 +365,7 @@ impl JobTracker {
         JobTracker {
             job_id: job_id.into(),
             seen: HashSet::new(),
+            epoch: None,
             text: String::new(),
             finished: false,
         }
@@ -349,10 +384,21 @@ impl JobTracker {
         self.finished
     }
 
-    pub fn accept(&mut self, ev: &EventV1) -> Step {
-        if ev.job_id != self.job_id || self.finished || !self.seen.insert(ev.seq) {
+    /// Judges one event; `lease_epoch` is its `x-lease-epoch` header
+    /// ([`Incoming::Event`] carries it), `None` where the event has none.
+    pub fn accept(&mut self, ev: &EventV1, lease_epoch: Option<i64>) -> Step {
+        if ev.job_id != self.job_id || self.finished {
             return Step::Skip;
         }
+        if let (Some(e), Some(max)) = (lease_epoch, self.epoch) {
+            if e < max {
+                return Step::Skip;
+            }
+        }
+        if !self.seen.insert(ev.seq) {
+            return Step::Skip;
+        }
+        self.epoch = self.epoch.max(lease_epoch);
         match &ev.body {
             EventBody::Text { text } => {
                 self.text.push_str(text);
@@ -388,35 +434,62 @@ mod tests {
     fn tracker_dedups_discards_retried_text_and_stops_at_terminal() {
         let mut t = JobTracker::new("j1");
         assert_eq!(
-            t.accept(&ev(0, 1, json!({"type": "text", "text": "Hel"}))),
+            t.accept(&ev(0, 1, json!({"type": "text", "text": "Hel"})), None),
             Step::Event
         );
         assert_eq!(
-            t.accept(&ev(0, 1, json!({"type": "text", "text": "Hel"}))),
+            t.accept(&ev(0, 1, json!({"type": "text", "text": "Hel"})), None),
             Step::Skip,
             "duplicate seq"
         );
         let retry = json!({"type": "retrying", "next_attempt": 2, "delay_ms": 0, "reason": "x"});
         assert_eq!(
-            t.accept(&ev(1, 1, retry)),
+            t.accept(&ev(1, 1, retry), None),
             Step::Retry {
                 discarded: "Hel".into()
             }
         );
-        t.accept(&ev(2, 2, json!({"type": "text", "text": "Hello"})));
+        t.accept(&ev(2, 2, json!({"type": "text", "text": "Hello"})), None);
         assert_eq!(t.text(), "Hello");
         let mut other = ev(3, 2, json!({"type": "text", "text": "nope"}));
         other.job_id = "j2".into();
-        assert_eq!(t.accept(&other), Step::Skip, "another job");
+        assert_eq!(t.accept(&other, None), Step::Skip, "another job");
         assert_eq!(
-            t.accept(&ev(4, 2, json!({"type": "cancelled", "reason": "r"}))),
+            t.accept(&ev(4, 2, json!({"type": "cancelled", "reason": "r"})), None),
             Step::Terminal
         );
         assert!(t.is_finished());
         assert_eq!(
-            t.accept(&ev(5, 2, json!({"type": "text", "text": "late"}))),
+            t.accept(&ev(5, 2, json!({"type": "text", "text": "late"})), None),
             Step::Skip
         );
+    }
+
+    #[test]
+    fn tracker_drops_events_of_an_older_lease_epoch() {
+        let mut t = JobTracker::new("j1");
+        let text = |s: &str| json!({"type": "text", "text": s});
+        assert_eq!(t.accept(&ev(0, 1, text("old ")), Some(3)), Step::Event);
+        // The successor (epoch 4) retries the attempt after a takeover…
+        let retry =
+            json!({"type": "retrying", "next_attempt": 2, "delay_ms": 0, "reason": "worker_lost"});
+        assert_eq!(
+            t.accept(&ev(1, 1, retry), Some(4)),
+            Step::Retry {
+                discarded: "old ".into()
+            }
+        );
+        assert_eq!(t.accept(&ev(2, 2, text("new")), Some(4)), Step::Event);
+        // …and the paused worker wakes and speaks late: dropped, whatever its seq.
+        assert_eq!(t.accept(&ev(3, 1, text("stale")), Some(3)), Step::Skip);
+        assert_eq!(t.accept(&ev(7, 1, text("stale")), Some(3)), Step::Skip);
+        // Events without the header (a republished duplicate) are judged
+        // by seq and terminal alone.
+        assert_eq!(t.accept(&ev(4, 2, text("!")), None), Step::Event);
+        assert_eq!(t.text(), "new!");
+        let done = json!({"type": "cancelled", "reason": "r"});
+        assert_eq!(t.accept(&ev(5, 2, done), Some(4)), Step::Terminal);
+        assert_eq!(t.accept(&ev(6, 2, text("after")), Some(5)), Step::Skip);
     }
 
     #[test]

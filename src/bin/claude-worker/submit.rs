@@ -210,10 +210,15 @@ async fn stream(
             }
             return Ok(exit::NO_ANSWER);
         };
-        let Incoming::Event { raw, event } = incoming else {
+        let Incoming::Event {
+            raw,
+            event,
+            lease_epoch,
+        } = incoming
+        else {
             continue;
         };
-        let step = tracker.accept(&event);
+        let step = tracker.accept(&event, lease_epoch);
         if step == Step::Skip {
             continue;
         }
@@ -281,8 +286,12 @@ async fn cancel_on_interrupt(
                     );
                 }
             }
-            Some(Incoming::Event { raw, event }) => {
-                let step = tracker.accept(&event);
+            Some(Incoming::Event {
+                raw,
+                event,
+                lease_epoch,
+            }) => {
+                let step = tracker.accept(&event, lease_epoch);
                 if step == Step::Skip {
                     continue;
                 }
