@@ -444,9 +444,29 @@ pub async fn connect(
     if raw.starts_with("sqlite:") {
         Ok(Arc::new(SqliteStore::connect(raw, max_connections).await?))
     } else {
+        probe_postgres(raw).await?;
         Ok(Arc::new(
             PostgresStore::connect(raw, max_connections).await?,
         ))
+    }
+}
+
+/// One direct connection first: a server that is down or refuses us fails
+/// start-up at once with its own reason, instead of the pool's 30 s
+/// "timed out while waiting for an open connection".
+async fn probe_postgres(url: &str) -> Result<(), StoreError> {
+    use sqlx::Connection as _;
+    const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+    match tokio::time::timeout(PROBE_TIMEOUT, sqlx::PgConnection::connect(url)).await {
+        Ok(Ok(conn)) => {
+            let _ = conn.close().await;
+            Ok(())
+        }
+        Ok(Err(e)) => Err(e.into()),
+        Err(_) => Err(StoreError::Unavailable(format!(
+            "no connection within {} s",
+            PROBE_TIMEOUT.as_secs()
+        ))),
     }
 }
 

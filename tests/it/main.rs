@@ -12,6 +12,7 @@ mod mock_selftest;
 mod pipeline;
 mod producers;
 mod schema;
+mod secrets;
 mod store;
 mod submit;
 mod support;
