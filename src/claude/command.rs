@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use serde_json::json;
 
-use crate::config::{EffectiveOptions, Profile};
+use crate::config::{ClaudeSettings, EffectiveOptions, Profile};
 
 /// What one turn asks of the CLI.
 #[derive(Debug, Clone)]
@@ -115,6 +115,31 @@ pub fn user_message_line(prompt: &str) -> String {
     .to_string();
     line.push('\n');
     line
+}
+
+/// Runs `claude --version` (30 s at most) and returns what it printed, or
+/// why it could not be run.
+pub async fn version(settings: &ClaudeSettings, profile: &Profile) -> Result<String, String> {
+    let out = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        tokio::process::Command::new(&settings.path)
+            .arg("--version")
+            .env_clear()
+            .envs(cli_env(&settings.env_passthrough, profile))
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .map_err(|_| "`--version` did not answer within 30 s".to_string())?
+    .map_err(|e| e.to_string())?;
+    if !out.status.success() {
+        return Err(format!(
+            "`--version` exited with {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
 #[cfg(test)]

@@ -11,12 +11,14 @@
 
 use std::collections::VecDeque;
 use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
+use tokio::sync::mpsc;
 
 use super::command::{cli_args, cli_env, user_message_line, SpawnError, TurnRequest};
 use super::paths::ensure_transcript;
@@ -27,10 +29,21 @@ use crate::config::{ClaudeSettings, Profile};
 const STDERR_KEEP_BYTES: usize = 8 * 1024;
 
 /// A running CLI process. Dropping it kills the process group.
+///
+/// Writing to its stdin never blocks the caller: lines go to a writer task
+/// that owns the pipe. A CLI that stops reading (a prompt is up to 1 MB; a
+/// pipe holds 64 KiB) therefore cannot hold a turn past its deadline,
+/// cancel, lease loss or shutdown: those are all watched while the turn
+/// waits for the CLI's output, and they kill the process, which ends the
+/// writer.
 pub struct CliProcess {
     child: Child,
     pgid: Option<i32>,
-    stdin: Option<ChildStdin>,
+    /// Lines for the writer task; `None` once stdin is closed.
+    stdin: Option<mpsc::UnboundedSender<Vec<u8>>>,
+    /// Set when writing to the pipe failed (the CLI is gone).
+    stdin_broken: Arc<AtomicBool>,
+    writer_task: Option<tokio::task::JoinHandle<()>>,
     stdout: Lines<BufReader<ChildStdout>>,
     stderr: Arc<Mutex<VecDeque<u8>>>,
     stderr_task: Option<tokio::task::JoinHandle<()>>,
@@ -80,7 +93,15 @@ impl CliProcess {
             source,
         })?;
         let pgid = child.id().map(|p| p as i32);
-        let stdin = child.stdin.take();
+        let stdin_broken = Arc::new(AtomicBool::new(false));
+        let (stdin, writer_task) = match child.stdin.take() {
+            Some(pipe) => {
+                let (tx, rx) = mpsc::unbounded_channel();
+                let task = tokio::spawn(write_lines(pipe, rx, Arc::clone(&stdin_broken)));
+                (Some(tx), Some(task))
+            }
+            None => (None, None),
+        };
         let stdout = BufReader::new(child.stdout.take().expect("stdout is piped")).lines();
         let stderr_buf = Arc::new(Mutex::new(VecDeque::new()));
         let stderr_task = child.stderr.take().map(|mut err| {
@@ -102,6 +123,8 @@ impl CliProcess {
             child,
             pgid,
             stdin,
+            stdin_broken,
+            writer_task,
             stdout,
             stderr: stderr_buf,
             stderr_task,
@@ -116,34 +139,34 @@ impl CliProcess {
     /// Starts a turn: writes a user message to the CLI's stdin. The CLI
     /// answers with `init`, the turn's messages and a `result`; it then
     /// waits for the next user message until stdin is closed.
-    pub async fn send_user_message(&mut self, prompt: &str) {
-        self.write_stdin(&user_message_line(prompt)).await;
+    pub fn send_user_message(&mut self, prompt: &str) {
+        self.write_stdin(&user_message_line(prompt));
     }
 
     /// Sends a stream-json control request (`interrupt`,
     /// `set_permission_mode`, `set_model`, …); returns its request id. The
     /// CLI answers with a `control_response` line carrying that id.
-    pub async fn send_control_request(&mut self, request: Value) -> String {
+    pub fn send_control_request(&mut self, request: Value) -> String {
         let request_id = uuid::Uuid::new_v4().to_string();
         let mut line =
             json!({"type": "control_request", "request_id": request_id, "request": request})
                 .to_string();
         line.push('\n');
-        self.write_stdin(&line).await;
+        self.write_stdin(&line);
         request_id
     }
 
-    /// Writes to the CLI's stdin. A closed pipe means the CLI died; that
-    /// shows up as a missing result, so the error is not reported here.
-    pub async fn write_stdin(&mut self, line: &str) {
-        if let Some(stdin) = self.stdin.as_mut() {
-            if stdin.write_all(line.as_bytes()).await.is_ok() {
-                let _ = stdin.flush().await;
-            }
+    /// Queues a line for the CLI's stdin; never waits. A CLI that died
+    /// shows up as a missing result, so a failed write is not reported here
+    /// (see [`try_send_user_message`](Self::try_send_user_message)).
+    pub fn write_stdin(&mut self, line: &str) {
+        if let Some(stdin) = &self.stdin {
+            let _ = stdin.send(line.as_bytes().to_vec());
         }
     }
 
-    /// Closes stdin: the CLI ends once the current turn is done.
+    /// Closes stdin: the CLI ends once the current turn is done (the writer
+    /// task writes what is queued, then closes the pipe).
     pub fn close_stdin(&mut self) {
         self.stdin = None;
     }
@@ -210,8 +233,7 @@ impl CliProcess {
     /// session resumable), then SIGINT, then SIGTERM and SIGKILL, each after
     /// `grace`. Returns true if the CLI ended the turn on request.
     pub async fn interrupt(&mut self, grace: Duration) -> bool {
-        self.send_control_request(json!({"subtype": "interrupt"}))
-            .await;
+        self.send_control_request(json!({"subtype": "interrupt"}));
         let ended = tokio::time::timeout(grace, async {
             while let Some(msg) = self.next_message().await {
                 if matches!(msg, CliMessage::Result(_)) {
@@ -260,14 +282,17 @@ impl CliProcess {
     /// Starts a turn like [`send_user_message`](Self::send_user_message),
     /// but reports a CLI that is gone (a closed pipe) instead of leaving it
     /// to show up as a missing result.
-    pub async fn try_send_user_message(&mut self, prompt: &str) -> std::io::Result<()> {
-        let Some(stdin) = self.stdin.as_mut() else {
+    pub fn try_send_user_message(&mut self, prompt: &str) -> std::io::Result<()> {
+        let gone = self.stdin_broken.load(Ordering::SeqCst)
+            || self.has_exited()
+            || self
+                .stdin
+                .as_ref()
+                .is_none_or(|tx| tx.send(user_message_line(prompt).into_bytes()).is_err());
+        if gone {
             return Err(std::io::ErrorKind::BrokenPipe.into());
-        };
-        stdin
-            .write_all(user_message_line(prompt).as_bytes())
-            .await?;
-        stdin.flush().await
+        }
+        Ok(())
     }
 
     /// Whether the process has exited (it is reaped if so).
@@ -311,8 +336,27 @@ impl CliProcess {
     }
 }
 
+/// The writer task: writes queued lines to the CLI's stdin until the
+/// queue is closed (then the pipe is closed: EOF for the CLI) or a write
+/// fails (the CLI is gone).
+async fn write_lines(
+    mut pipe: ChildStdin,
+    mut lines: mpsc::UnboundedReceiver<Vec<u8>>,
+    broken: Arc<AtomicBool>,
+) {
+    while let Some(line) = lines.recv().await {
+        if pipe.write_all(&line).await.is_err() || pipe.flush().await.is_err() {
+            broken.store(true, Ordering::SeqCst);
+            return;
+        }
+    }
+}
+
 impl Drop for CliProcess {
     fn drop(&mut self) {
         self.kill_group();
+        if let Some(task) = self.writer_task.take() {
+            task.abort();
+        }
     }
 }

@@ -34,7 +34,6 @@ use tracing::{debug, info};
 use crate::claude::{self, CliMessage, CliProcess, TurnRequest};
 use crate::config::Profile;
 use crate::protocol::PermissionMode;
-use crate::store::SessionRecord;
 
 /// How long a warm process may take to start a turn (its `init` line)
 /// after the user message, and to answer a control request, before it is
@@ -44,6 +43,15 @@ pub const WARM_RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Grace for each step of closing a warm process (stdin closed → SIGTERM →
 /// SIGKILL).
 pub const CLOSE_GRACE: Duration = Duration::from_secs(3);
+
+/// What the database says of a session, as far as reusing its warm process
+/// goes: which Claude session it continues and which job ran its last turn
+/// (anywhere in the fleet).
+#[derive(Debug, Clone, Default)]
+pub struct SessionView {
+    pub claude_session_id: Option<String>,
+    pub last_job_id: Option<String>,
+}
 
 /// An idle CLI process and what it was started with and last saw.
 pub struct WarmProcess {
@@ -95,7 +103,7 @@ impl WarmProcess {
         profile_name: &str,
         profile: &Profile,
         req: &TurnRequest,
-        session: Option<&SessionRecord>,
+        session: Option<&SessionView>,
     ) -> Option<&'static str> {
         if self.profile != profile_name {
             return Some("profile changed");
@@ -273,7 +281,7 @@ impl WarmPool {
         profile: &Profile,
         req: &TurnRequest,
         session_key: &str,
-        session: Option<&SessionRecord>,
+        session: Option<&SessionView>,
     ) -> Option<WarmProcess> {
         if !self.enabled() {
             return None;
@@ -426,16 +434,14 @@ async fn prepare(warm: &mut WarmProcess, req: &TurnRequest) -> Result<(), String
         let mode = req.options.permission_mode.to_string();
         let id = warm
             .proc
-            .send_control_request(json!({"subtype": "set_permission_mode", "mode": mode}))
-            .await;
+            .send_control_request(json!({"subtype": "set_permission_mode", "mode": mode}));
         pending.push((id, "set_permission_mode"));
     }
     if let Some(model) = &req.options.model {
         if warm.model.as_ref() != Some(model) {
             let id = warm
                 .proc
-                .send_control_request(json!({"subtype": "set_model", "model": model}))
-                .await;
+                .send_control_request(json!({"subtype": "set_model", "model": model}));
             pending.push((id, "set_model"));
         }
     }

@@ -207,37 +207,10 @@ impl Worker {
 /// Runs `claude --version` so a missing or broken CLI is reported at
 /// start-up, not on the first job.
 async fn check_cli(settings: &Settings) -> Result<String, StartError> {
-    let path = settings.claude.path.display().to_string();
-    let out = tokio::time::timeout(
-        Duration::from_secs(30),
-        tokio::process::Command::new(&settings.claude.path)
-            .arg("--version")
-            .env_clear()
-            .envs(crate::claude::cli_env(
-                &settings.claude.env_passthrough,
-                &settings.profiles["default"],
-            ))
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .map_err(|_| StartError::Cli {
-        path: path.clone(),
-        reason: "`--version` did not answer within 30 s".into(),
-    })?
-    .map_err(|e| StartError::Cli {
-        path: path.clone(),
-        reason: e.to_string(),
-    })?;
-    if !out.status.success() {
-        return Err(StartError::Cli {
-            path,
-            reason: format!(
-                "`--version` exited with {}: {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            ),
-        });
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    crate::claude::version(&settings.claude, &settings.profiles["default"])
+        .await
+        .map_err(|reason| StartError::Cli {
+            path: settings.claude.path.display().to_string(),
+            reason,
+        })
 }

@@ -89,7 +89,9 @@ async fn broker_and_database_passwords_never_reach_errors_or_logs() {
         "postgres://postgres@127.0.0.1:{}/db?password={SECRET}",
         closed_port()
     );
-    let cases: Vec<(&str, Vec<&str>, Vec<(&str, String)>, &str)> = vec![
+    // (what, arguments, environment, what the error must mention)
+    type Case<'a> = (&'a str, Vec<&'a str>, Vec<(&'a str, String)>, &'a str);
+    let cases: Vec<Case> = vec![
         (
             "worker, broker down",
             vec!["worker"],

@@ -1,0 +1,276 @@
+//! One CLI run: its output becomes events, while the turn's deadline,
+//! cancel, lease loss and shutdown are watched at every wait.
+
+use std::collections::HashSet;
+
+use serde_json::Value;
+use tokio::time::{timeout_at, Instant};
+use tracing::debug;
+
+use super::attempt::{AttemptEnd, InitInfo, RunEnd};
+use super::events::JobEvents;
+use super::prepare::Prepared;
+use super::retry::AttemptFailure;
+use super::{TurnAbort, EXIT_GRACE, INTERRUPT_GRACE, STOP_GRACE};
+use crate::claude::warm::WARM_RESPONSE_TIMEOUT;
+use crate::claude::{self, CliMessage, CliProcess, TurnResult};
+use crate::protocol::{ErrorKind, EventBody};
+use crate::worker::context::Context;
+
+pub(super) struct CliRun {
+    proc: CliProcess,
+    /// Turns the process ran before, if it is a warm one.
+    warm_turns: Option<u64>,
+    /// A warm process must start the turn (`init`) by this.
+    warm_deadline: Option<Instant>,
+    deadline: Instant,
+    init: Option<InitInfo>,
+    /// Assistant messages whose text arrived as deltas.
+    streamed: HashSet<String>,
+}
+
+/// What the run waits for, whichever comes first.
+enum Input {
+    Message(Option<CliMessage>),
+    TimedOut,
+    LeaseLost,
+    Kill,
+    Cancel,
+    /// A stream-json control request for the CLI (e.g. set_permission_mode).
+    ControlRequest(Value),
+}
+
+impl CliRun {
+    pub fn new(proc: CliProcess, warm_turns: Option<u64>, deadline: Instant) -> CliRun {
+        CliRun {
+            proc,
+            warm_deadline: warm_turns.map(|_| Instant::now() + WARM_RESPONSE_TIMEOUT),
+            warm_turns,
+            deadline,
+            init: None,
+            streamed: HashSet::new(),
+        }
+    }
+
+    pub async fn drive(
+        mut self,
+        ctx: &Context,
+        prepared: &Prepared,
+        events: &mut JobEvents<'_>,
+    ) -> Result<RunEnd, TurnAbort> {
+        loop {
+            let msg = match self.next_input(events).await {
+                Input::Message(m) => m,
+                Input::TimedOut => return Ok(self.timed_out(ctx).await),
+                Input::LeaseLost => {
+                    self.proc.terminate(STOP_GRACE).await;
+                    return Err(TurnAbort::LeaseLost);
+                }
+                Input::Kill => {
+                    self.proc.terminate(STOP_GRACE).await;
+                    return Err(TurnAbort::Shutdown);
+                }
+                Input::Cancel => {
+                    let graceful = self.proc.interrupt(INTERRUPT_GRACE).await;
+                    debug!(graceful, "turn interrupted");
+                    let init = self.init;
+                    return Ok(RunEnd::Attempt(AttemptEnd::Cancelled { init }));
+                }
+                Input::ControlRequest(request) => {
+                    self.proc.send_control_request(request);
+                    continue;
+                }
+            };
+            if let Some(why) = self.warm_broken(&msg) {
+                return Ok(RunEnd::WarmBroken(why));
+            }
+            match msg {
+                Some(CliMessage::Result(result)) => {
+                    return Ok(self.on_result(prepared, result).await)
+                }
+                None => return Ok(self.on_exit().await),
+                Some(m) => self.on_message(ctx, prepared, events, m).await?,
+            }
+        }
+    }
+
+    async fn next_input(&mut self, events: &mut JobEvents<'_>) -> Input {
+        let until = match self.warm_deadline {
+            Some(w) if self.init.is_none() => w.min(self.deadline),
+            _ => self.deadline,
+        };
+        let stop = events.stop;
+        let turn = &mut events.turn;
+        tokio::select! {
+            m = timeout_at(until, self.proc.next_message()) => match m {
+                Ok(m) => Input::Message(m),
+                Err(_) => Input::TimedOut,
+            },
+            _ = stop.lease_lost.cancelled() => Input::LeaseLost,
+            _ = stop.kill.cancelled() => Input::Kill,
+            _ = turn.cancel.cancelled() => Input::Cancel,
+            Some(request) = turn.cli_requests.recv() => Input::ControlRequest(request),
+        }
+    }
+
+    /// A warm process must answer the prompt with `init` before anything
+    /// of the turn; otherwise it is replaced by a cold start.
+    fn warm_broken(&self, msg: &Option<CliMessage>) -> Option<&'static str> {
+        if self.warm_turns.is_none() || self.init.is_some() {
+            return None;
+        }
+        match msg {
+            Some(
+                CliMessage::Init { .. } | CliMessage::Other | CliMessage::ControlResponse { .. },
+            ) => None,
+            None => Some("the process exited"),
+            Some(_) => Some("turn output before init"),
+        }
+    }
+
+    async fn timed_out(mut self, ctx: &Context) -> RunEnd {
+        if self.warm_turns.is_some() && self.init.is_none() {
+            return RunEnd::WarmBroken("no init");
+        }
+        self.proc.terminate(STOP_GRACE).await;
+        let secs = ctx.settings.claude.turn_timeout_secs;
+        RunEnd::Attempt(AttemptEnd::Failed(AttemptFailure::new(
+            ErrorKind::Timeout,
+            format!("the turn ran longer than {secs} s"),
+            true,
+        )))
+    }
+
+    async fn on_message(
+        &mut self,
+        ctx: &Context,
+        prepared: &Prepared,
+        events: &mut JobEvents<'_>,
+        msg: CliMessage,
+    ) -> Result<(), TurnAbort> {
+        match msg {
+            CliMessage::Init {
+                session_id,
+                model,
+                permission_mode,
+            } => {
+                if self.init.is_some() {
+                    return Ok(());
+                }
+                if let Some(turns) = self.warm_turns {
+                    ctx.warm.record_hit(&events.session_key, turns + 1);
+                }
+                self.init = Some(InitInfo {
+                    session_id: session_id.clone(),
+                    model: model.clone(),
+                });
+                let request = &prepared.request;
+                events
+                    .emit(EventBody::Started {
+                        claude_session_id: Some(session_id),
+                        resumed: request.resume.is_some() && !request.fork,
+                        resume_failed: prepared.resume_failed.clone(),
+                        model,
+                        permission_mode,
+                    })
+                    .await
+            }
+            CliMessage::TextDelta { message_id, text } => {
+                self.streamed.extend(message_id);
+                events.emit(EventBody::Text { text }).await
+            }
+            CliMessage::Assistant {
+                message_id,
+                text,
+                tool_uses,
+            } => self.on_assistant(events, message_id, text, tool_uses).await,
+            CliMessage::ApiRetry {
+                attempt,
+                error_status,
+                error,
+            } => {
+                debug!(cli_attempt = attempt, ?error_status, %error, "the CLI is retrying an API call");
+                Ok(())
+            }
+            CliMessage::Result(_) | CliMessage::Other | CliMessage::ControlResponse { .. } => {
+                Ok(())
+            }
+        }
+    }
+
+    async fn on_assistant(
+        &mut self,
+        events: &mut JobEvents<'_>,
+        message_id: Option<String>,
+        text: String,
+        tool_uses: Vec<(String, Value)>,
+    ) -> Result<(), TurnAbort> {
+        // After a broken stream the CLI retries without streaming: the text
+        // then arrives only here.
+        let was_streamed = message_id
+            .as_ref()
+            .is_some_and(|id| self.streamed.contains(id));
+        if !text.is_empty() && !was_streamed {
+            events.emit(EventBody::Text { text }).await?;
+        }
+        for (name, input) in tool_uses {
+            let input_summary = claude::summarize_tool_input(&input);
+            events
+                .emit(EventBody::ToolUse {
+                    name,
+                    input_summary,
+                })
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn on_result(self, prepared: &Prepared, result: TurnResult) -> RunEnd {
+        let CliRun {
+            mut proc,
+            init,
+            warm_turns,
+            ..
+        } = self;
+        let ok = !result.is_error && result.subtype == "success";
+        if ok && init.is_some() {
+            // Kept alive for the session's next turn, or left to exit once
+            // the outcome is recorded.
+            let live = Some((Box::new(proc), warm_turns.unwrap_or(0) + 1));
+            return RunEnd::Attempt(AttemptEnd::Completed { result, init, live });
+        }
+        let _ = proc.finish(EXIT_GRACE).await;
+        if ok {
+            return RunEnd::Attempt(AttemptEnd::Completed {
+                result,
+                init,
+                live: None,
+            });
+        }
+        if init.is_none() && prepared.request.resume.is_some() && resume_not_found(&result) {
+            return RunEnd::ResumeNotFound;
+        }
+        RunEnd::Attempt(AttemptEnd::Failed(AttemptFailure::from_result(&result)))
+    }
+
+    async fn on_exit(self) -> RunEnd {
+        let mut proc = self.proc;
+        let status = proc.finish(EXIT_GRACE).await;
+        let stderr = proc.stderr_tail().await;
+        let mut msg = format!("the Claude CLI ended without a result ({status})");
+        if !stderr.is_empty() {
+            msg.push_str(": ");
+            msg.push_str(&stderr);
+        }
+        RunEnd::Attempt(AttemptEnd::Failed(AttemptFailure::new(
+            ErrorKind::CliCrashed,
+            msg,
+            true,
+        )))
+    }
+}
+
+fn resume_not_found(r: &TurnResult) -> bool {
+    let text = |s: &str| s.contains("No conversation found");
+    r.errors.iter().any(|e| text(e)) || r.result.as_deref().is_some_and(text)
+}

@@ -1,0 +1,206 @@
+//! The last stage: record the outcome, then publish the terminal event;
+//! after a completed turn, store the transcript first and give the CLI
+//! back to the warm pool last.
+
+use serde_json::Value;
+use tracing::{info, instrument, warn};
+
+use super::attempt::InitInfo;
+use super::attempts::Ended;
+use super::events::JobEvents;
+use super::prepare::Prepared;
+use super::retry::AttemptFailure;
+use super::{TurnAbort, EXIT_GRACE};
+use crate::claude::warm::WarmProcess;
+use crate::claude::{CliProcess, TurnResult};
+use crate::protocol::EventBody;
+use crate::store::{JobRecord, JobStatus, Lease, SessionUpdate};
+use crate::worker::context::Context;
+use crate::worker::control::{self, CancelReason};
+use crate::worker::transcript;
+
+#[instrument(skip_all)]
+pub(super) async fn record(
+    ctx: &Context,
+    lease: &Lease,
+    job: &JobRecord,
+    prepared: Prepared,
+    ended: Ended,
+    events: &mut JobEvents<'_>,
+) -> Result<(), TurnAbort> {
+    match ended {
+        Ended::NotRunnable => Ok(()),
+        Ended::Completed {
+            result,
+            init,
+            live,
+            attempt,
+            duration_ms,
+        } => {
+            info!(
+                attempt,
+                duration_ms,
+                num_turns = result.num_turns,
+                "job completed"
+            );
+            let claude_session_id =
+                completed(ctx, lease, &prepared, result, init, duration_ms, events).await?;
+            keep_or_close(ctx, job, &prepared, live, claude_session_id).await;
+            Ok(())
+        }
+        Ended::Failed {
+            failure,
+            attempt,
+            duration_ms,
+        } => {
+            warn!(attempt, duration_ms, error = %failure.message, kind = ?failure.kind, "job failed");
+            failed(events, failure).await
+        }
+        Ended::Cancelled {
+            init,
+            attempt,
+            duration_ms,
+        } => {
+            let reason = events.turn.cancel_reason();
+            info!(attempt, duration_ms, reason = %reason.text, "job cancelled");
+            // The interrupted turn is in the transcript: the key keeps it.
+            let update =
+                init.map(|i| session_update(&prepared, i.session_id, i.model, &Value::Null, 0.0));
+            cancelled(events, reason, update).await
+        }
+    }
+}
+
+/// Stores the transcript (before the outcome, so the next turn finds it on
+/// any worker), then records and publishes `completed`. Returns the Claude
+/// session the turn ran in.
+async fn completed(
+    ctx: &Context,
+    lease: &Lease,
+    prepared: &Prepared,
+    result: TurnResult,
+    init: Option<InitInfo>,
+    duration_ms: u64,
+    events: &mut JobEvents<'_>,
+) -> Result<Option<String>, TurnAbort> {
+    let claude_session_id = result
+        .session_id
+        .clone()
+        .or_else(|| init.as_ref().map(|i| i.session_id.clone()));
+    let model = init.and_then(|i| i.model);
+    let update = claude_session_id
+        .clone()
+        .map(|id| session_update(prepared, id, model, &result.usage, result.total_cost_usd));
+    if let Some(id) = &claude_session_id {
+        transcript::save(ctx, lease, &prepared.profile, &prepared.cwd, id).await?;
+    }
+    let body = EventBody::Completed {
+        result: result.result.clone().unwrap_or_default(),
+        claude_session_id: claude_session_id.clone(),
+        usage: result.usage,
+        total_cost_usd: result.total_cost_usd,
+        duration_ms: if result.duration_ms > 0 {
+            result.duration_ms
+        } else {
+            duration_ms
+        },
+        num_turns: result.num_turns,
+    };
+    events
+        .finish(JobStatus::Succeeded, body, None, update)
+        .await?;
+    Ok(claude_session_id)
+}
+
+/// Only now, with the outcome recorded, may the process serve the
+/// session's next turn. Without warm reuse it exits here, off the
+/// `completed` event's path but before the session's next turn can resume
+/// its transcript.
+async fn keep_or_close(
+    ctx: &Context,
+    job: &JobRecord,
+    prepared: &Prepared,
+    live: Option<(Box<CliProcess>, u64)>,
+    claude_session_id: Option<String>,
+) {
+    match (live, claude_session_id) {
+        (Some((proc, turns)), Some(id)) if ctx.warm.enabled() => {
+            let mut warm = WarmProcess::new(
+                *proc,
+                &job.session_key,
+                &job.spec.profile,
+                &prepared.profile,
+                &prepared.request,
+                id,
+                &job.job_id,
+            );
+            warm.turns = turns;
+            ctx.warm.put(warm);
+        }
+        (Some((mut proc, _)), _) => {
+            let _ = proc.finish(EXIT_GRACE).await;
+        }
+        (None, _) => {}
+    }
+}
+
+fn session_update(
+    prepared: &Prepared,
+    claude_session_id: String,
+    model: Option<String>,
+    usage: &Value,
+    cost_usd: f64,
+) -> SessionUpdate {
+    let tokens = |k: &str| usage.get(k).and_then(Value::as_i64).unwrap_or(0);
+    SessionUpdate {
+        claude_session_id,
+        cwd: prepared.cwd.display().to_string(),
+        model,
+        input_tokens: tokens("input_tokens"),
+        output_tokens: tokens("output_tokens"),
+        cost_usd,
+    }
+}
+
+async fn failed(events: &mut JobEvents<'_>, failure: AttemptFailure) -> Result<(), TurnAbort> {
+    events
+        .finish(
+            JobStatus::Failed,
+            EventBody::Failed {
+                error: failure.kind,
+                message: failure.message.clone(),
+                retryable: failure.retryable,
+            },
+            Some(failure.message),
+            None,
+        )
+        .await
+}
+
+/// Ends a cancelled job; after a session-wide cancel, its queued jobs go
+/// too, before this worker could start the next one.
+async fn cancelled(
+    events: &mut JobEvents<'_>,
+    reason: CancelReason,
+    update: Option<SessionUpdate>,
+) -> Result<(), TurnAbort> {
+    events
+        .finish(
+            JobStatus::Cancelled,
+            EventBody::Cancelled {
+                reason: reason.text.clone(),
+            },
+            Some(reason.text.clone()),
+            update,
+        )
+        .await?;
+    if reason.session_wide {
+        control::cancel_session_jobs(events.ctx, &events.session_key, &reason.text)
+            .await
+            .map_err(|e| match e {
+                control::ControlError::Store(e) => TurnAbort::from(e),
+                control::ControlError::Publish(e) => TurnAbort::from(e),
+            })?;
+    }
+    Ok(())
+}
