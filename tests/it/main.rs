@@ -17,4 +17,5 @@ mod store;
 mod submit;
 mod support;
 mod tidy;
+mod turn_bounds;
 mod warm;
