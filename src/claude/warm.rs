@@ -396,6 +396,8 @@ impl WarmPool {
     /// Expires idle processes periodically until `stop`.
     pub async fn run_reaper(self: Arc<Self>, stop: CancellationToken) {
         if !self.enabled() {
+            // Nothing to reap; a supervised task still runs until stopped.
+            stop.cancelled().await;
             return;
         }
         let every = (self.ttl / 4).clamp(Duration::from_millis(100), Duration::from_secs(30));

@@ -12,7 +12,7 @@ use crate::protocol::{
 };
 use crate::store::{now_ms, AcceptOutcome, JobRecord, JobSpec, JobStatus, NewJob, StoreError};
 use crate::worker::context::Context;
-use crate::worker::control::{self, ControlError};
+use crate::worker::ending::{self, EndError};
 
 /// What happened to a delivery; each variant means "ack it".
 #[derive(Debug, PartialEq)]
@@ -39,11 +39,11 @@ pub enum AcceptError {
     Publish(#[from] PublishError),
 }
 
-impl From<ControlError> for AcceptError {
-    fn from(e: ControlError) -> Self {
+impl From<EndError> for AcceptError {
+    fn from(e: EndError) -> Self {
         match e {
-            ControlError::Store(e) => AcceptError::Store(e),
-            ControlError::Publish(e) => AcceptError::Publish(e),
+            EndError::Store(e) => AcceptError::Store(e),
+            EndError::Publish(e) => AcceptError::Publish(e),
         }
     }
 }
@@ -155,7 +155,7 @@ async fn apply_on_busy(ctx: &Context, new: &NewJob) -> Result<bool, AcceptError>
                 message: message.clone(),
                 retryable: true,
             };
-            Ok(control::end_queued_job(ctx, &me, JobStatus::Failed, Some(&message), body).await?)
+            Ok(ending::end_queued_job(ctx, &me, JobStatus::Failed, Some(&message), body).await?)
         }
         OnBusy::Interrupt => {
             let reason = format!("interrupted by job {} (on_busy=interrupt)", new.job_id);

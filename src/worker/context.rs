@@ -11,7 +11,7 @@ use crate::broker::publish::ReplySink;
 use crate::claude::warm::WarmPool;
 use crate::config::Settings;
 use crate::store::SessionStore;
-use crate::worker::control::RunningTurns;
+use crate::worker::running::RunningTurns;
 use crate::worker::turn::retry::RetryPolicy;
 
 pub struct Context {
@@ -28,6 +28,8 @@ pub struct Context {
     preferred: Mutex<VecDeque<String>>,
     /// Signalled whenever this worker accepts a job (for lease affinity).
     accepted: Notify,
+    /// Test-only hooks (empty in production).
+    pub(crate) hooks: crate::worker::Hooks,
 }
 
 impl Context {
@@ -36,6 +38,7 @@ impl Context {
         store: Arc<dyn SessionStore>,
         sink: Arc<dyn ReplySink>,
         worker_id: String,
+        hooks: crate::worker::Hooks,
     ) -> Arc<Context> {
         let retry = RetryPolicy::new(settings.retry.clone());
         let warm = Arc::new(WarmPool::new(
@@ -53,6 +56,7 @@ impl Context {
             wake: Notify::new(),
             preferred: Mutex::new(VecDeque::new()),
             accepted: Notify::new(),
+            hooks,
         })
     }
 

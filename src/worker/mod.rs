@@ -1,17 +1,24 @@
-//! Wiring a worker together: store, broker topology, consumer, scheduler,
-//! and a graceful shutdown that lets running turns finish (within a grace
-//! period) and hands unfinished work back.
+//! The worker: everything that decides what runs. `Worker::start` wires it
+//! together (store, broker topology, consumers, scheduler) and hands every
+//! long-lived task to a supervisor; a graceful shutdown lets running turns
+//! finish (within a grace period) and hands unfinished work back.
 //!
 //! The stages, in data-path order: `consume` (deliveries in) → `accept`
-//! (validate, persist, ack) → `schedule` (leases, session tasks) → `turn`
-//! (one job's attempts, driving `crate::claude`) → events out through
-//! `crate::broker::publish`. `control` handles control messages.
+//! (validate, persist, ack) → `schedule` (leases, session tasks; `lease`
+//! keeps them) → `turn` (one job's typed stages, driving `crate::claude`) →
+//! events out through `crate::broker::publish`. `control` handles control
+//! messages; `running` is the registry of turns they act on; `ending`
+//! ends jobs that never ran.
 
 pub(crate) mod accept;
 pub(crate) mod consume;
 pub mod context;
 pub(crate) mod control;
+pub(crate) mod ending;
+pub(crate) mod lease;
+pub(crate) mod running;
 pub(crate) mod schedule;
+mod supervise;
 pub(crate) mod transcript;
 pub(crate) mod turn;
 
@@ -20,29 +27,48 @@ use std::time::Duration;
 
 use lapin::options::BasicConsumeOptions;
 use lapin::types::FieldTable;
+use lapin::{Channel, Connection, Consumer};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::broker::publish::AmqpSink;
-use crate::broker::{self, Topology};
+use crate::broker::{self, AmqpError, Topology};
 use crate::config::Settings;
-use crate::store;
+use crate::store::{self, JobRecord};
 use consume::Stream;
 use context::{default_worker_id, Context};
 use schedule::Shutdown;
+use supervise::Supervisor;
+
+/// How long each step of stopping (a task, closing a channel or the
+/// connection, turns after they were killed) may take before it is cut.
+const STOP_STEP_BOUND: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("session store: {0}")]
     Store(#[from] store::StoreError),
     #[error(transparent)]
-    Amqp(#[from] broker::AmqpError),
+    Amqp(#[from] AmqpError),
     #[error(
         "the Claude CLI `{path}` could not be run: {reason}. Install it with \
          `npm install -g @anthropic-ai/claude-code` or set CLAUDE_WORKER__CLAUDE__PATH"
     )]
     Cli { path: String, reason: String },
+}
+
+/// A hook called with the job about to run.
+pub type JobHook = Arc<dyn Fn(&JobRecord) + Send + Sync>;
+
+/// Test-only hooks into a running worker (hidden from the docs: no
+/// production code sets them).
+#[doc(hidden)]
+#[derive(Clone, Default)]
+pub struct Hooks {
+    /// Called on the session's task when an attempt of a job has started
+    /// (the job is `running`), before the CLI is.
+    pub on_attempt: Option<JobHook>,
 }
 
 /// A started worker. `shutdown()` begins a graceful stop; `wait()` returns
@@ -55,8 +81,22 @@ pub struct Worker {
     done: tokio::task::JoinHandle<Result<(), String>>,
 }
 
+/// What the worker holds of the broker.
+struct Broker {
+    conn: Connection,
+    jobs_channel: Channel,
+    jobs: Consumer,
+    control_channel: Channel,
+    control: Consumer,
+}
+
 impl Worker {
     pub async fn start(settings: Settings) -> Result<Worker, StartError> {
+        Self::start_with(settings, Hooks::default()).await
+    }
+
+    #[doc(hidden)]
+    pub async fn start_with(settings: Settings, hooks: Hooks) -> Result<Worker, StartError> {
         let settings = Arc::new(settings);
         let id = if settings.worker.id.is_empty() {
             default_worker_id()
@@ -67,115 +107,15 @@ impl Worker {
         let store =
             store::connect(&settings.database.url, settings.database.max_connections).await?;
         store.migrate().await?;
-
         let topology = Topology::from_settings(&settings.amqp);
-        let conn = broker::connect(&settings.amqp, &format!("claude-worker {id}")).await?;
-        let publish_channel = broker::confirm_channel(&conn).await?;
-        topology
-            .declare(&publish_channel)
-            .await
-            .map_err(broker::AmqpError::from)?;
+        let (broker, publish_channel) = connect_broker(&settings, &topology, &id).await?;
         let sink = AmqpSink::new(publish_channel, topology.clone());
-        let consume_channel = broker::consumer_channel(&conn, settings.amqp.prefetch).await?;
-        let consumer = consume_channel
-            .basic_consume(
-                topology.jobs_queue.as_str().into(),
-                id.as_str().into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(broker::AmqpError::from)?;
-
-        // Control messages: this worker's own queue on the fanout exchange.
-        let control_channel = broker::consumer_channel(&conn, 16).await?;
-        let control_consumer = broker::consume_private(
-            &control_channel,
-            &topology.control_exchange,
-            "",
-            &format!("{id}-control"),
-            false,
-        )
-        .await
-        .map_err(broker::AmqpError::from)?;
-
-        let ctx = Context::new(Arc::clone(&settings), store, sink, id.clone());
+        let ctx = Context::new(Arc::clone(&settings), store, sink, id.clone(), hooks);
         info!(worker_id = %id, %cli_version, queue = %topology.jobs_queue,
               max_concurrent_turns = settings.worker.max_concurrent_turns,
               warm_max_processes = settings.claude.warm_max_processes, "worker started");
-
         let shutdown = CancellationToken::new();
-        let signals = Shutdown {
-            shutdown: shutdown.clone(),
-            kill: CancellationToken::new(),
-        };
-        let tracker = TaskTracker::new();
-        let scheduler = tokio::spawn(schedule::run(
-            Arc::clone(&ctx),
-            signals.clone(),
-            tracker.clone(),
-        ));
-        let consume = tokio::spawn(crate::worker::consume::run(
-            Arc::clone(&ctx),
-            consume_channel.clone(),
-            consumer,
-            Stream::Jobs,
-            shutdown.clone(),
-        ));
-        // Control keeps flowing until running turns are done (a cancel
-        // during the shutdown grace period still works).
-        let control_stop = CancellationToken::new();
-        let control = tokio::spawn(crate::worker::consume::run(
-            Arc::clone(&ctx),
-            control_channel.clone(),
-            control_consumer,
-            Stream::Control,
-            control_stop.clone(),
-        ));
-        let reaper = tokio::spawn(Arc::clone(&ctx.warm).run_reaper(shutdown.clone()));
-        // Work left by an earlier run or another worker starts right away.
-        ctx.wake_scheduler(None);
-        let warm = Arc::clone(&ctx.warm);
-
-        let grace = Duration::from_secs(settings.worker.shutdown_grace_secs);
-        let done = tokio::spawn(async move {
-            let mut consume = consume;
-            let consumer_failed = tokio::select! {
-                _ = signals.shutdown.cancelled() => {
-                    let _ = (&mut consume).await;
-                    false
-                }
-                _ = &mut consume => !signals.shutdown.is_cancelled(),
-            };
-            signals.shutdown.cancel();
-            // Unacked prefetched deliveries go back to the queue with the channel.
-            let _ = consume_channel
-                .close(200, "worker shutting down".into())
-                .await;
-            let _ = scheduler.await;
-            tracker.close();
-            if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
-                warn!(
-                    grace_secs = grace.as_secs(),
-                    "turns still running after the grace period; stopping them"
-                );
-                signals.kill.cancel();
-                tracker.wait().await;
-            }
-            control_stop.cancel();
-            let _ = control.await;
-            // No turn runs now: close the warm CLI processes (gracefully,
-            // so their transcripts are complete) before the worker ends.
-            let _ = reaper.await;
-            warm.close_all().await;
-            let _ = conn.close(200, "worker stopped".into()).await;
-            info!("worker stopped");
-            if consumer_failed {
-                Err("the jobs consumer stopped (connection lost and not recovered, or the queue was deleted)".into())
-            } else {
-                Ok(())
-            }
-        });
+        let done = tokio::spawn(run(Arc::clone(&ctx), broker, shutdown.clone()));
         Ok(Worker {
             id,
             topology,
@@ -195,12 +135,153 @@ impl Worker {
         self.shutdown.clone()
     }
 
-    /// Waits until the worker has stopped. `Err` if it stopped on its own
-    /// because it could no longer consume.
+    /// Waits until the worker has stopped. `Err` (naming the task) if it
+    /// stopped on its own because one of its tasks ended or panicked.
     pub async fn wait(self) -> Result<(), String> {
         self.done
             .await
             .map_err(|e| format!("worker task failed: {e}"))?
+    }
+}
+
+/// Connects, declares the topology, and starts consuming the jobs queue
+/// and this worker's own control queue. Returns the publish channel apart.
+async fn connect_broker(
+    settings: &Settings,
+    topology: &Topology,
+    id: &str,
+) -> Result<(Broker, Channel), AmqpError> {
+    let conn = broker::connect(&settings.amqp, &format!("claude-worker {id}")).await?;
+    let publish_channel = broker::confirm_channel(&conn).await?;
+    topology.declare(&publish_channel).await?;
+    let jobs_channel = broker::consumer_channel(&conn, settings.amqp.prefetch).await?;
+    let jobs = jobs_channel
+        .basic_consume(
+            topology.jobs_queue.as_str().into(),
+            id.into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let control_channel = broker::consumer_channel(&conn, 16).await?;
+    let control = broker::consume_private(
+        &control_channel,
+        &topology.control_exchange,
+        "",
+        &format!("{id}-control"),
+        false,
+    )
+    .await?;
+    let broker = Broker {
+        conn,
+        jobs_channel,
+        jobs,
+        control_channel,
+        control,
+    };
+    Ok((broker, publish_channel))
+}
+
+/// Runs the worker's tasks under supervision until shutdown, or until one
+/// of them ends by itself; then stops gracefully.
+async fn run(ctx: Arc<Context>, broker: Broker, shutdown: CancellationToken) -> Result<(), String> {
+    let signals = Shutdown {
+        shutdown: shutdown.clone(),
+        kill: CancellationToken::new(),
+    };
+    let tracker = TaskTracker::new();
+    // Control keeps flowing until running turns are done (a cancel during
+    // the shutdown grace period still works).
+    let control_stop = CancellationToken::new();
+    let Broker {
+        conn,
+        jobs_channel,
+        jobs,
+        control_channel,
+        control,
+    } = broker;
+    let mut tasks = Supervisor::default();
+    let c = Arc::clone(&ctx);
+    tasks.spawn(
+        "scheduler",
+        schedule::run(c, signals.clone(), tracker.clone()),
+    );
+    let c = Arc::clone(&ctx);
+    let jobs_stream = consume::run(
+        c,
+        jobs_channel.clone(),
+        jobs,
+        Stream::Jobs,
+        shutdown.clone(),
+    );
+    tasks.spawn("jobs consumer", jobs_stream);
+    let c = Arc::clone(&ctx);
+    let control_stream = consume::run(
+        c,
+        control_channel,
+        control,
+        Stream::Control,
+        control_stop.clone(),
+    );
+    tasks.spawn("control consumer", control_stream);
+    tasks.spawn(
+        "warm reaper",
+        Arc::clone(&ctx.warm).run_reaper(shutdown.clone()),
+    );
+    // Work left by an earlier run or another worker starts right away.
+    ctx.wake_scheduler(None);
+
+    let failure = tokio::select! {
+        biased;
+        _ = shutdown.cancelled() => None,
+        // A task that ends because shutdown began is not a failure.
+        ended = tasks.first_exit() => (!shutdown.is_cancelled()).then_some(ended),
+    };
+    if let Some(why) = &failure {
+        error!(reason = %why, "a worker task ended unexpectedly; stopping the worker");
+    }
+    signals.shutdown.cancel();
+    // Unacked prefetched deliveries go back to the queue with the channel.
+    let _ = tokio::time::timeout(
+        STOP_STEP_BOUND,
+        jobs_channel.close(200, "worker shutting down".into()),
+    )
+    .await;
+    tasks.join("jobs consumer", STOP_STEP_BOUND).await;
+    tasks.join("scheduler", STOP_STEP_BOUND).await;
+    finish_turns(&ctx, &signals, &tracker).await;
+    control_stop.cancel();
+    tasks.join("control consumer", STOP_STEP_BOUND).await;
+    tasks.join("warm reaper", STOP_STEP_BOUND).await;
+    // No turn runs now: close the warm CLI processes (gracefully, so their
+    // transcripts are complete) before the worker ends.
+    ctx.warm.close_all().await;
+    let _ = tokio::time::timeout(STOP_STEP_BOUND, conn.close(200, "worker stopped".into())).await;
+    info!("worker stopped");
+    failure.map_or(Ok(()), Err)
+}
+
+/// Lets running turns finish within the grace period, then kills them
+/// (their jobs are handed back), bounded either way.
+async fn finish_turns(ctx: &Context, signals: &Shutdown, tracker: &TaskTracker) {
+    tracker.close();
+    let grace = Duration::from_secs(ctx.settings.worker.shutdown_grace_secs);
+    if tokio::time::timeout(grace, tracker.wait()).await.is_ok() {
+        return;
+    }
+    warn!(
+        grace_secs = grace.as_secs(),
+        "turns still running after the grace period; stopping them"
+    );
+    signals.kill.cancel();
+    if tokio::time::timeout(STOP_STEP_BOUND, tracker.wait())
+        .await
+        .is_err()
+    {
+        error!(
+            bound_ms = STOP_STEP_BOUND.as_millis() as u64,
+            "turns did not stop after being killed; their leases will expire"
+        );
     }
 }
 

@@ -4,17 +4,21 @@
 //! periodic sweep finds work other workers left (expired leases) or that
 //! arrived through another worker.
 
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
+
+use futures_util::FutureExt;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info_span, warn, Instrument};
 
-use crate::store::{now_ms, Lease, ReleaseOutcome, StoreError};
+use crate::store::{now_ms, Lease, ReleaseOutcome};
 use crate::worker::context::Context;
-use crate::worker::turn::{run_job, Stop, TurnAbort};
+use crate::worker::lease::{self, Stop};
+use crate::worker::supervise::panic_message;
+use crate::worker::turn::{run_job, TurnAbort};
 
 /// Shutdown signals: `shutdown` stops taking new work; `kill` (after the
 /// grace period) stops running turns.
@@ -46,8 +50,9 @@ pub async fn run(ctx: Arc<Context>, signals: Shutdown, tracker: TaskTracker) {
                 let signals = signals.clone();
                 let span =
                     info_span!("session", session_key = %lease.session_key, epoch = lease.epoch);
-                tracker
-                    .spawn(run_session(ctx, lease, claimed_at, permit, signals).instrument(span));
+                tracker.spawn(
+                    guarded_session(ctx, lease, claimed_at, permit, signals).instrument(span),
+                );
                 continue;
             }
             Ok(None) => drop(permit),
@@ -68,10 +73,32 @@ pub async fn run(ctx: Arc<Context>, signals: Shutdown, tracker: TaskTracker) {
     }
 }
 
-/// How long before its recorded expiry a lease is no longer trusted for
-/// publishing (clock skew between hosts, time between check and publish).
-fn lease_margin_ms(ttl_ms: i64) -> i64 {
-    ttl_ms / 5
+/// A session's task. A panic anywhere in it must not leave the session's
+/// lease held or its job stuck: it is caught here and logged once, the
+/// session is handed back (its running job is requeued and retried), and
+/// the worker goes on serving other sessions. The heartbeat lived inside
+/// the task, so it stopped with the panic.
+async fn guarded_session(
+    ctx: Arc<Context>,
+    lease: Lease,
+    claimed_at_ms: i64,
+    permit: OwnedSemaphorePermit,
+    signals: Shutdown,
+) {
+    let session = run_session(
+        Arc::clone(&ctx),
+        lease.clone(),
+        claimed_at_ms,
+        permit,
+        signals,
+    );
+    if let Err(panic) = AssertUnwindSafe(session).catch_unwind().await {
+        error!(panic = %panic_message(&*panic), "a session task panicked; handing the session back");
+        if let Err(e) = ctx.store.abandon_lease(&lease, now_ms()).await {
+            warn!(error = %e, "could not hand the session back; its lease will expire");
+        }
+        ctx.wake_scheduler(None);
+    }
 }
 
 /// Runs the leased session's jobs one after another, in order, then
@@ -84,22 +111,9 @@ async fn run_session(
     _permit: OwnedSemaphorePermit,
     signals: Shutdown,
 ) {
-    let ttl_ms = ctx.settings.lease_ttl().as_millis() as i64;
-    let stop = Stop {
-        lease_lost: CancellationToken::new(),
-        kill: signals.kill.clone(),
-        lease_valid_until: Arc::new(AtomicI64::new(
-            claimed_at_ms + ttl_ms - lease_margin_ms(ttl_ms),
-        )),
-    };
-    let heartbeat = tokio::spawn(heartbeat(
-        Arc::clone(&ctx),
-        lease.clone(),
-        stop.lease_lost.clone(),
-        Arc::clone(&stop.lease_valid_until),
-    ));
-    let result = session_loop(&ctx, &lease, &stop, &signals).await;
-    heartbeat.abort();
+    let stop = Stop::new(&ctx, claimed_at_ms, signals.kill.clone());
+    let work = session_loop(&ctx, &lease, &stop, &signals);
+    let result = lease::hold(&ctx, &lease, &stop, work).await;
     match result {
         Ok(()) => {}
         Err(TurnAbort::LeaseLost) => {
@@ -209,40 +223,4 @@ enum Affinity {
     Yielded,
     /// Nothing arrived (or affinity does not apply): release as usual.
     Over,
-}
-
-/// Renews the lease every third of its TTL. Signals `lease_lost` when the
-/// store says it is gone, or when it could not be renewed before it
-/// expired (the database unreachable): past that point another worker may
-/// own the session.
-async fn heartbeat(
-    ctx: Arc<Context>,
-    lease: Lease,
-    lease_lost: CancellationToken,
-    valid_until: Arc<AtomicI64>,
-) {
-    let ttl = ctx.settings.lease_ttl();
-    let ttl_ms = ttl.as_millis() as i64;
-    let mut expires = now_ms() + ttl_ms;
-    loop {
-        tokio::time::sleep(ttl / 3).await;
-        let renewed_at = now_ms();
-        match ctx.store.renew_lease(&lease, renewed_at, ttl_ms).await {
-            Ok(true) => {
-                expires = renewed_at + ttl_ms;
-                valid_until.store(expires - lease_margin_ms(ttl_ms), Ordering::SeqCst);
-            }
-            Ok(false) | Err(StoreError::LeaseLost { .. }) => {
-                lease_lost.cancel();
-                return;
-            }
-            Err(e) => {
-                warn!(error = %e, "renewing the session lease failed");
-                if now_ms() >= expires {
-                    lease_lost.cancel();
-                    return;
-                }
-            }
-        }
-    }
 }

@@ -15,6 +15,7 @@ mod schema;
 mod secrets;
 mod store;
 mod submit;
+mod supervise;
 mod support;
 mod tidy;
 mod turn_bounds;

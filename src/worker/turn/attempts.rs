@@ -59,6 +59,9 @@ pub(super) async fn run(
             Err(e) => return Err(e.into()),
         };
         events.attempt = attempt;
+        if let Some(hook) = &ctx.hooks.on_attempt {
+            hook(job);
+        }
         let started = Instant::now();
         let end = attempt::run(ctx, prepared, events).await?;
         let duration_ms = started.elapsed().as_millis() as u64;

@@ -12,7 +12,7 @@ use crate::broker::publish::Attribution;
 use crate::protocol::{EventBody, EventV1, PROTOCOL_VERSION};
 use crate::store::{now_ms, JobFinish, JobRecord, JobStatus, Lease, SessionUpdate};
 use crate::worker::context::Context;
-use crate::worker::control::TurnRegistration;
+use crate::worker::running::TurnRegistration;
 
 /// Publishes a job's events in order, fenced by the lease.
 pub(super) struct JobEvents<'a> {

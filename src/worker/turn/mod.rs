@@ -18,16 +18,14 @@ mod outcome;
 mod prepare;
 pub(crate) mod retry;
 
-use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
-use tokio_util::sync::CancellationToken;
 use tracing::instrument;
 
 use crate::broker::publish::PublishError;
-use crate::store::{now_ms, JobRecord, Lease, StoreError};
+use crate::store::{JobRecord, Lease, StoreError};
 use crate::worker::context::Context;
+pub(crate) use crate::worker::lease::Stop;
 
 use events::JobEvents;
 
@@ -60,26 +58,6 @@ impl From<StoreError> for TurnAbort {
             StoreError::LeaseLost { .. } => TurnAbort::LeaseLost,
             other => TurnAbort::Store(other),
         }
-    }
-}
-
-/// Signals a running job watches.
-#[derive(Clone)]
-pub struct Stop {
-    /// The heartbeat found the lease gone: stop at once, publish nothing.
-    pub lease_lost: CancellationToken,
-    /// Shutdown's grace period is over: kill the turn, requeue the job.
-    pub kill: CancellationToken,
-    /// Until when (Unix ms, with a safety margin) the lease is surely ours,
-    /// as of its last renewal. An event is published only before this, so
-    /// a worker that was paused past its lease publishes nothing even if
-    /// it wakes between the fenced `record_seq` and the publish.
-    pub lease_valid_until: Arc<AtomicI64>,
-}
-
-impl Stop {
-    fn lease_fresh(&self) -> bool {
-        now_ms() < self.lease_valid_until.load(Ordering::SeqCst)
     }
 }
 

@@ -16,7 +16,8 @@ use crate::claude::{CliProcess, TurnResult};
 use crate::protocol::EventBody;
 use crate::store::{JobRecord, JobStatus, Lease, SessionUpdate};
 use crate::worker::context::Context;
-use crate::worker::control::{self, CancelReason};
+use crate::worker::ending::{self, EndError};
+use crate::worker::running::CancelReason;
 use crate::worker::transcript;
 
 #[instrument(skip_all)]
@@ -195,11 +196,11 @@ async fn cancelled(
         )
         .await?;
     if reason.session_wide {
-        control::cancel_session_jobs(events.ctx, &events.session_key, &reason.text)
+        ending::cancel_session_jobs(events.ctx, &events.session_key, &reason.text)
             .await
             .map_err(|e| match e {
-                control::ControlError::Store(e) => TurnAbort::from(e),
-                control::ControlError::Publish(e) => TurnAbort::from(e),
+                EndError::Store(e) => TurnAbort::from(e),
+                EndError::Publish(e) => TurnAbort::from(e),
             })?;
     }
     Ok(())

@@ -1,0 +1,109 @@
+//! Ending jobs that never ran (cancelled while queued, refused as busy):
+//! used by `accept`, the `control` handlers and the turn's outcome.
+
+use crate::broker::publish::PublishError;
+use crate::protocol::{EventBody, EventV1, PROTOCOL_VERSION};
+use crate::store::{now_ms, JobRecord, JobStatus, StoreError};
+use crate::worker::context::Context;
+
+/// A job could not be ended now: the database or the broker failed. The
+/// caller hands the message back (or aborts) so it is tried again.
+#[derive(Debug, thiserror::Error)]
+pub enum EndError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Publish(#[from] PublishError),
+}
+
+/// Cancels every queued job of a session (publishing their `cancelled`
+/// events); returns (cancelled queued, still running). Safe to run from
+/// several workers at once: each queued job ends exactly once.
+pub async fn cancel_session_jobs(
+    ctx: &Context,
+    session_key: &str,
+    reason: &str,
+) -> Result<(usize, usize), EndError> {
+    let (mut queued, mut running) = (0, 0);
+    for job in ctx.store.list_jobs(session_key, 10_000).await? {
+        match cancel_job(ctx, job, reason).await? {
+            Cancelled::Queued => queued += 1,
+            Cancelled::Running => running += 1,
+            Cancelled::AlreadyFinished(_) => {}
+        }
+    }
+    Ok((queued, running))
+}
+
+pub(crate) enum Cancelled {
+    Queued,
+    Running,
+    AlreadyFinished(JobStatus),
+}
+
+/// Cancels a queued job in the database (publishing its `cancelled`
+/// event), or reports it running or finished.
+pub(crate) async fn cancel_job(
+    ctx: &Context,
+    job: JobRecord,
+    reason: &str,
+) -> Result<Cancelled, EndError> {
+    if job.status.is_terminal() {
+        return Ok(Cancelled::AlreadyFinished(job.status));
+    }
+    if job.status == JobStatus::Running {
+        return Ok(Cancelled::Running);
+    }
+    let body = EventBody::Cancelled {
+        reason: reason.to_string(),
+    };
+    if end_queued_job(ctx, &job, JobStatus::Cancelled, None, body).await? {
+        Ok(Cancelled::Queued)
+    } else {
+        // It started meanwhile.
+        Ok(Cancelled::Running)
+    }
+}
+
+/// Ends a job that has not started with a terminal event, and publishes
+/// it. False if the job is no longer queued.
+pub async fn end_queued_job(
+    ctx: &Context,
+    job: &JobRecord,
+    status: JobStatus,
+    error: Option<&str>,
+    body: EventBody,
+) -> Result<bool, EndError> {
+    let event = EventV1 {
+        v: PROTOCOL_VERSION,
+        job_id: job.job_id.clone(),
+        session_key: job.session_key.clone(),
+        seq: job.next_seq,
+        attempt: job.attempts,
+        body,
+        metadata: job.spec.metadata.clone(),
+    };
+    let bytes = serde_json::to_vec(&event).expect("events serialise");
+    let text = String::from_utf8(bytes.clone()).expect("JSON is UTF-8");
+    if !ctx
+        .store
+        .finish_queued_job(
+            &job.job_id,
+            status,
+            error,
+            &text,
+            job.next_seq + 1,
+            now_ms(),
+        )
+        .await?
+    {
+        return Ok(false);
+    }
+    let reply_to = job
+        .spec
+        .reply_to
+        .clone()
+        .unwrap_or_else(|| job.session_key.clone());
+    ctx.sink.publish_event(&reply_to, &event, &bytes).await?;
+    Ok(true)
+}

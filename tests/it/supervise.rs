@@ -1,0 +1,103 @@
+//! Supervision: a panic inside a turn does not strand its session, and a
+//! worker whose long-lived task ends stops and says which one.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use claude_worker::protocol::EventBody;
+use claude_worker::store::JobRecord;
+use claude_worker::worker::{Hooks, Worker};
+use lapin::options::QueueDeleteOptions;
+use serde_json::json;
+
+use crate::harness::{Backend, TestEnv, WAIT};
+
+/// A hook that panics in the first attempt it sees, and counts attempts.
+fn panic_once() -> (Hooks, Arc<AtomicUsize>) {
+    let attempts = Arc::new(AtomicUsize::new(0));
+    let seen = Arc::clone(&attempts);
+    let hook = move |_: &JobRecord| {
+        if seen.fetch_add(1, Ordering::SeqCst) == 0 {
+            panic!("test hook: a bug in the middle of a turn");
+        }
+    };
+    let hooks = Hooks {
+        on_attempt: Some(Arc::new(hook)),
+    };
+    (hooks, attempts)
+}
+
+#[tokio::test]
+async fn a_panic_in_a_turn_hands_the_session_back_and_the_job_completes() {
+    let mut env = TestEnv::new(Backend::Sqlite).await;
+    let (hooks, attempts) = panic_once();
+    let settings = env.settings("");
+    settings.validate().unwrap();
+    let worker = Worker::start_with(settings, hooks).await.unwrap();
+    let store = worker.context.store.clone();
+
+    let job = env
+        .publish_job("supervise:panic", "after the panic", json!({}))
+        .await;
+    let events = env.events_until_terminal(&job).await;
+    let kinds: Vec<&str> = events.iter().map(|e| e.body.type_name()).collect();
+    // The panicking attempt published nothing; the session was handed back
+    // at once (not left to its lease's expiry) and the job retried.
+    assert_eq!(kinds.first(), Some(&"retrying"), "{kinds:?}");
+    match &events[0].body {
+        EventBody::Retrying {
+            next_attempt,
+            reason,
+            ..
+        } => {
+            assert_eq!((*next_attempt, reason.as_str()), (2, "interrupted"));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(kinds.last(), Some(&"completed"), "{kinds:?}");
+    assert_eq!(events.iter().filter(|e| e.body.is_terminal()).count(), 1);
+    let seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, (0..events.len() as u64).collect::<Vec<_>>());
+    assert_eq!(
+        attempts.load(Ordering::SeqCst),
+        2,
+        "one panicking attempt, one good"
+    );
+    // Claimed twice: the panicking holder's lease was given up, not renewed.
+    let session = store.get_session("supervise:panic").await.unwrap().unwrap();
+    assert_eq!(session.lease_epoch, 2);
+    // The worker goes on serving.
+    let next = env
+        .publish_job("supervise:other", "still serving?", json!({}))
+        .await;
+    let events = env.events_until_terminal(&next).await;
+    assert_eq!(events.last().unwrap().body.type_name(), "completed");
+
+    worker.shutdown();
+    worker.wait().await.unwrap();
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_worker_whose_jobs_consumer_ends_stops_and_says_so() {
+    let env = TestEnv::new(Backend::Sqlite).await;
+    let worker = env.start_worker().await;
+    // The broker cancels the consumer when its queue goes away.
+    let conn = lapin::Connection::connect(crate::harness::AMQP_URL, Default::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    ch.queue_delete(
+        worker.topology.jobs_queue.as_str().into(),
+        QueueDeleteOptions::default(),
+    )
+    .await
+    .unwrap();
+    let ended = tokio::time::timeout(WAIT, worker.wait())
+        .await
+        .expect("the worker did not stop after its consumer ended");
+    let err = ended.expect_err("the worker should report the ended task");
+    assert!(err.contains("jobs consumer"), "{err}");
+    let _ = conn.close(200, "done".into()).await;
+    env.cleanup().await;
+}
