@@ -11,6 +11,7 @@ pub mod broker;
 pub(crate) mod claude;
 pub mod client;
 pub mod config;
+pub mod logging;
 pub mod protocol;
 pub mod store;
 pub mod worker;

@@ -33,6 +33,7 @@ use tracing::{debug, info};
 
 use crate::claude::{self, CliMessage, CliProcess, TurnRequest};
 use crate::config::Profile;
+use crate::logging::session_ref;
 use crate::protocol::PermissionMode;
 
 /// How long a warm process may take to start a turn (its `init` line)
@@ -255,7 +256,7 @@ impl WarmPool {
     pub fn record_hit(&self, session_key: &str, turns: u64) {
         self.counters.hits.fetch_add(1, Ordering::Relaxed);
         info!(
-            session_key,
+            session = %session_ref(session_key),
             turns, "warm hit: the turn runs on the session's live CLI process"
         );
     }
@@ -266,7 +267,7 @@ impl WarmPool {
         self.counters.discards.fetch_add(1, Ordering::Relaxed);
         self.counters.misses.fetch_add(1, Ordering::Relaxed);
         info!(
-            session_key,
+            session = %session_ref(session_key),
             reason = why,
             "warm miss: the warm process failed to start the turn; starting cold"
         );
@@ -306,7 +307,7 @@ impl WarmPool {
             Some(why) => {
                 self.counters.discards.fetch_add(1, Ordering::Relaxed);
                 self.counters.misses.fetch_add(1, Ordering::Relaxed);
-                info!(session_key, reason = %why, "warm miss: closing the warm process; starting cold");
+                info!(session = %session_ref(session_key), reason = %why, "warm miss: closing the warm process; starting cold");
                 let how = warm.proc.close(CLOSE_GRACE).await;
                 debug!(session_key, how, "warm process closed");
                 None
@@ -352,7 +353,7 @@ impl WarmPool {
         }
         for w in evicted {
             self.counters.evictions.fetch_add(1, Ordering::Relaxed);
-            info!(session_key = %w.session_key, "warm pool full: closing the least recently used process");
+            info!(session = %session_ref(&w.session_key), "warm pool full: closing the least recently used process");
             self.close_in_background(w, "evicted");
         }
     }
@@ -383,12 +384,12 @@ impl WarmPool {
         }
         for w in expired {
             self.counters.expirations.fetch_add(1, Ordering::Relaxed);
-            info!(session_key = %w.session_key, ttl_secs = self.ttl.as_secs(), "warm process idle past its TTL: closing");
+            info!(session = %session_ref(&w.session_key), ttl_secs = self.ttl.as_secs(), "warm process idle past its TTL: closing");
             self.close_in_background(w, "expired");
         }
         for w in dead {
             self.counters.discards.fetch_add(1, Ordering::Relaxed);
-            info!(session_key = %w.session_key, "warm process exited while idle");
+            info!(session = %session_ref(&w.session_key), "warm process exited while idle");
             self.close_in_background(w, "exited");
         }
     }

@@ -88,7 +88,8 @@ pub async fn accept(ctx: &Context, delivery: &Delivery) -> Result<Accepted, Acce
     };
     match ctx.store.accept_job(&new, now_ms()).await? {
         AcceptOutcome::Inserted => {
-            info!(job_id = %job_id, session_key = %job.session_key, "job accepted");
+            info!(job_id = %job_id, session = %crate::logging::session_ref(&job.session_key), "job accepted");
+            tracing::debug!(session_key = %job.session_key, "the accepted job's session");
             if apply_on_busy(ctx, &new).await? {
                 return Ok(Accepted::RejectedBusy { job_id });
             }

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info_span, warn, Instrument};
 
+use crate::logging::session_ref;
 use crate::store::{now_ms, Lease, ReleaseOutcome};
 use crate::worker::context::Context;
 use crate::worker::lease::{self, Stop};
@@ -48,8 +49,7 @@ pub async fn run(ctx: Arc<Context>, signals: Shutdown, tracker: TaskTracker) {
             Ok(Some(lease)) => {
                 let ctx = Arc::clone(&ctx);
                 let signals = signals.clone();
-                let span =
-                    info_span!("session", session_key = %lease.session_key, epoch = lease.epoch);
+                let span = info_span!("session", session = %session_ref(&lease.session_key), epoch = lease.epoch);
                 tracker.spawn(
                     guarded_session(ctx, lease, claimed_at, permit, signals).instrument(span),
                 );
@@ -117,7 +117,7 @@ async fn run_session(
     match result {
         Ok(()) => {}
         Err(TurnAbort::LeaseLost) => {
-            warn!("lease lost to another worker; stopped working on the session");
+            warn!("lease lost (taken over, or not renewable before it expired); stopped working on the session");
         }
         Err(TurnAbort::Shutdown) => {
             if let Err(e) = ctx.store.abandon_lease(&lease, now_ms()).await {
@@ -148,7 +148,7 @@ async fn session_loop(
         }
         match ctx.store.next_job(lease).await? {
             Some(job) => {
-                let span = info_span!("job", job_id = %job.job_id, session_key = %job.session_key);
+                let span = info_span!("job", job_id = %job.job_id);
                 run_job(ctx, lease, job, stop).instrument(span).await?;
                 // Fairness: another session waiting for a worker goes first;
                 // this one is claimed again in least-recently-served order.

@@ -22,12 +22,12 @@ use crate::harness::{cli_pids, Backend, TestEnv, WAIT};
 use crate::mock_api::Behavior;
 
 /// One `claude-worker worker` process.
-struct WorkerProc {
+pub(crate) struct WorkerProc {
     id: String,
     /// `CW_TEST_PREFIX` of its CLI processes, for [`cli_pids`].
     marker: String,
     child: Child,
-    log: PathBuf,
+    pub(crate) log: PathBuf,
 }
 
 impl WorkerProc {
@@ -41,7 +41,7 @@ impl WorkerProc {
     }
 
     /// SIGTERM, then waits (bounded) for a graceful exit.
-    async fn stop(&mut self) {
+    pub(crate) async fn stop(&mut self) {
         self.signal(libc::SIGTERM);
         let deadline = Instant::now() + WAIT;
         while self.child.try_wait().expect("try_wait").is_none() {
@@ -69,6 +69,17 @@ impl Drop for WorkerProc {
 /// Starts worker process `n` of this test with its own home and workspaces.
 /// `vars` are extra `CLAUDE_WORKER__…` settings.
 fn spawn_worker(env: &TestEnv, n: usize, vars: &[(&str, String)]) -> WorkerProc {
+    let filter = std::env::var("FLEET_WORKER_LOG").unwrap_or_else(|_| "warn".into());
+    spawn_worker_logging(env, n, vars, &filter)
+}
+
+/// [`spawn_worker`] with `RUST_LOG=rust_log`; its stderr goes to `log`.
+pub(crate) fn spawn_worker_logging(
+    env: &TestEnv,
+    n: usize,
+    vars: &[(&str, String)],
+    rust_log: &str,
+) -> WorkerProc {
     let base = env.dir.path().join(format!("worker{n}"));
     let home = base.join("home");
     let marker = format!("{}.w{n}", env.prefix);
@@ -85,10 +96,7 @@ fn spawn_worker(env: &TestEnv, n: usize, vars: &[(&str, String)]) -> WorkerProc 
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("HOME", &home)
         .env("CLAUDE_CONFIG_DIR", home.join(".claude"))
-        .env(
-            "RUST_LOG",
-            std::env::var("FLEET_WORKER_LOG").unwrap_or_else(|_| "warn".into()),
-        )
+        .env("RUST_LOG", rust_log)
         .env("CLAUDE_WORKER__WORKER__ID", &id)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -106,7 +114,7 @@ fn spawn_worker(env: &TestEnv, n: usize, vars: &[(&str, String)]) -> WorkerProc 
 }
 
 /// Waits until `n` consumers are attached to the jobs queue.
-async fn wait_for_consumers(env: &TestEnv, n: u32) {
+pub(crate) async fn wait_for_consumers(env: &TestEnv, n: u32) {
     let deadline = Instant::now() + WAIT;
     loop {
         let q = env

@@ -7,6 +7,7 @@ mod bad_input;
 mod control;
 mod fleet;
 mod harness;
+mod logging;
 mod mock_api;
 mod mock_selftest;
 mod pipeline;

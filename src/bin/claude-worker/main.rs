@@ -77,7 +77,7 @@ fn main() -> ExitCode {
             return ExitCode::from(exit::USAGE);
         }
     };
-    init_tracing(settings.log.format, cli.command.default_log_level());
+    claude_worker::logging::init(settings.log.format, cli.command.default_log_level());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -100,18 +100,5 @@ fn main() -> ExitCode {
             eprintln!("claude-worker: {e:#}");
             ExitCode::from(exit::FAILED)
         }
-    }
-}
-
-fn init_tracing(format: claude_worker::config::LogFormat, default_level: &str) {
-    use tracing_subscriber::EnvFilter;
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        claude_worker::config::LogFormat::Json => builder.json().init(),
-        claude_worker::config::LogFormat::Text => builder.init(),
     }
 }

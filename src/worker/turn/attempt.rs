@@ -53,7 +53,7 @@ pub(super) enum RunEnd {
     ResumeNotFound,
 }
 
-#[instrument(skip_all)]
+#[instrument(name = "attempt", skip_all)]
 pub(super) async fn run(
     ctx: &Context,
     prepared: &mut Prepared,

@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use tracing::{instrument, warn};
+use tracing::{debug, instrument, warn};
 
 use super::attempt::{self, AttemptEnd, InitInfo};
 use super::events::JobEvents;
@@ -44,7 +44,7 @@ pub(super) enum Ended {
     NotRunnable,
 }
 
-#[instrument(skip_all)]
+#[instrument(name = "attempts", skip_all)]
 pub(super) async fn run(
     ctx: &Context,
     lease: &Lease,
@@ -98,8 +98,10 @@ pub(super) async fn run(
                 duration_ms,
             });
         };
-        warn!(attempt, duration_ms, error = %failure.message, delay_ms = delay.as_millis() as u64,
+        // The message can quote the CLI's output: debug only (docs/LOGGING.md).
+        warn!(attempt, duration_ms, kind = ?failure.kind, delay_ms = delay.as_millis() as u64,
               "attempt failed; retrying");
+        debug!(error = %failure.message, "the failed attempt");
         events
             .emit(EventBody::Retrying {
                 next_attempt: next,

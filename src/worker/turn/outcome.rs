@@ -3,7 +3,7 @@
 //! back to the warm pool last.
 
 use serde_json::Value;
-use tracing::{info, instrument, warn};
+use tracing::{debug, info, instrument, warn};
 
 use super::attempt::InitInfo;
 use super::attempts::Ended;
@@ -54,7 +54,8 @@ pub(super) async fn record(
             attempt,
             duration_ms,
         } => {
-            warn!(attempt, duration_ms, error = %failure.message, kind = ?failure.kind, "job failed");
+            warn!(attempt, duration_ms, kind = ?failure.kind, "job failed");
+            debug!(error = %failure.message, "the failure");
             failed(events, failure).await
         }
         Ended::Cancelled {
@@ -63,7 +64,8 @@ pub(super) async fn record(
             duration_ms,
         } => {
             let reason = events.turn.cancel_reason();
-            info!(attempt, duration_ms, reason = %reason.text, "job cancelled");
+            info!(attempt, duration_ms, "job cancelled");
+            debug!(reason = %reason.text, "the cancel reason");
             // The interrupted turn is in the transcript: the key keeps it.
             let update =
                 init.map(|i| session_update(&prepared, i.session_id, i.model, &Value::Null, 0.0));
