@@ -19,6 +19,7 @@ use crate::protocol::{PermissionMode, SessionMode};
 
 mod postgres;
 mod rows;
+mod sql;
 mod sqlite;
 
 pub use postgres::PostgresStore;

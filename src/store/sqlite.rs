@@ -10,7 +10,6 @@
 use std::str::FromStr;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Sqlite, SqliteConnection, SqlitePool, Transaction};
 
@@ -56,6 +55,14 @@ impl SqliteStore {
     async fn begin_immediate(&self) -> Result<Transaction<'static, Sqlite>, StoreError> {
         Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
     }
+
+    /// A write transaction holding SQLite's write lock, in which `lease`
+    /// was checked: no claim can interleave before it commits.
+    async fn fenced(&self, lease: &Lease) -> Result<Transaction<'static, Sqlite>, StoreError> {
+        let mut tx = self.begin_immediate().await?;
+        check_fence(&mut tx, lease).await?;
+        Ok(tx)
+    }
 }
 
 /// Fails with `LeaseLost` unless `lease` is the session's current lease.
@@ -81,8 +88,7 @@ fn not_in_session(job_id: &str, lease: &Lease) -> StoreError {
     ))
 }
 
-#[async_trait]
-impl SessionStore for SqliteStore {
+super::sql::session_store_impl!(SqliteStore, {
     async fn migrate(&self) -> Result<(), StoreError> {
         sqlx::migrate!("./migrations/sqlite")
             .run(&self.pool)
@@ -262,78 +268,6 @@ impl SessionStore for SqliteStore {
         Ok(true)
     }
 
-    async fn put_transcript(
-        &self,
-        lease: &Lease,
-        transcript: &Transcript,
-    ) -> Result<(), StoreError> {
-        if transcript.session_key != lease.session_key {
-            return Err(StoreError::Other(format!(
-                "transcript of session {} written under the lease of {}",
-                transcript.session_key, lease.session_key
-            )));
-        }
-        let mut tx = self.begin_immediate().await?;
-        check_fence(&mut tx, lease).await?;
-        sqlx::query(
-            "INSERT INTO transcripts (claude_session_id, session_key, data, size_bytes, updated_at_ms) \
-             VALUES (?, ?, ?, ?, ?) \
-             ON CONFLICT (claude_session_id) DO UPDATE SET session_key = excluded.session_key, \
-               data = excluded.data, size_bytes = excluded.size_bytes, \
-               updated_at_ms = excluded.updated_at_ms",
-        )
-        .bind(&transcript.claude_session_id)
-        .bind(&transcript.session_key)
-        .bind(&transcript.data)
-        .bind(transcript.size_bytes)
-        .bind(transcript.updated_at_ms)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(())
-    }
-
-    async fn get_transcript(
-        &self,
-        claude_session_id: &str,
-    ) -> Result<Option<Transcript>, StoreError> {
-        let row: Option<(String, String, Vec<u8>, i64, i64)> = sqlx::query_as(
-            "SELECT claude_session_id, session_key, data, size_bytes, updated_at_ms \
-             FROM transcripts WHERE claude_session_id = ?",
-        )
-        .bind(claude_session_id)
-        .fetch_optional(&self.pool)
-        .await?;
-        Ok(row.map(|r| Transcript {
-            claude_session_id: r.0,
-            session_key: r.1,
-            data: r.2,
-            size_bytes: r.3,
-            updated_at_ms: r.4,
-        }))
-    }
-
-    async fn abandon_lease(&self, lease: &Lease, now_ms: i64) -> Result<(), StoreError> {
-        let mut tx = self.begin_immediate().await?;
-        check_fence(&mut tx, lease).await?;
-        sqlx::query(
-            "UPDATE jobs SET status = 'queued' WHERE session_key = ? AND status = 'running'",
-        )
-        .bind(&lease.session_key)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
-            "UPDATE sessions SET lease_owner = NULL, lease_expires_at_ms = NULL, status = 'idle', \
-               updated_at_ms = ? WHERE session_key = ?",
-        )
-        .bind(now_ms)
-        .bind(&lease.session_key)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(())
-    }
-
     async fn next_job(&self, lease: &Lease) -> Result<Option<JobRecord>, StoreError> {
         // A read: a deferred transaction gives one snapshot for both queries.
         let mut tx = self.pool.begin().await?;
@@ -348,226 +282,4 @@ impl SessionStore for SqliteStore {
         tx.commit().await?;
         row.map(JobRecord::try_from).transpose()
     }
-
-    async fn start_attempt(
-        &self,
-        lease: &Lease,
-        job_id: &str,
-        now_ms: i64,
-    ) -> Result<u32, StoreError> {
-        let mut tx = self.begin_immediate().await?;
-        check_fence(&mut tx, lease).await?;
-        let attempts: Option<i64> = sqlx::query_scalar(
-            "UPDATE jobs SET status = 'running', attempts = attempts + 1, \
-               started_at_ms = COALESCE(started_at_ms, ?) \
-             WHERE job_id = ? AND session_key = ? AND status IN ('queued', 'running') \
-             RETURNING attempts",
-        )
-        .bind(now_ms)
-        .bind(job_id)
-        .bind(&lease.session_key)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some(attempts) = attempts else {
-            return Err(StoreError::NotRunnable(job_id.to_string()));
-        };
-        sqlx::query(
-            "UPDATE sessions SET status = 'active', updated_at_ms = ? WHERE session_key = ?",
-        )
-        .bind(now_ms)
-        .bind(&lease.session_key)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        u32::try_from(attempts)
-            .map_err(|_| StoreError::Other(format!("job {job_id}: bad attempts {attempts}")))
-    }
-
-    async fn record_seq(
-        &self,
-        lease: &Lease,
-        job_id: &str,
-        next_seq: u64,
-    ) -> Result<(), StoreError> {
-        let next_seq = seq_to_db(next_seq)?;
-        let mut tx = self.begin_immediate().await?;
-        check_fence(&mut tx, lease).await?;
-        let done = sqlx::query("UPDATE jobs SET next_seq = ? WHERE job_id = ? AND session_key = ?")
-            .bind(next_seq)
-            .bind(job_id)
-            .bind(&lease.session_key)
-            .execute(&mut *tx)
-            .await?;
-        if done.rows_affected() == 0 {
-            return Err(not_in_session(job_id, lease));
-        }
-        tx.commit().await?;
-        Ok(())
-    }
-
-    async fn finish_job(&self, lease: &Lease, finish: &JobFinish) -> Result<(), StoreError> {
-        if !finish.status.is_terminal() {
-            return Err(StoreError::Other(format!(
-                "finish_job with non-terminal status {}",
-                finish.status.as_str()
-            )));
-        }
-        let next_seq = seq_to_db(finish.next_seq)?;
-        let mut tx = self.begin_immediate().await?;
-        check_fence(&mut tx, lease).await?;
-        let done = sqlx::query(
-            "UPDATE jobs SET status = ?, error = ?, terminal_event = ?, next_seq = ?, finished_at_ms = ? \
-             WHERE job_id = ? AND session_key = ?",
-        )
-        .bind(finish.status.as_str())
-        .bind(&finish.error)
-        .bind(&finish.terminal_event)
-        .bind(next_seq)
-        .bind(finish.now_ms)
-        .bind(&finish.job_id)
-        .bind(&lease.session_key)
-        .execute(&mut *tx)
-        .await?;
-        if done.rows_affected() == 0 {
-            return Err(not_in_session(&finish.job_id, lease));
-        }
-        match &finish.session_update {
-            Some(u) => {
-                sqlx::query(
-                    "UPDATE sessions SET last_job_id = ?, updated_at_ms = ?, claude_session_id = ?, \
-                       cwd = ?, model = ?, turns = turns + 1, input_tokens = input_tokens + ?, \
-                       output_tokens = output_tokens + ?, cost_usd = cost_usd + ? \
-                     WHERE session_key = ?",
-                )
-                .bind(&finish.job_id)
-                .bind(finish.now_ms)
-                .bind(&u.claude_session_id)
-                .bind(&u.cwd)
-                .bind(&u.model)
-                .bind(u.input_tokens)
-                .bind(u.output_tokens)
-                .bind(u.cost_usd)
-                .bind(&lease.session_key)
-                .execute(&mut *tx)
-                .await?;
-            }
-            None => {
-                sqlx::query(
-                    "UPDATE sessions SET last_job_id = ?, updated_at_ms = ? WHERE session_key = ?",
-                )
-                .bind(&finish.job_id)
-                .bind(finish.now_ms)
-                .bind(&lease.session_key)
-                .execute(&mut *tx)
-                .await?;
-            }
-        }
-        tx.commit().await?;
-        Ok(())
-    }
-
-    async fn get_job(&self, job_id: &str) -> Result<Option<JobRecord>, StoreError> {
-        let row: Option<JobRow> =
-            sqlx::query_as(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE job_id = ?"))
-                .bind(job_id)
-                .fetch_optional(&self.pool)
-                .await?;
-        row.map(JobRecord::try_from).transpose()
-    }
-
-    async fn get_session(&self, session_key: &str) -> Result<Option<SessionRecord>, StoreError> {
-        let row: Option<SessionRow> = sqlx::query_as(&format!(
-            "SELECT {SESSION_COLUMNS} FROM sessions WHERE session_key = ?"
-        ))
-        .bind(session_key)
-        .fetch_optional(&self.pool)
-        .await?;
-        row.map(SessionRecord::try_from).transpose()
-    }
-
-    async fn list_sessions(&self, limit: i64) -> Result<Vec<SessionRecord>, StoreError> {
-        let rows: Vec<SessionRow> = sqlx::query_as(&format!(
-            "SELECT {SESSION_COLUMNS} FROM sessions ORDER BY updated_at_ms DESC, session_key LIMIT ?"
-        ))
-        .bind(limit.max(0))
-        .fetch_all(&self.pool)
-        .await?;
-        rows.into_iter().map(SessionRecord::try_from).collect()
-    }
-
-    async fn list_jobs(&self, session_key: &str, limit: i64) -> Result<Vec<JobRecord>, StoreError> {
-        let rows: Vec<JobRow> = sqlx::query_as(&format!(
-            "SELECT {JOB_COLUMNS} FROM jobs WHERE session_key = ? ORDER BY job_order DESC LIMIT ?"
-        ))
-        .bind(session_key)
-        .bind(limit.max(0))
-        .fetch_all(&self.pool)
-        .await?;
-        rows.into_iter().rev().map(JobRecord::try_from).collect()
-    }
-
-    async fn forget_session(&self, session_key: &str, now_ms: i64) -> Result<bool, StoreError> {
-        let done = sqlx::query(
-            "UPDATE sessions SET claude_session_id = NULL, status = 'closed', updated_at_ms = ? \
-             WHERE session_key = ?",
-        )
-        .bind(now_ms)
-        .bind(session_key)
-        .execute(&self.pool)
-        .await?;
-        Ok(done.rows_affected() > 0)
-    }
-
-    async fn claim_control(&self, request_id: &str, now_ms: i64) -> Result<bool, StoreError> {
-        let done = sqlx::query(
-            "INSERT INTO control_requests (request_id, created_at_ms) VALUES (?, ?) \
-             ON CONFLICT (request_id) DO NOTHING",
-        )
-        .bind(request_id)
-        .bind(now_ms)
-        .execute(&self.pool)
-        .await?;
-        Ok(done.rows_affected() == 1)
-    }
-
-    async fn finish_queued_job(
-        &self,
-        job_id: &str,
-        status: JobStatus,
-        error: Option<&str>,
-        terminal_event: &str,
-        next_seq: u64,
-        now_ms: i64,
-    ) -> Result<bool, StoreError> {
-        let done = sqlx::query(
-            "UPDATE jobs SET status = ?, error = ?, terminal_event = ?, next_seq = ?, \
-               finished_at_ms = ? WHERE job_id = ? AND status = 'queued'",
-        )
-        .bind(status.as_str())
-        .bind(error)
-        .bind(terminal_event)
-        .bind(seq_to_db(next_seq)?)
-        .bind(now_ms)
-        .bind(job_id)
-        .execute(&self.pool)
-        .await?;
-        Ok(done.rows_affected() == 1)
-    }
-
-    async fn set_session_permission_mode(
-        &self,
-        session_key: &str,
-        mode: Option<PermissionMode>,
-        now_ms: i64,
-    ) -> Result<bool, StoreError> {
-        let done = sqlx::query(
-            "UPDATE sessions SET permission_mode = ?, updated_at_ms = ? WHERE session_key = ?",
-        )
-        .bind(mode.map(|m| m.as_str()))
-        .bind(now_ms)
-        .bind(session_key)
-        .execute(&self.pool)
-        .await?;
-        Ok(done.rows_affected() > 0)
-    }
-}
+});
