@@ -8,108 +8,50 @@
 //! `.cache/claude-cli`). `FLEET_BENCH_JOBS` (default 40) sets the jobs per
 //! run.
 
-#[path = "../tests/it/mock_api.rs"]
-#[allow(unused_imports)]
-mod mock_api;
-#[path = "../tests/it/support.rs"]
-mod support;
+#[path = "../tests/common/mod.rs"]
+#[allow(unused_imports)] // its unit tests' imports
+mod common;
 
-use std::process::{Child, Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use claude_worker::broker::Topology;
 use claude_worker::protocol::EventV1;
-use futures_util::StreamExt;
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
-use mock_api::{Behavior, MockApi};
+use common::mock_api::{Behavior, MockApi};
+use common::world::{self, Bus, Reply, WorkerPlace};
 use serde_json::json;
-use sqlx::Connection as _;
-use support::claude_bin;
+use tokio::process::Child;
 use tokio::sync::mpsc;
 
-const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 const SLOTS_PER_WORKER: usize = 2;
-
-fn pg_admin() -> String {
-    std::env::var("TEST_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
-}
 
 /// One isolated run: its own prefix, database, mock and temp dir.
 struct World {
-    prefix: String,
     dir: tempfile::TempDir,
     db_name: String,
     db_url: String,
     mock: MockApi,
-    topology: Topology,
-    conn: Connection,
-    channel: Channel,
-    reply_key: String,
-    events: mpsc::UnboundedReceiver<(EventV1, Instant)>,
+    bus: Bus,
+    events: mpsc::UnboundedReceiver<Reply>,
 }
 
 impl World {
     async fn new() -> World {
-        let id = uuid::Uuid::new_v4().simple().to_string();
-        let prefix = format!("cwbench.{}", &id[..12]);
+        let id = world::world_id();
         let db_name = format!("cw_bench_{}", &id[..16]);
-        let admin = pg_admin();
-        let mut c = sqlx::PgConnection::connect(&admin).await.expect("Postgres");
-        sqlx::query(&format!("CREATE DATABASE {db_name}"))
-            .execute(&mut c)
-            .await
-            .expect("create db");
-        let base = admin.rsplit_once('/').map(|(b, _)| b.to_string()).unwrap();
-        let db_url = format!("{base}/{db_name}");
+        let db_url = world::create_database(&db_name).await;
         let mock = MockApi::start().await;
         mock.set_default(Behavior::Reply {
             text: "ok".into(),
             chunks: 1,
         });
-        let topology = Topology::from_prefix(&prefix, "prompt");
-        let conn = Connection::connect(AMQP_URL, ConnectionProperties::default())
-            .await
-            .expect("RabbitMQ");
-        let channel = conn.create_channel().await.unwrap();
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .unwrap();
-        topology.declare(&channel).await.unwrap();
-        let reply_key = format!("bench.{}", &id[..12]);
-        let ch = conn.create_channel().await.unwrap();
-        let mut consumer = claude_worker::broker::consume_private(
-            &ch,
-            &topology.replies_exchange,
-            &reply_key,
-            "",
-            true,
-        )
-        .await
-        .unwrap();
-        let (tx, events) = mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            let _keep = ch;
-            while let Some(Ok(d)) = consumer.next().await {
-                let e: EventV1 = serde_json::from_slice(&d.data).unwrap();
-                if tx.send((e, Instant::now())).is_err() {
-                    break;
-                }
-            }
-        });
+        let bus = Bus::new("cwbench", &id).await;
+        let events = bus.replies().await;
         World {
-            prefix,
             dir: tempfile::tempdir().unwrap(),
             db_name,
             db_url,
             mock,
-            topology,
-            conn,
-            channel,
-            reply_key,
+            bus,
             events,
         }
     }
@@ -117,130 +59,56 @@ impl World {
     fn spawn_worker(&self, n: usize, lease_ttl_secs: u64) -> Child {
         let base = self.dir.path().join(format!("w{n}"));
         let home = base.join("home");
-        std::fs::create_dir_all(home.join(".claude")).unwrap();
-        let toml = format!(
-            r#"
-[amqp]
-url = "{AMQP_URL}"
-prefix = "{prefix}"
-[database]
-url = "{db}"
-max_connections = 4
-[worker]
-id = "bench-w{n}"
-max_concurrent_turns = {SLOTS_PER_WORKER}
-lease_ttl_secs = {lease_ttl_secs}
-sweep_interval_secs = 1
-shutdown_grace_secs = 5
-[claude]
-path = "{cli}"
-[retry]
-min_delay_ms = 50
-max_delay_ms = 200
-[profiles.default]
-workdir = "{work}"
-[profiles.default.env]
-ANTHROPIC_BASE_URL = "{mock}"
-ANTHROPIC_API_KEY = "sk-bench"
-CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC = "1"
-CLAUDE_CODE_MAX_RETRIES = "0"
-HOME = "{home}"
-CLAUDE_CONFIG_DIR = "{home}/.claude"
-"#,
-            prefix = self.prefix,
-            db = self.db_url,
-            cli = claude_bin().display(),
-            work = base.join("work").display(),
-            mock = self.mock.base_url(),
-            home = home.display(),
-        );
+        let api_url = self.mock.base_url();
+        let mut settings = world::worker_settings(&WorkerPlace {
+            prefix: &self.bus.prefix,
+            db_url: &self.db_url,
+            api_url: &api_url,
+            home: &home,
+            work: &base.join("work"),
+            marker: &self.bus.prefix,
+        });
+        settings.worker.id = format!("bench-w{n}");
+        settings.worker.max_concurrent_turns = SLOTS_PER_WORKER;
+        settings.worker.lease_ttl_secs = lease_ttl_secs;
         let config = base.join("config.toml");
-        std::fs::write(&config, toml).unwrap();
-        Command::new(env!("CARGO_BIN_EXE_claude-worker"))
-            .arg("--config")
-            .arg(&config)
-            .arg("worker")
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("HOME", &home)
-            .env("RUST_LOG", "error")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
+        world::write_config(&settings, &config);
+        world::worker_command(&config, &home, "error")
             .stderr(Stdio::null())
             .spawn()
             .expect("spawn claude-worker")
     }
 
     async fn wait_for_consumers(&self, n: u32) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let q = self
-                .channel
-                .queue_declare(
-                    self.topology.jobs_queue.as_str().into(),
-                    QueueDeclareOptions {
-                        passive: true,
-                        ..Default::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await
-                .unwrap();
-            if q.consumer_count() >= n {
-                return;
-            }
-            assert!(Instant::now() < deadline, "workers did not start");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        self.bus.wait_for_consumers(n).await
     }
 
     async fn publish(&self, session_key: &str, prompt: &str) -> String {
-        let job_id = uuid::Uuid::new_v4().to_string();
-        let body = json!({"v": 1, "job_id": job_id, "session_key": session_key, "prompt": prompt});
-        self.channel
-            .basic_publish(
-                self.topology.jobs_exchange.as_str().into(),
-                "prompt".into(),
-                BasicPublishOptions::default(),
-                body.to_string().as_bytes(),
-                BasicProperties::default()
-                    .with_content_type("application/json".into())
-                    .with_reply_to(self.reply_key.as_str().into())
-                    .with_delivery_mode(2),
-            )
-            .await
-            .unwrap()
-            .await
-            .unwrap();
-        job_id
+        self.bus.publish_job(session_key, prompt, json!({})).await
     }
 
     /// The next event, bounded.
     async fn next_event(&mut self) -> (EventV1, Instant) {
-        tokio::time::timeout(Duration::from_secs(300), self.events.recv())
+        let reply = tokio::time::timeout(Duration::from_secs(300), self.events.recv())
             .await
             .expect("an event within 300 s")
-            .expect("reply consumer")
+            .expect("reply consumer");
+        (
+            serde_json::from_value(reply.raw).expect("a v1 event"),
+            reply.at,
+        )
     }
 
     async fn cleanup(self) {
-        self.topology.delete(&self.channel).await;
-        let _ = self.conn.close(200, "bench done".into()).await;
-        if let Ok(mut c) = sqlx::PgConnection::connect(&pg_admin()).await {
-            let _ = sqlx::query(&format!(
-                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                self.db_name
-            ))
-            .execute(&mut c)
-            .await;
-        }
+        self.bus.delete().await;
+        world::drop_database(&self.db_name).await;
     }
 }
 
-fn kill(children: &mut [Child]) {
+async fn kill(children: &mut [Child]) {
     for c in children {
-        let _ = c.kill();
-        let _ = c.wait();
+        let _ = c.start_kill();
+        let _ = c.wait().await;
     }
 }
 
@@ -266,7 +134,7 @@ async fn throughput(workers: usize, jobs: usize) -> f64 {
             last = at;
         }
     }
-    kill(&mut children);
+    kill(&mut children).await;
     w.cleanup().await;
     jobs as f64 / (last - start).as_secs_f64()
 }
@@ -295,15 +163,15 @@ async fn recovery() -> Duration {
     // Drain what arrived before the kill.
     while w.events.try_recv().is_ok() {}
     let killed_at = Instant::now();
-    let _ = children[victim].kill();
-    let _ = children[victim].wait();
+    let _ = children[victim].start_kill();
+    let _ = children[victim].wait().await;
     let took = loop {
         let (e, at) = w.next_event().await;
         if e.job_id == job {
             break at - killed_at;
         }
     };
-    kill(&mut children);
+    kill(&mut children).await;
     w.cleanup().await;
     took
 }

@@ -20,31 +20,25 @@
 //!
 //! Warm figures are for messages 2.. (the first one starts the process).
 
-#[path = "../tests/it/mock_api.rs"]
-#[allow(unused_imports)]
-mod mock_api;
-#[path = "../tests/it/support.rs"]
-mod support;
+#[path = "../tests/common/mod.rs"]
+#[allow(unused_imports)] // its unit tests' imports
+mod common;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use claude_worker::broker::Topology;
 use claude_worker::protocol::{EventBody, EventV1};
-use futures_util::StreamExt;
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 
-use mock_api::{Behavior, MockApi};
-use support::claude_bin;
+use common::mock_api::{Behavior, MockApi};
+use common::support;
+use common::world::{self, Bus, Reply, WorkerPlace};
 
-const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 /// Messages per conversation.
 const MESSAGES: usize = 10;
 /// Conversations per mode.
@@ -86,47 +80,23 @@ impl Series {
 
 struct RawEnv {
     home: PathBuf,
-    base_url: String,
+    api_url: String,
 }
 
 impl RawEnv {
+    /// The raw CLI with the flags the worker passes for the default profile.
     fn command(&self, cwd: &Path, resume: Option<&str>) -> Command {
-        let mut cmd = Command::new(claude_bin());
-        cmd.env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .env("HOME", &self.home)
-            .env("CLAUDE_CONFIG_DIR", self.home.join(".claude"))
-            .env("ANTHROPIC_BASE_URL", &self.base_url)
-            .env("ANTHROPIC_API_KEY", "sk-bench")
-            .env("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "1")
-            .env("CLAUDE_CODE_MAX_RETRIES", "0")
-            .current_dir(cwd)
-            .args([
-                "-p",
-                "--input-format",
-                "stream-json",
-                "--output-format",
-                "stream-json",
-                "--verbose",
-                "--include-partial-messages",
-                "--max-turns=20",
-                "--permission-mode=default",
-            ])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .kill_on_drop(true);
-        if let Some(id) = resume {
-            cmd.arg(format!("--resume={id}"));
-        }
+        let resume = resume.map(|id| format!("--resume={id}"));
+        let mut args = vec!["--max-turns=20", "--permission-mode=default"];
+        args.extend(resume.as_deref());
+        let mut cmd = support::cli_command_at(&self.api_url, &self.home, &args);
+        cmd.current_dir(cwd).stderr(Stdio::null());
         cmd
     }
 }
 
 fn user_line(text: &str) -> String {
-    let mut l = json!({"type": "user", "message": {"role": "user", "content": text}}).to_string();
-    l.push('\n');
-    l
+    format!("{}\n", support::user_line(text))
 }
 
 fn is_text_delta(v: &Value) -> bool {
@@ -261,80 +231,39 @@ struct WorkerRun {
     name: &'static str,
     child: Child,
     pid: i32,
-    prefix: String,
-    topology: Topology,
-    channel: Channel,
-    reply_key: String,
-    events: mpsc::UnboundedReceiver<(Instant, EventV1)>,
-}
-
-fn worker_config(
-    dir: &Path,
-    prefix: &str,
-    base_url: &str,
-    home: &Path,
-    warm_max: usize,
-) -> PathBuf {
-    let cfg = dir.join(format!("{prefix}.toml"));
-    let text = format!(
-        r#"
-[amqp]
-url = "{AMQP_URL}"
-prefix = "{prefix}"
-[database]
-url = "sqlite:{db}"
-[worker]
-max_concurrent_turns = 2
-[claude]
-path = "{cli}"
-warm_max_processes = {warm_max}
-[profiles.default]
-workdir = "{work}"
-[profiles.default.env]
-ANTHROPIC_BASE_URL = "{base_url}"
-ANTHROPIC_API_KEY = "sk-bench"
-CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC = "1"
-CLAUDE_CODE_MAX_RETRIES = "0"
-HOME = "{home}"
-CLAUDE_CONFIG_DIR = "{home}/.claude"
-"#,
-        db = dir.join(format!("{prefix}.db")).display(),
-        cli = claude_bin().display(),
-        work = dir.join(format!("{prefix}-work")).display(),
-        home = home.display(),
-    );
-    std::fs::write(&cfg, text).unwrap();
-    cfg
+    bus: Bus,
+    events: mpsc::UnboundedReceiver<Reply>,
 }
 
 impl WorkerRun {
+    /// A worker process with its own prefix and SQLite file in `dir`.
     async fn start(
-        conn: &Connection,
         name: &'static str,
         dir: &Path,
-        base_url: &str,
+        api_url: &str,
         home: &Path,
         warm_max: usize,
     ) -> WorkerRun {
-        let id = uuid::Uuid::new_v4().simple().to_string();
-        let prefix = format!("cwbench.{}", &id[..10]);
-        let topology = Topology::from_prefix(&prefix, "prompt");
-        let channel = conn.create_channel().await.unwrap();
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .unwrap();
-        topology.declare(&channel).await.unwrap();
-        let reply_key = format!("bench.{}", &id[..10]);
-        let events = consume_replies(conn, &topology, &reply_key).await;
-        let cfg = worker_config(dir, &prefix, base_url, home, warm_max);
-        let child = Command::new(env!("CARGO_BIN_EXE_claude-worker"))
-            .arg("worker")
-            .arg("--config")
-            .arg(&cfg)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .kill_on_drop(true)
+        let bus = Bus::new("cwbench", &world::world_id()).await;
+        let events = bus.replies().await;
+        let db_url = format!(
+            "sqlite:{}",
+            dir.join(format!("{}.db", bus.prefix)).display()
+        );
+        let work = dir.join(format!("{}-work", bus.prefix));
+        let mut settings = world::worker_settings(&WorkerPlace {
+            prefix: &bus.prefix,
+            db_url: &db_url,
+            api_url,
+            home,
+            work: &work,
+            marker: &bus.prefix,
+        });
+        settings.worker.max_concurrent_turns = 2;
+        settings.claude.warm_max_processes = warm_max;
+        let cfg = dir.join(format!("{}.toml", bus.prefix));
+        world::write_config(&settings, &cfg);
+        let child = world::worker_command(&cfg, home, "warn")
             .spawn()
             .expect("start the worker binary");
         let pid = child.id().unwrap() as i32;
@@ -342,50 +271,31 @@ impl WorkerRun {
             name,
             child,
             pid,
-            prefix,
-            topology,
-            channel,
-            reply_key,
+            bus,
             events,
         }
     }
 
     /// Publishes one job and waits for its terminal event.
     async fn turn(&mut self, key: &str, prompt: &str) -> Turn {
-        let job_id = uuid::Uuid::new_v4().to_string();
-        let body = json!({"v": 1, "job_id": job_id, "session_key": key, "prompt": prompt});
-        let props = BasicProperties::default()
-            .with_content_type("application/json".into())
-            .with_reply_to(self.reply_key.as_str().into())
-            .with_delivery_mode(2);
         let t0 = Instant::now();
-        self.channel
-            .basic_publish(
-                self.topology.jobs_exchange.as_str().into(),
-                "prompt".into(),
-                BasicPublishOptions::default(),
-                body.to_string().as_bytes(),
-                props,
-            )
-            .await
-            .unwrap()
-            .await
-            .unwrap();
+        let job_id = self.bus.publish_job(key, prompt, json!({})).await;
         let mut first = None;
         loop {
-            let (at, ev) = tokio::time::timeout(TURN_LIMIT, self.events.recv())
+            let reply = tokio::time::timeout(TURN_LIMIT, self.events.recv())
                 .await
                 .unwrap_or_else(|_| panic!("{}: no event in time", self.name))
                 .expect("reply consumer");
+            let ev: EventV1 = serde_json::from_value(reply.raw).expect("a v1 event");
             if ev.job_id != job_id {
                 continue;
             }
             match ev.body {
-                EventBody::Text { .. } if first.is_none() => first = Some(at - t0),
+                EventBody::Text { .. } if first.is_none() => first = Some(reply.at - t0),
                 EventBody::Completed { .. } => {
                     return Turn {
                         first_text: ms(first.expect("a text event")),
-                        done: ms(at - t0),
+                        done: ms(reply.at - t0),
                         exit: None,
                     }
                 }
@@ -399,33 +309,8 @@ impl WorkerRun {
         // SAFETY: signalling the worker process this bench started.
         unsafe { libc::kill(self.pid, libc::SIGTERM) };
         let _ = tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await;
-        self.topology.delete(&self.channel).await;
-        let _ = &self.prefix;
+        self.bus.delete().await;
     }
-}
-
-async fn consume_replies(
-    conn: &Connection,
-    topology: &Topology,
-    key: &str,
-) -> mpsc::UnboundedReceiver<(Instant, EventV1)> {
-    let ch = conn.create_channel().await.unwrap();
-    let mut consumer =
-        claude_worker::broker::consume_private(&ch, &topology.replies_exchange, key, "", true)
-            .await
-            .unwrap();
-    let (tx, rx) = mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        let _keep = ch;
-        while let Some(Ok(d)) = consumer.next().await {
-            let at = Instant::now();
-            let ev: EventV1 = serde_json::from_slice(&d.data).expect("v1 event");
-            if tx.send((at, ev)).is_err() {
-                break;
-            }
-        }
-    });
-    rx
 }
 
 // ------------------------------------------------------------------- main
@@ -449,15 +334,10 @@ async fn main() {
     });
     let raw = RawEnv {
         home: home.clone(),
-        base_url: mock.base_url(),
+        api_url: mock.base_url(),
     };
-    let conn = Connection::connect(AMQP_URL, ConnectionProperties::default())
-        .await
-        .expect("RabbitMQ on 127.0.0.1:5672");
-    let mut cold =
-        WorkerRun::start(&conn, "worker cold", dir.path(), &mock.base_url(), &home, 0).await;
-    let mut warm =
-        WorkerRun::start(&conn, "worker warm", dir.path(), &mock.base_url(), &home, 8).await;
+    let mut cold = WorkerRun::start("worker cold", dir.path(), &mock.base_url(), &home, 0).await;
+    let mut warm = WorkerRun::start("worker warm", dir.path(), &mock.base_url(), &home, 8).await;
     // Warm-up: both workers up and the CLI's files cached.
     cold.turn("warmup", "warm-up").await;
     warm.turn("warmup", "warm-up").await;
@@ -572,6 +452,5 @@ async fn main() {
     );
     cold.stop().await;
     warm.stop().await;
-    let _ = conn.close(200, "bench done".into()).await;
     println!("bench ran {:.0} s", started.elapsed().as_secs_f64());
 }

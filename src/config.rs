@@ -7,7 +7,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::protocol::{JobOptions, PermissionMode};
 
@@ -22,6 +22,15 @@ pub const CONFIG_FILE_ENV: &str = "CLAUDE_WORKER_CONFIG";
 #[derive(Clone, Deserialize, PartialEq, Eq)]
 #[serde(transparent)]
 pub struct Secret(String);
+
+/// Serialising writes the value: only for writing a configuration file
+/// (the tests write worker configs from typed `Settings`). `Debug` never
+/// shows it.
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
 
 impl Secret {
     pub fn new(s: impl Into<String>) -> Self {
@@ -51,7 +60,7 @@ pub fn redact_url(url: &str) -> String {
     url.to_string()
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
     pub amqp: AmqpSettings,
@@ -63,7 +72,7 @@ pub struct Settings {
     pub profiles: BTreeMap<String, Profile>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AmqpSettings {
     pub url: Secret,
@@ -72,14 +81,14 @@ pub struct AmqpSettings {
     pub prefetch: u16,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DatabaseSettings {
     pub url: Secret,
     pub max_connections: u32,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct WorkerSettings {
     pub id: String,
@@ -93,7 +102,7 @@ pub struct WorkerSettings {
     pub warm_affinity_ms: u64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClaudeSettings {
     pub path: PathBuf,
@@ -110,7 +119,7 @@ pub struct ClaudeSettings {
     pub transcript_max_bytes: u64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RetrySettings {
     pub max_attempts: u32,
@@ -120,13 +129,13 @@ pub struct RetrySettings {
     pub jitter: bool,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogSettings {
     pub format: LogFormat,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     Text,
@@ -134,7 +143,7 @@ pub enum LogFormat {
 }
 
 /// What a job may do, chosen by name. Jobs may only narrow these.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Profile {
     /// Root directory; each session works in its own directory below it.
@@ -371,6 +380,26 @@ impl Settings {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn settings_round_trip_through_toml() {
+        // Tests and benches write worker configs from typed Settings.
+        let mut s = Settings::from_toml_overrides("").unwrap();
+        s.amqp.prefix = "rt".into();
+        s.profiles
+            .get_mut("default")
+            .unwrap()
+            .env
+            .insert("K".into(), Secret::new("v"));
+        let text = toml::to_string(&s).unwrap();
+        let back = Settings::from_toml_overrides(&text).unwrap();
+        assert_eq!(toml::to_string(&back).unwrap(), text);
+        assert_eq!(back.profiles["default"].env["K"].expose(), "v");
+        assert!(
+            !format!("{back:?}").contains("\"v\""),
+            "Debug shows a secret"
+        );
+    }
 
     #[test]
     fn defaults_load_and_ship_three_profiles() {

@@ -16,4 +16,4 @@ pub mod protocol;
 pub mod store;
 pub mod worker;
 
-pub use claude::{session_dir, WarmStats};
+pub use claude::{session_dir, WarmStats, STREAM_JSON_ARGS};

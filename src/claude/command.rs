@@ -49,20 +49,22 @@ impl SpawnError {
     }
 }
 
+/// The flags every CLI run starts with: print mode, stream-json both ways,
+/// partial messages (text deltas). Public so benchmarks and tests run the
+/// raw CLI exactly as the worker does.
+pub const STREAM_JSON_ARGS: &[&str] = &[
+    "-p",
+    "--input-format",
+    "stream-json",
+    "--output-format",
+    "stream-json",
+    "--verbose",
+    "--include-partial-messages",
+];
+
 /// Builds the CLI's argv (without the prompt, which goes on stdin).
 pub fn cli_args(req: &TurnRequest, profile: &Profile) -> Vec<String> {
-    let mut args: Vec<String> = [
-        "-p",
-        "--input-format",
-        "stream-json",
-        "--output-format",
-        "stream-json",
-        "--verbose",
-        "--include-partial-messages",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let mut args: Vec<String> = STREAM_JSON_ARGS.iter().map(|s| s.to_string()).collect();
     if let Some(id) = &req.resume {
         // `=` form: an id can never be read as a flag.
         args.push(format!("--resume={id}"));

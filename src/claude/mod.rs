@@ -12,6 +12,7 @@ pub(crate) mod process;
 pub(crate) mod stream;
 pub(crate) mod warm;
 
+pub use command::STREAM_JSON_ARGS;
 pub(crate) use command::{cli_args, cli_env, version, TurnRequest};
 pub use paths::session_dir;
 pub(crate) use paths::{config_dir, project_dir_name};

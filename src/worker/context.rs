@@ -74,8 +74,9 @@ impl Context {
         self.wake.notify_one();
     }
 
-    /// Resolves when this worker next accepts a job.
-    pub(crate) fn job_accepted(&self) -> tokio::sync::futures::Notified<'_> {
+    /// Resolves when this worker next accepts a job (lease affinity waits
+    /// on it; so can a test).
+    pub fn job_accepted(&self) -> tokio::sync::futures::Notified<'_> {
         self.accepted.notified()
     }
 

@@ -12,18 +12,20 @@ use crate::pipeline::{assert_contiguous, completed, conversation_seen, run, star
 /// and control messages travel through different queues, so a cancel
 /// must not overtake the jobs it is about.
 async fn wait_accepted(worker: &claude_worker::worker::Worker, key: &str, n: usize) {
+    let ctx = &worker.context;
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
-        let jobs = worker.context.store.list_jobs(key, 100).await.unwrap();
+        // Armed before looking, so an accept in between is not missed.
+        let accepted = ctx.job_accepted();
+        tokio::pin!(accepted);
+        accepted.as_mut().enable();
+        let jobs = ctx.store.list_jobs(key, 100).await.unwrap();
         if jobs.len() >= n {
             return;
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{key}: {} of {n} jobs accepted",
-            jobs.len()
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        if tokio::time::timeout_at(deadline, accepted).await.is_err() {
+            panic!("{key}: {} of {n} jobs accepted within {WAIT:?}", jobs.len());
+        }
     }
 }
 

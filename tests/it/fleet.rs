@@ -5,18 +5,17 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use claude_worker::config::Secret;
 use claude_worker::protocol::{EventBody, EventV1};
 use claude_worker::store::SessionStore;
-use futures_util::StreamExt;
-use lapin::options::QueueDeclareOptions;
-use lapin::types::{AMQPValue, FieldTable};
 use serde_json::json;
+use tokio::process::Child;
 use tokio::sync::Notify;
+
+use crate::common::world;
 
 use crate::harness::{cli_pids, Backend, TestEnv, WAIT};
 use crate::mock_api::Behavior;
@@ -27,27 +26,23 @@ pub(crate) struct WorkerProc {
     /// `CW_TEST_PREFIX` of its CLI processes, for [`cli_pids`].
     marker: String,
     child: Child,
+    pid: i32,
     pub(crate) log: PathBuf,
 }
 
 impl WorkerProc {
-    fn pid(&self) -> i32 {
-        self.child.id() as i32
-    }
-
     fn signal(&self, sig: i32) {
         // SAFETY: plain syscall on our own child.
-        unsafe { libc::kill(self.pid(), sig) };
+        unsafe { libc::kill(self.pid, sig) };
     }
 
     /// SIGTERM, then waits (bounded) for a graceful exit.
     pub(crate) async fn stop(&mut self) {
         self.signal(libc::SIGTERM);
-        let deadline = Instant::now() + WAIT;
-        while self.child.try_wait().expect("try_wait").is_none() {
-            assert!(Instant::now() < deadline, "worker {} did not stop", self.id);
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        tokio::time::timeout(WAIT, self.child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("worker {} did not stop", self.id))
+            .expect("wait for the worker");
     }
 
     fn log_tail(&self) -> String {
@@ -61,8 +56,7 @@ impl Drop for WorkerProc {
     fn drop(&mut self) {
         // Its CLI processes die with it (PR_SET_PDEATHSIG).
         self.signal(libc::SIGCONT);
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let _ = self.child.start_kill();
     }
 }
 
@@ -83,61 +77,31 @@ pub(crate) fn spawn_worker_logging(
     let base = env.dir.path().join(format!("worker{n}"));
     let home = base.join("home");
     let marker = format!("{}.w{n}", env.prefix);
-    let toml = env.settings_toml(&home, &base.join("work"), &marker, "");
-    let config = base.join("config.toml");
-    std::fs::write(&config, toml).unwrap();
+    let mut settings = env.settings_for(&home, &base.join("work"), &marker);
     let id = format!("w{n}-{}", &uuid::Uuid::new_v4().simple().to_string()[..6]);
+    settings.worker.id = id.clone();
+    let config = base.join("config.toml");
+    world::write_config(&settings, &config);
     let log = base.join("worker.log");
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_claude-worker"));
-    cmd.arg("--config")
-        .arg(&config)
-        .arg("worker")
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("HOME", &home)
-        .env("CLAUDE_CONFIG_DIR", home.join(".claude"))
-        .env("RUST_LOG", rust_log)
-        .env("CLAUDE_WORKER__WORKER__ID", &id)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap());
+    let mut cmd = world::worker_command(&config, &home, rust_log);
+    cmd.stderr(std::fs::File::create(&log).unwrap());
     for (k, v) in vars {
         cmd.env(format!("CLAUDE_WORKER__{k}"), v);
     }
     let child = cmd.spawn().expect("spawn claude-worker");
+    let pid = child.id().expect("a running child") as i32;
     WorkerProc {
         id,
         marker,
         child,
+        pid,
         log,
     }
 }
 
 /// Waits until `n` consumers are attached to the jobs queue.
 pub(crate) async fn wait_for_consumers(env: &TestEnv, n: u32) {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let q = env
-            .channel
-            .queue_declare(
-                env.topology.jobs_queue.as_str().into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .expect("jobs queue");
-        if q.consumer_count() >= n {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{n} workers did not start consuming"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    env.bus.wait_for_consumers(n).await
 }
 
 /// A reply event with the attribution headers it arrived with.
@@ -158,45 +122,20 @@ struct Replies {
 
 impl Replies {
     async fn watch(env: &TestEnv) -> Replies {
-        let ch = env.conn.create_channel().await.unwrap();
-        let mut consumer = claude_worker::broker::consume_private(
-            &ch,
-            &env.topology.replies_exchange,
-            &env.reply_key,
-            "",
-            true,
-        )
-        .await
-        .unwrap();
+        let mut incoming = env.bus.replies().await;
         let replies = Replies {
             seen: Arc::new(Mutex::new(Vec::new())),
             changed: Arc::new(Notify::new()),
         };
         let r = replies.clone();
         tokio::spawn(async move {
-            let _keep = ch;
-            while let Some(Ok(d)) = consumer.next().await {
-                let event: EventV1 = serde_json::from_slice(&d.data).expect("events are v1");
-                let headers = d.properties.headers().clone().unwrap_or_default();
-                let h = headers.inner();
-                let worker = match h.get("x-worker-id") {
-                    Some(AMQPValue::LongString(s)) => {
-                        Some(String::from_utf8_lossy(s.as_bytes()).into_owned())
-                    }
-                    _ => None,
-                };
-                let epoch = match h.get("x-lease-epoch") {
-                    Some(AMQPValue::LongLongInt(n)) => Some(*n),
-                    Some(AMQPValue::LongInt(n)) => Some(*n as i64),
-                    Some(AMQPValue::LongUInt(n)) => Some(*n as i64),
-                    Some(AMQPValue::ShortInt(n)) => Some(*n as i64),
-                    _ => None,
-                };
+            while let Some(reply) = incoming.recv().await {
+                let event: EventV1 = serde_json::from_value(reply.raw).expect("events are v1");
                 r.seen.lock().unwrap().push(Seen {
                     event,
-                    worker,
-                    epoch,
-                    at: Instant::now(),
+                    worker: reply.worker_id,
+                    epoch: reply.lease_epoch,
+                    at: reply.at,
                 });
                 r.changed.notify_waiters();
             }
@@ -296,6 +235,7 @@ async fn burst_of_500_jobs_on_three_workers() {
         let replies = replies.clone();
         tokio::spawn(async move {
             loop {
+                // A progress report, not a synchronisation.
                 tokio::time::sleep(Duration::from_secs(10)).await;
                 let n = replies
                     .all()
@@ -458,14 +398,10 @@ async fn sigkilled_worker_job_completes_elsewhere() {
         (retry.at - killed_at).as_secs_f64()
     );
     // The killed worker's CLI died with it.
-    let deadline = Instant::now() + WAIT;
-    while !cli_pids(&killed.marker).is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "the killed worker's CLI lives on"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    world::wait_until("the killed worker's CLI ends", || {
+        cli_pids(&killed.marker).is_empty()
+    })
+    .await;
     drop(killed);
 
     let j3 = env.publish_job(key, "third", json!({})).await;
@@ -532,23 +468,12 @@ async fn paused_worker_is_fenced_out() {
     // While x sleeps its CLI gets the rest of the held answer: x wakes up
     // with text and a result to publish.
     env.mock.release_held();
-    let deadline = Instant::now() + WAIT;
-    while env.mock.requests_for("pause")[0].finished.is_none() {
-        assert!(Instant::now() < deadline, "the held answer did not end");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    env.mock.wait_for_finished("pause", WAIT).await;
     x.signal(libc::SIGCONT);
 
     // x notices it lost the lease and stops its CLI.
-    let deadline = Instant::now() + WAIT;
-    while !cli_pids(&x.marker).is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "the fenced-out worker's CLI still runs; log: {}",
-            x.log_tail()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let what = format!("the fenced-out worker's CLI ends (log: {})", x.log_tail());
+    world::wait_until(&what, || cli_pids(&x.marker).is_empty()).await;
     // Give anything x might still send time to arrive, then count.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let stale: Vec<Seen> = replies
@@ -710,11 +635,10 @@ async fn busy_session_does_not_starve_another() {
     }
     let b0 = env.publish_job("fair:b", "b0", json!({})).await;
     // Every job is accepted (in the database) before A's turn ends.
-    let deadline = Instant::now() + WAIT;
-    while store.get_job(&b0).await.unwrap().is_none() {
-        assert!(Instant::now() < deadline, "b0 was not accepted");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    world::wait_until_async("b0 is accepted", || async {
+        store.get_job(&b0).await.unwrap().is_some()
+    })
+    .await;
     env.mock.release_held();
     let b_done = replies.terminal(&b0).await;
     let a1_done = replies.terminal(&a_jobs[1]).await;

@@ -1,41 +1,33 @@
 //! Test harness: one isolated world per test — a random AMQP prefix, a
 //! temp dir (SQLite file, HOME for the CLI, workspaces), a fresh Postgres
 //! database when asked, and a mock Anthropic API — plus helpers to start a
-//! worker in it, publish jobs and collect reply events.
+//! worker in it, publish jobs and collect reply events. Built from the
+//! shared world (`tests/common/world.rs`) the benches use too; everything
+//! it made is removed when it is dropped, also when the test failed.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use claude_worker::broker::Topology;
 use claude_worker::config::Settings;
 use claude_worker::protocol::{ControlResultV1, EventV1};
 use claude_worker::worker::Worker;
 use futures_util::StreamExt;
-use lapin::options::{BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions};
+use lapin::options::BasicConsumeOptions;
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
-use serde_json::{json, Value};
-use sqlx::Connection as _;
+use lapin::{Connection, ConnectionProperties};
+use serde_json::Value;
 use tempfile::TempDir;
 use tokio::sync::mpsc;
 
+use crate::common::world::{self, Bus, WorkerPlace};
+pub use crate::common::world::{AMQP_URL, WAIT};
 use crate::mock_api::MockApi;
-use crate::support::claude_bin;
-
-pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
-/// How long a test waits for any one thing before failing.
-pub const WAIT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
     Sqlite,
     Postgres,
-}
-
-pub fn postgres_admin_url() -> String {
-    std::env::var("TEST_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
 }
 
 pub fn init_tracing() {
@@ -54,23 +46,21 @@ pub struct TestEnv {
     pub mock: MockApi,
     pub db_url: String,
     pg_database: Option<String>,
-    pub topology: Topology,
-    pub conn: Connection,
-    pub channel: Channel,
-    /// Routing key this test's reply queue is bound to.
-    pub reply_key: String,
+    /// The broker side: topology, confirm channel, this test's reply key.
+    pub bus: Bus,
     events: mpsc::UnboundedReceiver<(Value, EventV1)>,
     control_results: mpsc::UnboundedReceiver<ControlResultV1>,
     dead_letters: mpsc::UnboundedReceiver<(Vec<u8>, HashMap<String, String>)>,
     /// Events read but not yet returned, per job.
     pending: Vec<(Value, EventV1)>,
+    /// Set by `cleanup`; otherwise `Drop` removes what the test made.
+    cleaned: bool,
 }
 
 impl TestEnv {
     pub async fn new(backend: Backend) -> TestEnv {
         init_tracing();
-        let id = uuid::Uuid::new_v4().simple().to_string();
-        let prefix = format!("cwtest.{}", &id[..12]);
+        let id = world::world_id();
         let dir = tempfile::tempdir().expect("temp dir");
         let (db_url, pg_database) = match backend {
             Backend::Sqlite => (
@@ -79,49 +69,25 @@ impl TestEnv {
             ),
             Backend::Postgres => {
                 let name = format!("cw_test_{}", &id[..16]);
-                let admin = postgres_admin_url();
-                let mut c = sqlx::PgConnection::connect(&admin)
-                    .await
-                    .expect("connect to Postgres");
-                sqlx::query(&format!("CREATE DATABASE {name}"))
-                    .execute(&mut c)
-                    .await
-                    .expect("create db");
-                let base = admin
-                    .rsplit_once('/')
-                    .map(|(b, _)| b.to_string())
-                    .unwrap_or(admin);
-                (format!("{base}/{name}"), Some(name))
+                (world::create_database(&name).await, Some(name))
             }
         };
         let mock = MockApi::start().await;
-        let topology = Topology::from_prefix(&prefix, "prompt");
-        let conn = Connection::connect(AMQP_URL, ConnectionProperties::default())
-            .await
-            .expect("RabbitMQ");
-        let channel = conn.create_channel().await.expect("channel");
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .unwrap();
-        topology.declare(&channel).await.expect("declare topology");
-        let reply_key = format!("test.{}", &id[..12]);
-        let (events, control_results) = bind_reply_queue(&conn, &topology, &reply_key).await;
-        let dead_letters = consume_dead_letters(&conn, &topology).await;
+        let bus = Bus::new("cwtest", &id).await;
+        let (events, control_results) = split_replies(bus.replies().await);
+        let dead_letters = consume_dead_letters(&bus).await;
         TestEnv {
-            prefix,
+            prefix: bus.prefix.clone(),
             dir,
             mock,
             db_url,
             pg_database,
-            topology,
-            conn,
-            channel,
-            reply_key,
+            bus,
             events,
             control_results,
             dead_letters,
             pending: Vec::new(),
+            cleaned: false,
         }
     }
 
@@ -129,76 +95,32 @@ impl TestEnv {
         self.dir.path().join("home")
     }
 
-    /// Settings for a worker in this world. `extra` is TOML layered on top.
-    pub fn settings(&self, extra: &str) -> Settings {
-        let toml = self.settings_toml(
+    /// Settings for a worker of this world, typed: change fields per test.
+    pub fn settings(&self) -> Settings {
+        self.settings_for(
             &self.home(),
             &self.dir.path().join("workspaces"),
             &self.prefix,
-            extra,
-        );
-        Settings::from_toml_overrides(&toml).expect("test settings")
+        )
     }
 
-    /// The TOML of [`TestEnv::settings`], for a worker whose CLI uses
-    /// `home` (and `home/.claude` as its config dir) and works below
-    /// `work`; its CLI processes carry `CW_TEST_PREFIX=<marker>`.
-    pub fn settings_toml(
+    /// [`TestEnv::settings`] for a worker whose CLI uses `home` and works
+    /// below `work`; its CLI processes carry `CW_TEST_PREFIX=<marker>`.
+    pub fn settings_for(
         &self,
         home: &std::path::Path,
         work: &std::path::Path,
         marker: &str,
-        extra: &str,
-    ) -> String {
-        std::fs::create_dir_all(home.join(".claude")).unwrap();
-        let mut profiles = String::new();
-        for name in ["default", "discord", "webapp"] {
-            profiles.push_str(&format!(
-                r#"
-[profiles.{name}]
-workdir = "{work}/{name}"
-[profiles.{name}.env]
-ANTHROPIC_BASE_URL = "{base}"
-ANTHROPIC_API_KEY = "sk-test-secret-key"
-CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC = "1"
-CLAUDE_CODE_MAX_RETRIES = "0"
-HOME = "{home}"
-CLAUDE_CONFIG_DIR = "{home}/.claude"
-CW_TEST_PREFIX = "{prefix}"
-"#,
-                work = work.display(),
-                base = self.mock.base_url(),
-                home = home.display(),
-                prefix = marker,
-            ));
-        }
-        format!(
-            r#"
-[amqp]
-url = "{AMQP_URL}"
-prefix = "{prefix}"
-[database]
-url = "{db}"
-max_connections = 4
-[worker]
-lease_ttl_secs = 10
-sweep_interval_secs = 1
-shutdown_grace_secs = 5
-[claude]
-path = "{cli}"
-turn_timeout_secs = 120
-[retry]
-max_attempts = 3
-min_delay_ms = 50
-max_delay_ms = 200
-max_total_secs = 120
-{profiles}
-{extra}
-"#,
-            prefix = self.prefix,
-            db = self.db_url,
-            cli = claude_bin().display(),
-        )
+    ) -> Settings {
+        let api_url = self.mock.base_url();
+        world::worker_settings(&WorkerPlace {
+            prefix: &self.prefix,
+            db_url: &self.db_url,
+            api_url: &api_url,
+            home,
+            work,
+            marker,
+        })
     }
 
     pub async fn start_worker(&self) -> Worker {
@@ -207,7 +129,7 @@ max_total_secs = 120
 
     /// Starts a worker after `tweak` has adjusted its settings.
     pub async fn start_worker_with(&self, tweak: impl FnOnce(&mut Settings)) -> Worker {
-        let mut settings = self.settings("");
+        let mut settings = self.settings();
         tweak(&mut settings);
         settings.validate().expect("valid settings");
         Worker::start(settings).await.expect("worker starts")
@@ -215,38 +137,12 @@ max_total_secs = 120
 
     /// Publishes a job body (any bytes) with reply_to = this test's key.
     pub async fn publish_raw(&self, body: &[u8], message_id: Option<&str>) {
-        let mut props = BasicProperties::default()
-            .with_content_type("application/json".into())
-            .with_reply_to(self.reply_key.as_str().into())
-            .with_delivery_mode(2);
-        if let Some(id) = message_id {
-            props = props.with_message_id(id.into());
-        }
-        self.channel
-            .basic_publish(
-                self.topology.jobs_exchange.as_str().into(),
-                "prompt".into(),
-                BasicPublishOptions::default(),
-                body,
-                props,
-            )
-            .await
-            .unwrap()
-            .await
-            .unwrap();
+        self.bus.publish_raw(body, message_id).await
     }
 
     /// Publishes a v1 job and returns its job_id.
     pub async fn publish_job(&self, session_key: &str, prompt: &str, extra: Value) -> String {
-        let job_id = uuid::Uuid::new_v4().to_string();
-        let mut body =
-            json!({"v": 1, "job_id": job_id, "session_key": session_key, "prompt": prompt});
-        if let (Value::Object(b), Value::Object(e)) = (&mut body, extra) {
-            b.extend(e);
-        }
-        let job_id = body["job_id"].as_str().unwrap().to_string();
-        self.publish_raw(body.to_string().as_bytes(), None).await;
-        job_id
+        self.bus.publish_job(session_key, prompt, extra).await
     }
 
     /// The next event of `job_id` (other jobs' events are kept for later).
@@ -298,24 +194,7 @@ max_total_secs = 120
     /// Publishes a control message (with reply_to = this test's key) and
     /// returns its request id.
     pub async fn publish_control(&self, body: Value) -> String {
-        let request_id = uuid::Uuid::new_v4().to_string();
-        let props = BasicProperties::default()
-            .with_content_type("application/json".into())
-            .with_message_id(request_id.as_str().into())
-            .with_reply_to(self.reply_key.as_str().into());
-        self.channel
-            .basic_publish(
-                self.topology.control_exchange.as_str().into(),
-                "".into(),
-                BasicPublishOptions::default(),
-                body.to_string().as_bytes(),
-                props,
-            )
-            .await
-            .unwrap()
-            .await
-            .unwrap();
-        request_id
+        self.bus.publish_control(body).await
     }
 
     /// The next control result (they arrive in request order per worker).
@@ -334,37 +213,68 @@ max_total_secs = 120
             .expect("dead-letter consumer ended")
     }
 
-    /// Deletes this test's exchanges, queues and database.
-    pub async fn cleanup(self) {
-        self.topology.delete(&self.channel).await;
-        let _ = self.conn.close(200, "test done".into()).await;
-        if let Some(name) = self.pg_database {
-            if let Ok(mut c) = sqlx::PgConnection::connect(&postgres_admin_url()).await {
-                let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                    .execute(&mut c)
-                    .await;
-            }
+    /// Deletes this test's exchanges, queues and database now (dropping
+    /// the `TestEnv` does the same, from a thread of its own).
+    pub async fn cleanup(mut self) {
+        self.bus.delete().await;
+        if let Some(name) = self.pg_database.take() {
+            world::drop_database(&name).await;
         }
+        self.cleaned = true;
     }
 }
 
-type Replies = (
+impl Drop for TestEnv {
+    /// A test that failed (or returned early) still removes its queues,
+    /// exchanges and database: on a thread with its own runtime (this one
+    /// may be shutting down), bounded, never panicking.
+    fn drop(&mut self) {
+        if self.cleaned {
+            return;
+        }
+        let topology = self.bus.topology.clone();
+        let database = self.pg_database.take();
+        let cleanup = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async {
+                let work = async {
+                    if let Ok(conn) =
+                        Connection::connect(AMQP_URL, ConnectionProperties::default()).await
+                    {
+                        if let Ok(ch) = conn.create_channel().await {
+                            topology.delete(&ch).await;
+                        }
+                        let _ = conn.close(200, "test dropped".into()).await;
+                    }
+                    if let Some(name) = database {
+                        world::drop_database(&name).await;
+                    }
+                };
+                let _ = tokio::time::timeout(Duration::from_secs(20), work).await;
+            });
+        });
+        let _ = cleanup.join();
+    }
+}
+
+/// Splits the reply stream into events and control results, validating
+/// every one against the JSON Schemas.
+fn split_replies(
+    mut replies: mpsc::UnboundedReceiver<world::Reply>,
+) -> (
     mpsc::UnboundedReceiver<(Value, EventV1)>,
     mpsc::UnboundedReceiver<ControlResultV1>,
-);
-
-async fn bind_reply_queue(conn: &Connection, topology: &Topology, key: &str) -> Replies {
-    let ch = conn.create_channel().await.unwrap();
-    let mut consumer =
-        claude_worker::broker::consume_private(&ch, &topology.replies_exchange, key, "", true)
-            .await
-            .unwrap();
+) {
     let (tx, rx) = mpsc::unbounded_channel();
     let (control_tx, control_rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
-        let _keep = ch;
-        while let Some(Ok(d)) = consumer.next().await {
-            let raw: Value = serde_json::from_slice(&d.data).expect("events are JSON");
+        while let Some(reply) = replies.recv().await {
+            let raw = reply.raw;
             crate::schema::assert_valid_reply(&raw);
             if raw["type"] == "control_result" {
                 let result: ControlResultV1 =
@@ -384,10 +294,10 @@ async fn bind_reply_queue(conn: &Connection, topology: &Topology, key: &str) -> 
 }
 
 async fn consume_dead_letters(
-    conn: &Connection,
-    topology: &Topology,
+    bus: &Bus,
 ) -> mpsc::UnboundedReceiver<(Vec<u8>, HashMap<String, String>)> {
-    let ch = conn.create_channel().await.unwrap();
+    let topology = &bus.topology;
+    let ch = bus.conn.create_channel().await.unwrap();
     let mut consumer = ch
         .basic_consume(
             topology.dead_letter_queue.as_str().into(),

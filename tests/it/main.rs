@@ -1,14 +1,18 @@
-//! Integration tests, one binary (`cargo test --test it`). Fixtures:
-//! `mock_api` (the Anthropic Messages API), `support` (running the real
-//! CLI), `harness` (an isolated world per test: AMQP prefix, database,
-//! temp dirs, a worker).
+//! Integration tests, one binary (`cargo test --test it`). Fixtures come
+//! from `tests/common` (shared with the benches): `mock_api` (the Anthropic
+//! Messages API), `support` (running the real CLI), `world` (broker,
+//! database, typed worker settings, worker processes); `harness` builds an
+//! isolated world per test from them.
+
+#[path = "../common/mod.rs"]
+mod common;
+pub(crate) use common::{mock_api, support};
 
 mod bad_input;
 mod control;
 mod fleet;
 mod harness;
 mod logging;
-mod mock_api;
 mod mock_selftest;
 mod pipeline;
 mod producers;
@@ -17,7 +21,6 @@ mod secrets;
 mod store;
 mod submit;
 mod supervise;
-mod support;
 mod tidy;
 mod turn_bounds;
 mod warm;

@@ -544,7 +544,7 @@ async fn shutdown_kills_the_cli_and_requeues_the_job() {
 async fn a_dead_workers_job_is_picked_up_after_its_lease_expires() {
     let mut env = TestEnv::new(Backend::Sqlite).await;
     // A "worker" that claimed a session, started a job, and died.
-    let settings = env.settings("");
+    let settings = env.settings();
     let store = claude_worker::store::connect(&settings.database.url, 2)
         .await
         .unwrap();
@@ -559,7 +559,7 @@ async fn a_dead_workers_job_is_picked_up_after_its_lease_expires() {
         max_turns: 5,
         permission_mode: claude_worker::protocol::PermissionMode::Default,
         metadata: json!({}),
-        reply_to: Some(env.reply_key.clone()),
+        reply_to: Some(env.bus.reply_key.clone()),
         on_busy: Default::default(),
     };
     store
@@ -620,7 +620,7 @@ async fn tool_use_and_unstreamed_text_reach_the_reply() {
 
     // A tool call shows up as a tool_use event; the CLI really ran it
     // (reading a file in the session's own working directory).
-    let workdir = env.settings("").profiles["default"].workdir.clone();
+    let workdir = env.settings().profiles["default"].workdir.clone();
     let cwd = claude_worker::session_dir(&workdir, "tool:key");
     std::fs::create_dir_all(&cwd).unwrap();
     let file = cwd.join("notes.txt");

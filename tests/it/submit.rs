@@ -3,7 +3,6 @@
 //! of the test's world, configured through `CLAUDE_WORKER__…` variables.
 
 use std::process::Stdio;
-use std::time::Duration;
 
 use claude_worker::protocol::{EventBody, EventV1};
 use claude_worker::store::SessionStatus;
@@ -132,14 +131,11 @@ async fn submit_streams_the_answer_and_sessions_show_it() {
     let store = claude_worker::store::connect(&claude_worker::config::Secret::new(&env.db_url), 1)
         .await
         .unwrap();
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while store.get_session("cli:one").await.unwrap().unwrap().status != SessionStatus::Idle {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "cli:one never went idle"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    // The lease is released just after the terminal event: no event marks it.
+    crate::common::world::wait_until_async("cli:one goes idle", || async {
+        store.get_session("cli:one").await.unwrap().unwrap().status == SessionStatus::Idle
+    })
+    .await;
 
     // sessions list / --json / --status / --profile.
     let out = run(&env, &["sessions", "list"]).await;
@@ -295,7 +291,7 @@ async fn submit_and_cancel_without_a_worker_time_out_with_exit_4() {
     .await;
     assert_eq!(out.code, 4, "{out:?}");
     assert!(
-        out.stderr.contains(&env.topology.jobs_queue)
+        out.stderr.contains(&env.bus.topology.jobs_queue)
             && out.stderr.contains("claude-worker worker"),
         "{out:?}"
     );
@@ -337,7 +333,6 @@ async fn ctrl_c_cancels_the_job() {
     let job = json_events(&out)[0].job_id.clone();
     let out = run(&env, &["cancel", &job]).await;
     assert!(out.stdout.starts_with("already_finished"), "{out:?}");
-    tokio::time::sleep(Duration::from_millis(10)).await;
     env.mock.release_held();
     worker.shutdown();
     worker.wait().await.unwrap();

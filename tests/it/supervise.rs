@@ -31,7 +31,7 @@ fn panic_once() -> (Hooks, Arc<AtomicUsize>) {
 async fn a_panic_in_a_turn_hands_the_session_back_and_the_job_completes() {
     let mut env = TestEnv::new(Backend::Sqlite).await;
     let (hooks, attempts) = panic_once();
-    let settings = env.settings("");
+    let settings = env.settings();
     settings.validate().unwrap();
     let worker = Worker::start_with(settings, hooks).await.unwrap();
     let store = worker.context.store.clone();

@@ -7,7 +7,6 @@
 //! without reading, recording its pid so the test can check it is gone.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use claude_worker::protocol::{ControlOutcome, ErrorKind, EventBody};
 use claude_worker::worker::Worker;
@@ -56,20 +55,13 @@ async fn start(env: &TestEnv, script: &Path, turn_timeout_secs: u64) -> Worker {
 /// writes: polled, bounded).
 async fn stand_in_pid(dir: &Path) -> i32 {
     let file = dir.join("pids");
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        if let Some(pid) = std::fs::read_to_string(&file)
+    let read = || {
+        std::fs::read_to_string(&file)
             .ok()
             .and_then(|s| s.lines().next().and_then(|l| l.trim().parse().ok()))
-        {
-            return pid;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the stand-in CLI did not start"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    };
+    crate::common::world::wait_until("the stand-in CLI starts", || read().is_some()).await;
+    read().unwrap()
 }
 
 fn alive(pid: i32) -> bool {

@@ -2,14 +2,12 @@
 //! next turn on the worker reuses it (real RabbitMQ, SQLite, real CLI +
 //! mock API).
 
-use std::time::{Duration, Instant};
-
 use claude_worker::protocol::{EventBody, EventV1};
 use claude_worker::worker::Worker;
 use claude_worker::WarmStats;
 use serde_json::{json, Value};
 
-use crate::harness::{cli_pids, Backend, TestEnv, WAIT};
+use crate::harness::{cli_pids, Backend, TestEnv};
 
 /// Runs one job to its terminal event; checks it completed with the echo
 /// of `prompt`, with contiguous seqs and exactly one `started`.
@@ -73,13 +71,9 @@ fn stats(w: &Worker) -> WarmStats {
     w.context.warm.stats()
 }
 
-/// Waits (bounded) until `cond` holds, polling the thing itself.
-async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + WAIT;
-    while !cond() {
-        assert!(Instant::now() < deadline, "not within {WAIT:?}: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+/// Waits (bounded) until `cond` holds: the pool's counters have no event.
+async fn wait_until(what: &str, cond: impl FnMut() -> bool) {
+    crate::common::world::wait_until(what, cond).await
 }
 
 fn alive(pid: i32) -> bool {

@@ -1,6 +1,4 @@
 //! Helpers for running the real Claude Code CLI against [`MockApi`].
-// Fixture API shared by many test modules; not every item is used by each.
-#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
@@ -10,7 +8,7 @@ use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdout, Command};
 
-use crate::mock_api::MockApi;
+use super::mock_api::MockApi;
 
 /// Upper bound for one CLI run in tests.
 pub const CLI_TIMEOUT: Duration = Duration::from_secs(90);
@@ -35,16 +33,8 @@ pub fn claude_bin() -> PathBuf {
     PathBuf::from("claude")
 }
 
-/// The standard arguments for a stream-json session.
-pub const STREAM_ARGS: &[&str] = &[
-    "-p",
-    "--input-format",
-    "stream-json",
-    "--output-format",
-    "stream-json",
-    "--verbose",
-    "--include-partial-messages",
-];
+/// The standard arguments for a stream-json session: the worker's own.
+pub const STREAM_ARGS: &[&str] = claude_worker::STREAM_JSON_ARGS;
 
 /// A stream-json user message line.
 pub fn user_line(text: &str) -> String {
@@ -56,12 +46,17 @@ pub fn user_line(text: &str) -> String {
 /// `CLAUDE_CODE_MAX_RETRIES=0` (override with `.env(..)`). Arguments after
 /// `STREAM_ARGS` are `args`.
 pub fn cli_command(mock: &MockApi, home: &Path, args: &[&str]) -> Command {
+    cli_command_at(&mock.base_url(), home, args)
+}
+
+/// [`cli_command`] for the Messages API at `api_url`.
+pub fn cli_command_at(api_url: &str, home: &Path, args: &[&str]) -> Command {
     let mut cmd = Command::new(claude_bin());
     cmd.env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .env("HOME", home)
         .env("CLAUDE_CONFIG_DIR", home.join(".claude"))
-        .env("ANTHROPIC_BASE_URL", mock.base_url())
+        .env("ANTHROPIC_BASE_URL", api_url)
         .env("ANTHROPIC_API_KEY", "sk-test")
         .env("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "1")
         .env("CLAUDE_CODE_MAX_RETRIES", "0")

@@ -397,6 +397,24 @@ impl MockApi {
         self.requests_for(&key)
     }
 
+    /// Waits until the first request carrying marker `key` has finished
+    /// (its response body ended). Panics after `timeout`.
+    pub async fn wait_for_finished(&self, key: &str, timeout: Duration) {
+        let key = key.to_string();
+        self.wait_until(timeout, |inner| {
+            inner
+                .messages
+                .iter()
+                .map(|&i| &inner.all[i])
+                .find(|r| r.marker().as_deref() == Some(key.as_str()))
+                .is_some_and(|r| r.finished.is_some())
+        })
+        .await
+        .unwrap_or_else(|| {
+            panic!("mock API: the [[mock:{key}]] response did not end within {timeout:?}")
+        });
+    }
+
     /// Lets every [`Behavior::Hold`] response that has already arrived
     /// continue. Holds arriving later wait for the next call.
     pub fn release_held(&self) {
