@@ -10,6 +10,7 @@ use tokio::sync::Notify;
 use crate::broker::publish::ReplySink;
 use crate::claude::warm::WarmPool;
 use crate::config::Settings;
+use crate::store::JobRecord;
 use crate::store::SessionStore;
 use crate::worker::running::RunningTurns;
 use crate::worker::turn::retry::RetryPolicy;
@@ -29,7 +30,7 @@ pub struct Context {
     /// Signalled whenever this worker accepts a job (for lease affinity).
     accepted: Notify,
     /// Test-only hooks (empty in production).
-    pub(crate) hooks: crate::worker::Hooks,
+    pub(crate) hooks: Hooks,
 }
 
 impl Context {
@@ -38,7 +39,7 @@ impl Context {
         store: Arc<dyn SessionStore>,
         sink: Arc<dyn ReplySink>,
         worker_id: String,
-        hooks: crate::worker::Hooks,
+        hooks: Hooks,
     ) -> Arc<Context> {
         let retry = RetryPolicy::new(settings.retry.clone());
         let warm = Arc::new(WarmPool::new(
@@ -102,4 +103,17 @@ pub fn default_worker_id() -> String {
         .unwrap_or_else(|| "worker".into());
     let rand = &uuid::Uuid::new_v4().simple().to_string()[..8];
     format!("{host}-{}-{rand}", std::process::id())
+}
+
+/// A hook called with the job about to run.
+pub type JobHook = Arc<dyn Fn(&JobRecord) + Send + Sync>;
+
+/// Test-only hooks into a running worker (hidden from the docs: no
+/// production code sets them).
+#[doc(hidden)]
+#[derive(Clone, Default)]
+pub struct Hooks {
+    /// Called on the session's task when an attempt of a job has started
+    /// (the job is `running`), before the CLI is.
+    pub on_attempt: Option<JobHook>,
 }

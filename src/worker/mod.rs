@@ -13,6 +13,7 @@
 pub(crate) mod accept;
 pub(crate) mod consume;
 pub mod context;
+pub use context::{Hooks, JobHook};
 pub(crate) mod control;
 pub(crate) mod ending;
 pub(crate) mod lease;
@@ -35,7 +36,7 @@ use tracing::{error, info, warn};
 use crate::broker::publish::AmqpSink;
 use crate::broker::{self, AmqpError, Topology};
 use crate::config::Settings;
-use crate::store::{self, JobRecord};
+use crate::store;
 use consume::Stream;
 use context::{default_worker_id, Context};
 use schedule::Shutdown;
@@ -56,19 +57,6 @@ pub enum StartError {
          `npm install -g @anthropic-ai/claude-code` or set CLAUDE_WORKER__CLAUDE__PATH"
     )]
     Cli { path: String, reason: String },
-}
-
-/// A hook called with the job about to run.
-pub type JobHook = Arc<dyn Fn(&JobRecord) + Send + Sync>;
-
-/// Test-only hooks into a running worker (hidden from the docs: no
-/// production code sets them).
-#[doc(hidden)]
-#[derive(Clone, Default)]
-pub struct Hooks {
-    /// Called on the session's task when an attempt of a job has started
-    /// (the job is `running`), before the CLI is.
-    pub on_attempt: Option<JobHook>,
 }
 
 /// A started worker. `shutdown()` begins a graceful stop; `wait()` returns
