@@ -6,7 +6,7 @@ use lapin::message::Delivery;
 use serde_json::Value;
 use tracing::{info, warn};
 
-use crate::broker::publish::PublishError;
+use crate::broker::publish::{Attribution, PublishError};
 use crate::protocol::{
     self, ControlBody, ControlV1, ErrorKind, EventBody, EventV1, JobV1, OnBusy, PROTOCOL_VERSION,
 };
@@ -204,7 +204,9 @@ fn spec_of(
 }
 
 /// Dead-letters an invalid job with its reason, and tells the producer
-/// with a `failed` event if it said where to reply.
+/// with a `failed` event if it said where to reply — unless the body's job
+/// id is already taken: that id's events belong to the job accepted under
+/// it, which has (or will have) its own one terminal event.
 async fn reject(
     ctx: &Context,
     delivery: &Delivery,
@@ -225,32 +227,48 @@ async fn reject(
     let reply_to = reply_to
         .or_else(|| field("reply_to"))
         .filter(|r| protocol::validate_reply_to(r).is_ok());
-    if let Some(reply_to) = reply_to {
-        let job_id = field("job_id")
-            .filter(|id| protocol::validate_job_id(id).is_ok())
-            .or(message_id.filter(|id| protocol::validate_job_id(id).is_ok()))
-            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-        let metadata = body
-            .as_ref()
-            .and_then(|b| b.get("metadata"))
-            .filter(|m| m.is_object())
-            .cloned()
-            .unwrap_or_else(|| Value::Object(Default::default()));
-        let event = EventV1 {
-            v: PROTOCOL_VERSION,
-            job_id,
-            session_key: field("session_key").unwrap_or_default(),
-            seq: 0,
-            attempt: 0,
-            body: EventBody::Failed {
-                error: ErrorKind::InvalidInput,
-                message: reason.clone(),
-                retryable: false,
-            },
-            metadata,
-        };
-        let bytes = serde_json::to_vec(&event).expect("events serialise");
-        ctx.sink.publish_event(&reply_to, &event, &bytes).await?;
+    let Some(reply_to) = reply_to else {
+        return Ok(Accepted::Rejected { reason });
+    };
+    let job_id = field("job_id")
+        .filter(|id| protocol::validate_job_id(id).is_ok())
+        .or(message_id.filter(|id| protocol::validate_job_id(id).is_ok()));
+    if let Some(id) = &job_id {
+        if ctx.store.get_job(id).await?.is_some() {
+            return Ok(Accepted::Rejected { reason });
+        }
     }
+    let event = EventV1 {
+        v: PROTOCOL_VERSION,
+        job_id: job_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+        session_key: field("session_key").unwrap_or_default(),
+        seq: 0,
+        attempt: 0,
+        body: EventBody::Failed {
+            error: ErrorKind::InvalidInput,
+            message: reason.clone(),
+            retryable: false,
+        },
+        metadata: echoed_metadata(body.as_ref()),
+    };
+    let bytes = serde_json::to_vec(&event).expect("events serialise");
+    // A job that never ran: this worker speaks for it, under no lease.
+    let from = Attribution {
+        worker_id: &ctx.worker_id,
+        lease_epoch: 0,
+    };
+    ctx.sink
+        .publish_event_as(&reply_to, &event, &bytes, &from)
+        .await?;
     Ok(Accepted::Rejected { reason })
+}
+
+/// The body's `metadata`, if it is an object within the size limit (an
+/// oversized one is part of what was refused), else `{}`.
+fn echoed_metadata(body: Option<&Value>) -> Value {
+    body.and_then(|b| b.get("metadata"))
+        .filter(|m| m.is_object())
+        .filter(|m| serde_json::to_vec(m).is_ok_and(|v| v.len() <= protocol::MAX_METADATA_BYTES))
+        .cloned()
+        .unwrap_or_else(|| Value::Object(Default::default()))
 }

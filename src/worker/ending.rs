@@ -1,7 +1,7 @@
 //! Ending jobs that never ran (cancelled while queued, refused as busy):
 //! used by `accept`, the `control` handlers and the turn's outcome.
 
-use crate::broker::publish::PublishError;
+use crate::broker::publish::{Attribution, PublishError};
 use crate::protocol::{EventBody, EventV1, PROTOCOL_VERSION};
 use crate::store::{now_ms, JobRecord, JobStatus, StoreError};
 use crate::worker::context::Context;
@@ -104,6 +104,20 @@ pub async fn end_queued_job(
         .reply_to
         .clone()
         .unwrap_or_else(|| job.session_key.clone());
-    ctx.sink.publish_event(&reply_to, &event, &bytes).await?;
+    // Attributed like every event: this worker, and the session's epoch
+    // (at least that of any event the job had before it was requeued, so
+    // the reader's epoch rule keeps it).
+    let lease_epoch = ctx
+        .store
+        .get_session(&job.session_key)
+        .await?
+        .map_or(0, |s| s.lease_epoch);
+    let from = Attribution {
+        worker_id: &ctx.worker_id,
+        lease_epoch,
+    };
+    ctx.sink
+        .publish_event_as(&reply_to, &event, &bytes, &from)
+        .await?;
     Ok(true)
 }

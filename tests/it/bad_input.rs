@@ -611,3 +611,35 @@ proptest! {
         let _ = decode_job(text.as_bytes());
     }
 }
+
+/// A job id gets one terminal event: an invalid body published under the
+/// id of a job that already ran is dead-lettered and answered with nothing
+/// under that id; a valid re-publish still gets the stored terminal event.
+#[tokio::test]
+async fn an_invalid_body_under_a_taken_job_id_gets_no_second_terminal_event() {
+    let mut env = TestEnv::new(Backend::Sqlite).await;
+    let worker = env.start_worker().await;
+    let job = env.publish_job("taken:id", "first", json!({})).await;
+    let events = env.events_until_terminal(&job).await;
+    let done = events.last().unwrap().clone();
+    assert_eq!(done.body.type_name(), "completed");
+
+    let bad =
+        json!({"v": 1, "job_id": job, "session_key": "taken:id", "prompt": "again", "surprise": 1});
+    env.publish_raw(bad.to_string().as_bytes(), None).await;
+    let (_, headers) = env.next_dead_letter().await;
+    assert!(headers["x-claude-worker-error"].contains("unknown field `surprise`"));
+    // Something that must not happen: a bounded wait, not a synchronisation.
+    let late = env
+        .maybe_event(&job, std::time::Duration::from_secs(2))
+        .await;
+    assert!(late.is_none(), "a second terminal event: {late:?}");
+
+    let again = json!({"v": 1, "job_id": job, "session_key": "taken:id", "prompt": "again"});
+    env.publish_raw(again.to_string().as_bytes(), None).await;
+    let (_, republished) = env.next_event(&job).await;
+    assert_eq!(republished, done, "the stored terminal event, unchanged");
+    worker.shutdown();
+    worker.wait().await.unwrap();
+    env.cleanup().await;
+}

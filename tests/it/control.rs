@@ -313,3 +313,56 @@ async fn on_busy_reject_and_interrupt() {
     worker.wait().await.unwrap();
     env.cleanup().await;
 }
+
+/// Events of jobs that never ran (refused as busy, cancelled while queued,
+/// invalid) carry `x-worker-id` and `x-lease-epoch` like every other: the
+/// session's epoch, or 0 for a body that never became a job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_of_jobs_that_never_ran_are_attributed() {
+    let mut env = TestEnv::new(Backend::Sqlite).await;
+    let worker = env.start_worker().await;
+    let key = "attrib:key";
+    env.mock
+        .push_behavior_for("hold", Behavior::hold("held answer"));
+    let first = env.publish_job(key, "[[mock:hold]] first", json!({})).await;
+    env.mock.wait_for_held(1, WAIT).await;
+    let held_by = env.attribution(&first, 0).expect("first's started event");
+    assert_eq!(held_by.worker_id.as_deref(), Some(worker.id.as_str()));
+    let epoch = held_by.lease_epoch.expect("an epoch");
+
+    let busy = env
+        .publish_job(key, "busy", json!({"options": {"on_busy": "reject"}}))
+        .await;
+    let ev = env.events_until_terminal(&busy).await;
+    assert_eq!(ev.len(), 1);
+    let queued = env.publish_job(key, "queued", json!({})).await;
+    wait_accepted(&worker, key, 3).await;
+    env.publish_control(json!({"v": 1, "type": "cancel", "job_id": queued}))
+        .await;
+    assert!(env.next_control_result().await.ok);
+    let ev = env.events_until_terminal(&queued).await;
+    assert_eq!(ev.len(), 1);
+    for job in [&busy, &queued] {
+        let from = env.attribution(job, 0).expect("received");
+        assert_eq!(from.worker_id.as_deref(), Some(worker.id.as_str()), "{job}");
+        assert_eq!(from.lease_epoch, Some(epoch), "{job}");
+    }
+
+    let invalid = uuid::Uuid::new_v4().to_string();
+    let body = json!({"v": 1, "session_key": key, "prompt": "p", "surprise": 1});
+    env.publish_raw(body.to_string().as_bytes(), Some(&invalid))
+        .await;
+    env.next_dead_letter().await;
+    let (_, ev) = env.next_event(&invalid).await;
+    assert_eq!(ev.body.type_name(), "failed");
+    let from = env.attribution(&invalid, 0).expect("received");
+    assert_eq!(from.worker_id.as_deref(), Some(worker.id.as_str()));
+    assert_eq!(from.lease_epoch, Some(0));
+
+    env.mock.release_held();
+    let ev = env.events_until_terminal(&first).await;
+    assert_eq!(ev.last().unwrap().body.type_name(), "completed");
+    worker.shutdown();
+    worker.wait().await.unwrap();
+    env.cleanup().await;
+}

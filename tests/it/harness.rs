@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use claude_worker::config::Settings;
@@ -55,6 +56,15 @@ pub struct TestEnv {
     pending: Vec<(Value, EventV1)>,
     /// Set by `cleanup`; otherwise `Drop` removes what the test made.
     cleaned: bool,
+    /// The attribution headers each event arrived with, by (job_id, seq).
+    attribution: Arc<Mutex<HashMap<(String, u64), Attribution>>>,
+}
+
+/// An event's `x-worker-id` and `x-lease-epoch` headers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Attribution {
+    pub worker_id: Option<String>,
+    pub lease_epoch: Option<i64>,
 }
 
 impl TestEnv {
@@ -74,7 +84,9 @@ impl TestEnv {
         };
         let mock = MockApi::start().await;
         let bus = Bus::new("cwtest", &id).await;
-        let (events, control_results) = split_replies(bus.replies().await);
+        let attribution = Arc::new(Mutex::new(HashMap::new()));
+        let (events, control_results) =
+            split_replies(bus.replies().await, Arc::clone(&attribution));
         let dead_letters = consume_dead_letters(&bus).await;
         TestEnv {
             prefix: bus.prefix.clone(),
@@ -88,7 +100,17 @@ impl TestEnv {
             dead_letters,
             pending: Vec::new(),
             cleaned: false,
+            attribution,
         }
+    }
+
+    /// The headers event `seq` of `job_id` arrived with (once received).
+    pub fn attribution(&self, job_id: &str, seq: u64) -> Option<Attribution> {
+        self.attribution
+            .lock()
+            .unwrap()
+            .get(&(job_id.to_string(), seq))
+            .cloned()
     }
 
     pub fn home(&self) -> PathBuf {
@@ -266,6 +288,7 @@ impl Drop for TestEnv {
 /// every one against the JSON Schemas.
 fn split_replies(
     mut replies: mpsc::UnboundedReceiver<world::Reply>,
+    attribution: Arc<Mutex<HashMap<(String, u64), Attribution>>>,
 ) -> (
     mpsc::UnboundedReceiver<(Value, EventV1)>,
     mpsc::UnboundedReceiver<ControlResultV1>,
@@ -285,6 +308,14 @@ fn split_replies(
                 continue;
             }
             let event: EventV1 = serde_json::from_value(raw.clone()).expect("events are v1");
+            let from = Attribution {
+                worker_id: reply.worker_id,
+                lease_epoch: reply.lease_epoch,
+            };
+            attribution
+                .lock()
+                .unwrap()
+                .insert((event.job_id.clone(), event.seq), from);
             if tx.send((raw, event)).is_err() {
                 break;
             }
