@@ -244,9 +244,12 @@ pub async fn consumer_channel(conn: &Connection, prefetch: u16) -> Result<Channe
     Ok(ch)
 }
 
-/// Declares an exclusive, auto-delete, server-named queue bound to
-/// `exchange` with `routing_key`, and consumes it: a worker's control
-/// queue, a client's reply queue.
+/// Declares an exclusive, auto-delete queue bound to `exchange` with
+/// `routing_key`, and consumes it: a worker's control queue, a client's
+/// reply queue. The queue is named here (`<exchange>.private.<uuid>`), not
+/// by the server: after a broker restart or a dropped connection lapin's
+/// recovery re-declares it by name, and the broker refuses to let a client
+/// declare an `amq.gen-…` name.
 pub async fn consume_private(
     channel: &Channel,
     exchange: &str,
@@ -254,9 +257,10 @@ pub async fn consume_private(
     consumer_tag: &str,
     no_ack: bool,
 ) -> Result<Consumer, lapin::Error> {
+    let name = format!("{exchange}.private.{}", uuid::Uuid::new_v4().simple());
     let queue = channel
         .queue_declare(
-            "".into(),
+            name.as_str().into(),
             QueueDeclareOptions {
                 exclusive: true,
                 auto_delete: true,

@@ -283,12 +283,27 @@ impl Client {
 
     /// The next message on the reply queue, or `None` if none arrives
     /// within `timeout`.
+    /// A dropped connection (a broker restart) is waited out within
+    /// `timeout`: the reply queue is recovered by name and reading goes on.
     pub async fn recv(&mut self, timeout: Duration) -> Result<Option<Incoming>, ClientError> {
-        match tokio::time::timeout(timeout, self.consumer.next()).await {
-            Err(_) => Ok(None),
-            Ok(None) => Err(ClientError::ConsumerEnded),
-            Ok(Some(Err(e))) => Err(ClientError::Broker(e)),
-            Ok(Some(Ok(d))) => Ok(Some(Incoming::from_delivery(&d))),
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let next = match tokio::time::timeout_at(deadline, self.consumer.next()).await {
+                Err(_) => return Ok(None),
+                Ok(next) => next,
+            };
+            match next {
+                None => return Err(ClientError::ConsumerEnded),
+                Some(Ok(d)) => return Ok(Some(Incoming::from_delivery(&d))),
+                Some(Err(e)) => {
+                    let recovery = self.channel.wait_for_recovery(e);
+                    match tokio::time::timeout_at(deadline, recovery).await {
+                        Err(_) => return Ok(None),
+                        Ok(Err(e)) => return Err(ClientError::Broker(e)),
+                        Ok(Ok(())) => {}
+                    }
+                }
+            }
         }
     }
 

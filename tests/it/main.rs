@@ -9,6 +9,7 @@ mod common;
 pub(crate) use common::{mock_api, support};
 
 mod bad_input;
+mod broker_recovery;
 mod control;
 mod fleet;
 mod harness;
