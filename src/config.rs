@@ -79,6 +79,8 @@ pub struct AmqpSettings {
     pub prefix: String,
     pub jobs_routing_key: String,
     pub prefetch: u16,
+    pub publish_timeout_ms: u64,
+    pub recovery_limit_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -308,6 +310,11 @@ impl Settings {
         }
         if self.amqp.prefetch == 0 {
             return bad("amqp.prefetch must be at least 1".into());
+        }
+        if self.amqp.publish_timeout_ms == 0 || self.amqp.recovery_limit_secs == 0 {
+            return bad(
+                "amqp.publish_timeout_ms and amqp.recovery_limit_secs must be at least 1".into(),
+            );
         }
         if self.worker.max_concurrent_turns == 0 {
             return bad("worker.max_concurrent_turns must be at least 1".into());

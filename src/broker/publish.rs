@@ -4,6 +4,7 @@
 //! records as published really is.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use lapin::options::BasicPublishOptions;
 use lapin::types::{AMQPValue, FieldTable};
@@ -13,10 +14,18 @@ use tokio::sync::Mutex;
 use crate::broker::{Topology, DEAD_LETTER_REASON_HEADER};
 use crate::protocol::EventV1;
 
+/// Every variant means the same to the caller: the message may not have
+/// been delivered; keep the job in the database and try later.
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
-    /// The broker refused or lost the message, or the connection is gone
-    /// and did not recover. The caller keeps the job and tries later.
+    /// The broker refused the message (a negative confirm).
+    #[error("RabbitMQ refused a message to {exchange}")]
+    Nacked { exchange: String },
+    /// No confirm (or no recovered connection) within the publish timeout:
+    /// a broker under a memory or disk alarm, or one that is gone.
+    #[error("RabbitMQ did not confirm a publish within {timeout_ms} ms")]
+    Timeout { timeout_ms: u64 },
+    /// The connection is gone and did not recover.
     #[error("publish to RabbitMQ failed: {0}")]
     Broker(String),
 }
@@ -93,17 +102,24 @@ pub struct AmqpSink {
     /// publish+confirm pair keeps one job's events in order on the channel
     /// even when its confirm fails and is retried.
     lock: Mutex<()>,
+    /// Bound on one publish, lock wait and confirm included.
+    timeout: Duration,
 }
 
 impl AmqpSink {
-    pub fn new(channel: Channel, topology: Topology) -> Arc<AmqpSink> {
+    pub fn new(channel: Channel, topology: Topology, timeout: Duration) -> Arc<AmqpSink> {
         Arc::new(AmqpSink {
             channel,
             topology,
             lock: Mutex::new(()),
+            timeout,
         })
     }
 
+    /// Publishes and waits for the broker's confirm, at most the publish
+    /// timeout in all (one retry after a connection recovery included), so
+    /// a stalled broker is an error for the caller, never a wait that holds
+    /// the channel's lock forever.
     async fn publish_confirmed(
         &self,
         exchange: &str,
@@ -111,12 +127,16 @@ impl AmqpSink {
         body: &[u8],
         props: BasicProperties,
     ) -> Result<(), PublishError> {
-        let _guard = self.lock.lock().await;
-        // One retry after a connection recovery; a second failure goes to the caller.
-        let mut last_err = None;
-        for _ in 0..2 {
-            let result = async {
-                self.channel
+        let timeout_ms = self.timeout.as_millis() as u64;
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let _guard = tokio::time::timeout_at(deadline, self.lock.lock())
+            .await
+            .map_err(|_| PublishError::Timeout { timeout_ms })?;
+        let attempt = async {
+            let mut last_err = None;
+            for _ in 0..2 {
+                let confirm = self
+                    .channel
                     .basic_publish(
                         exchange.into(),
                         routing_key.into(),
@@ -124,31 +144,36 @@ impl AmqpSink {
                         body,
                         props.clone(),
                     )
-                    .await?
-                    .await
-            }
-            .await;
-            match result {
-                Ok(Confirmation::Ack(_)) | Ok(Confirmation::NotRequested) => return Ok(()),
-                Ok(Confirmation::Nack(_)) => {
-                    return Err(PublishError::Broker(format!(
-                        "broker nacked a message to {exchange}"
-                    )))
-                }
-                Err(e) => match self.channel.wait_for_recovery(e).await {
-                    Ok(()) => continue,
-                    Err(e) => {
-                        last_err = Some(e);
-                        break;
+                    .await;
+                let result = match confirm {
+                    Ok(confirm) => confirm.await,
+                    Err(e) => Err(e),
+                };
+                match result {
+                    Ok(Confirmation::Ack(_)) | Ok(Confirmation::NotRequested) => return Ok(()),
+                    Ok(Confirmation::Nack(_)) => {
+                        return Err(PublishError::Nacked {
+                            exchange: exchange.to_string(),
+                        })
                     }
-                },
+                    Err(e) => match self.channel.wait_for_recovery(e).await {
+                        Ok(()) => continue,
+                        Err(e) => {
+                            last_err = Some(e);
+                            break;
+                        }
+                    },
+                }
             }
-        }
-        Err(PublishError::Broker(
-            last_err
-                .map(|e| e.to_string())
-                .unwrap_or_else(|| "channel did not recover".into()),
-        ))
+            Err(PublishError::Broker(
+                last_err
+                    .map(|e| e.to_string())
+                    .unwrap_or_else(|| "channel did not recover".into()),
+            ))
+        };
+        tokio::time::timeout_at(deadline, attempt)
+            .await
+            .unwrap_or(Err(PublishError::Timeout { timeout_ms }))
     }
 }
 

@@ -105,9 +105,24 @@ pub async fn run(
                 }
             }
             Some(Err(e)) => {
-                if let Err(e) = channel.wait_for_recovery(e).await {
-                    error!(error = %e, ?stream, "a consumer failed and did not recover");
-                    break;
+                // Bounded: a worker whose broker stays away stops (its
+                // supervisor restarts it) rather than holding leases it
+                // cannot serve.
+                let limit = Duration::from_secs(ctx.settings.amqp.recovery_limit_secs);
+                match tokio::time::timeout(limit, channel.wait_for_recovery(e)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        error!(error = %e, ?stream, "a consumer failed and did not recover");
+                        break;
+                    }
+                    Err(_) => {
+                        error!(
+                            ?stream,
+                            limit_secs = limit.as_secs(),
+                            "the broker connection did not come back in time"
+                        );
+                        break;
+                    }
                 }
             }
             None => {

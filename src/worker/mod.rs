@@ -97,7 +97,8 @@ impl Worker {
         store.migrate().await?;
         let topology = Topology::from_settings(&settings.amqp);
         let (broker, publish_channel) = connect_broker(&settings, &topology, &id).await?;
-        let sink = AmqpSink::new(publish_channel, topology.clone());
+        let publish_timeout = Duration::from_millis(settings.amqp.publish_timeout_ms);
+        let sink = AmqpSink::new(publish_channel, topology.clone(), publish_timeout);
         let ctx = Context::new(Arc::clone(&settings), store, sink, id.clone(), hooks);
         info!(worker_id = %id, %cli_version, queue = %topology.jobs_queue,
               max_concurrent_turns = settings.worker.max_concurrent_turns,
