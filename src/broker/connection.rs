@@ -178,6 +178,32 @@ pub enum AmqpError {
     Broker(#[from] lapin::Error),
 }
 
+impl AmqpError {
+    /// Worth trying again shortly: the broker answered but failed this
+    /// time (an internal error while several clients declare the same
+    /// topology, a lock, a dropped connection). Not: nothing listening
+    /// (`Connect`: say so at once), refused credentials or permissions, or
+    /// a declaration that contradicts the existing one (fix the config).
+    pub fn is_transient(&self) -> bool {
+        use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
+        let AmqpError::Broker(e) = self else {
+            return false;
+        };
+        match e.kind() {
+            lapin::ErrorKind::ProtocolError(amqp) => !matches!(
+                amqp.kind(),
+                AMQPErrorKind::Soft(
+                    AMQPSoftError::ACCESSREFUSED | AMQPSoftError::PRECONDITIONFAILED
+                ) | AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED)
+            ),
+            lapin::ErrorKind::IOError(_)
+            | lapin::ErrorKind::InvalidChannelState(..)
+            | lapin::ErrorKind::InvalidConnectionState(_) => true,
+            _ => false,
+        }
+    }
+}
+
 /// How long the first connection may take before start-up fails.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
 

@@ -90,6 +90,21 @@ fn not_in_session(job_id: &str, lease: &Lease) -> StoreError {
 
 super::sql::session_store_impl!(SqliteStore, {
     async fn migrate(&self) -> Result<(), StoreError> {
+        // Several workers sharing one file may start at once, and SQLite
+        // has no advisory lock for sqlx's migrator (PostgreSQL does): the
+        // loser of the race fails ("table … already exists") after the
+        // winner committed. Each migration is one transaction, so running
+        // again sees it applied. Bounded: a real error stays an error.
+        let mut delay = Duration::from_millis(50);
+        for _ in 0..6 {
+            match sqlx::migrate!("./migrations/sqlite").run(&self.pool).await {
+                Ok(()) => return Ok(()),
+                Err(_) => {
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
+                }
+            }
+        }
         sqlx::migrate!("./migrations/sqlite")
             .run(&self.pool)
             .await

@@ -96,7 +96,7 @@ impl Worker {
             store::connect(&settings.database.url, settings.database.max_connections).await?;
         store.migrate().await?;
         let topology = Topology::from_settings(&settings.amqp);
-        let (broker, publish_channel) = connect_broker(&settings, &topology, &id).await?;
+        let (broker, publish_channel) = connect_broker_retrying(&settings, &topology, &id).await?;
         let publish_timeout = Duration::from_millis(settings.amqp.publish_timeout_ms);
         let sink = AmqpSink::new(publish_channel, topology.clone(), publish_timeout);
         let ctx = Context::new(Arc::clone(&settings), store, sink, id.clone(), hooks);
@@ -133,17 +133,73 @@ impl Worker {
     }
 }
 
+/// How long start-up retries transient broker errors.
+const STARTUP_RETRY: Duration = Duration::from_secs(30);
+
+/// [`connect_broker`], retrying transient broker errors with backoff for
+/// up to [`STARTUP_RETRY`]: several workers starting at once on a fresh
+/// broker can make it fail one of them while they declare the topology. A
+/// broker that is not there at all still fails at once.
+async fn connect_broker_retrying(
+    settings: &Settings,
+    topology: &Topology,
+    id: &str,
+) -> Result<(Broker, Channel), AmqpError> {
+    let deadline = tokio::time::Instant::now() + STARTUP_RETRY;
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match connect_broker(settings, topology, id).await {
+            Err(e) if e.is_transient() && tokio::time::Instant::now() + delay < deadline => {
+                warn!(error = %e, delay_ms = delay.as_millis() as u64, "the broker failed the start-up; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+            done => return done,
+        }
+    }
+}
+
 /// Connects, declares the topology, and starts consuming the jobs queue
 /// and this worker's own control queue. Returns the publish channel apart.
+/// A connection whose set-up failed is closed.
 async fn connect_broker(
     settings: &Settings,
     topology: &Topology,
     id: &str,
 ) -> Result<(Broker, Channel), AmqpError> {
     let conn = broker::connect(&settings.amqp, &format!("claude-worker {id}")).await?;
-    let publish_channel = broker::confirm_channel(&conn).await?;
+    match set_up(&conn, settings, topology, id).await {
+        Ok((publish_channel, jobs_channel, jobs, control_channel, control)) => {
+            let broker = Broker {
+                conn,
+                jobs_channel,
+                jobs,
+                control_channel,
+                control,
+            };
+            Ok((broker, publish_channel))
+        }
+        Err(e) => {
+            let _ =
+                tokio::time::timeout(STOP_STEP_BOUND, conn.close(200, "start-up failed".into()))
+                    .await;
+            Err(e)
+        }
+    }
+}
+
+/// The publish channel, and the two consumers with their channels.
+type Channels = (Channel, Channel, Consumer, Channel, Consumer);
+
+async fn set_up(
+    conn: &Connection,
+    settings: &Settings,
+    topology: &Topology,
+    id: &str,
+) -> Result<Channels, AmqpError> {
+    let publish_channel = broker::confirm_channel(conn).await?;
     topology.declare(&publish_channel).await?;
-    let jobs_channel = broker::consumer_channel(&conn, settings.amqp.prefetch).await?;
+    let jobs_channel = broker::consumer_channel(conn, settings.amqp.prefetch).await?;
     let jobs = jobs_channel
         .basic_consume(
             topology.jobs_queue.as_str().into(),
@@ -152,7 +208,7 @@ async fn connect_broker(
             FieldTable::default(),
         )
         .await?;
-    let control_channel = broker::consumer_channel(&conn, 16).await?;
+    let control_channel = broker::consumer_channel(conn, 16).await?;
     let control = broker::consume_private(
         &control_channel,
         &topology.control_exchange,
@@ -161,14 +217,13 @@ async fn connect_broker(
         false,
     )
     .await?;
-    let broker = Broker {
-        conn,
+    Ok((
+        publish_channel,
         jobs_channel,
         jobs,
         control_channel,
         control,
-    };
-    Ok((broker, publish_channel))
+    ))
 }
 
 /// Runs the worker's tasks under supervision until shutdown, or until one

@@ -101,3 +101,45 @@ async fn a_worker_whose_jobs_consumer_ends_stops_and_says_so() {
     let _ = conn.close(200, "done".into()).await;
     env.cleanup().await;
 }
+
+/// Several workers starting at once on a topology nobody declared yet all
+/// start (a transient broker failure while they race to declare it is
+/// retried, not fatal), and a job published then is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_starting_together_on_a_fresh_topology_all_start() {
+    let mut env = TestEnv::new(Backend::Sqlite).await;
+    for round in 0..3 {
+        let prefix = format!("{}.fresh{round}", env.prefix);
+        let settings = || {
+            let mut s = env.settings();
+            s.amqp.prefix = prefix.clone();
+            s
+        };
+        let (a, b, c) = tokio::join!(
+            Worker::start(settings()),
+            Worker::start(settings()),
+            Worker::start(settings())
+        );
+        let workers: Vec<Worker> = [a, b, c]
+            .into_iter()
+            .map(|w| w.expect("every worker starts"))
+            .collect();
+        let topology = workers[0].topology.clone();
+        for w in workers {
+            w.shutdown();
+            tokio::time::timeout(WAIT, w.wait())
+                .await
+                .expect("stops")
+                .expect("stops cleanly");
+        }
+        topology.delete(&env.bus.channel).await;
+    }
+    // The test's own topology still serves.
+    let worker = env.start_worker().await;
+    let job = env.publish_job("fresh:after", "hello", json!({})).await;
+    let events = env.events_until_terminal(&job).await;
+    assert_eq!(events.last().unwrap().body.type_name(), "completed");
+    worker.shutdown();
+    worker.wait().await.unwrap();
+    env.cleanup().await;
+}
