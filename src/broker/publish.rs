@@ -34,26 +34,18 @@ pub enum PublishError {
 /// product; the trait lets a test observe or fail publishing.
 #[async_trait::async_trait]
 pub trait ReplySink: Send + Sync + 'static {
-    /// Publishes one event (already serialised) to `routing_key`.
+    /// Publishes one event (already serialised) to `routing_key`,
+    /// attributed to the worker and lease it comes from: the AMQP
+    /// implementation adds the `x-worker-id` and `x-lease-epoch` headers
+    /// (the JSON body is unchanged). Every event is attributed; only a
+    /// republished terminal event (`publish_raw_event`) is not.
     async fn publish_event(
         &self,
         routing_key: &str,
         event: &EventV1,
         body: &[u8],
-    ) -> Result<(), PublishError>;
-    /// Publishes one event of a lease holder, attributed to it: the AMQP
-    /// implementation adds the `x-worker-id` and `x-lease-epoch` headers
-    /// (the JSON body is unchanged). Other sinks may ignore the attribution.
-    async fn publish_event_as(
-        &self,
-        routing_key: &str,
-        event: &EventV1,
-        body: &[u8],
         from: &Attribution<'_>,
-    ) -> Result<(), PublishError> {
-        let _ = from;
-        self.publish_event(routing_key, event, body).await
-    }
+    ) -> Result<(), PublishError>;
     /// Republishes a stored terminal event verbatim.
     async fn publish_raw_event(
         &self,
@@ -188,18 +180,6 @@ fn event_props(job_id: &str, type_name: &str) -> BasicProperties {
 #[async_trait::async_trait]
 impl ReplySink for AmqpSink {
     async fn publish_event(
-        &self,
-        routing_key: &str,
-        event: &EventV1,
-        body: &[u8],
-    ) -> Result<(), PublishError> {
-        let props = event_props(&event.job_id, event.body.type_name())
-            .with_message_id(format!("{}:{}", event.job_id, event.seq).as_str().into());
-        self.publish_confirmed(&self.topology.replies_exchange, routing_key, body, props)
-            .await
-    }
-
-    async fn publish_event_as(
         &self,
         routing_key: &str,
         event: &EventV1,

@@ -240,14 +240,11 @@ super::sql::session_store_impl!(PostgresStore, {
             return Ok(ReleaseOutcome::MoreWork);
         }
         // The epoch stays: the next claim makes it grow.
-        sqlx::query(
-            "UPDATE sessions SET lease_owner = NULL, lease_expires_at_ms = NULL, status = 'idle', \
-               updated_at_ms = $1 WHERE session_key = $2",
-        )
-        .bind(now_ms)
-        .bind(&lease.session_key)
-        .execute(&mut *tx)
-        .await?;
+        sqlx::query(super::sql::RELEASE_LEASE)
+            .bind(now_ms)
+            .bind(&lease.session_key)
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         Ok(ReleaseOutcome::Released)
     }
@@ -269,14 +266,11 @@ super::sql::session_store_impl!(PostgresStore, {
             tx.rollback().await?;
             return Ok(false);
         }
-        sqlx::query(
-            "UPDATE sessions SET lease_owner = NULL, lease_expires_at_ms = NULL, status = 'idle', \
-               updated_at_ms = $1 WHERE session_key = $2",
-        )
-        .bind(now_ms)
-        .bind(&lease.session_key)
-        .execute(&mut *tx)
-        .await?;
+        sqlx::query(super::sql::RELEASE_LEASE)
+            .bind(now_ms)
+            .bind(&lease.session_key)
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         Ok(true)
     }

@@ -11,6 +11,11 @@
 //! imports the row types. The shared store suite (`tests/it/store.rs`)
 //! runs every method on both.
 
+/// Hands a session's lease back; the epoch stays (the next claim makes it
+/// grow). Used by release, yield and abandon on both backends.
+pub(crate) const RELEASE_LEASE: &str = "UPDATE sessions SET lease_owner = NULL, \
+     lease_expires_at_ms = NULL, status = 'idle', updated_at_ms = $1 WHERE session_key = $2";
+
 macro_rules! session_store_impl {
     ($store:ty, { $($specific:tt)* }) => {
         #[async_trait::async_trait]
@@ -50,10 +55,7 @@ macro_rules! session_store_impl {
                 .bind(&lease.session_key)
                 .execute(&mut *tx)
                 .await?;
-                sqlx::query(
-                    "UPDATE sessions SET lease_owner = NULL, lease_expires_at_ms = NULL, status = 'idle', \
-                       updated_at_ms = $1 WHERE session_key = $2",
-                )
+                sqlx::query($crate::store::sql::RELEASE_LEASE)
                 .bind(now_ms)
                 .bind(&lease.session_key)
                 .execute(&mut *tx)

@@ -243,14 +243,11 @@ super::sql::session_store_impl!(SqliteStore, {
             return Ok(ReleaseOutcome::MoreWork);
         }
         // The epoch stays: the next claim makes it grow.
-        sqlx::query(
-            "UPDATE sessions SET lease_owner = NULL, lease_expires_at_ms = NULL, status = 'idle', \
-               updated_at_ms = ? WHERE session_key = ?",
-        )
-        .bind(now_ms)
-        .bind(&lease.session_key)
-        .execute(&mut *tx)
-        .await?;
+        sqlx::query(super::sql::RELEASE_LEASE)
+            .bind(now_ms)
+            .bind(&lease.session_key)
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         Ok(ReleaseOutcome::Released)
     }
@@ -271,14 +268,11 @@ super::sql::session_store_impl!(SqliteStore, {
             tx.rollback().await?;
             return Ok(false);
         }
-        sqlx::query(
-            "UPDATE sessions SET lease_owner = NULL, lease_expires_at_ms = NULL, status = 'idle', \
-               updated_at_ms = ? WHERE session_key = ?",
-        )
-        .bind(now_ms)
-        .bind(&lease.session_key)
-        .execute(&mut *tx)
-        .await?;
+        sqlx::query(super::sql::RELEASE_LEASE)
+            .bind(now_ms)
+            .bind(&lease.session_key)
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         Ok(true)
     }

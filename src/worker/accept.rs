@@ -258,7 +258,7 @@ async fn reject(
         lease_epoch: 0,
     };
     ctx.sink
-        .publish_event_as(&reply_to, &event, &bytes, &from)
+        .publish_event(&reply_to, &event, &bytes, &from)
         .await?;
     Ok(Accepted::Rejected { reason })
 }

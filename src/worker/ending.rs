@@ -117,7 +117,7 @@ pub async fn end_queued_job(
         lease_epoch,
     };
     ctx.sink
-        .publish_event_as(&reply_to, &event, &bytes, &from)
+        .publish_event(&reply_to, &event, &bytes, &from)
         .await?;
     Ok(true)
 }

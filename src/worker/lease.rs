@@ -109,7 +109,7 @@ mod tests {
     use futures_util::FutureExt;
 
     use super::*;
-    use crate::broker::publish::{PublishError, ReplySink};
+    use crate::broker::publish::{Attribution, PublishError, ReplySink};
     use crate::config::{Secret, Settings};
     use crate::protocol::{EventV1, PermissionMode, SessionMode};
     use crate::store::{JobSpec, NewJob, SessionStore};
@@ -119,7 +119,13 @@ mod tests {
 
     #[async_trait::async_trait]
     impl ReplySink for NoSink {
-        async fn publish_event(&self, _: &str, _: &EventV1, _: &[u8]) -> Result<(), PublishError> {
+        async fn publish_event(
+            &self,
+            _: &str,
+            _: &EventV1,
+            _: &[u8],
+            _: &Attribution<'_>,
+        ) -> Result<(), PublishError> {
             Ok(())
         }
         async fn publish_raw_event(&self, _: &str, _: &str, _: &[u8]) -> Result<(), PublishError> {

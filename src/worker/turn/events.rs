@@ -78,7 +78,7 @@ impl<'a> JobEvents<'a> {
         }
         self.ctx
             .sink
-            .publish_event_as(&self.reply_to, &event, &bytes, &self.attribution())
+            .publish_event(&self.reply_to, &event, &bytes, &self.attribution())
             .await?;
         self.next_seq += 1;
         Ok(())
@@ -129,7 +129,7 @@ impl<'a> JobEvents<'a> {
             let sent = self
                 .ctx
                 .sink
-                .publish_event_as(&self.reply_to, event, bytes, &from)
+                .publish_event(&self.reply_to, event, bytes, &from)
                 .await;
             let Err(e) = sent else { return };
             warn!(error = %e, job_id = %event.job_id, "publishing a terminal event failed; retrying");
