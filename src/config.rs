@@ -174,6 +174,16 @@ pub struct Profile {
     /// Extra environment for the CLI. Values are secrets (API keys live here).
     #[serde(default)]
     pub env: BTreeMap<String, Secret>,
+    /// Whether a job may `resume` or `fork` a Claude session id that
+    /// belongs to another session key. Off by default: whoever learned an
+    /// id could otherwise read that conversation by resuming it.
+    #[serde(default)]
+    pub resume_other_sessions: bool,
+    /// AMQP users allowed to use this profile (the `user_id` property,
+    /// which RabbitMQ checks against the publishing connection's user);
+    /// empty: anyone who may publish.
+    #[serde(default)]
+    pub allowed_user_ids: Vec<String>,
 }
 
 /// Options of one turn after the job's wishes were checked against its profile.

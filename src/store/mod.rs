@@ -413,6 +413,10 @@ pub trait SessionStore: Send + Sync + 'static {
     /// it (control messages reach every worker; one answers).
     async fn claim_control(&self, request_id: &str, now_ms: i64) -> Result<bool, StoreError>;
 
+    /// The session key a Claude session id belongs to: the session that
+    /// continues it now, or the one whose transcript of it is stored.
+    async fn session_key_of(&self, claude_session_id: &str) -> Result<Option<String>, StoreError>;
+
     /// Ends a job that has not started yet (status `queued`) with `status`
     /// and its terminal event; `false` if it is no longer queued.
     async fn finish_queued_job(

@@ -22,6 +22,22 @@ macro_rules! session_store_impl {
         impl SessionStore for $store {
             $($specific)*
 
+            async fn session_key_of(
+                &self,
+                claude_session_id: &str,
+            ) -> Result<Option<String>, StoreError> {
+                let key: Option<String> = sqlx::query_scalar(
+                    "SELECT session_key FROM sessions WHERE claude_session_id = $1 \
+                     UNION ALL SELECT session_key FROM transcripts WHERE claude_session_id = $2 \
+                     LIMIT 1",
+                )
+                .bind(claude_session_id)
+                .bind(claude_session_id)
+                .fetch_optional(&self.pool)
+                .await?;
+                Ok(key)
+            }
+
             // Fenced writes: `fenced` (each backend's own) begins a write
             // transaction in which the lease has been checked and is held.
 

@@ -8,7 +8,8 @@ use tracing::{info, warn};
 
 use crate::broker::publish::{Attribution, PublishError};
 use crate::protocol::{
-    self, ControlBody, ControlV1, ErrorKind, EventBody, EventV1, JobV1, OnBusy, PROTOCOL_VERSION,
+    self, ControlBody, ControlV1, ErrorKind, EventBody, EventV1, JobV1, OnBusy, SessionMode,
+    PROTOCOL_VERSION,
 };
 use crate::store::{now_ms, AcceptOutcome, JobRecord, JobSpec, JobStatus, NewJob, StoreError};
 use crate::worker::context::Context;
@@ -71,6 +72,9 @@ pub async fn accept(ctx: &Context, delivery: &Delivery) -> Result<Accepted, Acce
         Ok(o) => o,
         Err(reason) => return reject(ctx, delivery, prop_reply_to, prop_message_id, reason).await,
     };
+    if let Some(reason) = refused_by_profile(ctx, delivery, &job, &profile_name, profile).await? {
+        return reject(ctx, delivery, prop_reply_to, prop_message_id, reason).await;
+    }
     let job_id = match job.job_id.clone().or(prop_message_id.clone()) {
         Some(id) => match protocol::validate_job_id(&id) {
             Ok(()) => id,
@@ -178,6 +182,46 @@ async fn apply_on_busy(ctx: &Context, new: &NewJob) -> Result<bool, AcceptError>
             Ok(false)
         }
     }
+}
+
+/// The profile's limits on who may use it and whose conversation a job
+/// may continue. `Some(reason)` refuses the job (never naming the other
+/// session's key: it is an end-user identifier).
+async fn refused_by_profile(
+    ctx: &Context,
+    delivery: &Delivery,
+    job: &JobV1,
+    profile_name: &str,
+    profile: &crate::config::Profile,
+) -> Result<Option<String>, AcceptError> {
+    if !profile.allowed_user_ids.is_empty() {
+        let user = delivery.properties.user_id().as_ref().map(|u| u.as_str());
+        if !user.is_some_and(|u| profile.allowed_user_ids.iter().any(|a| a == u)) {
+            return Ok(Some(format!(
+                "profile `{profile_name}` is limited to certain AMQP users; this job was \
+                 published {}",
+                user.map_or("without a user_id property".to_string(), |u| format!(
+                    "as `{u}`"
+                ))
+            )));
+        }
+    }
+    let explicit = matches!(job.session.mode, SessionMode::Resume | SessionMode::Fork);
+    if let (true, false, Some(id)) = (
+        explicit,
+        profile.resume_other_sessions,
+        job.session.claude_session_id.as_deref(),
+    ) {
+        let owner = ctx.store.session_key_of(id).await?;
+        if owner.is_some_and(|k| k != job.session_key) {
+            return Ok(Some(format!(
+                "`session.claude_session_id` {id} belongs to another session key; profile \
+                 `{profile_name}` does not allow continuing other sessions \
+                 (profiles.{profile_name}.resume_other_sessions)"
+            )));
+        }
+    }
+    Ok(None)
 }
 
 fn spec_of(

@@ -17,6 +17,7 @@ mod logging;
 mod mock_selftest;
 mod pipeline;
 mod producers;
+mod profile_limits;
 mod schema;
 mod secrets;
 mod store;

@@ -107,7 +107,12 @@ pub(crate) fn conversation_seen(env: &TestEnv, prompt: &str) -> (Vec<String>, Ve
 
 async fn session_modes_stream_and_resume(backend: Backend) {
     let mut env = TestEnv::new(backend).await;
-    let worker = env.start_worker().await;
+    // This scenario resumes and forks across keys, which a profile must allow.
+    let worker = env
+        .start_worker_with(|s| {
+            s.profiles.get_mut("default").unwrap().resume_other_sessions = true;
+        })
+        .await;
     let key = "discord:guild1:chan1:user1";
 
     // A first job streams started → text… → completed with the mock's text.

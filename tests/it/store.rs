@@ -138,6 +138,7 @@ store_tests!(
     claims_go_least_recently_served_first,
     yield_hands_back_only_when_others_wait,
     transcripts_are_fenced_and_replaced,
+    claude_sessions_belong_to_their_key,
 );
 
 // ---------------------------------------------------------------- helpers
@@ -1218,4 +1219,39 @@ async fn session_permission_mode_override(ctx: Ctx) {
         .set_session_permission_mode("nope", None, 201)
         .await
         .unwrap());
+}
+
+/// Who a Claude session id belongs to: the session that continues it, or
+/// the one whose transcript of it is stored (an earlier id of the key).
+async fn claude_sessions_belong_to_their_key(ctx: Ctx) {
+    let s = ctx.open().await;
+    assert_eq!(s.session_key_of("cs-old").await.unwrap(), None);
+    accept(&s, "j1", "S", 100).await;
+    let lease = s
+        .claim_session("w1", 200, 100, None)
+        .await
+        .unwrap()
+        .unwrap();
+    let old = Transcript {
+        claude_session_id: "cs-old".into(),
+        session_key: "S".into(),
+        data: b"t".to_vec(),
+        size_bytes: 1,
+        updated_at_ms: 210,
+    };
+    s.put_transcript(&lease, &old).await.unwrap();
+    let job = s.next_job(&lease).await.unwrap().expect("j1 runs");
+    s.start_attempt(&lease, &job.job_id, 220).await.unwrap();
+    let mut done = finish("j1", JobStatus::Succeeded, 1, 230);
+    done.session_update = Some(update("cs-new", 1, 1, 0.0));
+    s.finish_job(&lease, &done).await.unwrap();
+    assert_eq!(
+        s.session_key_of("cs-new").await.unwrap().as_deref(),
+        Some("S")
+    );
+    assert_eq!(
+        s.session_key_of("cs-old").await.unwrap().as_deref(),
+        Some("S")
+    );
+    assert_eq!(s.session_key_of("cs-nobody").await.unwrap(), None);
 }
