@@ -122,13 +122,24 @@ impl Bus {
     /// Publishes a job body (any bytes) with `reply_to` = this world's key,
     /// and waits for the broker's confirm.
     pub async fn publish_raw(&self, body: &[u8], message_id: Option<&str>) {
-        let mut props = BasicProperties::default()
-            .with_content_type("application/json".into())
-            .with_reply_to(self.reply_key.as_str().into())
-            .with_delivery_mode(2);
+        let mut props = self.job_props();
         if let Some(id) = message_id {
             props = props.with_message_id(id.into());
         }
+        self.publish_with(body, props).await
+    }
+
+    /// The properties a job is published with: JSON, persistent, replies
+    /// to this world's key. Add to them for [`Bus::publish_with`].
+    pub fn job_props(&self) -> BasicProperties {
+        BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_reply_to(self.reply_key.as_str().into())
+            .with_delivery_mode(2)
+    }
+
+    /// Publishes a job body with `props`, waiting for the broker's confirm.
+    pub async fn publish_with(&self, body: &[u8], props: BasicProperties) {
         self.channel
             .basic_publish(
                 self.topology.jobs_exchange.as_str().into(),

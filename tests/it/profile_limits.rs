@@ -2,8 +2,6 @@
 //! continue, and which (broker-verified) AMQP users may use it.
 
 use claude_worker::protocol::{ErrorKind, EventBody};
-use lapin::options::BasicPublishOptions;
-use lapin::BasicProperties;
 use serde_json::{json, Value};
 
 use crate::harness::{Backend, TestEnv};
@@ -72,25 +70,13 @@ async fn publish_as(env: &TestEnv, user: Option<&str>, body: Value) -> String {
     let job_id = uuid::Uuid::new_v4().to_string();
     let mut body = body;
     body["job_id"] = json!(job_id);
-    let mut props = BasicProperties::default()
-        .with_content_type("application/json".into())
-        .with_reply_to(env.bus.reply_key.as_str().into());
+    let mut props = env.bus.job_props();
     if let Some(u) = user {
         props = props.with_user_id(u.into());
     }
     env.bus
-        .channel
-        .basic_publish(
-            env.bus.topology.jobs_exchange.as_str().into(),
-            "prompt".into(),
-            BasicPublishOptions::default(),
-            body.to_string().as_bytes(),
-            props,
-        )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
+        .publish_with(body.to_string().as_bytes(), props)
+        .await;
     job_id
 }
 

@@ -56,7 +56,9 @@ pub(super) async fn session(
 ) -> Result<(), EndError> {
     let ctx = req.ctx;
     let reason = reason.unwrap_or_else(|| DEFAULT_REASON.into());
-    ctx.running.cancel_session(&key, &reason);
+    // A turn interrupted here may end, and end its session's queued jobs,
+    // before the listing below sees them: they count as this request's.
+    let interrupted_here = ctx.running.cancel_session(&key, &reason).len();
     if !req.claim().await? {
         return Ok(());
     }
@@ -71,6 +73,7 @@ pub(super) async fn session(
     if running > 0 {
         req.rebroadcast().await?;
     }
+    let running = running.max(interrupted_here);
     let ok = queued + running > 0;
     let (outcome, message) = if ok {
         (
