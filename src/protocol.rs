@@ -1,7 +1,7 @@
 //! Wire protocol v1: the JSON messages producers publish and the events
 //! workers publish. These are the only types that cross the broker; the
 //! database has its own rows (`store`) and the driver its own messages
-//! (`drive`). docs/protocol.md and docs/schema/ describe the same shapes.
+//! (`claude`). docs/protocol.md and docs/schema/ describe the same shapes.
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
