@@ -258,8 +258,6 @@ async fn reject(
     message_id: Option<String>,
     reason: String,
 ) -> Result<Accepted, AcceptError> {
-    warn!(%reason, "invalid job dead-lettered");
-    ctx.sink.dead_letter(delivery, &reason).await?;
     // Best effort: whatever of the body is readable addresses the event.
     let body: Option<Value> = serde_json::from_slice(&delivery.data).ok();
     let field = |k: &str| {
@@ -271,17 +269,20 @@ async fn reject(
     let reply_to = reply_to
         .or_else(|| field("reply_to"))
         .filter(|r| protocol::validate_reply_to(r).is_ok());
-    let Some(reply_to) = reply_to else {
-        return Ok(Accepted::Rejected { reason });
-    };
     let job_id = field("job_id")
         .filter(|id| protocol::validate_job_id(id).is_ok())
         .or(message_id.filter(|id| protocol::validate_job_id(id).is_ok()));
-    if let Some(id) = &job_id {
-        if ctx.store.get_job(id).await?.is_some() {
-            return Ok(Accepted::Rejected { reason });
-        }
-    }
+    // Looked up before dead-lettering: if the database is down the delivery
+    // is held and retried, and must not be dead-lettered twice.
+    let id_taken = match (&reply_to, &job_id) {
+        (Some(_), Some(id)) => ctx.store.get_job(id).await?.is_some(),
+        _ => false,
+    };
+    warn!(%reason, "invalid job dead-lettered");
+    ctx.sink.dead_letter(delivery, &reason).await?;
+    let Some(reply_to) = reply_to.filter(|_| !id_taken) else {
+        return Ok(Accepted::Rejected { reason });
+    };
     let event = EventV1 {
         v: PROTOCOL_VERSION,
         job_id: job_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),

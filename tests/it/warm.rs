@@ -7,6 +7,7 @@ use claude_worker::worker::Worker;
 use claude_worker::WarmStats;
 use serde_json::{json, Value};
 
+use crate::common::world::wait_until;
 use crate::harness::{cli_pids, Backend, TestEnv};
 
 /// Runs one job to its terminal event; checks it completed with the echo
@@ -69,11 +70,6 @@ fn conversation_seen(env: &TestEnv, prompt: &str) -> (Vec<String>, Vec<String>) 
 
 fn stats(w: &Worker) -> WarmStats {
     w.context.warm.stats()
-}
-
-/// Waits (bounded) until `cond` holds: the pool's counters have no event.
-async fn wait_until(what: &str, cond: impl FnMut() -> bool) {
-    crate::common::world::wait_until(what, cond).await
 }
 
 fn alive(pid: i32) -> bool {
