@@ -292,11 +292,22 @@ pub struct SessionUpdate {
 pub struct Transcript {
     pub claude_session_id: String,
     pub session_key: String,
-    /// The gzipped JSONL.
+    /// The gzipped JSONL; empty when the transcript was too large to store
+    /// (then only its digest and size are recorded).
     pub data: Vec<u8>,
     /// Uncompressed size.
     pub size_bytes: i64,
+    /// SHA-256 (lowercase hex) of the uncompressed JSONL: the transcript's
+    /// identity. `None` for rows stored before it was recorded.
+    pub sha256: Option<String>,
     pub updated_at_ms: i64,
+}
+
+impl Transcript {
+    /// False when only the transcript's digest was recorded.
+    pub fn has_data(&self) -> bool {
+        !self.data.is_empty()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]

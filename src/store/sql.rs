@@ -126,16 +126,17 @@ macro_rules! session_store_impl {
                 }
                 let mut tx = self.fenced(lease).await?;
                 sqlx::query(
-                    "INSERT INTO transcripts (claude_session_id, session_key, data, size_bytes, updated_at_ms) \
-                     VALUES ($1, $2, $3, $4, $5) \
+                    "INSERT INTO transcripts (claude_session_id, session_key, data, size_bytes, sha256, updated_at_ms) \
+                     VALUES ($1, $2, $3, $4, $5, $6) \
                      ON CONFLICT (claude_session_id) DO UPDATE SET session_key = EXCLUDED.session_key, \
                        data = EXCLUDED.data, size_bytes = EXCLUDED.size_bytes, \
-                       updated_at_ms = EXCLUDED.updated_at_ms",
+                       sha256 = EXCLUDED.sha256, updated_at_ms = EXCLUDED.updated_at_ms",
                 )
                 .bind(&transcript.claude_session_id)
                 .bind(&transcript.session_key)
                 .bind(&transcript.data)
                 .bind(transcript.size_bytes)
+                .bind(&transcript.sha256)
                 .bind(transcript.updated_at_ms)
                 .execute(&mut *tx)
                 .await?;
@@ -205,8 +206,8 @@ macro_rules! session_store_impl {
                 &self,
                 claude_session_id: &str,
             ) -> Result<Option<Transcript>, StoreError> {
-                let row: Option<(String, String, Vec<u8>, i64, i64)> = sqlx::query_as(
-                    "SELECT claude_session_id, session_key, data, size_bytes, updated_at_ms \
+                let row: Option<(String, String, Vec<u8>, i64, Option<String>, i64)> = sqlx::query_as(
+                    "SELECT claude_session_id, session_key, data, size_bytes, sha256, updated_at_ms \
                      FROM transcripts WHERE claude_session_id = $1",
                 )
                 .bind(claude_session_id)
@@ -217,7 +218,8 @@ macro_rules! session_store_impl {
                     session_key: r.1,
                     data: r.2,
                     size_bytes: r.3,
-                    updated_at_ms: r.4,
+                    sha256: r.4,
+                    updated_at_ms: r.5,
                 }))
             }
 

@@ -24,5 +24,6 @@ mod store;
 mod submit;
 mod supervise;
 mod tidy;
+mod transcript;
 mod turn_bounds;
 mod warm;

@@ -1120,6 +1120,7 @@ async fn transcripts_are_fenced_and_replaced(ctx: Ctx) {
         session_key: "S".into(),
         data: data.to_vec(),
         size_bytes: data.len() as i64 * 10,
+        sha256: Some(format!("{:064x}", data.len())),
         updated_at_ms: at,
     };
     s.put_transcript(&l1, &t(b"one", 210)).await.unwrap();
@@ -1237,6 +1238,7 @@ async fn claude_sessions_belong_to_their_key(ctx: Ctx) {
         session_key: "S".into(),
         data: b"t".to_vec(),
         size_bytes: 1,
+        sha256: None,
         updated_at_ms: 210,
     };
     s.put_transcript(&lease, &old).await.unwrap();
