@@ -472,6 +472,11 @@ pub enum EventBody {
     Text {
         text: String,
     },
+    /// The attempt's text so far is void (the CLI restarted a cut API
+    /// stream); the `text` events that follow restate it from the start.
+    TextReset {
+        reason: String,
+    },
     ToolUse {
         name: String,
         input_summary: String,
@@ -512,6 +517,7 @@ impl EventBody {
         match self {
             EventBody::Started { .. } => "started",
             EventBody::Text { .. } => "text",
+            EventBody::TextReset { .. } => "text_reset",
             EventBody::ToolUse { .. } => "tool_use",
             EventBody::Retrying { .. } => "retrying",
             EventBody::Completed { .. } => "completed",

@@ -15,7 +15,16 @@ pub enum CliMessage {
     /// A streamed text delta of the top-level assistant.
     TextDelta {
         message_id: Option<String>,
+        /// The content block the delta belongs to.
+        index: u64,
         text: String,
+    },
+    /// The API stream of `message_id` was cut: its content blocks from
+    /// `from_block_index` on are abandoned (the CLI retries the request),
+    /// so the deltas already printed for them are void.
+    Abandoned {
+        message_id: String,
+        from_block_index: u64,
     },
     /// A complete top-level assistant message: its text (already streamed
     /// as deltas, unless the CLI fell back to a non-streaming request) and
@@ -97,12 +106,25 @@ fn system(v: &Value) -> CliMessage {
 
 fn stream_event(v: &Value) -> CliMessage {
     let ev = &v["event"];
+    if let Some(a) = v.get("abandoned_blocks").filter(|a| a.is_object()) {
+        return match (
+            str_of(a, "api_message_id"),
+            a.get("from_block_index").and_then(Value::as_u64),
+        ) {
+            (Some(message_id), Some(from_block_index)) => CliMessage::Abandoned {
+                message_id,
+                from_block_index,
+            },
+            _ => CliMessage::Other,
+        };
+    }
     if ev["type"] != "content_block_delta" || ev["delta"]["type"] != "text_delta" {
         return CliMessage::Other;
     }
     match ev["delta"]["text"].as_str() {
         Some(t) => CliMessage::TextDelta {
             message_id: str_of(v, "api_message_id"),
+            index: ev["index"].as_u64().unwrap_or(0),
             text: t.to_string(),
         },
         None => CliMessage::Other,
@@ -227,7 +249,17 @@ mod tests {
             parse_line(delta).unwrap(),
             CliMessage::TextDelta {
                 message_id: Some("m1".into()),
+                index: 0,
                 text: "Hel".into()
+            }
+        );
+        // As 2.1.330 prints it when an API stream is cut mid-answer.
+        let cut = r#"{"abandoned_blocks":{"api_message_id":"msg_1","from_block_index":1},"api_message_id":"msg_1","event":{"type":"message_stop"},"parent_tool_use_id":null,"session_id":"s","type":"stream_event"}"#;
+        assert_eq!(
+            parse_line(cut).unwrap(),
+            CliMessage::Abandoned {
+                message_id: "msg_1".into(),
+                from_block_index: 1
             }
         );
         let sub = r#"{"type":"stream_event","event":{"type":"content_block_delta","delta":{"type":"text_delta","text":"x"}},"parent_tool_use_id":"t1"}"#;

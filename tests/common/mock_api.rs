@@ -58,6 +58,10 @@ pub enum Behavior {
     /// `CLAUDE_CODE_MAX_RETRIES=0`; that retry consumes the next behaviour.
     /// (For a non-streaming request, Disconnect sends the head and aborts.)
     Disconnect,
+    /// Stream the first `after` of `text`'s 4 chunks as `text_delta`s, then
+    /// drop the connection mid-body: a stream cut part-way through the
+    /// answer. (A non-streaming request is dropped after the head.)
+    Cut { text: String, after: usize },
     /// Answer with a single `tool_use` block (`stop_reason: "tool_use"`).
     /// The CLI runs the tool and sends a follow-up request, answered like
     /// any other request (script, then default).
@@ -82,6 +86,13 @@ impl Behavior {
 
     pub fn hold(text: impl Into<String>) -> Behavior {
         Behavior::Hold { text: text.into() }
+    }
+
+    pub fn cut(text: impl Into<String>, after: usize) -> Behavior {
+        Behavior::Cut {
+            text: text.into(),
+            after,
+        }
     }
 
     pub fn tool_use(name: &str, input: Value) -> Behavior {
@@ -604,6 +615,10 @@ async fn handle(
             }
         }
         Behavior::Disconnect => Plan::Disconnect,
+        Behavior::Cut { .. } if !streaming => Plan::Disconnect,
+        Behavior::Cut { text, after } => Plan::Cut {
+            chunks: split_chunks(&text, 4).into_iter().take(after).collect(),
+        },
         Behavior::ToolUse { name, input } => Plan::ToolUse { name, input },
     };
 
@@ -656,7 +671,7 @@ async fn respond_whole(
         idx,
     };
     let (content, stop_reason, output_tokens) = match plan {
-        Plan::Disconnect => {
+        Plan::Disconnect | Plan::Cut { .. } => {
             // Send the head, then abort the body.
             let stream = futures_util::stream::once(async move {
                 let _guard = guard;
@@ -722,6 +737,10 @@ enum Plan {
         hold_after: Option<usize>,
     },
     Disconnect,
+    /// Text deltas, then a dropped connection.
+    Cut {
+        chunks: Vec<String>,
+    },
     ToolUse {
         name: String,
         input: Value,
@@ -758,6 +777,27 @@ async fn produce(
             let _ = tx.send(Err(std::io::Error::new(
                 std::io::ErrorKind::ConnectionAborted,
                 "mock: disconnect",
+            )));
+            return;
+        }
+        Plan::Cut { chunks } => {
+            let _ = send(sse(
+                "content_block_start",
+                json!({"type": "content_block_start", "index": 0,
+                       "content_block": {"type": "text", "text": ""}}),
+            )) && chunks.iter().all(|chunk| {
+                send(sse(
+                    "content_block_delta",
+                    json!({"type": "content_block_delta", "index": 0,
+                           "delta": {"type": "text_delta", "text": chunk}}),
+                ))
+            });
+            // The stream stalls, then dies: the deltas reach the client
+            // first, as they do when a real connection is cut.
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            let _ = tx.send(Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionAborted,
+                "mock: cut mid-stream",
             )));
             return;
         }

@@ -424,6 +424,15 @@ impl Renderer {
                     self.write(&format!("{line}\n"));
                 }
             }
+            EventBody::TextReset { .. } => {
+                if self.live {
+                    self.break_line();
+                    eprintln!("[the API stream was cut: the answer is restated below]");
+                } else {
+                    self.held.clear();
+                    self.at_line_start = true;
+                }
+            }
             EventBody::Retrying {
                 next_attempt,
                 reason,

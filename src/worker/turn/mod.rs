@@ -17,6 +17,7 @@ mod events;
 mod outcome;
 mod prepare;
 pub(crate) mod retry;
+mod spoken;
 
 use std::time::Duration;
 
