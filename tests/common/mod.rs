@@ -6,5 +6,6 @@
 
 pub mod broker_node;
 pub mod mock_api;
+pub mod pg_node;
 pub mod support;
 pub mod world;

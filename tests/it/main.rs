@@ -16,6 +16,7 @@ mod fleet;
 mod harness;
 mod logging;
 mod mock_selftest;
+mod pg_restart;
 mod pipeline;
 mod producers;
 mod profile_limits;
