@@ -442,6 +442,18 @@ pub trait SessionStore: Send + Sync + 'static {
 
     /// Sets or clears the session's permission-mode override; `false` if
     /// the key is unknown.
+    /// Records that the terminal event of `job_id` reached the broker.
+    async fn mark_terminal_published(&self, job_id: &str, now_ms: i64) -> Result<(), StoreError>;
+
+    /// Jobs finished before `finished_before_ms` whose terminal event is not
+    /// known to have reached the broker (the worker died or stopped between
+    /// committing the outcome and publishing it), oldest first.
+    async fn unpublished_terminals(
+        &self,
+        finished_before_ms: i64,
+        limit: i64,
+    ) -> Result<Vec<JobRecord>, StoreError>;
+
     async fn set_session_permission_mode(
         &self,
         session_key: &str,

@@ -311,6 +311,35 @@ macro_rules! session_store_impl {
                 Ok(done.rows_affected() == 1)
             }
 
+            async fn mark_terminal_published(&self, job_id: &str, now_ms: i64) -> Result<(), StoreError> {
+                sqlx::query(
+                    "UPDATE jobs SET terminal_published_at_ms = $1 \
+                     WHERE job_id = $2 AND terminal_published_at_ms IS NULL",
+                )
+                .bind(now_ms)
+                .bind(job_id)
+                .execute(&self.pool)
+                .await?;
+                Ok(())
+            }
+
+            async fn unpublished_terminals(
+                &self,
+                finished_before_ms: i64,
+                limit: i64,
+            ) -> Result<Vec<JobRecord>, StoreError> {
+                let rows: Vec<JobRow> = sqlx::query_as(&format!(
+                    "SELECT {JOB_COLUMNS} FROM jobs WHERE terminal_event IS NOT NULL \
+                       AND terminal_published_at_ms IS NULL AND finished_at_ms < $1 \
+                     ORDER BY finished_at_ms LIMIT $2"
+                ))
+                .bind(finished_before_ms)
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?;
+                rows.into_iter().map(JobRecord::try_from).collect()
+            }
+
             async fn set_session_permission_mode(
                 &self,
                 session_key: &str,

@@ -112,6 +112,7 @@ pub async fn accept(ctx: &Context, delivery: &Delivery) -> Result<Accepted, Acce
                 ctx.sink
                     .publish_raw_event(&key, &job_id, event.as_bytes())
                     .await?;
+                crate::worker::outbox::mark_published(ctx, &job_id).await;
             }
             Ok(Accepted::Duplicate { job_id })
         }

@@ -133,4 +133,7 @@ pub struct Hooks {
     /// Called on the session's task when an attempt of a job has started
     /// (the job is `running`), before the CLI is.
     pub on_attempt: Option<JobHook>,
+    /// Skip publishing terminal events after their outcome is recorded: a
+    /// worker dying in that window, without killing it.
+    pub skip_terminal_publish: bool,
 }

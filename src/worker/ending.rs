@@ -119,5 +119,6 @@ pub async fn end_queued_job(
     ctx.sink
         .publish_event(&reply_to, &event, &bytes, &from)
         .await?;
+    crate::worker::outbox::mark_published(ctx, &job.job_id).await;
     Ok(true)
 }

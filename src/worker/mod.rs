@@ -18,6 +18,7 @@ pub use context::{Hooks, JobHook};
 pub(crate) mod control;
 pub(crate) mod ending;
 pub(crate) mod lease;
+pub(crate) mod outbox;
 pub(crate) mod running;
 pub(crate) mod schedule;
 mod supervise;
@@ -273,6 +274,7 @@ async fn run(ctx: Arc<Context>, broker: Broker, shutdown: CancellationToken) -> 
     tasks.spawn("broker watch", async move {
         let _ = watch.await;
     });
+    tasks.spawn("outbox", outbox::run(Arc::clone(&ctx), shutdown.clone()));
     tasks.spawn(
         "warm reaper",
         Arc::clone(&ctx.warm).run_reaper(shutdown.clone()),
@@ -303,6 +305,7 @@ async fn run(ctx: Arc<Context>, broker: Broker, shutdown: CancellationToken) -> 
     tasks.join("control consumer", STOP_STEP_BOUND).await;
     tasks.join("warm reaper", STOP_STEP_BOUND).await;
     tasks.join("broker watch", STOP_STEP_BOUND).await;
+    tasks.join("outbox", STOP_STEP_BOUND).await;
     // No turn runs now: close the warm CLI processes (gracefully, so their
     // transcripts are complete) before the worker ends.
     ctx.warm.close_all().await;

@@ -139,6 +139,7 @@ store_tests!(
     yield_hands_back_only_when_others_wait,
     transcripts_are_fenced_and_replaced,
     claude_sessions_belong_to_their_key,
+    unpublished_terminals_until_marked,
 );
 
 // ---------------------------------------------------------------- helpers
@@ -1256,4 +1257,59 @@ async fn claude_sessions_belong_to_their_key(ctx: Ctx) {
         Some("S")
     );
     assert_eq!(s.session_key_of("cs-nobody").await.unwrap(), None);
+}
+
+/// The terminal-event outbox: finished jobs are listed until their event is
+/// marked published, oldest first, only past the cut-off; queued jobs never.
+async fn unpublished_terminals_until_marked(ctx: Ctx) {
+    let s = ctx.open().await;
+    for (i, id) in ["j1", "j2", "j3"].iter().enumerate() {
+        accept(&s, id, "S", 100 + i as i64).await;
+    }
+    let lease = s
+        .claim_session("w1", 200, 1_000, None)
+        .await
+        .unwrap()
+        .unwrap();
+    for (id, at) in [("j1", 300), ("j2", 400)] {
+        let job = s.next_job(&lease).await.unwrap().unwrap();
+        assert_eq!(job.job_id, id);
+        s.start_attempt(&lease, id, at - 10).await.unwrap();
+        s.finish_job(&lease, &finish(id, JobStatus::Succeeded, 1, at))
+            .await
+            .unwrap();
+    }
+    let ids = |jobs: Vec<claude_worker::store::JobRecord>| -> Vec<String> {
+        jobs.into_iter().map(|j| j.job_id).collect()
+    };
+    assert_eq!(
+        ids(s.unpublished_terminals(1_000, 10).await.unwrap()),
+        ["j1", "j2"]
+    );
+    assert_eq!(ids(s.unpublished_terminals(350, 10).await.unwrap()), ["j1"]);
+    assert_eq!(
+        ids(s.unpublished_terminals(1_000, 1).await.unwrap()),
+        ["j1"]
+    );
+    let listed = s.unpublished_terminals(1_000, 10).await.unwrap();
+    assert_eq!(
+        listed[0].terminal_event.as_deref(),
+        Some(
+            finish("j1", JobStatus::Succeeded, 1, 300)
+                .terminal_event
+                .as_str()
+        )
+    );
+    s.mark_terminal_published("j1", 500).await.unwrap();
+    s.mark_terminal_published("j1", 600).await.unwrap();
+    assert_eq!(
+        ids(s.unpublished_terminals(1_000, 10).await.unwrap()),
+        ["j2"]
+    );
+    s.mark_terminal_published("j2", 500).await.unwrap();
+    assert!(s
+        .unpublished_terminals(i64::MAX, 10)
+        .await
+        .unwrap()
+        .is_empty());
 }

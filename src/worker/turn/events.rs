@@ -123,6 +123,9 @@ impl<'a> JobEvents<'a> {
     /// The outcome is already recorded, so the terminal event must get out:
     /// keep trying through broker outages until it does or the worker stops.
     async fn publish_terminal(&self, event: &EventV1, bytes: &[u8]) {
+        if self.ctx.hooks.skip_terminal_publish {
+            return;
+        }
         let from = self.attribution();
         let mut delay = Duration::from_millis(200);
         loop {
@@ -131,13 +134,16 @@ impl<'a> JobEvents<'a> {
                 .sink
                 .publish_event(&self.reply_to, event, bytes, &from)
                 .await;
-            let Err(e) = sent else { return };
+            let Err(e) = sent else {
+                crate::worker::outbox::mark_published(self.ctx, &event.job_id).await;
+                return;
+            };
             warn!(error = %e, job_id = %event.job_id, "publishing a terminal event failed; retrying");
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
                 _ = self.stop.kill.cancelled() => {
                     warn!(job_id = %event.job_id, "terminal event not published before shutdown; \
-                          re-publishing the job with the same job_id returns it");
+                          a worker's outbox sweep publishes it later");
                     return;
                 }
             }
