@@ -12,7 +12,7 @@ use tempfile::TempDir;
 use tokio::process::Command;
 
 /// How long a node may take to boot, stop or start its app.
-const NODE_WAIT: Duration = Duration::from_secs(60);
+const NODE_WAIT: Duration = Duration::from_secs(120);
 
 /// Where the RabbitMQ server scripts are: `$RABBITMQ_BIN_DIR`, else the
 /// Debian package's (run directly: the `/usr/sbin` wrappers switch to the

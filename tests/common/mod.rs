@@ -7,5 +7,7 @@
 pub mod broker_node;
 pub mod mock_api;
 pub mod pg_node;
+pub mod storm;
 pub mod support;
+pub mod tap;
 pub mod world;

@@ -13,134 +13,28 @@ use claude_worker::client::JobTracker;
 use claude_worker::config::Secret;
 use claude_worker::protocol::{EventBody, EventV1};
 use claude_worker::worker::Worker;
-use futures_util::StreamExt;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions,
-    QueueBindOptions, QueueDeclareOptions,
-};
-use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use lapin::Channel;
 use serde_json::{json, Value};
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::common::broker_node::BrokerNode;
+use crate::common::tap::{producer, publish, tap, Seen};
 use crate::harness::{Backend, TestEnv, WAIT};
 use crate::mock_api::Behavior;
 
 const REPLY_KEY: &str = "restart.replies";
 
-/// What the tap saw: a reply body and its `x-lease-epoch` header.
-type Seen = (Value, Option<i64>);
-
-/// Consumes a durable queue bound to the replies exchange, reconnecting
-/// after the broker comes back; acks after forwarding, so a delivery cut
-/// by the restart comes again (the reader dedups on job and seq).
-fn tap(url: String, topo: Topology, queue: String) -> mpsc::UnboundedReceiver<Seen> {
-    let (tx, rx) = mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        while !tx.is_closed() {
-            if let Err(e) = tap_once(&url, &topo, &queue, &tx).await {
-                tracing::debug!(error = %e, "tap: reconnecting");
-            }
-            // Pace reconnection attempts while the broker is down.
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    });
-    rx
-}
-
-async fn tap_once(
-    url: &str,
-    topo: &Topology,
-    queue: &str,
-    tx: &mpsc::UnboundedSender<Seen>,
-) -> Result<(), lapin::Error> {
-    let conn = Connection::connect(url, ConnectionProperties::default()).await?;
-    let ch = conn.create_channel().await?;
-    topo.declare(&ch).await?;
-    let durable = QueueDeclareOptions {
-        durable: true,
-        ..Default::default()
-    };
-    ch.queue_declare(queue.into(), durable, FieldTable::default())
-        .await?;
-    ch.queue_bind(
-        queue.into(),
-        topo.replies_exchange.as_str().into(),
-        "#".into(),
-        QueueBindOptions::default(),
-        FieldTable::default(),
-    )
-    .await?;
-    let mut consumer = ch
-        .basic_consume(
-            queue.into(),
-            "tap".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    while let Some(d) = consumer.next().await {
-        let d = d?;
-        let raw: Value = serde_json::from_slice(&d.data).expect("replies are JSON");
-        let epoch = match d
-            .properties
-            .headers()
-            .as_ref()
-            .and_then(|h| h.inner().get("x-lease-epoch").cloned())
-        {
-            Some(AMQPValue::LongLongInt(n)) => Some(n),
-            _ => None,
-        };
-        let _ = tx.send((raw, epoch));
-        d.ack(BasicAckOptions::default()).await?;
-    }
-    Ok(())
-}
-
-/// A producer connection (the test's), made after the broker is up.
-async fn producer(url: &str, topo: &Topology) -> Channel {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let attempt = async {
-            let conn = Connection::connect(url, ConnectionProperties::default()).await?;
-            let ch = conn.create_channel().await?;
-            ch.confirm_select(ConfirmSelectOptions::default()).await?;
-            topo.declare(&ch).await?;
-            Ok::<_, lapin::Error>(ch)
-        };
-        match attempt.await {
-            Ok(ch) => return ch,
-            Err(e) => assert!(Instant::now() < deadline, "no producer connection: {e}"),
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-async fn publish(ch: &Channel, exchange: &str, key: &str, body: &Value) {
-    let props = BasicProperties::default()
-        .with_content_type("application/json".into())
-        .with_reply_to(REPLY_KEY.into())
-        .with_delivery_mode(2)
-        .with_message_id(uuid::Uuid::new_v4().to_string().into());
-    ch.basic_publish(
-        exchange.into(),
-        key.into(),
-        BasicPublishOptions::default(),
-        body.to_string().as_bytes(),
-        props,
-    )
-    .await
-    .expect("publish")
-    .await
-    .expect("confirm");
-}
-
 async fn publish_job(ch: &Channel, topo: &Topology, key: &str, prompt: &str) -> String {
     let job_id = uuid::Uuid::new_v4().to_string();
     let body = json!({"v": 1, "job_id": job_id, "session_key": key, "prompt": prompt});
-    publish(ch, &topo.jobs_exchange, &topo.jobs_routing_key, &body).await;
+    publish(
+        ch,
+        &topo.jobs_exchange,
+        &topo.jobs_routing_key,
+        REPLY_KEY,
+        &body,
+    )
+    .await;
     job_id
 }
 
@@ -266,7 +160,7 @@ async fn restart_scenario(publish_timeout_ms: u64, outage: Duration) -> Vec<Stri
     env.mock.wait_for_held(5, WAIT).await;
     let request_id = uuid::Uuid::new_v4().to_string();
     let cancel = json!({"v": 1, "type": "cancel", "job_id": cancelled, "request_id": request_id});
-    publish(&ch, &topo.control_exchange, "", &cancel).await;
+    publish(&ch, &topo.control_exchange, "", REPLY_KEY, &cancel).await;
 
     let mut seen = Observed::default();
     let deadline = Instant::now() + Duration::from_secs(120);

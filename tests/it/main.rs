@@ -23,6 +23,7 @@ mod profile_limits;
 mod schema;
 mod secrets;
 mod store;
+mod storm;
 mod submit;
 mod supervise;
 mod tidy;
