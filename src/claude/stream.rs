@@ -50,8 +50,17 @@ pub struct TurnResult {
     pub session_id: Option<String>,
     pub api_error_status: Option<u64>,
     pub errors: Vec<String>,
+    /// Token usage of this turn (the CLI's figures are per turn).
     pub usage: Value,
+    /// The CLI's running total for the Claude session (see `claude::cost`):
+    /// not what the turn cost.
     pub total_cost_usd: f64,
+    /// The CLI's own per-turn figure, when it states one
+    /// (`model_usage_since_last_result`).
+    pub per_turn_cost_usd: Option<f64>,
+    /// What this turn cost: set by the process's `CostMeter` (from
+    /// `per_turn_cost_usd`, else from the running totals).
+    pub turn_cost_usd: f64,
     pub duration_ms: u64,
     pub num_turns: u32,
 }
@@ -172,6 +181,8 @@ fn result(v: &Value) -> TurnResult {
             .get("total_cost_usd")
             .and_then(Value::as_f64)
             .unwrap_or(0.0),
+        per_turn_cost_usd: super::cost::per_turn_cost(v),
+        turn_cost_usd: 0.0,
         duration_ms: v.get("duration_ms").and_then(Value::as_u64).unwrap_or(0),
         num_turns: v.get("num_turns").and_then(Value::as_u64).unwrap_or(0) as u32,
     }

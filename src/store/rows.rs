@@ -5,7 +5,7 @@
 use super::{JobRecord, JobSpec, JobStatus, SessionRecord, SessionStatus, StoreError};
 
 pub(crate) const JOB_COLUMNS: &str = "job_id, session_key, job_order, status, attempts, next_seq, \
-     spec, error, terminal_event, created_at_ms, started_at_ms, finished_at_ms";
+     spec, error, terminal_event, created_at_ms, started_at_ms, finished_at_ms, cost_usd";
 
 pub(crate) const SESSION_COLUMNS: &str = "session_key, claude_session_id, profile, status, cwd, \
      model, created_at_ms, updated_at_ms, last_job_id, turns, input_tokens, output_tokens, \
@@ -25,6 +25,7 @@ pub(crate) struct JobRow {
     created_at_ms: i64,
     started_at_ms: Option<i64>,
     finished_at_ms: Option<i64>,
+    cost_usd: f64,
 }
 
 impl TryFrom<JobRow> for JobRecord {
@@ -52,6 +53,7 @@ impl TryFrom<JobRow> for JobRecord {
             created_at_ms: r.created_at_ms,
             started_at_ms: r.started_at_ms,
             finished_at_ms: r.finished_at_ms,
+            cost_usd: r.cost_usd,
         })
     }
 }

@@ -10,6 +10,7 @@ pub(crate) use common::{mock_api, support};
 
 mod bad_input;
 mod broker_recovery;
+mod budget;
 mod control;
 mod fleet;
 mod harness;
