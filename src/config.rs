@@ -571,6 +571,82 @@ mod tests {
     }
 
     #[test]
+    fn a_job_may_only_narrow_the_turn_cost_cap() {
+        let mut s = Settings::from_toml_overrides("").unwrap();
+        let p = s.profiles.get_mut("discord").unwrap();
+        let ask = |usd| JobOptions {
+            max_budget_usd: Some(usd),
+            ..Default::default()
+        };
+        // No profile cap: any positive cap narrows "unlimited".
+        assert_eq!(
+            p.resolve("discord", &ask(3.0)).unwrap().max_budget_usd,
+            Some(3.0)
+        );
+        assert_eq!(
+            p.resolve("discord", &JobOptions::default())
+                .unwrap()
+                .max_budget_usd,
+            None
+        );
+        p.budget.turn_usd = Some(0.5);
+        assert_eq!(
+            p.resolve("discord", &JobOptions::default())
+                .unwrap()
+                .max_budget_usd,
+            Some(0.5)
+        );
+        assert_eq!(
+            p.resolve("discord", &ask(0.25)).unwrap().max_budget_usd,
+            Some(0.25)
+        );
+        let err = p.resolve("discord", &ask(0.75)).unwrap_err();
+        assert!(err.contains("per-turn cap of 0.5"), "{err}");
+    }
+
+    #[test]
+    fn budget_settings_are_validated_with_actionable_messages() {
+        let err = Settings::from_toml_overrides("[profiles.default.budget]\nsession_usd = 0")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("profiles.default.budget.session_usd must be a number of USD above 0"),
+            "{err}"
+        );
+        let err = Settings::from_toml_overrides(
+            "[profiles.default.budget]\nidentity_usd = 1.0\nidentity_window_secs = 5",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("identity_window_secs must be at least 60"),
+            "{err}"
+        );
+        let err = Settings::from_toml_overrides(
+            "[profiles.default]\nmodel = \"sonnet\"\nfallback_model = \"sonnet\"",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("fallback_model \"sonnet\" must be a model name other than"),
+            "{err}"
+        );
+        let err = Settings::from_toml_overrides("[profiles.default.budget]\noverrun = \"later\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("later"), "{err}");
+        let ok = Settings::from_toml_overrides(
+            "[profiles.discord.budget]\nturn_usd = 0.5\nsession_usd = 5.0\nidentity_usd = 2.0\noverrun = \"stop\"",
+        )
+        .unwrap();
+        let b = &ok.profiles["discord"].budget;
+        assert_eq!(
+            (b.identity_window_secs, b.overrun),
+            (86_400, BudgetOverrun::Stop)
+        );
+    }
+
+    #[test]
     fn secrets_do_not_print() {
         let s = Secret::new("postgres://u:hunter2@h/db");
         assert!(!format!("{s:?}").contains("hunter2"));

@@ -356,3 +356,49 @@ async fn an_identity_budget_holds_across_sessions_and_workers() {
     w2.wait().await.unwrap();
     env.cleanup().await;
 }
+
+/// The profile's `fallback_model` reaches the CLI: with the main model
+/// overloaded (three 529s; the CLI's own retries on for this profile), the
+/// turn is answered by the fallback, and its cost is the fallback's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_profiles_fallback_model_answers_when_the_main_one_is_overloaded() {
+    let mut env = env_with_usage(Backend::Sqlite).await;
+    let worker = env
+        .start_worker_with(|s| {
+            let p = s.profiles.get_mut("default").unwrap();
+            p.fallback_model = Some("claude-haiku-4-5".into());
+            let retries = claude_worker::config::Secret::new("3");
+            p.env.insert("CLAUDE_CODE_MAX_RETRIES".into(), retries);
+        })
+        .await;
+    for _ in 0..3 {
+        env.mock.push_behavior_for(
+            "fb",
+            crate::mock_api::Behavior::status(529, "overloaded_error", "Overloaded"),
+        );
+    }
+    let (cost, _, _) = completed(&mut env, "cost:fallback", "[[mock:fb]] hello", json!({})).await;
+    let models: Vec<String> = env
+        .mock
+        .requests_for("fb")
+        .iter()
+        .map(|r| r.body["model"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(
+        models.last().map(String::as_str),
+        Some("claude-haiku-4-5"),
+        "{models:?}"
+    );
+    assert!(
+        models[..models.len() - 1].iter().all(|m| m == MODEL),
+        "{models:?}"
+    );
+    // Haiku 4.5's list prices.
+    assert!(
+        close(cost, USAGE.cost_usd((1.0, 5.0, 1.25, 0.10))),
+        "{cost}"
+    );
+    worker.shutdown();
+    worker.wait().await.unwrap();
+    env.cleanup().await;
+}
