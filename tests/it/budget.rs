@@ -402,3 +402,46 @@ async fn a_profiles_fallback_model_answers_when_the_main_one_is_overloaded() {
     worker.wait().await.unwrap();
     env.cleanup().await;
 }
+
+/// A turn cancelled mid-answer still cost something (the CLI counts a call
+/// cut mid-response, estimating its output): the session's cost and the
+/// job's include it, and the next turn's cost is its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_turns_cost_counts_for_its_session() {
+    let mut env = env_with_usage(Backend::Sqlite).await;
+    let worker = env.start_worker().await;
+    let key = "cost:cancel";
+    env.mock
+        .push_behavior_for("held", crate::mock_api::Behavior::hold("a long answer"));
+    let mut extra = json!({});
+    extra["options"]["model"] = json!(MODEL);
+    let job = env.publish_job(key, "[[mock:held]] go", extra).await;
+    env.mock.wait_for_held(1, crate::harness::WAIT).await;
+    env.publish_control(json!({"v": 1, "type": "cancel", "job_id": job}))
+        .await;
+    let ev = env.events_until_terminal(&job).await;
+    assert!(
+        matches!(ev.last().unwrap().body, EventBody::Cancelled { .. }),
+        "{ev:#?}"
+    );
+    let store = store_of(&env).await;
+    let cancelled = store.get_job(&job).await.unwrap().unwrap().cost_usd;
+    // Input and cache tokens are known when the answer starts; output is estimated.
+    let input_only = Usage {
+        output_tokens: 0,
+        ..USAGE
+    }
+    .cost_usd(SONNET_PRICES);
+    assert!(
+        cancelled >= input_only - 1e-9 && cancelled < 2.0 * per_answer(),
+        "{cancelled}"
+    );
+    let (cost, sum, _) = completed(&mut env, key, "after the cancel", json!({})).await;
+    assert!(close(cost, per_answer()), "{cost}");
+    assert!(close(sum, cancelled + per_answer()), "{sum} {cancelled}");
+    let session = store.get_session(key).await.unwrap().unwrap();
+    assert!(close(session.cost_usd, sum));
+    worker.shutdown();
+    worker.wait().await.unwrap();
+    env.cleanup().await;
+}
