@@ -6,3 +6,7 @@ ALTER TABLE jobs ADD COLUMN cost_usd DOUBLE PRECISION NOT NULL DEFAULT 0;
 ALTER TABLE jobs ADD COLUMN identity TEXT;
 CREATE INDEX jobs_identity_finished_idx ON jobs (identity, finished_at_ms)
     WHERE identity IS NOT NULL;
+-- Context use after the session's last completed turn: input plus cache
+-- tokens of its last API call, and the model's window (when the CLI says).
+ALTER TABLE sessions ADD COLUMN context_tokens BIGINT;
+ALTER TABLE sessions ADD COLUMN context_window BIGINT;

@@ -21,7 +21,7 @@ use std::path::PathBuf;
 
 use serde_json::Value;
 
-use super::stream::TurnResult;
+use super::stream::{call_context, context_window, ContextUse, TurnResult};
 
 /// Sum of `costUSD` over the models of `model_usage_since_last_result`;
 /// `None` when the result does not carry it.
@@ -72,6 +72,8 @@ pub(crate) struct CostMeter {
     restored_from: Option<PathBuf>,
     /// Per-turn costs of results not yet taken (see [`CostMeter::take`]).
     unclaimed: f64,
+    /// The context of the current turn's latest top-level API call, and its model.
+    last_call: Option<(u64, Option<String>)>,
 }
 
 impl CostMeter {
@@ -84,8 +86,20 @@ impl CostMeter {
         }
     }
 
-    /// Sets `result.turn_cost_usd` and remembers the running total.
-    pub fn on_result(&mut self, result: &mut TurnResult) {
+    /// Notes the context an assistant message's API call used.
+    pub fn observe(&mut self, line: &Value) {
+        if let Some(call) = call_context(line) {
+            self.last_call = Some(call);
+        }
+    }
+
+    /// Sets `result.turn_cost_usd` and `result.context` (from the raw
+    /// result `line`) and remembers the running total.
+    pub fn on_result(&mut self, result: &mut TurnResult, line: &Value) {
+        result.context = self.last_call.take().map(|(tokens, model)| ContextUse {
+            tokens,
+            window: context_window(line, model.as_deref()),
+        });
         let total = result.total_cost_usd.max(0.0);
         let cost = match result.per_turn_cost_usd {
             Some(c) => c,
@@ -124,13 +138,17 @@ mod tests {
     use crate::claude::stream::{parse_line, CliMessage};
 
     fn result(total: f64, since_last: Option<f64>) -> TurnResult {
+        result_and_line(total, since_last).0
+    }
+
+    fn result_and_line(total: f64, since_last: Option<f64>) -> (TurnResult, Value) {
         let mut v = serde_json::json!({"type": "result", "subtype": "success", "total_cost_usd": total,
             "usage": {"input_tokens": 1}});
         if let Some(c) = since_last {
             v["model_usage_since_last_result"] = serde_json::json!({"claude-sonnet-4-5": {"costUSD": c}, "claude-haiku-4-5": {"costUSD": 0.0}});
         }
         match parse_line(&v.to_string()).unwrap() {
-            CliMessage::Result(r) => r,
+            CliMessage::Result(r) => (r, v),
             other => panic!("{other:?}"),
         }
     }
@@ -139,7 +157,7 @@ mod tests {
     fn the_clis_per_turn_figure_wins() {
         let mut meter = CostMeter::default();
         let mut r = result(0.30, Some(0.05));
-        meter.on_result(&mut r);
+        meter.on_result(&mut r, &Value::Null);
         assert_eq!(r.turn_cost_usd, 0.05);
         assert_eq!(r.total_cost_usd, 0.30, "the running total is kept as is");
         assert_eq!(meter.take(), 0.05);
@@ -164,7 +182,7 @@ mod tests {
             .iter()
             .map(|t| {
                 let mut r = result(*t, None);
-                meter.on_result(&mut r);
+                meter.on_result(&mut r, &Value::Null);
                 (r.turn_cost_usd * 1e6).round() / 1e6
             })
             .collect();
@@ -172,7 +190,7 @@ mod tests {
         // A restore that did not happen (the total starts over): all new.
         let mut meter = CostMeter::new(Some(dir.path().join("t.jsonl")));
         let mut r = result(0.03, None);
-        meter.on_result(&mut r);
+        meter.on_result(&mut r, &Value::Null);
         assert_eq!(r.turn_cost_usd, 0.03);
     }
 }

@@ -23,7 +23,7 @@ use tokio::sync::mpsc;
 use super::command::{cli_args, cli_env, user_message_line, SpawnError, TurnRequest};
 use super::cost::CostMeter;
 use super::paths::{ensure_transcript, transcript_path};
-use super::stream::{parse_line, truncate_chars, CliMessage};
+use super::stream::{parse_value, truncate_chars, CliMessage};
 use crate::config::{ClaudeSettings, Profile};
 
 /// How much of the CLI's stderr is kept for error messages.
@@ -48,7 +48,7 @@ pub struct CliProcess {
     stdout: Lines<BufReader<ChildStdout>>,
     stderr: Arc<Mutex<VecDeque<u8>>>,
     stderr_task: Option<tokio::task::JoinHandle<()>>,
-    /// Per-turn costs of its results (see `claude::cost`).
+    /// Per-turn costs and context use of its results (see `claude::cost`).
     cost: CostMeter,
 }
 
@@ -178,12 +178,8 @@ impl CliProcess {
                     if line.trim().is_empty() {
                         continue;
                     }
-                    match parse_line(&line) {
-                        Ok(CliMessage::Result(mut r)) => {
-                            self.cost.on_result(&mut r);
-                            return Some(CliMessage::Result(r));
-                        }
-                        Ok(msg) => return Some(msg),
+                    match serde_json::from_str::<Value>(&line) {
+                        Ok(v) => return Some(self.message(&v)),
                         Err(_) => {
                             tracing::debug!(line = %truncate_chars(&line, 300), "non-JSON line from the CLI");
                         }
@@ -195,6 +191,18 @@ impl CliProcess {
                     return None;
                 }
             }
+        }
+    }
+
+    /// One stdout message; a result gets its turn's cost and context use.
+    fn message(&mut self, v: &Value) -> CliMessage {
+        self.cost.observe(v);
+        match parse_value(v) {
+            CliMessage::Result(mut r) => {
+                self.cost.on_result(&mut r, v);
+                CliMessage::Result(r)
+            }
+            msg => msg,
         }
     }
 

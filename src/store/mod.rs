@@ -255,6 +255,10 @@ pub struct SessionRecord {
     pub lease_expires_at_ms: Option<i64>,
     /// Set at runtime by `set_permission_mode`; applies to later turns.
     pub permission_mode: Option<PermissionMode>,
+    /// Context the last completed turn's last API call used (input plus
+    /// cache tokens), and the model's window.
+    pub context_tokens: Option<i64>,
+    pub context_window: Option<i64>,
 }
 
 /// Proof of holding a session's lease. `epoch` only grows; every fenced
@@ -293,6 +297,9 @@ pub struct SessionUpdate {
     /// This turn's tokens (the CLI's `usage` is per turn).
     pub input_tokens: i64,
     pub output_tokens: i64,
+    /// The session's context use after this turn, if the CLI said.
+    pub context_tokens: Option<i64>,
+    pub context_window: Option<i64>,
 }
 
 /// A session's transcript as stored in the database: the CLI's JSONL file,

@@ -184,14 +184,18 @@ macro_rules! session_store_impl {
                 if let Some(u) = &finish.session_update {
                     sqlx::query(
                         "UPDATE sessions SET claude_session_id = $1, cwd = $2, model = $3, turns = turns + 1, \
-                           input_tokens = input_tokens + $4, output_tokens = output_tokens + $5 \
-                         WHERE session_key = $6",
+                           input_tokens = input_tokens + $4, output_tokens = output_tokens + $5, \
+                           context_tokens = COALESCE($6, context_tokens), \
+                           context_window = COALESCE($7, context_window) \
+                         WHERE session_key = $8",
                     )
                     .bind(&u.claude_session_id)
                     .bind(&u.cwd)
                     .bind(&u.model)
                     .bind(u.input_tokens)
                     .bind(u.output_tokens)
+                    .bind(u.context_tokens)
+                    .bind(u.context_window)
                     .bind(&lease.session_key)
                     .execute(&mut *tx)
                     .await?;

@@ -168,6 +168,11 @@ async fn cost_is_per_turn_across_warm_cold_replaced_forked_and_moved_turns() {
         .unwrap();
     assert!(close(session.cost_usd, 7.0 * one), "{}", session.cost_usd);
     assert_eq!((session.turns, session.input_tokens), (7, 7000));
+    // Context use: input plus cache tokens of the last call, of sonnet's window.
+    assert_eq!(
+        (session.context_tokens, session.context_window),
+        (Some(1500), Some(200_000))
+    );
     env.cleanup().await;
 }
 

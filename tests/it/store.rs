@@ -200,6 +200,8 @@ fn update(claude_session_id: &str, input: i64, output: i64) -> SessionUpdate {
         model: Some("opus".to_string()),
         input_tokens: input,
         output_tokens: output,
+        context_tokens: Some(input),
+        context_window: None,
     }
 }
 
@@ -713,6 +715,7 @@ async fn finish_updates_counters_only_with_session_update(ctx: Ctx) {
         (1, 10, 20)
     );
     assert!((sess.cost_usd - 0.5).abs() < 1e-9);
+    assert_eq!((sess.context_tokens, sess.context_window), (Some(10), None));
     assert_eq!(sess.last_job_id.as_deref(), Some("j1"));
     assert_eq!(sess.updated_at_ms, 1_020);
     assert_eq!(sess.status, SessionStatus::Active, "still held");
@@ -753,6 +756,7 @@ async fn finish_updates_counters_only_with_session_update(ctx: Ctx) {
         (2, 15, 26)
     );
     assert!((sess.cost_usd - 0.875).abs() < 1e-9);
+    assert_eq!(sess.context_tokens, Some(5), "the last turn's context");
 
     // Per-identity spend over a window: the jobs that finished in it.
     let spend = |who: &'static str, since: i64| {

@@ -143,6 +143,8 @@ fn session_json(s: &SessionRecord) -> Value {
         "input_tokens": s.input_tokens,
         "output_tokens": s.output_tokens,
         "cost_usd": s.cost_usd,
+        "context_tokens": s.context_tokens,
+        "context_window": s.context_window,
         "created_at_ms": s.created_at_ms,
         "updated_at_ms": s.updated_at_ms,
         "last_job_id": s.last_job_id,
@@ -222,6 +224,15 @@ fn print_session(s: &SessionRecord, jobs: &[JobRecord]) {
     );
     // The sum of its turns' costs (failed and cancelled ones included).
     println!("cost               ${:.4}", s.cost_usd);
+    if let Some(tokens) = s.context_tokens {
+        match s.context_window.filter(|w| *w > 0) {
+            Some(w) => println!(
+                "context            {tokens} / {w} tokens ({:.1}%)",
+                tokens as f64 * 100.0 / w as f64
+            ),
+            None => println!("context            {tokens} tokens"),
+        }
+    }
     println!("created            {}", fmt_time(s.created_at_ms));
     println!("last activity      {}", fmt_time(s.updated_at_ms));
     if let Some(owner) = &s.lease_owner {

@@ -11,6 +11,7 @@ use super::events::JobEvents;
 use super::prepare::Prepared;
 use super::retry::AttemptFailure;
 use super::{TurnAbort, EXIT_GRACE};
+use crate::claude::stream::ContextUse;
 use crate::claude::warm::WarmProcess;
 use crate::claude::{CliProcess, TurnResult};
 use crate::protocol::EventBody;
@@ -68,7 +69,7 @@ pub(super) async fn record(
             debug!(reason = %reason.text, "the cancel reason");
             // The interrupted turn is in the transcript: the key keeps it.
             let update =
-                init.map(|i| session_update(&prepared, i.session_id, i.model, &Value::Null));
+                init.map(|i| session_update(&prepared, i.session_id, i.model, &Value::Null, None));
             cancelled(events, reason, update).await
         }
     }
@@ -93,7 +94,7 @@ async fn completed(
     let model = init.and_then(|i| i.model);
     let update = claude_session_id
         .clone()
-        .map(|id| session_update(prepared, id, model, &result.usage));
+        .map(|id| session_update(prepared, id, model, &result.usage, result.context));
     if let Some(id) = &claude_session_id {
         transcript::save(ctx, lease, &prepared.profile, &prepared.cwd, id).await?;
     }
@@ -158,6 +159,7 @@ fn session_update(
     claude_session_id: String,
     model: Option<String>,
     usage: &Value,
+    context: Option<ContextUse>,
 ) -> SessionUpdate {
     let tokens = |k: &str| usage.get(k).and_then(Value::as_i64).unwrap_or(0);
     SessionUpdate {
@@ -166,6 +168,8 @@ fn session_update(
         model,
         input_tokens: tokens("input_tokens"),
         output_tokens: tokens("output_tokens"),
+        context_tokens: context.map(|c| c.tokens as i64),
+        context_window: context.and_then(|c| c.window).map(|w| w as i64),
     }
 }
 

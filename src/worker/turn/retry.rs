@@ -119,6 +119,7 @@ mod tests {
             usage: serde_json::Value::Null,
             total_cost_usd: 0.0,
             per_turn_cost_usd: None,
+            context: None,
             turn_cost_usd: 0.0,
             duration_ms: 0,
             num_turns: 0,
