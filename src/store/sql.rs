@@ -154,14 +154,17 @@ macro_rules! session_store_impl {
                 let next_seq = seq_to_db(finish.next_seq)?;
                 let mut tx = self.fenced(lease).await?;
                 let done = sqlx::query(
-                    "UPDATE jobs SET status = $1, error = $2, terminal_event = $3, next_seq = $4, finished_at_ms = $5 \
-                     WHERE job_id = $6 AND session_key = $7",
+                    "UPDATE jobs SET status = $1, error = $2, terminal_event = $3, next_seq = $4, finished_at_ms = $5, \
+                       cost_usd = cost_usd + $6, identity = $7 \
+                     WHERE job_id = $8 AND session_key = $9",
                 )
                 .bind(finish.status.as_str())
                 .bind(&finish.error)
                 .bind(&finish.terminal_event)
                 .bind(next_seq)
                 .bind(finish.now_ms)
+                .bind(finish.cost_usd)
+                .bind(&finish.identity)
                 .bind(&finish.job_id)
                 .bind(&lease.session_key)
                 .execute(&mut *tx)
@@ -169,34 +172,34 @@ macro_rules! session_store_impl {
                 if done.rows_affected() == 0 {
                     return Err(not_in_session(&finish.job_id, lease));
                 }
-                match &finish.session_update {
-                    Some(u) => {
-                        sqlx::query(
-                            "UPDATE sessions SET last_job_id = $1, updated_at_ms = $2, claude_session_id = $3, \
-                               cwd = $4, model = $5, turns = turns + 1, input_tokens = input_tokens + $6, \
-                               output_tokens = output_tokens + $7, cost_usd = cost_usd + $8 \
-                             WHERE session_key = $9",
-                        )
-                        .bind(&finish.job_id)
-                        .bind(finish.now_ms)
-                        .bind(&u.claude_session_id)
-                        .bind(&u.cwd)
-                        .bind(&u.model)
-                        .bind(u.input_tokens)
-                        .bind(u.output_tokens)
-                        .bind(u.cost_usd)
-                        .bind(&lease.session_key)
-                        .execute(&mut *tx)
-                        .await?;
-                    }
-                    None => {
-                        sqlx::query("UPDATE sessions SET last_job_id = $1, updated_at_ms = $2 WHERE session_key = $3")
-                            .bind(&finish.job_id)
-                            .bind(finish.now_ms)
-                            .bind(&lease.session_key)
-                            .execute(&mut *tx)
-                            .await?;
-                    }
+                sqlx::query(
+                    "UPDATE sessions SET last_job_id = $1, updated_at_ms = $2, cost_usd = cost_usd + $3 \
+                     WHERE session_key = $4",
+                )
+                .bind(&finish.job_id)
+                .bind(finish.now_ms)
+                .bind(finish.cost_usd)
+                .bind(&lease.session_key)
+                .execute(&mut *tx)
+                .await?;
+                if let Some(u) = &finish.session_update {
+                    sqlx::query(
+                        "UPDATE sessions SET claude_session_id = $1, cwd = $2, model = $3, turns = turns + 1, \
+                           input_tokens = input_tokens + $4, output_tokens = output_tokens + $5, \
+                           context_tokens = COALESCE($6, context_tokens), \
+                           context_window = COALESCE($7, context_window) \
+                         WHERE session_key = $8",
+                    )
+                    .bind(&u.claude_session_id)
+                    .bind(&u.cwd)
+                    .bind(&u.model)
+                    .bind(u.input_tokens)
+                    .bind(u.output_tokens)
+                    .bind(u.context_tokens)
+                    .bind(u.context_window)
+                    .bind(&lease.session_key)
+                    .execute(&mut *tx)
+                    .await?;
                 }
                 tx.commit().await?;
                 Ok(())
@@ -221,6 +224,17 @@ macro_rules! session_store_impl {
                     sha256: r.4,
                     updated_at_ms: r.5,
                 }))
+            }
+
+            async fn identity_spend(&self, identity: &str, since_ms: i64) -> Result<f64, StoreError> {
+                let spent: Option<f64> = sqlx::query_scalar(
+                    "SELECT SUM(cost_usd) FROM jobs WHERE identity = $1 AND finished_at_ms >= $2",
+                )
+                .bind(identity)
+                .bind(since_ms)
+                .fetch_one(&self.pool)
+                .await?;
+                Ok(spent.unwrap_or(0.0))
             }
 
             async fn get_job(&self, job_id: &str) -> Result<Option<JobRecord>, StoreError> {

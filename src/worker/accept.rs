@@ -245,6 +245,8 @@ fn spec_of(
             .unwrap_or_else(|| Value::Object(Default::default())),
         reply_to,
         on_busy: options.on_busy,
+        max_budget_usd: options.max_budget_usd,
+        identity: job.identity.clone(),
     }
 }
 

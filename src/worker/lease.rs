@@ -174,6 +174,8 @@ mod tests {
             metadata: serde_json::json!({}),
             reply_to: None,
             on_busy: Default::default(),
+            max_budget_usd: None,
+            identity: None,
         };
         let job = NewJob {
             job_id: "j".into(),

@@ -399,6 +399,49 @@ fn corpus() -> Vec<Case> {
             d(true),
             "model",
         ),
+        // Budgets.
+        c(
+            "max_budget_usd 0",
+            with(json!({"options": {"max_budget_usd": 0}})),
+            d(true),
+            "max_budget_usd",
+        ),
+        c(
+            "max_budget_usd -1",
+            with(json!({"options": {"max_budget_usd": -1.5}})),
+            d(true),
+            "max_budget_usd",
+        ),
+        c(
+            "max_budget_usd a string",
+            with(json!({"options": {"max_budget_usd": "1"}})),
+            d(true),
+            "invalid type",
+        ),
+        c(
+            "an empty identity",
+            with(json!({"identity": ""})),
+            d(true),
+            "identity",
+        ),
+        c(
+            "a blank identity",
+            with(json!({"identity": " \t "})),
+            d(true),
+            "identity",
+        ),
+        c(
+            "identity of 256 chars",
+            with(json!({"identity": "i".repeat(256)})),
+            d(true),
+            "identity",
+        ),
+        c(
+            "identity a number",
+            with(json!({"identity": 7})),
+            d(true),
+            "invalid type",
+        ),
     ]
 }
 
@@ -415,6 +458,10 @@ fn good_bodies() -> Vec<Value> {
         json!({"v": 1, "job_id": "a.b:c-d_e", "session_key": "k", "prompt": "p", "reply_to": "r",
                "profile": "default", "session": {"mode": "fork"},
                "options": {"model": "sonnet", "max_turns": 1, "permission_mode": "plan", "on_busy": "reject"}}),
+        json!({"v": 1, "session_key": "k", "prompt": "p", "identity": "discord:user:1",
+               "options": {"max_budget_usd": 0.25}}),
+        json!({"v": 1, "session_key": "k", "prompt": "p", "identity": null,
+               "options": {"max_budget_usd": null}}),
     ]
 }
 
@@ -535,6 +582,8 @@ fn field_value() -> impl Strategy<Value = Value> {
         Just(json!("new")),
         Just(json!("plan")),
         Just(json!("enqueue")),
+        Just(json!(0.25)),
+        Just(json!(-0.5)),
         "[a-z:._-]{1,12}".prop_map(Value::from),
         "[ -~]{0,20}".prop_map(Value::from),
         (0u64..300).prop_map(Value::from),
@@ -549,6 +598,7 @@ fn nested_field() -> impl Strategy<Value = Value> {
         "max_turns",
         "permission_mode",
         "on_busy",
+        "max_budget_usd",
         "x",
     ]);
     prop_oneof![
@@ -569,6 +619,7 @@ fn job_body() -> impl Strategy<Value = Value> {
         "profile",
         "metadata",
         "reply_to",
+        "identity",
         "session",
         "options",
         "extra",

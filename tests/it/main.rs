@@ -11,6 +11,7 @@ pub(crate) use common::{mock_api, support};
 mod bad_input;
 mod broker_recovery;
 mod broker_restart;
+mod budget;
 mod control;
 mod fleet;
 mod harness;

@@ -76,6 +76,7 @@ impl CliRun {
                 }
                 Input::Cancel => {
                     let graceful = self.proc.interrupt(INTERRUPT_GRACE).await;
+                    events.spent_usd += self.proc.take_cost();
                     debug!(graceful, "turn interrupted");
                     let init = self.init;
                     return Ok(RunEnd::Attempt(AttemptEnd::Cancelled { init }));
@@ -90,7 +91,8 @@ impl CliRun {
             }
             match msg {
                 Some(CliMessage::Result(result)) => {
-                    return Ok(self.on_result(prepared, result).await)
+                    events.spent_usd += self.proc.take_cost();
+                    return Ok(self.on_result(prepared, result).await);
                 }
                 None => return Ok(self.on_exit().await),
                 Some(m) => self.on_message(ctx, prepared, events, m).await?,

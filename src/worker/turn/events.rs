@@ -27,6 +27,9 @@ pub(super) struct JobEvents<'a> {
     pub attempt: u32,
     /// This job in the worker's registry of running turns (cancel, control).
     pub turn: TurnRegistration,
+    /// What the job's turns cost so far (every CLI result, every attempt).
+    pub spent_usd: f64,
+    identity: Option<String>,
 }
 
 impl<'a> JobEvents<'a> {
@@ -46,6 +49,8 @@ impl<'a> JobEvents<'a> {
             next_seq: job.next_seq,
             attempt: job.attempts,
             turn: ctx.running.register(&job.job_id, &job.session_key),
+            spent_usd: 0.0,
+            identity: spec.identity.clone(),
         }
     }
 
@@ -105,6 +110,8 @@ impl<'a> JobEvents<'a> {
             terminal_event: String::from_utf8(bytes.clone()).expect("JSON is UTF-8"),
             next_seq: self.next_seq + 1,
             session_update,
+            cost_usd: self.spent_usd,
+            identity: self.identity.clone(),
             now_ms: now_ms(),
         };
         self.ctx.store.finish_job(self.lease, &finish).await?;
