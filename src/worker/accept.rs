@@ -304,6 +304,7 @@ async fn reject(
     let from = Attribution {
         worker_id: &ctx.worker_id,
         lease_epoch: 0,
+        fence: None,
     };
     ctx.sink
         .publish_event(&reply_to, &event, &bytes, &from)

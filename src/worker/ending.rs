@@ -115,6 +115,7 @@ pub async fn end_queued_job(
     let from = Attribution {
         worker_id: &ctx.worker_id,
         lease_epoch,
+        fence: None,
     };
     ctx.sink
         .publish_event(&reply_to, &event, &bytes, &from)

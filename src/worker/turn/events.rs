@@ -8,7 +8,7 @@ use serde_json::Value;
 use tracing::warn;
 
 use super::{Stop, TurnAbort};
-use crate::broker::publish::Attribution;
+use crate::broker::publish::{Attribution, PublishError};
 use crate::protocol::{EventBody, EventV1, PROTOCOL_VERSION};
 use crate::store::{now_ms, JobFinish, JobRecord, JobStatus, Lease, SessionUpdate};
 use crate::worker::context::Context;
@@ -78,13 +78,24 @@ impl<'a> JobEvents<'a> {
             .store
             .record_seq(self.lease, &self.job_id, self.next_seq + 1)
             .await?;
-        if !self.stop.lease_fresh() {
+        let still_held = || !self.stop.lease_lost.is_cancelled() && self.stop.lease_fresh();
+        if !still_held() {
             return Err(TurnAbort::LeaseLost);
         }
-        self.ctx
+        // Checked again once the channel is ours, right before the frame.
+        let from = Attribution {
+            fence: Some(&still_held),
+            ..self.attribution()
+        };
+        match self
+            .ctx
             .sink
-            .publish_event(&self.reply_to, &event, &bytes, &self.attribution())
-            .await?;
+            .publish_event(&self.reply_to, &event, &bytes, &from)
+            .await
+        {
+            Err(PublishError::Fenced) => return Err(TurnAbort::LeaseLost),
+            sent => sent?,
+        }
         self.next_seq += 1;
         Ok(())
     }
@@ -124,6 +135,7 @@ impl<'a> JobEvents<'a> {
         Attribution {
             worker_id: &self.ctx.worker_id,
             lease_epoch: self.lease.epoch,
+            fence: None,
         }
     }
 
