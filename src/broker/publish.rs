@@ -242,8 +242,14 @@ impl ReplySink for AmqpSink {
         if let Some(seq) = parsed["seq"].as_u64() {
             props = props.with_message_id(format!("{job_id}:{seq}").as_str().into());
         }
-        self.publish_confirmed(&self.topology.replies_exchange, routing_key, body, props, None)
-            .await
+        self.publish_confirmed(
+            &self.topology.replies_exchange,
+            routing_key,
+            body,
+            props,
+            None,
+        )
+        .await
     }
 
     async fn publish_control_result(
@@ -253,8 +259,14 @@ impl ReplySink for AmqpSink {
         body: &[u8],
     ) -> Result<(), PublishError> {
         let props = event_props(request_id, "control_result");
-        self.publish_confirmed(&self.topology.replies_exchange, routing_key, body, props, None)
-            .await
+        self.publish_confirmed(
+            &self.topology.replies_exchange,
+            routing_key,
+            body,
+            props,
+            None,
+        )
+        .await
     }
 
     async fn publish_control(

@@ -315,7 +315,7 @@ impl Faults {
         while !done.load(Ordering::SeqCst) {
             tokio::time::sleep(Duration::from_millis(500)).await;
             tick += 1;
-            if tick % 8 == 0 {
+            if tick.is_multiple_of(8) {
                 let pids: Vec<i32> = markers.iter().flat_map(|m| cli_pids(m)).collect();
                 if !pids.is_empty() {
                     let pid = pids[rand::rng().random_range(0..pids.len())];
@@ -324,7 +324,7 @@ impl Faults {
                     self.cli_kills.fetch_add(1, Ordering::SeqCst);
                 }
             }
-            if tick % 14 == 0 {
+            if tick.is_multiple_of(14) {
                 for _ in 0..4 {
                     mock.push_behavior(Behavior::status(529, "overloaded_error", "Overloaded"));
                 }
