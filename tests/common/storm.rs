@@ -50,6 +50,8 @@ pub struct StormReport {
     pub workers: usize,
     pub completed: usize,
     pub failed: BTreeMap<String, usize>,
+    /// The messages of the first few failed jobs.
+    pub failure_samples: Vec<String>,
     /// Jobs with no terminal event by the deadline.
     pub lost: usize,
     /// Jobs with two different terminal events.
@@ -107,6 +109,9 @@ impl fmt::Display for StormReport {
             "  outcome: {} completed, failed {:?}; {} lost, {} conflicting terminals, {} duplicate terminal deliveries (deduped)",
             self.completed, self.failed, self.lost, self.conflicting_terminals, self.duplicate_deliveries
         )?;
+        for sample in &self.failure_samples {
+            writeln!(f, "    failed: {sample}")?;
+        }
         write!(
             f,
             "  reader: {} stale events arrived, {} delivered; {} text mismatches; {} text_reset, {} retrying events; {} order violations",
@@ -483,8 +488,14 @@ fn judge(jobs: &[Job], arrived: &HashMap<String, Vec<(EventV1, Option<i64>)>>) -
                     r.text_mismatches += 1;
                 }
             }
-            Some(EventBody::Failed { error, .. }) => {
+            Some(EventBody::Failed { error, message, .. }) => {
                 *r.failed.entry(format!("{error:?}")).or_default() += 1;
+                if r.failure_samples.len() < 5 {
+                    r.failure_samples.push(format!(
+                        "attempt {}: {message}",
+                        events.last().map_or(0, |(e, _)| e.attempt)
+                    ));
+                }
             }
             Some(other) => *r.failed.entry(other.type_name().to_string()).or_default() += 1,
         }
@@ -523,7 +534,10 @@ async fn stop_workers(slots: &Arc<Mutex<Vec<Slot>>>) {
         s.signal(libc::SIGTERM);
     }
     for s in &mut slots {
-        if tokio::time::timeout(Duration::from_secs(30), s.child.wait()).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(30), s.child.wait())
+            .await
+            .is_err()
+        {
             let _ = s.child.kill().await;
         }
     }
