@@ -189,7 +189,11 @@ impl Client {
     /// [`Client::publish_job`] with `reply_to` = `reply_key` instead of this
     /// client's own key: for a service whose events go to a durable queue
     /// of its own ([`ReplyConsumer`]).
-    pub async fn publish_job_to(&self, job: &JobV1, reply_key: &str) -> Result<String, ClientError> {
+    pub async fn publish_job_to(
+        &self,
+        job: &JobV1,
+        reply_key: &str,
+    ) -> Result<String, ClientError> {
         crate::protocol::validate_reply_to(reply_key).map_err(|e| ClientError::Invalid(e.0))?;
         let mut job = job.clone();
         let job_id = job
@@ -370,7 +374,9 @@ pub struct Ack(lapin::Acker);
 impl Ack {
     /// The message is handled: the broker forgets it.
     pub async fn ack(&self) -> Result<(), ClientError> {
-        self.0.ack(lapin::options::BasicAckOptions::default()).await?;
+        self.0
+            .ack(lapin::options::BasicAckOptions::default())
+            .await?;
         Ok(())
     }
 }
@@ -433,7 +439,10 @@ impl ReplyConsumer {
     /// The next message and its [`Ack`], or `None` if none arrives within
     /// `timeout`. Unacked messages go back to the queue when the
     /// connection closes.
-    pub async fn recv(&mut self, timeout: Duration) -> Result<Option<(Incoming, Ack)>, ClientError> {
+    pub async fn recv(
+        &mut self,
+        timeout: Duration,
+    ) -> Result<Option<(Incoming, Ack)>, ClientError> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let next = match tokio::time::timeout_at(deadline, self.consumer.next()).await {

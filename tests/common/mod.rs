@@ -4,6 +4,7 @@
 // Each includer uses a different part of it.
 #![allow(dead_code)]
 
+pub mod fake_discord;
 pub mod mock_api;
 pub mod support;
 pub mod world;

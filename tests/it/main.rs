@@ -18,6 +18,7 @@ mod mock_selftest;
 mod pipeline;
 mod producers;
 mod profile_limits;
+mod relay;
 mod schema;
 mod secrets;
 mod store;

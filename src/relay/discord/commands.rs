@@ -22,10 +22,17 @@ const CONTROL_WAIT: Duration = Duration::from_secs(5);
 
 /// The commands registered at start-up.
 pub fn definitions() -> Vec<Command> {
-    let modes: Vec<_> = ["plan", "dontAsk", "default", "acceptEdits", "auto", "bypassPermissions"]
-        .iter()
-        .map(|m| json!({"name": m, "value": m}))
-        .collect();
+    let modes: Vec<_> = [
+        "plan",
+        "dontAsk",
+        "default",
+        "acceptEdits",
+        "auto",
+        "bypassPermissions",
+    ]
+    .iter()
+    .map(|m| json!({"name": m, "value": m}))
+    .collect();
     let defs = json!([
         {"name": "reset", "description": "Start a new conversation with your next message", "type": 1, "version": "1", "default_member_permissions": null},
         {"name": "stop", "description": "Stop the answer in progress", "type": 1, "version": "1", "default_member_permissions": null},
@@ -40,9 +47,15 @@ pub fn definitions() -> Vec<Command> {
 /// Registers the commands (bulk overwrite), globally or in one guild.
 pub async fn register(shared: &Shared, app: Id<ApplicationMarker>) {
     let defs = definitions();
-    match shared.rest.register(app, shared.settings.commands_guild, &defs).await {
+    match shared
+        .rest
+        .register(app, shared.settings.commands_guild, &defs)
+        .await
+    {
         Ok(()) => tracing::info!(count = defs.len(), "slash commands registered"),
-        Err(e) => tracing::warn!(error = %e, "could not register slash commands; text commands still work"),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not register slash commands; text commands still work")
+        }
     }
 }
 
@@ -111,7 +124,10 @@ pub async fn on_interaction(shared: &Arc<Shared>, me: Me, i: Interaction) {
 pub async fn run_text(shared: &Shared, key: &str, cmd: TextCommand) -> String {
     match cmd {
         TextCommand::Reset => {
-            lock(&shared.sessions).entry(key.to_string()).or_default().reset_next = true;
+            lock(&shared.sessions)
+                .entry(key.to_string())
+                .or_default()
+                .reset_next = true;
             "🆕 Your next message starts a new conversation.".into()
         }
         TextCommand::Status => status(shared, key),
@@ -125,7 +141,8 @@ pub async fn run_text(shared: &Shared, key: &str, cmd: TextCommand) -> String {
         }
         TextCommand::Mode(mode) => {
             let Ok(mode) = serde_json::from_value::<PermissionMode>(json!(mode)) else {
-                return "Modes: plan, dontAsk, default, acceptEdits, auto, bypassPermissions.".into();
+                return "Modes: plan, dontAsk, default, acceptEdits, auto, bypassPermissions."
+                    .into();
             };
             let body = ControlBody::SetPermissionMode {
                 session_key: key.to_string(),
@@ -140,7 +157,11 @@ fn status(shared: &Shared, key: &str) -> String {
     let sessions = lock(&shared.sessions);
     let s = sessions.get(key).cloned().unwrap_or_default();
     let session = s.claude_session_id.as_deref().unwrap_or("none yet");
-    let reset = if s.reset_next { " (next message starts a new one)" } else { "" };
+    let reset = if s.reset_next {
+        " (next message starts a new one)"
+    } else {
+        ""
+    };
     format!(
         "Session `{session}`{reset}\nTurns: {} · Cost: ${:.4} · Profile: `{}` · Queued or running: {}",
         s.turns,

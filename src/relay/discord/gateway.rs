@@ -56,8 +56,9 @@ impl Gateway {
     /// token, disallowed intents) ends the relay.
     pub async fn run(self) -> Result<(), RelayError> {
         let mut shard = self.shard();
-        let wanted =
-            EventTypeFlags::READY | EventTypeFlags::MESSAGE_CREATE | EventTypeFlags::INTERACTION_CREATE;
+        let wanted = EventTypeFlags::READY
+            | EventTypeFlags::MESSAGE_CREATE
+            | EventTypeFlags::INTERACTION_CREATE;
         loop {
             let item = tokio::select! {
                 _ = self.shared.shutdown.cancelled() => return Ok(()),
@@ -135,7 +136,11 @@ async fn on_message(shared: &Arc<Shared>, me: Me, msg: &Message) {
         Verdict::Command(cmd) => {
             let key = session_key_of(shared, &facts);
             let answer = commands::run_text(shared, &key, cmd).await;
-            if let Err(e) = shared.rest.create(msg.channel_id, &answer, Some(msg.id)).await {
+            if let Err(e) = shared
+                .rest
+                .create(msg.channel_id, &answer, Some(msg.id))
+                .await
+            {
                 tracing::warn!(error = %e, "could not answer a text command");
             }
         }
@@ -170,18 +175,39 @@ async fn reply_channel(shared: &Shared, msg: &Message, prompt: &str, in_thread: 
 }
 
 /// Placeholder, then the job (whose metadata names the placeholder).
-async fn submit(shared: &Arc<Shared>, msg: &Message, facts: &Facts<'_>, prompt: String, in_thread: bool) {
+async fn submit(
+    shared: &Arc<Shared>,
+    msg: &Message,
+    facts: &Facts<'_>,
+    prompt: String,
+    in_thread: bool,
+) {
     let channel = reply_channel(shared, msg, &prompt, in_thread).await;
-    let key = route::session_key(shared.settings.scope, facts.guild_id, channel, facts.author_id);
+    let key = route::session_key(
+        shared.settings.scope,
+        facts.guild_id,
+        channel,
+        facts.author_id,
+    );
     let (busy, mode) = {
         let mut sessions = lock(&shared.sessions);
         let s = sessions.entry(key.clone()).or_default();
-        let mode = if std::mem::take(&mut s.reset_next) { SessionMode::New } else { SessionMode::Continue };
+        let mode = if std::mem::take(&mut s.reset_next) {
+            SessionMode::New
+        } else {
+            SessionMode::Continue
+        };
         (!s.open_jobs.is_empty(), mode)
     };
     let waiting = busy || shared.publisher.jobs_consumer_count().await.unwrap_or(1) == 0;
-    let first = if waiting { render::QUEUED } else { render::PLACEHOLDER };
-    let Some(channel_id) = Id::new_checked(channel) else { return };
+    let first = if waiting {
+        render::QUEUED
+    } else {
+        render::PLACEHOLDER
+    };
+    let Some(channel_id) = Id::new_checked(channel) else {
+        return;
+    };
     let reply_to = (channel == msg.channel_id.get()).then_some(msg.id);
     let placeholder = match shared.rest.create(channel_id, first, reply_to).await {
         Ok(id) => id,
@@ -202,17 +228,35 @@ async fn submit(shared: &Arc<Shared>, msg: &Message, facts: &Facts<'_>, prompt: 
         job_id: Some(job_id.clone()),
         session_key: key.clone(),
         prompt,
-        session: SessionSpec { mode, ..Default::default() },
+        session: SessionSpec {
+            mode,
+            ..Default::default()
+        },
         profile: Some(shared.settings.profile.clone()),
         options: Default::default(),
         metadata: Some(meta.to_metadata()),
         reply_to: None,
     };
-    lock(&shared.sessions).entry(key).or_default().open_jobs.insert(job_id.clone());
+    lock(&shared.sessions)
+        .entry(key)
+        .or_default()
+        .open_jobs
+        .insert(job_id.clone());
     // The reply task starts now, so typing shows while the job waits.
     let _ = shared.reply_task(&job_id, &meta);
-    if let Err(e) = shared.publisher.publish_job_to(&job, &shared.settings.reply_key()).await {
+    if let Err(e) = shared
+        .publisher
+        .publish_job_to(&job, &shared.settings.reply_key())
+        .await
+    {
         tracing::warn!(job_id = %job_id, error = %e, "could not publish a job");
-        let _ = shared.rest.edit(channel_id, placeholder, "⚠️ Could not queue this message; try again.").await;
+        let _ = shared
+            .rest
+            .edit(
+                channel_id,
+                placeholder,
+                "⚠️ Could not queue this message; try again.",
+            )
+            .await;
     }
 }

@@ -96,7 +96,11 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl Shared {
     /// The reply task of `job_id`, started if there is none.
-    pub fn reply_task(self: &Arc<Self>, job_id: &str, meta: &ReplyMeta) -> mpsc::UnboundedSender<reply::Input> {
+    pub fn reply_task(
+        self: &Arc<Self>,
+        job_id: &str,
+        meta: &ReplyMeta,
+    ) -> mpsc::UnboundedSender<reply::Input> {
         let mut replies = lock(&self.replies);
         replies.retain(|_, tx| !tx.is_closed());
         if let Some(tx) = replies.get(job_id) {
@@ -181,7 +185,12 @@ impl Relay {
         let (tx, ended) = mpsc::channel(2);
         let gw = gateway::Gateway::new(Arc::clone(&shared), token);
         supervise(&shared, tx.clone(), "gateway", gw.run());
-        supervise(&shared, tx, "events", consume(Arc::clone(&shared), consumer));
+        supervise(
+            &shared,
+            tx,
+            "events",
+            consume(Arc::clone(&shared), consumer),
+        );
         Ok(Relay { shared, ended })
     }
 
@@ -199,7 +208,9 @@ impl Relay {
         };
         self.stop().await;
         match first {
-            Some(Ok(name)) if !self.shared.shutdown.is_cancelled() => Err(RelayError::TaskEnded(name)),
+            Some(Ok(name)) if !self.shared.shutdown.is_cancelled() => {
+                Err(RelayError::TaskEnded(name))
+            }
             Some(Err(e)) => Err(e),
             _ => Ok(()),
         }
@@ -248,7 +259,10 @@ async fn consume(shared: Arc<Shared>, mut consumer: ReplyConsumer) -> Result<(),
             Ok(None) => continue,
             Err(e) => break Err(RelayError::Broker(e)),
         };
-        let Incoming::Event { event, lease_epoch, .. } = incoming else {
+        let Incoming::Event {
+            event, lease_epoch, ..
+        } = incoming
+        else {
             let _ = ack.ack().await;
             continue;
         };

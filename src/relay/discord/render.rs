@@ -220,7 +220,9 @@ pub fn final_messages(result: &str, footer: Option<&str>) -> Vec<String> {
 /// A failure in a few words a Discord user can act on.
 pub fn failure(kind: ErrorKind) -> &'static str {
     match kind {
-        ErrorKind::Busy => "⚠️ Still answering your previous message; send this again when it is done.",
+        ErrorKind::Busy => {
+            "⚠️ Still answering your previous message; send this again when it is done."
+        }
         ErrorKind::InvalidInput => "⚠️ That request could not be run (invalid input).",
         ErrorKind::Auth => "⚠️ The Claude API refused the worker's credentials. Tell the operator.",
         ErrorKind::Api => "⚠️ The Claude API failed; try again in a moment.",
@@ -321,7 +323,11 @@ mod tests {
         assert_eq!(chunks.len(), 3);
         for c in &chunks {
             assert!(chars(c) <= 2000);
-            assert!(c.ends_with(' '), "cut inside a word: {:?}", &c[c.len() - 10..]);
+            assert!(
+                c.ends_with(' '),
+                "cut inside a word: {:?}",
+                &c[c.len() - 10..]
+            );
         }
         assert_eq!(chunks.concat(), text);
     }
@@ -427,7 +433,10 @@ mod tests {
         let mut t = Throttle::new(Duration::from_secs(1));
         assert_eq!(t.next_at(t0), t0);
         t.sent(t0);
-        assert_eq!(t.next_at(t0 + Duration::from_millis(300)), t0 + Duration::from_secs(1));
+        assert_eq!(
+            t.next_at(t0 + Duration::from_millis(300)),
+            t0 + Duration::from_secs(1)
+        );
         let later = t0 + Duration::from_secs(2);
         assert_eq!(t.next_at(later), later);
     }

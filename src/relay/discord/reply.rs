@@ -48,8 +48,16 @@ struct Reply {
 
 /// Follows one job until its terminal event (or shutdown, which leaves
 /// unapplied events unacked for the next relay).
-pub async fn run(shared: std::sync::Arc<Shared>, job_id: String, meta: ReplyMeta, mut rx: mpsc::UnboundedReceiver<Input>) {
-    let (Some(channel), Some(message)) = (Id::new_checked(meta.channel_id), Id::new_checked(meta.message_id)) else {
+pub async fn run(
+    shared: std::sync::Arc<Shared>,
+    job_id: String,
+    meta: ReplyMeta,
+    mut rx: mpsc::UnboundedReceiver<Input>,
+) {
+    let (Some(channel), Some(message)) = (
+        Id::new_checked(meta.channel_id),
+        Id::new_checked(meta.message_id),
+    ) else {
         return;
     };
     let mut r = Reply {
@@ -64,7 +72,8 @@ pub async fn run(shared: std::sync::Arc<Shared>, job_id: String, meta: ReplyMeta
         heard: false,
         gone: false,
     };
-    let mut typing = tokio::time::interval(Duration::from_millis(shared.settings.typing_interval_ms));
+    let mut typing =
+        tokio::time::interval(Duration::from_millis(shared.settings.typing_interval_ms));
     loop {
         let edit_at = r.throttle.next_at(Instant::now().into_std());
         tokio::select! {
@@ -104,7 +113,10 @@ impl Reply {
         shared.note_event(&ev);
         match &ev.body {
             EventBody::Text { .. } => self.dirty = true,
-            EventBody::ToolUse { name, input_summary } => {
+            EventBody::ToolUse {
+                name,
+                input_summary,
+            } => {
                 self.tool = Some(render::tool_line(name, input_summary));
                 self.dirty = true;
             }
@@ -126,7 +138,8 @@ impl Reply {
                 self.finish(shared, &parts).await;
             }
             EventBody::Failed { error, .. } => {
-                self.finish(shared, &[render::failure(*error).to_string()]).await;
+                self.finish(shared, &[render::failure(*error).to_string()])
+                    .await;
             }
             EventBody::Cancelled { .. } => {
                 let text = render::cancelled(self.tracker.text());
@@ -144,7 +157,6 @@ impl Reply {
         if view == self.shown {
             return;
         }
-        self.throttle.sent(Instant::now().into_std());
         if self.show(shared, &view).await {
             self.shown = view;
         }
@@ -152,7 +164,11 @@ impl Reply {
 
     /// Edits the reply to `content`; if the message can no longer be
     /// edited, posts it anew and goes on with the new one.
+    /// Waits for the edit interval first (bounded by it), so the final
+    /// edit keeps the rate too.
     async fn show(&mut self, shared: &Shared, content: &str) -> bool {
+        sleep_until(self.throttle.next_at(Instant::now().into_std()).into()).await;
+        self.throttle.sent(Instant::now().into_std());
         match shared.rest.edit(self.channel, self.message, content).await {
             Ok(()) => return true,
             Err(RestError::Permanent { status }) => {

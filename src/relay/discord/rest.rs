@@ -12,7 +12,9 @@ use twilight_http::error::ErrorType;
 use twilight_http::Client as Http;
 use twilight_model::application::command::Command;
 use twilight_model::http::interaction::{InteractionResponse, InteractionResponseType};
-use twilight_model::id::marker::{ApplicationMarker, ChannelMarker, InteractionMarker, MessageMarker};
+use twilight_model::id::marker::{
+    ApplicationMarker, ChannelMarker, InteractionMarker, MessageMarker,
+};
 use twilight_model::id::Id;
 
 use crate::config::{DiscordSettings, Secret};
@@ -116,7 +118,10 @@ impl Rest {
                 req = req.reply(m).fail_if_not_exists(false);
             }
             let resp = req.await.map_err(|e| RestError::from_http(&e))?;
-            let msg = resp.model().await.map_err(|e| RestError::Body(e.to_string()))?;
+            let msg = resp
+                .model()
+                .await
+                .map_err(|e| RestError::Body(e.to_string()))?;
             Ok(msg.id)
         })
         .await
@@ -162,7 +167,10 @@ impl Rest {
                 .create_thread_from_message(channel, message, name)
                 .await
                 .map_err(|e| RestError::from_http(&e))?;
-            let ch = resp.model().await.map_err(|e| RestError::Body(e.to_string()))?;
+            let ch = resp
+                .model()
+                .await
+                .map_err(|e| RestError::Body(e.to_string()))?;
             Ok(ch.id)
         })
         .await

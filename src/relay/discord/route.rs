@@ -192,7 +192,10 @@ mod tests {
     fn allow_lists_each_apply() {
         let mut s = settings();
         s.allowed_channels = vec![10];
-        assert!(matches!(judge(&s, 99, &facts("<@99> a")), Verdict::Prompt(_)));
+        assert!(matches!(
+            judge(&s, 99, &facts("<@99> a")),
+            Verdict::Prompt(_)
+        ));
         let mut other = facts("<@99> a");
         other.channel_id = 11;
         assert_eq!(judge(&s, 99, &other), Verdict::Ignore);

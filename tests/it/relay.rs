@@ -1,0 +1,546 @@
+//! The Discord relay end to end: a fake Discord on loopback
+//! (`tests/common/fake_discord.rs`) that real twilight talks to, the relay
+//! in-process, and behind it the real broker, worker, SQLite, CLI and mock
+//! Messages API. Each test observes the relay's reply events on a private
+//! queue bound to the relay's reply key, to compare what Discord shows
+//! with what the worker said.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use claude_worker::config::{DiscordSettings, Secret};
+use claude_worker::protocol::{EventBody, EventV1};
+use claude_worker::relay::discord::Relay;
+use claude_worker::worker::Worker;
+use lapin::options::QueueDeleteOptions;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+use crate::common::fake_discord::{FakeDiscord, Msg, GUILD};
+use crate::common::world::{self, Reply};
+use crate::harness::{Backend, TestEnv, WAIT};
+use crate::mock_api::Behavior;
+
+const CHAN: u64 = 555;
+const ALICE: u64 = 11;
+const BOB: u64 = 12;
+
+struct World {
+    env: TestEnv,
+    fake: FakeDiscord,
+    _worker: Worker,
+    relay: Option<Relay>,
+    settings: DiscordSettings,
+    /// The relay's reply events, as the worker published them.
+    observed: mpsc::UnboundedReceiver<Reply>,
+    /// Events read, by job id.
+    events: HashMap<String, Vec<EventV1>>,
+}
+
+async fn world(tweak: impl FnOnce(&mut DiscordSettings)) -> World {
+    let env = TestEnv::new(Backend::Sqlite).await;
+    let worker = env.start_worker().await;
+    let fake = FakeDiscord::start().await;
+    let mut settings = env.settings().discord;
+    settings.gateway_url = Some(fake.gateway_url.clone());
+    settings.http_proxy = Some(fake.http_addr.clone());
+    settings.edit_interval_ms = 300;
+    settings.footer = false;
+    tweak(&mut settings);
+    let observed = world::subscribe(&env.bus.conn, &env.bus.topology, &settings.reply_key()).await;
+    let mut w = World {
+        env,
+        fake,
+        _worker: worker,
+        relay: None,
+        settings,
+        observed,
+        events: HashMap::new(),
+    };
+    w.start_relay().await;
+    w
+}
+
+impl World {
+    async fn start_relay(&mut self) {
+        let n = self.fake.calls_to("PUT", "/commands").len();
+        let sessions = self.fake.sessions();
+        let amqp = self.env.settings().amqp;
+        let relay = Relay::start(amqp, self.settings.clone(), Secret::new("test-token"))
+            .await
+            .expect("relay starts");
+        self.relay = Some(relay);
+        // Ready: identified, and (if asked) the commands registered.
+        self.fake.wait_connected(sessions + 1).await;
+        if self.settings.register_commands {
+            self.fake
+                .wait_for("commands registered", |v| {
+                    let puts = v.calls().iter().filter(|c| c.method == "PUT").count();
+                    (puts > n).then_some(())
+                })
+                .await;
+        }
+    }
+
+    /// Stops the relay at once, as a crash would: nothing more is acked.
+    async fn kill_relay(&mut self) {
+        let relay = self.relay.take().expect("a relay runs");
+        relay.stop().await;
+    }
+
+    /// The events of `job_id` until its terminal one.
+    async fn terminal(&mut self, job_id: &str) -> EventV1 {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            if let Some(t) = self
+                .events
+                .get(job_id)
+                .and_then(|es| es.iter().find(|e| e.body.is_terminal()))
+            {
+                return t.clone();
+            }
+            let r = tokio::time::timeout_at(deadline, self.observed.recv())
+                .await
+                .unwrap_or_else(|_| panic!("no terminal event of {job_id} within {WAIT:?}"))
+                .expect("observer ended");
+            let ev: EventV1 = serde_json::from_value(r.raw).expect("a v1 event");
+            self.events.entry(ev.job_id.clone()).or_default().push(ev);
+        }
+    }
+
+    /// Waits until the message `id` shows `content`.
+    async fn shows(&self, id: u64, content: &str) -> Msg {
+        self.fake
+            .wait_for(&format!("message {id} showing {content:?}"), |v| {
+                v.message(id).filter(|m| m.content == content).cloned()
+            })
+            .await
+    }
+
+    /// The placeholder the relay posted in `channel` replying to `msg`.
+    async fn placeholder(&self, channel: u64, msg: u64) -> Msg {
+        self.fake
+            .wait_for("the placeholder reply", |v| {
+                v.messages_in(channel)
+                    .into_iter()
+                    .find(|m| m.reply_to == Some(msg))
+                    .cloned()
+            })
+            .await
+    }
+
+    async fn cleanup(mut self) {
+        if let Some(r) = self.relay.take() {
+            r.stop().await;
+        }
+        let queue = format!(
+            "{}.{}",
+            self.env.bus.topology.replies_exchange, self.settings.queue_name
+        );
+        let _ = self
+            .env
+            .bus
+            .channel
+            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+            .await;
+        self.env.cleanup().await;
+    }
+}
+
+fn result_of(e: &EventV1) -> String {
+    match &e.body {
+        EventBody::Completed { result, .. } => result.clone(),
+        other => panic!("not completed: {other:?}"),
+    }
+}
+
+fn job_of(msg: u64) -> String {
+    format!("discord-{msg}")
+}
+
+#[tokio::test]
+async fn a_mention_streams_an_edited_reply_whose_final_content_is_the_result() {
+    let mut w = world(|_| {}).await;
+    let text = "The answer is forty-two, and that is final.";
+    w.env.mock.push_behavior_for("a", Behavior::hold(text));
+    let msg = w
+        .fake
+        .user_says(CHAN, ALICE, "[[mock:a]] what is the answer?", true);
+    let ph = w.placeholder(CHAN, msg).await;
+    assert_eq!(ph.content, "…", "the placeholder is posted first");
+
+    // Mid-answer: the first half is shown, streamed into the placeholder.
+    w.env.mock.wait_for_held(1, WAIT).await;
+    w.shows(ph.id, &Behavior::hold_first_delta(text)).await;
+    w.env.mock.release_held();
+    let done = w.terminal(&job_of(msg)).await;
+    assert_eq!(result_of(&done), text);
+    let m = w.shows(ph.id, text).await;
+
+    // The job named the reply and the user; the key is channel + user.
+    let meta = &done.metadata["discord"];
+    assert_eq!(meta["message_id"], ph.id.to_string());
+    assert_eq!(meta["channel_id"], CHAN.to_string());
+    assert_eq!(meta["user_id"], ALICE.to_string());
+    assert_eq!(done.session_key, format!("discord:{GUILD}:{CHAN}:{ALICE}"));
+    // Edited, not re-posted: one message, the partial then the final text.
+    assert_eq!(w.fake.messages_in(CHAN).len(), 1);
+    assert_eq!(
+        m.edits.first().map(String::as_str),
+        Some(&*Behavior::hold_first_delta(text))
+    );
+    assert_eq!(m.edits.last().map(String::as_str), Some(text));
+    // At most one edit per interval.
+    let edits = w.fake.calls_to("PATCH", &format!("/messages/{}", ph.id));
+    for pair in edits.windows(2) {
+        let gap = pair[1].at - pair[0].at;
+        assert!(gap >= Duration::from_millis(290), "edits {gap:?} apart");
+    }
+    assert!(!w
+        .fake
+        .calls_to("POST", &format!("/channels/{CHAN}/typing"))
+        .is_empty());
+    w.fake.wait_heartbeat().await;
+    w.cleanup().await;
+}
+
+#[tokio::test]
+async fn allow_lists_ignore_others_and_publish_nothing() {
+    let mut w = world(|s| {
+        s.allowed_channels = vec![CHAN];
+        s.allowed_users = vec![ALICE];
+    })
+    .await;
+    let other_chan = w.fake.user_says(CHAN + 1, ALICE, "hello", true);
+    let other_user = w.fake.user_says(CHAN, BOB, "hello", true);
+    let unaddressed = w.fake.user_says(CHAN, ALICE, "hello", false);
+    let ok = w.fake.user_says(CHAN, ALICE, "hello", true);
+    let done = w.terminal(&job_of(ok)).await;
+    assert_eq!(result_of(&done), "echo: hello");
+    w.shows(w.placeholder(CHAN, ok).await.id, "echo: hello")
+        .await;
+    // Nothing was published for the others: one job reached the worker,
+    // and Discord got nothing but the one reply.
+    for m in [other_chan, other_user, unaddressed] {
+        assert!(!w.events.contains_key(&job_of(m)));
+    }
+    assert_eq!(w.events.len(), 1, "{:?}", w.events.keys());
+    assert_eq!(w.env.mock.requests().len(), 1);
+    assert!(w.fake.messages_in(CHAN + 1).is_empty());
+    assert_eq!(w.fake.messages_in(CHAN).len(), 1);
+    w.cleanup().await;
+}
+
+#[tokio::test]
+async fn two_users_in_one_channel_have_separate_sessions() {
+    let mut w = world(|_| {}).await;
+    let a1 = w.fake.user_says(CHAN, ALICE, "alpha one", true);
+    let a1_done = w.terminal(&job_of(a1)).await;
+    let b1 = w.fake.user_says(CHAN, BOB, "bravo one", true);
+    let b1_done = w.terminal(&job_of(b1)).await;
+    let a2 = w.fake.user_says(CHAN, ALICE, "alpha two", true);
+    let a2_done = w.terminal(&job_of(a2)).await;
+    assert_ne!(a1_done.session_key, b1_done.session_key);
+    assert_eq!(a1_done.session_key, a2_done.session_key);
+    // Alice's second turn carried her first, and nothing of Bob's.
+    let last = w.env.mock.requests().last().cloned().expect("requests");
+    let texts = last.user_texts().join("\n");
+    assert!(
+        texts.contains("alpha one") && texts.contains("alpha two"),
+        "{texts}"
+    );
+    assert!(!texts.contains("bravo"), "{texts}");
+    for (m, text) in [
+        (a1, "echo: alpha one"),
+        (b1, "echo: bravo one"),
+        (a2, "echo: alpha two"),
+    ] {
+        w.shows(w.placeholder(CHAN, m).await.id, text).await;
+    }
+    w.cleanup().await;
+}
+
+/// An answer of about 4,500 characters with a Rust code block in the middle.
+fn long_answer() -> String {
+    let mut s = String::from("Here is the program you asked for, explained line by line.\n\n");
+    s.push_str(&"This paragraph explains the reasoning in some detail. ".repeat(20));
+    s.push_str("\n\n```rust\n");
+    for i in 0..60 {
+        s.push_str(&format!(
+            "    let value_{i} = compute({i}) * 2; // step {i}\n"
+        ));
+    }
+    s.push_str("```\n\n");
+    s.push_str(&"A closing remark that wraps things up nicely. ".repeat(10));
+    s
+}
+
+#[tokio::test]
+async fn an_answer_over_4000_chars_is_split_without_breaking_the_code_block() {
+    let mut w = world(|_| {}).await;
+    let text = long_answer();
+    assert!(text.chars().count() > 4000, "{}", text.chars().count());
+    w.env
+        .mock
+        .push_behavior_for("long", Behavior::reply(text.clone()));
+    let msg = w
+        .fake
+        .user_says(CHAN, ALICE, "[[mock:long]] write it", true);
+    let done = w.terminal(&job_of(msg)).await;
+    let result = result_of(&done);
+    assert_eq!(result, text);
+    let ph = w.placeholder(CHAN, msg).await;
+    let parts = w
+        .fake
+        .wait_for("the answer in three messages", |v| {
+            let ms: Vec<String> = v
+                .messages_in(CHAN)
+                .iter()
+                .map(|m| m.content.clone())
+                .collect();
+            (ms.len() == 3 && ms[0] != ph.content).then_some(ms)
+        })
+        .await;
+    assert_eq!(
+        parts,
+        claude_worker::relay::discord::render::split(&result, 2000)
+    );
+    for (i, p) in parts.iter().enumerate() {
+        assert!(p.chars().count() <= 2000, "part {i}: {}", p.chars().count());
+        let fences = p
+            .lines()
+            .filter(|l| l.trim_start().starts_with("```"))
+            .count();
+        assert_eq!(fences % 2, 0, "part {i} leaves a fence open");
+    }
+    assert!(
+        parts[1].contains("```rust\n"),
+        "the code block starts in part 2"
+    );
+    let reopened = parts.iter().filter(|p| p.starts_with("```rust\n")).count();
+    let closed_early = parts.iter().filter(|p| p.ends_with("\n```")).count();
+    assert!(reopened >= 1 && closed_early >= 1, "{parts:#?}");
+    // Nothing lost: the parts hold every line of code, in order.
+    let joined = parts.concat();
+    let mut at = 0;
+    for i in 0..60 {
+        let line = format!("let value_{i} = compute({i}) * 2;");
+        at += joined[at..]
+            .find(&line)
+            .unwrap_or_else(|| panic!("line {i} missing or out of order"));
+    }
+    w.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_429_on_edit_is_waited_out() {
+    let mut w = world(|_| {}).await;
+    w.fake.rate_limit_edits(1, 0.6);
+    let msg = w.fake.user_says(CHAN, ALICE, "rate me", true);
+    let done = w.terminal(&job_of(msg)).await;
+    let ph = w.placeholder(CHAN, msg).await;
+    w.shows(ph.id, &result_of(&done)).await;
+    let edits = w.fake.calls_to("PATCH", &format!("/messages/{}", ph.id));
+    assert_eq!(edits[0].status, 429);
+    let next = edits
+        .iter()
+        .find(|c| c.status == 200)
+        .expect("an edit passed");
+    let waited = next.at - edits[0].at;
+    assert!(
+        waited >= Duration::from_millis(550),
+        "retried after {waited:?}"
+    );
+    assert_eq!(edits.iter().filter(|c| c.status == 429).count(), 1);
+    w.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_relay_killed_mid_answer_and_restarted_delivers_the_final_answer() {
+    let mut w = world(|_| {}).await;
+    let text = "Survives a restart of the relay, every word of it.";
+    w.env.mock.push_behavior_for("k", Behavior::hold(text));
+    let msg = w.fake.user_says(CHAN, ALICE, "[[mock:k]] go", true);
+    let ph = w.placeholder(CHAN, msg).await;
+    w.env.mock.wait_for_held(1, WAIT).await;
+    w.kill_relay().await;
+    // The answer ends while no relay runs: its events wait in the queue.
+    w.env.mock.release_held();
+    let done = w.terminal(&job_of(msg)).await;
+    assert_eq!(result_of(&done), text);
+    let restarted = std::time::Instant::now();
+    w.start_relay().await;
+    let m = w.shows(ph.id, text).await;
+    let final_edit = w
+        .fake
+        .calls_to("PATCH", &format!("/messages/{}", ph.id))
+        .into_iter()
+        .find(|c| c.body["content"] == text)
+        .expect("the final edit");
+    assert!(
+        final_edit.at > restarted,
+        "the final edit came from the restarted relay"
+    );
+    assert_eq!(m.reply_to, Some(msg));
+    assert_eq!(w.fake.messages_in(CHAN).len(), 1, "edited, not posted anew");
+    w.cleanup().await;
+}
+
+/// Sends a slash command and returns the answer edited into `@original`,
+/// after checking it was acknowledged (deferred) first.
+async fn slash(w: &World, name: &str, options: Value) -> String {
+    let token = w.fake.slash(CHAN, ALICE, name, options);
+    let answer = w
+        .fake
+        .wait_for(&format!("/{name} answered"), |v| {
+            v.calls()
+                .iter()
+                .find(|c| c.method == "PATCH" && c.path.contains(&token))
+                .map(|c| c.body["content"].as_str().unwrap_or("").to_string())
+        })
+        .await;
+    let calls = w.fake.calls();
+    let ack = calls
+        .iter()
+        .position(|c| c.path.ends_with(&format!("{token}/callback")));
+    let edit = calls
+        .iter()
+        .position(|c| c.path.contains(&token) && c.method == "PATCH");
+    assert!(
+        ack.is_some() && ack < edit,
+        "/{name}: deferred ack before the answer"
+    );
+    let ack = &calls[ack.unwrap()];
+    assert_eq!(ack.body["type"], 5, "deferred channel message");
+    answer
+}
+
+#[tokio::test]
+async fn slash_commands_reset_stop_status_and_mode() {
+    let mut w = world(|_| {}).await;
+    let registered = w.fake.calls_to(
+        "PUT",
+        &format!(
+            "/applications/{}/commands",
+            crate::common::fake_discord::APP_ID
+        ),
+    );
+    let names: Vec<&str> = registered[0]
+        .body
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["reset", "stop", "status", "mode"]);
+
+    let m1 = w.fake.user_says(CHAN, ALICE, "first", true);
+    let first = w.terminal(&job_of(m1)).await;
+    let EventBody::Completed {
+        claude_session_id: Some(sid),
+        ..
+    } = &first.body
+    else {
+        panic!()
+    };
+    let status = slash(&w, "status", json!([])).await;
+    assert!(
+        status.contains(sid.as_str()) && status.contains("Turns: 1"),
+        "{status}"
+    );
+
+    let mode = slash(
+        &w,
+        "mode",
+        json!([{"name": "mode", "type": 3, "value": "plan"}]),
+    )
+    .await;
+    assert!(mode.starts_with("✅"), "{mode}");
+
+    // /stop while an answer is held mid-stream.
+    w.env
+        .mock
+        .push_behavior_for("s", Behavior::hold("never finished, this one"));
+    let m2 = w.fake.user_says(CHAN, ALICE, "[[mock:s]] long one", true);
+    w.env.mock.wait_for_held(1, WAIT).await;
+    let stop = slash(&w, "stop", json!([])).await;
+    assert!(stop.starts_with("✅"), "{stop}");
+    let ended = w.terminal(&job_of(m2)).await;
+    assert!(
+        matches!(ended.body, EventBody::Cancelled { .. }),
+        "{ended:?}"
+    );
+    let ph2 = w.placeholder(CHAN, m2).await;
+    w.fake
+        .wait_for("the stopped reply", |v| {
+            v.message(ph2.id)
+                .filter(|m| m.content.ends_with("Stopped."))
+                .cloned()
+        })
+        .await;
+    w.env.mock.release_held();
+
+    // /reset: the next message starts a new Claude session.
+    let reset = slash(&w, "reset", json!([])).await;
+    assert!(reset.contains("new conversation"), "{reset}");
+    let m3 = w.fake.user_says(CHAN, ALICE, "fresh", true);
+    let third = w.terminal(&job_of(m3)).await;
+    let EventBody::Completed {
+        claude_session_id: Some(sid3),
+        ..
+    } = &third.body
+    else {
+        panic!()
+    };
+    assert_ne!(sid3, sid);
+    let started = w.events[&job_of(m3)].iter().find_map(|e| match &e.body {
+        EventBody::Started { resumed, .. } => Some(*resumed),
+        _ => None,
+    });
+    assert_eq!(started, Some(false));
+    w.cleanup().await;
+}
+
+#[tokio::test]
+async fn thread_mode_opens_one_thread_per_conversation() {
+    let mut w = world(|s| s.threads = true).await;
+    let m1 = w.fake.user_says(CHAN, ALICE, "Fix the build please", true);
+    let done = w.terminal(&job_of(m1)).await;
+    let threads = w
+        .fake
+        .calls_to("POST", &format!("/channels/{CHAN}/messages/{m1}/threads"));
+    assert_eq!(threads.len(), 1);
+    assert_eq!(threads[0].body["name"], "Fix the build please");
+    let thread: u64 = done.metadata["discord"]["channel_id"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_ne!(thread, CHAN);
+    w.fake
+        .wait_for("the answer in the thread", |v| {
+            v.messages_in(thread)
+                .first()
+                .filter(|m| m.content == "echo: Fix the build please")
+                .map(|_| ())
+        })
+        .await;
+    // In its thread the relay answers without a mention, in the same thread
+    // and session; a new mention in the channel opens a second thread.
+    let m2 = w.fake.user_says(thread, ALICE, "and the tests", false);
+    let follow = w.terminal(&job_of(m2)).await;
+    assert_eq!(follow.session_key, done.session_key);
+    assert_eq!(w.fake.calls_to("POST", "/threads").len(), 1);
+    let m3 = w.fake.user_says(CHAN, BOB, "Another topic", true);
+    let other = w.terminal(&job_of(m3)).await;
+    assert_ne!(
+        other.metadata["discord"]["channel_id"],
+        done.metadata["discord"]["channel_id"]
+    );
+    assert_eq!(w.fake.calls_to("POST", "/threads").len(), 2);
+    assert!(
+        w.fake.messages_in(CHAN).is_empty(),
+        "nothing answered in the channel itself"
+    );
+    w.cleanup().await;
+}
