@@ -57,6 +57,8 @@ struct State {
     /// Edits to answer 429 (with this `retry_after`, seconds) before one passes.
     edit_429: Vec<f64>,
     identifies: u32,
+    /// The token of each IDENTIFY.
+    tokens: Vec<String>,
     resumes: u32,
     heartbeats: u32,
     /// Dispatches go to the connected gateway session.
@@ -267,6 +269,26 @@ impl FakeDiscord {
             .extend(std::iter::repeat_n(retry_after, n));
     }
 
+    /// Closes the gateway session with `code` (the relay's shard
+    /// reconnects, resuming where it can).
+    pub fn close_session(&self, code: u16) {
+        let tx = self.state.lock().unwrap().session.take();
+        if let Some(tx) = tx {
+            let _ = tx.send(json!({"__close": code}));
+        }
+    }
+
+    /// Deletes a message, as a user or moderator would.
+    pub fn delete_message(&self, id: u64) {
+        self.state.lock().unwrap().messages.retain(|m| m.id != id);
+        self.bump();
+    }
+
+    /// The tokens the relay identified with.
+    pub fn identify_tokens(&self) -> Vec<String> {
+        self.state.lock().unwrap().tokens.clone()
+    }
+
     pub fn calls(&self) -> Vec<Call> {
         self.state.lock().unwrap().calls.clone()
     }
@@ -338,6 +360,12 @@ async fn gateway_session(
         tokio::select! {
             out = rx.recv() => {
                 let Some(frame) = out else { return };
+                if let Some(code) = frame["__close"].as_u64() {
+                    // Closed by the test, as Discord closes a session it wants resumed.
+                    let code = tokio_websockets::CloseCode::try_from(code as u16).ok();
+                    let _ = ws.send(WsMessage::close(code, "closed by the test")).await;
+                    return;
+                }
                 if ws.send(WsMessage::text(frame.to_string())).await.is_err() { return }
             }
             msg = ws.next() => {
@@ -368,6 +396,8 @@ fn on_gateway_op(
         }
         2 => {
             st.identifies += 1;
+            st.tokens
+                .push(v["d"]["token"].as_str().unwrap_or("").to_string());
             st.session = Some(tx.clone());
             st.seq += 1;
             Some(json!({"op": 0, "t": "READY", "s": st.seq, "d": {

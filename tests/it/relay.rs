@@ -16,6 +16,8 @@ use lapin::options::QueueDeleteOptions;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
+use claude_worker::relay::discord::render;
+
 use crate::common::fake_discord::{FakeDiscord, Msg, GUILD};
 use crate::common::world::{self, Reply};
 use crate::harness::{Backend, TestEnv, WAIT};
@@ -28,7 +30,7 @@ const BOB: u64 = 12;
 struct World {
     env: TestEnv,
     fake: FakeDiscord,
-    _worker: Worker,
+    worker: Option<Worker>,
     relay: Option<Relay>,
     settings: DiscordSettings,
     /// The relay's reply events, as the worker published them.
@@ -38,8 +40,17 @@ struct World {
 }
 
 async fn world(tweak: impl FnOnce(&mut DiscordSettings)) -> World {
+    world_with(true, tweak).await
+}
+
+/// A world whose worker starts now, or later (`World::start_worker`).
+async fn world_with(start_worker: bool, tweak: impl FnOnce(&mut DiscordSettings)) -> World {
     let env = TestEnv::new(Backend::Sqlite).await;
-    let worker = env.start_worker().await;
+    let worker = if start_worker {
+        Some(env.start_worker().await)
+    } else {
+        None
+    };
     let fake = FakeDiscord::start().await;
     let mut settings = env.settings().discord;
     settings.gateway_url = Some(fake.gateway_url.clone());
@@ -51,7 +62,7 @@ async fn world(tweak: impl FnOnce(&mut DiscordSettings)) -> World {
     let mut w = World {
         env,
         fake,
-        _worker: worker,
+        worker,
         relay: None,
         settings,
         observed,
@@ -80,6 +91,10 @@ impl World {
                 })
                 .await;
         }
+    }
+
+    async fn start_worker(&mut self) {
+        self.worker = Some(self.env.start_worker().await);
     }
 
     /// Stops the relay at once, as a crash would: nothing more is acked.
@@ -541,6 +556,130 @@ async fn thread_mode_opens_one_thread_per_conversation() {
     assert!(
         w.fake.messages_in(CHAN).is_empty(),
         "nothing answered in the channel itself"
+    );
+    w.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_fleet_that_is_down_shows_queued_then_answers_when_a_worker_starts() {
+    let mut w = world_with(false, |_| {}).await;
+    let msg = w.fake.user_says(CHAN, ALICE, "anyone there?", true);
+    let ph = w.placeholder(CHAN, msg).await;
+    assert_eq!(
+        ph.content,
+        render::QUEUED,
+        "no worker: shown as queued, not silence"
+    );
+    w.start_worker().await;
+    let done = w.terminal(&job_of(msg)).await;
+    w.shows(ph.id, &result_of(&done)).await;
+    w.cleanup().await;
+}
+
+#[tokio::test]
+async fn double_texting_shows_the_second_message_queued_and_answers_both_in_order() {
+    let mut w = world(|_| {}).await;
+    w.env
+        .mock
+        .push_behavior_for("d", Behavior::hold("first answer, held a while"));
+    let m1 = w.fake.user_says(CHAN, ALICE, "[[mock:d]] one", true);
+    w.env.mock.wait_for_held(1, WAIT).await;
+    let m2 = w.fake.user_says(CHAN, ALICE, "two", true);
+    let ph2 = w.placeholder(CHAN, m2).await;
+    assert_eq!(ph2.content, render::QUEUED);
+    w.env.mock.release_held();
+    let d1 = w.terminal(&job_of(m1)).await;
+    let d2 = w.terminal(&job_of(m2)).await;
+    assert_eq!(result_of(&d1), "first answer, held a while");
+    assert_eq!(result_of(&d2), "echo: two");
+    let ph1 = w.placeholder(CHAN, m1).await;
+    w.shows(ph1.id, "first answer, held a while").await;
+    w.shows(ph2.id, "echo: two").await;
+    w.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_deleted_reply_is_posted_anew_and_failures_read_as_short_errors() {
+    let mut w = world(|_| {}).await;
+    let text = "An answer whose placeholder was deleted.";
+    w.env.mock.push_behavior_for("del", Behavior::hold(text));
+    let msg = w.fake.user_says(CHAN, ALICE, "[[mock:del]] go", true);
+    let ph = w.placeholder(CHAN, msg).await;
+    w.env.mock.wait_for_held(1, WAIT).await;
+    w.fake.delete_message(ph.id);
+    w.env.mock.release_held();
+    let done = w.terminal(&job_of(msg)).await;
+    assert_eq!(result_of(&done), text);
+    w.fake
+        .wait_for("the answer posted anew", |v| {
+            v.messages_in(CHAN)
+                .into_iter()
+                .find(|m| m.content == text)
+                .map(|_| ())
+        })
+        .await;
+    assert_eq!(w.fake.messages_in(CHAN).len(), 1);
+
+    // The API refuses the worker's key: the user reads a short error.
+    w.env.mock.push_behavior_for(
+        "auth",
+        Behavior::status(401, "authentication_error", "bad key sk-secret"),
+    );
+    let bad = w.fake.user_says(CHAN, BOB, "[[mock:auth]] hi", true);
+    let failed = w.terminal(&job_of(bad)).await;
+    assert!(
+        matches!(failed.body, EventBody::Failed { .. }),
+        "{failed:?}"
+    );
+    let ph = w.placeholder(CHAN, bad).await;
+    let m = w
+        .shows(
+            ph.id,
+            render::failure(claude_worker::protocol::ErrorKind::Auth),
+        )
+        .await;
+    assert!(!m.content.contains("sk-secret"));
+    w.cleanup().await;
+}
+
+#[tokio::test]
+async fn text_commands_work_where_slash_commands_are_not_registered() {
+    let mut w = world(|s| s.register_commands = false).await;
+    let m1 = w.fake.user_says(CHAN, ALICE, "hello", true);
+    let done = w.terminal(&job_of(m1)).await;
+    let EventBody::Completed {
+        claude_session_id: Some(sid),
+        ..
+    } = &done.body
+    else {
+        panic!()
+    };
+    let cmd = w.fake.user_says(CHAN, ALICE, "/status", true);
+    let answer = w.placeholder(CHAN, cmd).await;
+    assert!(answer.content.contains(sid.as_str()), "{}", answer.content);
+    assert!(w.fake.calls_to("PUT", "/commands").is_empty());
+    assert!(
+        !w.events.contains_key(&job_of(cmd)),
+        "a command is not a prompt"
+    );
+    w.cleanup().await;
+}
+
+#[tokio::test]
+async fn the_gateway_resumes_after_discord_closes_the_session() {
+    let mut w = world(|_| {}).await;
+    let before = w.fake.sessions();
+    // 4000 (unknown error): Discord's "reconnect and resume".
+    w.fake.close_session(4000);
+    w.fake.wait_connected(before + 1).await;
+    let msg = w.fake.user_says(CHAN, ALICE, "still there?", true);
+    let done = w.terminal(&job_of(msg)).await;
+    w.shows(w.placeholder(CHAN, msg).await.id, &result_of(&done))
+        .await;
+    assert_eq!(
+        w.fake.identify_tokens(),
+        ["Bot test-token"],
+        "resumed, not identified again"
     );
     w.cleanup().await;
 }

@@ -250,6 +250,10 @@ async fn submit(
         .await
     {
         tracing::warn!(job_id = %job_id, error = %e, "could not publish a job");
+        shared.finished(&job_id);
+        if let Some(s) = lock(&shared.sessions).get_mut(&job.session_key) {
+            s.open_jobs.remove(&job_id);
+        }
         let _ = shared
             .rest
             .edit(

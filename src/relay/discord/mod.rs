@@ -114,7 +114,8 @@ impl Shared {
         tx
     }
 
-    fn finished(&self, job_id: &str) {
+    /// The job's reply is done (or abandoned): its task's input closes.
+    pub(super) fn finished(&self, job_id: &str) {
         lock(&self.replies).remove(job_id);
         let mut f = lock(&self.finished);
         if f.len() >= FINISHED_MEMORY {
@@ -271,11 +272,20 @@ async fn consume(shared: Arc<Shared>, mut consumer: ReplyConsumer) -> Result<(),
             let _ = ack.ack().await;
             continue;
         };
+        // Only a terminal event is held unacked until it is shown: the
+        // others matter for the live view alone, and holding them would let
+        // one slow (rate-limited) reply fill the prefetch window of all.
+        let ack = if event.body.is_terminal() {
+            Some(ack)
+        } else {
+            let _ = ack.ack().await;
+            None
+        };
         let tx = shared.reply_task(&event.job_id, &meta);
         let input = reply::Input {
             event,
             lease_epoch,
-            ack: Some(ack),
+            ack,
         };
         // A reply task that ended drops its input unacked; it comes again.
         let _ = tx.send(input);
