@@ -43,6 +43,13 @@ async fn world(tweak: impl FnOnce(&mut DiscordSettings)) -> World {
     world_with(true, tweak).await
 }
 
+/// A world with a worker and no relay in-process (the binary runs one).
+async fn world_without_relay() -> World {
+    let mut w = world_with(true, |_| {}).await;
+    w.kill_relay().await;
+    w
+}
+
 /// A world whose worker starts now, or later (`World::start_worker`).
 async fn world_with(start_worker: bool, tweak: impl FnOnce(&mut DiscordSettings)) -> World {
     let env = TestEnv::new(Backend::Sqlite).await;
@@ -682,4 +689,94 @@ async fn the_gateway_resumes_after_discord_closes_the_session() {
         "resumed, not identified again"
     );
     w.cleanup().await;
+}
+
+#[tokio::test]
+async fn claude_worker_discord_runs_the_relay_and_never_logs_the_token_or_the_chat() {
+    let mut w = world_without_relay().await;
+    let token = "tok-S3CRET-relay-token";
+    let token_file = w.env.dir.path().join("discord_token");
+    std::fs::write(&token_file, format!("{token}\n")).unwrap();
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_claude-worker"));
+    cmd.arg("discord")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .env("CLAUDE_WORKER__AMQP__PREFIX", &w.env.prefix)
+        .env("CLAUDE_WORKER__DISCORD__TOKEN_FILE", &token_file)
+        .env("CLAUDE_WORKER__DISCORD__GATEWAY_URL", &w.fake.gateway_url)
+        .env("CLAUDE_WORKER__DISCORD__HTTP_PROXY", &w.fake.http_addr)
+        .env("CLAUDE_WORKER__DISCORD__EDIT_INTERVAL_MS", "300")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    let child = cmd.spawn().expect("claude-worker discord starts");
+    let before = w.fake.sessions();
+    w.fake.wait_connected(before + 1).await;
+    assert_eq!(
+        w.fake.identify_tokens().last().unwrap(),
+        &format!("Bot {token}")
+    );
+    let prompt = "a very private question";
+    // Ids long enough not to match a timestamp by chance.
+    let (user, chan) = (987_654_321_012_345_678_u64, 876_543_210_987_654_321_u64);
+    let msg = w.fake.user_says(chan, user, prompt, true);
+    let done = w.terminal(&job_of(msg)).await;
+    // The shipped settings add the footer.
+    let EventBody::Completed {
+        result,
+        num_turns,
+        total_cost_usd,
+        ..
+    } = &done.body
+    else {
+        panic!()
+    };
+    let footer = render::footer(*num_turns, *total_cost_usd);
+    let shown = format!("{result}\n\n{footer}");
+    w.shows(w.placeholder(chan, msg).await.id, &shown).await;
+
+    // SIGTERM: a clean stop, exit 0.
+    let pid = child.id().expect("pid") as i32;
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let out = tokio::time::timeout(WAIT, child.wait_with_output())
+        .await
+        .expect("the relay stops on SIGTERM")
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "exit {:?}\n{stderr}", out.status);
+    assert!(
+        stderr.contains("connected to the Discord gateway"),
+        "{stderr}"
+    );
+    for secret in [token, prompt, &user.to_string(), &chan.to_string(), "echo:"] {
+        assert!(
+            !stderr.contains(secret),
+            "{secret:?} is in the log:\n{stderr}"
+        );
+    }
+    w.cleanup().await;
+}
+
+#[tokio::test]
+async fn claude_worker_discord_without_a_token_says_what_to_set() {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_claude-worker"))
+        .arg("discord")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("NO_COLOR", "1")
+        .stdin(std::process::Stdio::null())
+        .output();
+    let out = tokio::time::timeout(WAIT, out)
+        .await
+        .expect("exits")
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("$DISCORD_TOKEN") && stderr.contains("discord.token_file"),
+        "{stderr}"
+    );
 }
