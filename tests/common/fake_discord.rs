@@ -446,53 +446,8 @@ fn id(s: &str) -> u64 {
 
 fn route(s: &mut State, m: &Method, parts: &[&str], body: &Value) -> Response {
     match (m.as_str(), parts) {
-        ("POST", ["channels", c, "messages"]) => {
-            s.next_id += 1;
-            let content = body["content"].as_str().unwrap_or("").to_string();
-            let reply_to = body["message_reference"]["message_id"].as_str().map(id);
-            let msg = Msg {
-                id: s.next_id,
-                channel: id(c),
-                content: content.clone(),
-                edits: vec![],
-                reply_to,
-            };
-            s.messages.push(msg);
-            ok(message_json(
-                s.next_id,
-                id(c),
-                Some(GUILD),
-                BOT_ID,
-                &content,
-                &[],
-                &[],
-            ))
-        }
-        ("PATCH", ["channels", c, "messages", mid]) => {
-            if !s.edit_429.is_empty() {
-                let retry_after = s.edit_429.remove(0);
-                return rate_limited(retry_after);
-            }
-            let content = body["content"].as_str().unwrap_or("").to_string();
-            let Some(msg) = s.messages.iter_mut().find(|x| x.id == id(mid)) else {
-                return (
-                    StatusCode::NOT_FOUND,
-                    axum::Json(json!({"message": "Unknown Message", "code": 10008})),
-                )
-                    .into_response();
-            };
-            msg.content = content.clone();
-            msg.edits.push(content.clone());
-            ok(message_json(
-                id(mid),
-                id(c),
-                Some(GUILD),
-                BOT_ID,
-                &content,
-                &[],
-                &[],
-            ))
-        }
+        ("POST", ["channels", c, "messages"]) => create_message(s, id(c), body),
+        ("PATCH", ["channels", c, "messages", mid]) => edit_message(s, id(c), id(mid), body),
         ("POST", ["channels", _, "typing"]) => StatusCode::NO_CONTENT.into_response(),
         ("POST", ["channels", c, "messages", _, "threads"]) => {
             s.next_id += 1;
@@ -502,28 +457,11 @@ fn route(s: &mut State, m: &Method, parts: &[&str], body: &Value) -> Response {
             )
         }
         ("PUT", ["applications", _, "commands"])
-        | ("PUT", ["applications", _, "guilds", _, "commands"]) => {
-            let cmds: Vec<Value> = body
-                .as_array()
-                .cloned()
-                .unwrap_or_default()
-                .into_iter()
-                .enumerate()
-                .map(|(i, mut c)| {
-                    c["id"] = json!((500 + i).to_string());
-                    c["application_id"] = json!(APP_ID.to_string());
-                    c["version"] = json!("1");
-                    c
-                })
-                .collect();
-            ok(Value::Array(cmds))
-        }
+        | ("PUT", ["applications", _, "guilds", _, "commands"]) => set_commands(body),
         ("POST", ["interactions", _, _, "callback"]) => StatusCode::NO_CONTENT.into_response(),
-        ("PATCH", ["webhooks", _, token, "messages", "@original"]) => {
+        ("PATCH", ["webhooks", _, _, "messages", "@original"]) => {
             let content = body["content"].as_str().unwrap_or("");
-            let mut m = message_json(1, 1, Some(GUILD), BOT_ID, content, &[], &[]);
-            m["interaction_token"] = json!(token);
-            ok(m)
+            ok(message_json(1, 1, Some(GUILD), BOT_ID, content, &[], &[]))
         }
         _ => (
             StatusCode::NOT_FOUND,
@@ -531,6 +469,69 @@ fn route(s: &mut State, m: &Method, parts: &[&str], body: &Value) -> Response {
         )
             .into_response(),
     }
+}
+
+fn create_message(s: &mut State, channel: u64, body: &Value) -> Response {
+    s.next_id += 1;
+    let content = body["content"].as_str().unwrap_or("").to_string();
+    let reply_to = body["message_reference"]["message_id"].as_str().map(id);
+    s.messages.push(Msg {
+        id: s.next_id,
+        channel,
+        content: content.clone(),
+        edits: vec![],
+        reply_to,
+    });
+    ok(message_json(
+        s.next_id,
+        channel,
+        Some(GUILD),
+        BOT_ID,
+        &content,
+        &[],
+        &[],
+    ))
+}
+
+fn edit_message(s: &mut State, channel: u64, mid: u64, body: &Value) -> Response {
+    if !s.edit_429.is_empty() {
+        let retry_after = s.edit_429.remove(0);
+        return rate_limited(retry_after);
+    }
+    let content = body["content"].as_str().unwrap_or("").to_string();
+    let Some(msg) = s.messages.iter_mut().find(|x| x.id == mid) else {
+        let unknown = json!({"message": "Unknown Message", "code": 10008});
+        return (StatusCode::NOT_FOUND, axum::Json(unknown)).into_response();
+    };
+    msg.content = content.clone();
+    msg.edits.push(content.clone());
+    ok(message_json(
+        mid,
+        channel,
+        Some(GUILD),
+        BOT_ID,
+        &content,
+        &[],
+        &[],
+    ))
+}
+
+/// A bulk overwrite answers the commands with ids, as Discord does.
+fn set_commands(body: &Value) -> Response {
+    let cmds: Vec<Value> = body
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut c)| {
+            c["id"] = json!((500 + i).to_string());
+            c["application_id"] = json!(APP_ID.to_string());
+            c["version"] = json!("1");
+            c
+        })
+        .collect();
+    ok(Value::Array(cmds))
 }
 
 /// A 429 as Discord sends it: `retry_after` in the body and the headers.

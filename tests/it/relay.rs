@@ -479,19 +479,33 @@ async fn slash_commands_reset_stop_status_and_mode() {
     .await;
     assert!(mode.starts_with("✅"), "{mode}");
 
-    // /stop while an answer is held mid-stream.
+    stop_cancels_the_answer_in_progress(&mut w).await;
+    reset_starts_a_new_session(&mut w, sid).await;
+    w.cleanup().await;
+}
+
+/// /stop while an answer is held mid-stream.
+async fn stop_cancels_the_answer_in_progress(w: &mut World) {
     w.env
         .mock
         .push_behavior_for("s", Behavior::hold("never finished, this one"));
     let m2 = w.fake.user_says(CHAN, ALICE, "[[mock:s]] long one", true);
     w.env.mock.wait_for_held(1, WAIT).await;
-    let stop = slash(&w, "stop", json!([])).await;
+    let stop = slash(w, "stop", json!([])).await;
     assert!(stop.starts_with("✅"), "{stop}");
     let ended = w.terminal(&job_of(m2)).await;
     assert!(
         matches!(ended.body, EventBody::Cancelled { .. }),
         "{ended:?}"
     );
+    // The job after /mode ran in the mode it set.
+    let mode = w.events[&job_of(m2)].iter().find_map(|e| match &e.body {
+        EventBody::Started {
+            permission_mode, ..
+        } => permission_mode.clone(),
+        _ => None,
+    });
+    assert_eq!(mode.as_deref(), Some("plan"));
     let ph2 = w.placeholder(CHAN, m2).await;
     w.fake
         .wait_for("the stopped reply", |v| {
@@ -501,9 +515,11 @@ async fn slash_commands_reset_stop_status_and_mode() {
         })
         .await;
     w.env.mock.release_held();
+}
 
-    // /reset: the next message starts a new Claude session.
-    let reset = slash(&w, "reset", json!([])).await;
+/// /reset: the next message starts a new Claude session.
+async fn reset_starts_a_new_session(w: &mut World, sid: &str) {
+    let reset = slash(w, "reset", json!([])).await;
     assert!(reset.contains("new conversation"), "{reset}");
     let m3 = w.fake.user_says(CHAN, ALICE, "fresh", true);
     let third = w.terminal(&job_of(m3)).await;
@@ -520,7 +536,6 @@ async fn slash_commands_reset_stop_status_and_mode() {
         _ => None,
     });
     assert_eq!(started, Some(false));
-    w.cleanup().await;
 }
 
 #[tokio::test]

@@ -174,6 +174,48 @@ async fn reply_channel(shared: &Shared, msg: &Message, prompt: &str, in_thread: 
     }
 }
 
+/// The session's state for a new message: whether it waits behind
+/// another job of the session (or for any worker at all), and whether a
+/// /reset asked for a new session.
+async fn prepare(shared: &Shared, key: &str) -> (bool, SessionMode) {
+    let (busy, mode) = {
+        let mut sessions = lock(&shared.sessions);
+        let s = sessions.entry(key.to_string()).or_default();
+        let mode = if std::mem::take(&mut s.reset_next) {
+            SessionMode::New
+        } else {
+            SessionMode::Continue
+        };
+        (!s.open_jobs.is_empty(), mode)
+    };
+    let no_worker = shared.publisher.jobs_consumer_count().await.unwrap_or(1) == 0;
+    (busy || no_worker, mode)
+}
+
+fn job(
+    shared: &Shared,
+    job_id: &str,
+    key: String,
+    prompt: String,
+    mode: SessionMode,
+    meta: &ReplyMeta,
+) -> JobV1 {
+    JobV1 {
+        v: PROTOCOL_VERSION,
+        job_id: Some(job_id.to_string()),
+        session_key: key,
+        prompt,
+        session: SessionSpec {
+            mode,
+            ..Default::default()
+        },
+        profile: Some(shared.settings.profile.clone()),
+        options: Default::default(),
+        metadata: Some(meta.to_metadata()),
+        reply_to: None,
+    }
+}
+
 /// Placeholder, then the job (whose metadata names the placeholder).
 async fn submit(
     shared: &Arc<Shared>,
@@ -189,17 +231,7 @@ async fn submit(
         channel,
         facts.author_id,
     );
-    let (busy, mode) = {
-        let mut sessions = lock(&shared.sessions);
-        let s = sessions.entry(key.clone()).or_default();
-        let mode = if std::mem::take(&mut s.reset_next) {
-            SessionMode::New
-        } else {
-            SessionMode::Continue
-        };
-        (!s.open_jobs.is_empty(), mode)
-    };
-    let waiting = busy || shared.publisher.jobs_consumer_count().await.unwrap_or(1) == 0;
+    let (waiting, mode) = prepare(shared, &key).await;
     let first = if waiting {
         render::QUEUED
     } else {
@@ -223,44 +255,25 @@ async fn submit(
     };
     // The message id makes the job id: a message seen twice runs once.
     let job_id = format!("discord-{}", msg.id);
-    let job = JobV1 {
-        v: PROTOCOL_VERSION,
-        job_id: Some(job_id.clone()),
-        session_key: key.clone(),
-        prompt,
-        session: SessionSpec {
-            mode,
-            ..Default::default()
-        },
-        profile: Some(shared.settings.profile.clone()),
-        options: Default::default(),
-        metadata: Some(meta.to_metadata()),
-        reply_to: None,
-    };
+    let job = job(shared, &job_id, key.clone(), prompt, mode, &meta);
     lock(&shared.sessions)
-        .entry(key)
+        .entry(key.clone())
         .or_default()
         .open_jobs
         .insert(job_id.clone());
     // The reply task starts now, so typing shows while the job waits.
     let _ = shared.reply_task(&job_id, &meta);
-    if let Err(e) = shared
+    let sent = shared
         .publisher
         .publish_job_to(&job, &shared.settings.reply_key())
-        .await
-    {
+        .await;
+    if let Err(e) = sent {
         tracing::warn!(job_id = %job_id, error = %e, "could not publish a job");
         shared.finished(&job_id);
-        if let Some(s) = lock(&shared.sessions).get_mut(&job.session_key) {
+        if let Some(s) = lock(&shared.sessions).get_mut(&key) {
             s.open_jobs.remove(&job_id);
         }
-        let _ = shared
-            .rest
-            .edit(
-                channel_id,
-                placeholder,
-                "⚠️ Could not queue this message; try again.",
-            )
-            .await;
+        let failed = "⚠️ Could not queue this message; try again.";
+        let _ = shared.rest.edit(channel_id, placeholder, failed).await;
     }
 }
