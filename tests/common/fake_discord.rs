@@ -54,6 +54,8 @@ struct State {
     next_id: u64,
     calls: Vec<Call>,
     messages: Vec<Msg>,
+    /// REST calls to answer with this status (5xx) before one passes.
+    fail_next: Vec<u16>,
     /// Edits to answer 429 (with this `retry_after`, seconds) before one passes.
     edit_429: Vec<f64>,
     identifies: u32,
@@ -278,6 +280,15 @@ impl FakeDiscord {
         }
     }
 
+    /// The next `n` REST calls answer `status` (a 5xx).
+    pub fn fail_next(&self, n: usize, status: u16) {
+        self.state
+            .lock()
+            .unwrap()
+            .fail_next
+            .extend(std::iter::repeat_n(status, n));
+    }
+
     /// Deletes a message, as a user or moderator would.
     pub fn delete_message(&self, id: u64) {
         self.state.lock().unwrap().messages.retain(|m| m.id != id);
@@ -427,7 +438,16 @@ fn rest(st: &Mutex<State>, ch: &watch::Sender<u64>, m: Method, u: Uri, body: Byt
     let path = u.path().trim_start_matches("/api/v10").to_string();
     let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
     let mut s = st.lock().unwrap();
-    let resp = route(&mut s, &m, &parts, &body);
+    let resp = if s.fail_next.is_empty() {
+        route(&mut s, &m, &parts, &body)
+    } else {
+        let status = StatusCode::from_u16(s.fail_next.remove(0)).unwrap();
+        (
+            status,
+            axum::Json(json!({"message": "server error", "code": 0})),
+        )
+            .into_response()
+    };
     s.calls.push(Call {
         method: m.to_string(),
         path,

@@ -250,6 +250,9 @@ async fn allow_lists_ignore_others_and_publish_nothing() {
     assert_eq!(w.env.mock.requests().len(), 1);
     assert!(w.fake.messages_in(CHAN + 1).is_empty());
     assert_eq!(w.fake.messages_in(CHAN).len(), 1);
+    // Slash commands keep to the allow-lists too.
+    let refused = slash_as(&w, BOB, "status", json!([])).await;
+    assert_eq!(refused, "Not available here.");
     w.cleanup().await;
 }
 
@@ -411,7 +414,11 @@ async fn a_relay_killed_mid_answer_and_restarted_delivers_the_final_answer() {
 /// Sends a slash command and returns the answer edited into `@original`,
 /// after checking it was acknowledged (deferred) first.
 async fn slash(w: &World, name: &str, options: Value) -> String {
-    let token = w.fake.slash(CHAN, ALICE, name, options);
+    slash_as(w, ALICE, name, options).await
+}
+
+async fn slash_as(w: &World, user: u64, name: &str, options: Value) -> String {
+    let token = w.fake.slash(CHAN, user, name, options);
     let answer = w
         .fake
         .wait_for(&format!("/{name} answered"), |v| {
@@ -794,4 +801,67 @@ async fn claude_worker_discord_without_a_token_says_what_to_set() {
         stderr.contains("$DISCORD_TOKEN") && stderr.contains("discord.token_file"),
         "{stderr}"
     );
+}
+
+#[tokio::test]
+async fn typing_shows_while_a_message_waits_and_5xx_answers_are_retried() {
+    let mut w = world(|s| s.typing_interval_ms = 1000).await;
+    w.env
+        .mock
+        .push_behavior_for("t", Behavior::hold("held first"));
+    let m1 = w.fake.user_says(CHAN, ALICE, "[[mock:t]] one", true);
+    w.env.mock.wait_for_held(1, WAIT).await;
+    let m2 = w.fake.user_says(CHAN, ALICE, "two", true);
+    // The second message waits behind the first: typing is re-sent.
+    let typing = format!("/channels/{CHAN}/typing");
+    w.fake
+        .wait_for("typing re-sent while waiting", |v| {
+            let n = v.calls().iter().filter(|c| c.path == typing).count();
+            (n >= 3).then_some(())
+        })
+        .await;
+    let times: Vec<_> = w
+        .fake
+        .calls_to("POST", &typing)
+        .iter()
+        .map(|c| c.at)
+        .collect();
+    let gap = times[times.len() - 1] - times[times.len() - 2];
+    assert!(gap >= Duration::from_millis(900), "typing {gap:?} apart");
+    // Discord fails the next two calls with 5xx: retried, nothing lost.
+    w.fake.fail_next(2, 502);
+    w.env.mock.release_held();
+    let d1 = w.terminal(&job_of(m1)).await;
+    let d2 = w.terminal(&job_of(m2)).await;
+    w.shows(w.placeholder(CHAN, m1).await.id, &result_of(&d1))
+        .await;
+    w.shows(w.placeholder(CHAN, m2).await.id, &result_of(&d2))
+        .await;
+    assert_eq!(w.fake.calls().iter().filter(|c| c.status == 502).count(), 2);
+    w.cleanup().await;
+}
+
+#[tokio::test]
+async fn direct_messages_are_answered_only_when_enabled() {
+    let mut w = world(|s| s.dms = true).await;
+    let dm = 9_001;
+    let msg = w.fake.user_says_with(dm, None, ALICE, "psst", false, &[]);
+    let done = w.terminal(&job_of(msg)).await;
+    assert_eq!(done.session_key, format!("discord:dm:{dm}:{ALICE}"));
+    w.shows(w.placeholder(dm, msg).await.id, "echo: psst").await;
+    w.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_fatal_gateway_close_stops_the_relay_with_an_error() {
+    let mut w = world(|_| {}).await;
+    // 4004: authentication failed; Discord will not take this token again.
+    w.fake.close_session(4004);
+    let relay = w.relay.take().unwrap();
+    let ended = tokio::time::timeout(WAIT, relay.wait())
+        .await
+        .expect("the relay stops");
+    let err = ended.expect_err("a fatal close is an error");
+    assert!(err.to_string().contains("bad token"), "{err}");
+    w.cleanup().await;
 }

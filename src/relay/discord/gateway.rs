@@ -65,7 +65,13 @@ impl Gateway {
                 item = shard.next_event(wanted) => item,
             };
             match item {
-                None => return Err(RelayError::Gateway("the shard closed".into())),
+                None => {
+                    return Err(RelayError::Gateway(
+                        "Discord closed it for good (a bad token, or intents the \
+                         application may not use?)"
+                            .into(),
+                    ))
+                }
                 Some(Err(e)) => {
                     // twilight reconnects by itself; a fatal close ends the stream next.
                     tracing::warn!(error = %e, "Discord gateway error; reconnecting");

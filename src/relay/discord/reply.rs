@@ -40,8 +40,9 @@ struct Reply {
     dirty: bool,
     /// What the message shows now.
     shown: String,
-    /// The first event arrived: no more typing indicator.
-    heard: bool,
+    /// Text is on its way: no more typing indicator (it shows while the
+    /// job waits in a queue, starts, or runs tools before saying anything).
+    talking: bool,
     /// Discord refused this reply for good: nothing more to show.
     gone: bool,
 }
@@ -69,7 +70,7 @@ pub async fn run(
         throttle: Throttle::new(Duration::from_millis(shared.settings.edit_interval_ms)),
         dirty: false,
         shown: String::new(),
-        heard: false,
+        talking: false,
         gone: false,
     };
     let mut typing =
@@ -92,7 +93,7 @@ pub async fn run(
                 }
             }
             _ = sleep_until(edit_at.into()), if r.dirty && !r.gone => r.flush(&shared).await,
-            _ = typing.tick(), if !r.heard && !r.gone => {
+            _ = typing.tick(), if !r.talking && !r.gone => {
                 // Best effort: a lost typing indicator is not worth a log line above debug.
                 if let Err(e) = shared.rest.typing(r.channel).await {
                     tracing::debug!(error = %e, "typing indicator failed");
@@ -109,10 +110,12 @@ impl Reply {
         if step == Step::Skip {
             return self.tracker.is_finished();
         }
-        self.heard = true;
         shared.note_event(&ev);
         match &ev.body {
-            EventBody::Text { .. } => self.dirty = true,
+            EventBody::Text { .. } => {
+                self.dirty = true;
+                self.talking = true;
+            }
             EventBody::ToolUse {
                 name,
                 input_summary,
