@@ -37,6 +37,7 @@ struct World {
     observed: mpsc::UnboundedReceiver<Reply>,
     /// Events read, by job id.
     events: HashMap<String, Vec<EventV1>>,
+    queue: QueueGuard,
 }
 
 async fn world(tweak: impl FnOnce(&mut DiscordSettings)) -> World {
@@ -66,7 +67,12 @@ async fn world_with(start_worker: bool, tweak: impl FnOnce(&mut DiscordSettings)
     settings.footer = false;
     tweak(&mut settings);
     let observed = world::subscribe(&env.bus.conn, &env.bus.topology, &settings.reply_key()).await;
+    let queue = QueueGuard(format!(
+        "{}.{}",
+        env.bus.topology.replies_exchange, settings.queue_name
+    ));
     let mut w = World {
+        queue,
         env,
         fake,
         worker,
@@ -155,17 +161,52 @@ impl World {
         if let Some(r) = self.relay.take() {
             r.stop().await;
         }
-        let queue = format!(
-            "{}.{}",
-            self.env.bus.topology.replies_exchange, self.settings.queue_name
-        );
         let _ = self
             .env
             .bus
             .channel
-            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+            .queue_delete(self.queue.0.as_str().into(), QueueDeleteOptions::default())
             .await;
+        self.queue.0.clear();
         self.env.cleanup().await;
+    }
+}
+
+/// The relay's durable reply queue, deleted when dropped (a test that
+/// failed included), from a thread of its own like `TestEnv`'s drop.
+struct QueueGuard(String);
+
+impl Drop for QueueGuard {
+    fn drop(&mut self) {
+        if self.0.is_empty() {
+            return;
+        }
+        let name = std::mem::take(&mut self.0);
+        let cleanup = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async {
+                let work = async {
+                    let props = lapin::ConnectionProperties::default();
+                    if let Ok(conn) =
+                        lapin::Connection::connect(crate::harness::AMQP_URL, props).await
+                    {
+                        if let Ok(ch) = conn.create_channel().await {
+                            let _ = ch
+                                .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
+                                .await;
+                        }
+                        let _ = conn.close(200, "test dropped".into()).await;
+                    }
+                };
+                let _ = tokio::time::timeout(Duration::from_secs(20), work).await;
+            });
+        });
+        let _ = cleanup.join();
     }
 }
 
