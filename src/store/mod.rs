@@ -110,6 +110,9 @@ pub struct JobSpec {
     /// Double-texting policy (absent in jobs stored before it existed).
     #[serde(default)]
     pub on_busy: crate::protocol::OnBusy,
+    /// Images sent with the prompt (absent in jobs stored before them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attachments: Vec<crate::protocol::AttachmentV1>,
 }
 
 impl JobSpec {

@@ -174,6 +174,7 @@ mod tests {
             metadata: serde_json::json!({}),
             reply_to: None,
             on_busy: Default::default(),
+            attachments: Vec::new(),
         };
         let job = NewJob {
             job_id: "j".into(),

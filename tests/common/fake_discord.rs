@@ -66,6 +66,8 @@ struct State {
     /// Dispatches go to the connected gateway session.
     session: Option<mpsc::UnboundedSender<Value>>,
     seq: u64,
+    /// Files served at `/attachments/<name>`, as Discord's CDN would.
+    files: HashMap<String, (String, Vec<u8>)>,
 }
 
 /// The fake; dropping it stops its servers.
@@ -220,6 +222,34 @@ impl FakeDiscord {
     /// `mention`); returns its id.
     pub fn user_says(&self, channel: u64, author: u64, content: &str, mention: bool) -> u64 {
         self.user_says_with(channel, Some(GUILD), author, content, mention, &[])
+    }
+
+    /// A mention with files attached (`(name, content type, bytes)`).
+    pub fn user_says_with_files(
+        &self,
+        channel: u64,
+        author: u64,
+        content: &str,
+        files: &[(&str, &str, Vec<u8>)],
+    ) -> u64 {
+        let mut attachments = Vec::new();
+        for (name, content_type, bytes) in files {
+            let url = format!("http://{}/attachments/{name}", self.http_addr);
+            attachments.push(json!({"id": self.new_id().to_string(), "filename": name,
+                "size": bytes.len(), "url": url, "proxy_url": url, "content_type": content_type}));
+            let file = (content_type.to_string(), bytes.clone());
+            self.state
+                .lock()
+                .unwrap()
+                .files
+                .insert(name.to_string(), file);
+        }
+        let id = self.new_id();
+        let text = format!("<@{BOT_ID}> {content}");
+        let mut m = message_json(id, channel, Some(GUILD), author, &text, &[BOT_ID], &[]);
+        m["attachments"] = json!(attachments);
+        self.dispatch("MESSAGE_CREATE", m);
+        id
     }
 
     pub fn user_says_with(
@@ -469,6 +499,12 @@ fn route(s: &mut State, m: &Method, parts: &[&str], body: &Value) -> Response {
         ("POST", ["channels", c, "messages"]) => create_message(s, id(c), body),
         ("PATCH", ["channels", c, "messages", mid]) => edit_message(s, id(c), id(mid), body),
         ("POST", ["channels", _, "typing"]) => StatusCode::NO_CONTENT.into_response(),
+        ("GET", ["attachments", name]) => match s.files.get(*name) {
+            Some((content_type, bytes)) => {
+                ([("content-type", content_type.clone())], bytes.clone()).into_response()
+            }
+            None => StatusCode::NOT_FOUND.into_response(),
+        },
         ("POST", ["channels", c, "messages", _, "threads"]) => {
             s.next_id += 1;
             ok(

@@ -906,3 +906,72 @@ async fn a_fatal_gateway_close_stops_the_relay_with_an_error() {
     assert!(err.to_string().contains("bad token"), "{err}");
     w.cleanup().await;
 }
+
+#[tokio::test]
+async fn an_image_attachment_reaches_the_api_as_an_image_block_and_text_files_join_the_prompt() {
+    let mut w = world(|_| {}).await;
+    // A real (1x1) PNG and a text file; a zip is left out, and says so.
+    let png: Vec<u8> = vec![
+        0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a, 0, 0, 0, 13, 0x49, 0x48, 0x44, 0x52, 0, 0,
+        0, 1, 0, 0, 0, 1, 8, 6, 0, 0, 0, 0x1f, 0x15, 0xc4, 0x89, 0, 0, 0, 13, 0x49, 0x44, 0x41,
+        0x54, 0x78, 0x9c, 0x63, 0xf8, 0xcf, 0xc0, 0xf0, 0x1f, 0, 0x05, 0, 0x01, 0xff, 0x89, 0x99,
+        0x3d, 0x1d, 0, 0, 0, 0, 0x49, 0x45, 0x4e, 0x44, 0xae, 0x42, 0x60, 0x82,
+    ];
+    let files = [
+        ("dot.png", "image/png", png.clone()),
+        (
+            "notes.txt",
+            "text/plain; charset=utf-8",
+            b"remember the milk".to_vec(),
+        ),
+        ("bundle.zip", "application/zip", vec![1, 2, 3]),
+    ];
+    let msg = w
+        .fake
+        .user_says_with_files(CHAN, ALICE, "what is this?", &files);
+    let done = w.terminal(&job_of(msg)).await;
+    assert!(matches!(done.body, EventBody::Completed { .. }), "{done:?}");
+    // The placeholder said what was left out.
+    let posted = w
+        .fake
+        .calls_to("POST", &format!("/channels/{CHAN}/messages"));
+    let first = posted[0].body["content"].as_str().unwrap();
+    assert!(
+        first.contains("bundle.zip (not an image or text file)"),
+        "{first}"
+    );
+
+    let req = w.env.mock.requests().last().cloned().expect("a request");
+    // The CLI sends the prompt's blocks in a user message (with its own
+    // blocks around them): find the image and the text among them.
+    let content: Vec<Value> = req.body["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .filter(|m| m["role"] == "user")
+        .filter_map(|m| m["content"].as_array())
+        .flatten()
+        .cloned()
+        .collect();
+    let image = content
+        .iter()
+        .find(|b| b["type"] == "image")
+        .expect("an image block");
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(&png);
+    assert_eq!(image["source"]["type"], "base64");
+    assert_eq!(image["source"]["media_type"], "image/png");
+    assert_eq!(image["source"]["data"], b64.as_str());
+    let text: String = content
+        .iter()
+        .filter_map(|b| b["text"].as_str())
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(text.contains("what is this?"), "{text}");
+    assert!(
+        text.contains("--- notes.txt ---\nremember the milk"),
+        "{text}"
+    );
+    assert!(!text.contains("bundle"), "{text}");
+    w.cleanup().await;
+}

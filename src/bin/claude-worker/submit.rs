@@ -139,6 +139,7 @@ pub async fn run(settings: Settings, args: Args) -> anyhow::Result<u8> {
         },
         metadata: None,
         reply_to: None,
+        attachments: None,
     };
     let body = serde_json::to_vec(&job)?;
     if let Err(e) = claude_worker::protocol::decode_job(&body) {

@@ -14,7 +14,7 @@ use twilight_model::id::Id;
 use super::route::{self, Facts, ReplyMeta, Verdict};
 use super::{commands, lock, render, RelayError, Shared};
 use crate::config::Secret;
-use crate::protocol::{JobV1, SessionMode, SessionSpec, PROTOCOL_VERSION};
+use crate::protocol::{AttachmentV1, JobV1, SessionMode, SessionSpec, PROTOCOL_VERSION};
 
 /// The bot's own ids, known from READY.
 #[derive(Debug, Clone, Copy)]
@@ -127,6 +127,7 @@ fn facts_of<'a>(shared: &Shared, msg: &'a Message, roles: &'a [u64], me: Me) -> 
         role_ids: roles,
         mentions_bot: msg.mentions.iter().any(|m| m.id.get() == me.user),
         content: &msg.content,
+        has_attachments: !msg.attachments.is_empty(),
     }
 }
 
@@ -205,6 +206,7 @@ fn job(
     prompt: String,
     mode: SessionMode,
     meta: &ReplyMeta,
+    images: Vec<AttachmentV1>,
 ) -> JobV1 {
     JobV1 {
         v: PROTOCOL_VERSION,
@@ -219,6 +221,7 @@ fn job(
         options: Default::default(),
         metadata: Some(meta.to_metadata()),
         reply_to: None,
+        attachments: (!images.is_empty()).then_some(images),
     }
 }
 
@@ -238,16 +241,25 @@ async fn submit(
         facts.author_id,
     );
     let (waiting, mode) = prepare(shared, &key).await;
-    let first = if waiting {
+    let files = shared
+        .downloader
+        .collect(&msg.attachments, prompt.len())
+        .await;
+    let prompt = prompt + &files.text;
+    let mut first = if waiting {
         render::QUEUED
     } else {
         render::PLACEHOLDER
-    };
+    }
+    .to_string();
+    if !files.skipped.is_empty() {
+        first = format!("{first}\n{}", render::skipped_files(&files.skipped));
+    }
     let Some(channel_id) = Id::new_checked(channel) else {
         return;
     };
     let reply_to = (channel == msg.channel_id.get()).then_some(msg.id);
-    let placeholder = match shared.rest.create(channel_id, first, reply_to).await {
+    let placeholder = match shared.rest.create(channel_id, &first, reply_to).await {
         Ok(id) => id,
         Err(e) => {
             tracing::warn!(error = %e, "could not post a placeholder reply; the message is not answered");
@@ -261,7 +273,15 @@ async fn submit(
     };
     // The message id makes the job id: a message seen twice runs once.
     let job_id = format!("discord-{}", msg.id);
-    let job = job(shared, &job_id, key.clone(), prompt, mode, &meta);
+    let job = job(
+        shared,
+        &job_id,
+        key.clone(),
+        prompt,
+        mode,
+        &meta,
+        files.images,
+    );
     lock(&shared.sessions)
         .entry(key.clone())
         .or_default()

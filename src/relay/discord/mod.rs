@@ -10,6 +10,7 @@
 //! What is in memory (sessions' totals for /status, a pending /reset,
 //! threads it opened) is a convenience that a restart forgets.
 
+pub mod attach;
 pub mod commands;
 pub mod gateway;
 pub mod render;
@@ -79,6 +80,7 @@ pub struct Shared {
     pub settings: DiscordSettings,
     pub amqp: AmqpSettings,
     pub rest: Rest,
+    pub downloader: attach::Downloader,
     pub publisher: Client,
     pub shutdown: CancellationToken,
     tasks: TaskTracker,
@@ -173,6 +175,7 @@ impl Relay {
             ReplyConsumer::connect(&amqp, &settings.queue_name, &settings.reply_key(), 64).await?;
         let shared = Arc::new(Shared {
             rest: Rest::new(&settings, &token),
+            downloader: attach::Downloader::new(Duration::from_millis(settings.request_timeout_ms)),
             settings,
             amqp,
             publisher,

@@ -250,6 +250,12 @@ pub const RETRYING: &str = "-# ↻ Retrying…";
 /// The placeholder of a job that waits behind another in its session.
 pub const QUEUED: &str = "-# ⏳ Queued behind your previous message…";
 
+/// The note on files a message carried that Claude will not see.
+pub fn skipped_files(names: &[String]) -> String {
+    let list: String = names.join(", ").chars().take(300).collect();
+    format!("-# Left out: {list}")
+}
+
 /// A thread's name from the prompt that opened it: its first line, cut at a
 /// word to [`THREAD_NAME_LIMIT`] characters (never empty).
 pub fn thread_name(prompt: &str) -> String {

@@ -19,7 +19,12 @@ pub struct Facts<'a> {
     pub role_ids: &'a [u64],
     pub mentions_bot: bool,
     pub content: &'a str,
+    /// The message carries files (a prompt may then be only them).
+    pub has_attachments: bool,
 }
+
+/// The prompt of a message that is only attachments.
+pub const ATTACHMENTS_ONLY_PROMPT: &str = "Please look at the attached file(s).";
 
 /// A command typed as text (`@bot /reset`), for where slash commands are
 /// not registered.
@@ -66,7 +71,11 @@ pub fn judge(s: &DiscordSettings, bot_id: u64, f: &Facts<'_>) -> Verdict {
     }
     let text = strip_mention(f.content, bot_id);
     if text.is_empty() {
-        return Verdict::Ignore;
+        return if f.has_attachments {
+            Verdict::Prompt(ATTACHMENTS_ONLY_PROMPT.into())
+        } else {
+            Verdict::Ignore
+        };
     }
     match text_command(&text) {
         Some(cmd) => Verdict::Command(cmd),
@@ -183,6 +192,12 @@ mod tests {
         f.mentions_bot = false;
         assert_eq!(judge(&s, 99, &f), Verdict::Ignore);
         assert_eq!(judge(&s, 99, &facts("<@99>  ")), Verdict::Ignore);
+        let mut files = facts("<@99>");
+        files.has_attachments = true;
+        assert_eq!(
+            judge(&s, 99, &files),
+            Verdict::Prompt(ATTACHMENTS_ONLY_PROMPT.into())
+        );
         let mut own = facts("<@99> me");
         own.author_id = 99;
         assert_eq!(judge(&s, 99, &own), Verdict::Ignore);
