@@ -66,6 +66,8 @@ struct State {
     /// Dispatches go to the connected gateway session.
     session: Option<mpsc::UnboundedSender<Value>>,
     seq: u64,
+    /// Channels the bot may not write to (403 Missing Access).
+    forbidden: Vec<u64>,
     /// Files served at `/attachments/<name>`, as Discord's CDN would.
     files: HashMap<String, (String, Vec<u8>)>,
 }
@@ -310,6 +312,11 @@ impl FakeDiscord {
         }
     }
 
+    /// Every call writing to `channel` answers 403 Missing Access.
+    pub fn forbid(&self, channel: u64) {
+        self.state.lock().unwrap().forbidden.push(channel);
+    }
+
     /// The next `n` REST calls answer `status` (a 5xx).
     pub fn fail_next(&self, n: usize, status: u16) {
         self.state
@@ -495,6 +502,12 @@ fn id(s: &str) -> u64 {
 }
 
 fn route(s: &mut State, m: &Method, parts: &[&str], body: &Value) -> Response {
+    if let ["channels", c, ..] = parts {
+        if s.forbidden.contains(&id(c)) {
+            let denied = json!({"message": "Missing Access", "code": 50001});
+            return (StatusCode::FORBIDDEN, axum::Json(denied)).into_response();
+        }
+    }
     match (m.as_str(), parts) {
         ("POST", ["channels", c, "messages"]) => create_message(s, id(c), body),
         ("PATCH", ["channels", c, "messages", mid]) => edit_message(s, id(c), id(mid), body),

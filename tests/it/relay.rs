@@ -975,3 +975,66 @@ async fn an_image_attachment_reaches_the_api_as_an_image_block_and_text_files_jo
     assert!(!text.contains("bundle"), "{text}");
     w.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_tool_call_shows_as_a_compact_line_under_the_streaming_text() {
+    let mut w = world(|_| {}).await;
+    let path = "/etc/hostname";
+    w.env.mock.push_behavior_for(
+        "tool",
+        Behavior::tool_use("Read", json!({"file_path": path})),
+    );
+    w.env.mock.push_behavior_for(
+        "tool",
+        Behavior::hold("I read the file, it names the host."),
+    );
+    let msg = w.fake.user_says(CHAN, ALICE, "[[mock:tool]] read it", true);
+    let ph = w.placeholder(CHAN, msg).await;
+    w.env.mock.wait_for_held(1, WAIT).await;
+    let half = Behavior::hold_first_delta("I read the file, it names the host.");
+    let view = render::streaming_view(&half, Some(&render::tool_line("Read", path)));
+    assert_eq!(view, format!("{half}\n-# 🔧 Read · {path}"));
+    w.shows(ph.id, &view).await;
+    w.env.mock.release_held();
+    let done = w.terminal(&job_of(msg)).await;
+    w.shows(ph.id, &result_of(&done)).await;
+    w.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_channel_the_bot_may_not_write_to_blocks_no_other_conversation() {
+    let mut w = world(|s| s.commands_guild = Some(GUILD)).await;
+    // Commands were registered in the one guild (instant), not globally.
+    let puts = w.fake.calls_to("PUT", "/commands");
+    assert_eq!(puts.len(), 1);
+    assert_eq!(
+        puts[0].path,
+        format!(
+            "/applications/{}/guilds/{GUILD}/commands",
+            crate::common::fake_discord::APP_ID
+        )
+    );
+
+    let closed = CHAN + 7;
+    w.fake.forbid(closed);
+    let lost = w.fake.user_says(closed, ALICE, "hello?", true);
+    let ok = w.fake.user_says(CHAN, BOB, "still fine", true);
+    let done = w.terminal(&job_of(ok)).await;
+    w.shows(w.placeholder(CHAN, ok).await.id, &result_of(&done))
+        .await;
+    // The refused placeholder was tried once, and no job was published.
+    w.fake
+        .wait_for("the refused placeholder", |v| {
+            v.calls().iter().find(|c| c.status == 403).map(|_| ())
+        })
+        .await;
+    assert_eq!(
+        w.fake
+            .calls_to("POST", &format!("/channels/{closed}/messages"))
+            .len(),
+        1
+    );
+    assert!(!w.events.contains_key(&job_of(lost)));
+    assert_eq!(w.env.mock.requests().len(), 1);
+    w.cleanup().await;
+}

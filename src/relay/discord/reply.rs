@@ -24,6 +24,10 @@ pub struct Input {
     pub ack: Option<Ack>,
 }
 
+/// The typing indicator gives up after this long (a job queued that long
+/// shows its placeholder alone).
+const TYPING_MAX: Duration = Duration::from_secs(600);
+
 /// A reply that hears nothing for this long stops (its job's later events
 /// start a new one).
 const IDLE: Duration = Duration::from_secs(3600);
@@ -73,6 +77,7 @@ pub async fn run(
         talking: false,
         gone: false,
     };
+    let typing_until = Instant::now() + TYPING_MAX;
     let mut typing =
         tokio::time::interval(Duration::from_millis(shared.settings.typing_interval_ms));
     loop {
@@ -93,7 +98,7 @@ pub async fn run(
                 }
             }
             _ = sleep_until(edit_at.into()), if r.dirty && !r.gone => r.flush(&shared).await,
-            _ = typing.tick(), if !r.talking && !r.gone => {
+            _ = typing.tick(), if !r.talking && !r.gone && Instant::now() < typing_until => {
                 // Best effort: a lost typing indicator is not worth a log line above debug.
                 if let Err(e) = shared.rest.typing(r.channel).await {
                     tracing::debug!(error = %e, "typing indicator failed");
