@@ -266,22 +266,7 @@ pub fn decode_job(body: &[u8]) -> Result<JobV1, DecodeError> {
         return Err(DecodeError("body must be a JSON object".into()));
     };
     check_version(obj)?;
-    // Serde would read a struct from an array (`"options": ["sonnet"]` as
-    // the model): only objects are objects here.
-    for key in ["session", "options"] {
-        if obj.get(key).is_some_and(|v| !v.is_object()) {
-            return Err(DecodeError(format!("`{key}` must be a JSON object")));
-        }
-    }
-    if let Some(Value::Array(items)) = obj.get("attachments") {
-        if items.iter().any(|v| !v.is_object()) {
-            return Err(DecodeError("`attachments` must hold JSON objects".into()));
-        }
-    }
-    // JSON Schema counts 3.0 as an integer; so does the decoder.
-    if let Some(Value::Object(options)) = obj.get_mut("options") {
-        integral_to_int(options, "max_turns");
-    }
+    check_shapes(obj)?;
     let job: JobV1 =
         serde_json::from_value(value).map_err(|e| DecodeError(format!("invalid job: {e}")))?;
     if job.session_key.trim().is_empty() {
@@ -346,6 +331,26 @@ pub fn decode_job(body: &[u8]) -> Result<JobV1, DecodeError> {
         _ => {}
     }
     Ok(job)
+}
+
+/// What serde alone would let through: a struct read from an array
+/// (`"options": ["sonnet"]` as the model), so only objects are objects
+/// here; and `3.0` as an integer, which JSON Schema counts as one too.
+fn check_shapes(obj: &mut serde_json::Map<String, Value>) -> Result<(), DecodeError> {
+    for key in ["session", "options"] {
+        if obj.get(key).is_some_and(|v| !v.is_object()) {
+            return Err(DecodeError(format!("`{key}` must be a JSON object")));
+        }
+    }
+    if let Some(Value::Array(items)) = obj.get("attachments") {
+        if items.iter().any(|v| !v.is_object()) {
+            return Err(DecodeError("`attachments` must hold JSON objects".into()));
+        }
+    }
+    if let Some(Value::Object(options)) = obj.get_mut("options") {
+        integral_to_int(options, "max_turns");
+    }
+    Ok(())
 }
 
 /// `v` must be the number 1 (`1.0` too: JSON Schema cannot tell them
