@@ -513,6 +513,8 @@ async fn slash_commands_reset_stop_status_and_mode() {
     else {
         panic!()
     };
+    // The relay has shown the answer, so it has counted the turn.
+    w.shows(w.placeholder(CHAN, m1).await.id, "echo: first").await;
     let status = slash(&w, "status", json!([])).await;
     assert!(
         status.contains(sid.as_str()) && status.contains("Turns: 1"),
@@ -724,6 +726,7 @@ async fn text_commands_work_where_slash_commands_are_not_registered() {
     else {
         panic!()
     };
+    w.shows(w.placeholder(CHAN, m1).await.id, "echo: hello").await;
     let cmd = w.fake.user_says(CHAN, ALICE, "/status", true);
     let answer = w.placeholder(CHAN, cmd).await;
     assert!(answer.content.contains(sid.as_str()), "{}", answer.content);

@@ -80,6 +80,8 @@ pub async fn run(
     let typing_until = Instant::now() + TYPING_MAX;
     let mut typing =
         tokio::time::interval(Duration::from_millis(shared.settings.typing_interval_ms));
+    // A slow typing call delays the next one rather than bunching them.
+    typing.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let edit_at = r.throttle.next_at(Instant::now().into_std());
         tokio::select! {
