@@ -187,6 +187,9 @@ pub struct DiscordSettings {
     pub typing_interval_ms: u64,
     /// Footer under a completed answer: turns, cost.
     pub footer: bool,
+    /// Answers longer than this many characters are attached as a file
+    /// (`answer.md`) under a preview, instead of split; 0: always split.
+    pub answer_file_above: usize,
     /// Register the slash commands at start-up.
     pub register_commands: bool,
     /// Register them in this guild only (instant; for development).

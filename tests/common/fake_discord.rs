@@ -47,6 +47,8 @@ pub struct Msg {
     pub content: String,
     pub edits: Vec<String>,
     pub reply_to: Option<u64>,
+    /// Files uploaded with it: (file name, bytes).
+    pub files: Vec<(String, Vec<u8>)>,
 }
 
 #[derive(Default)]
@@ -66,6 +68,8 @@ struct State {
     /// Dispatches go to the connected gateway session.
     session: Option<mpsc::UnboundedSender<Value>>,
     seq: u64,
+    /// Files of the multipart request being routed.
+    upload: Vec<(String, Vec<u8>)>,
     /// Channels the bot may not write to (403 Missing Access).
     forbidden: Vec<u64>,
     /// Files served at `/attachments/<name>`, as Discord's CDN would.
@@ -147,9 +151,9 @@ impl FakeDiscord {
         fake.tasks
             .push(tokio::spawn(serve_gateway(gw, st, ch, url)));
         let (st, ch) = (Arc::clone(&fake.state), fake.changed.clone());
-        let app = axum::Router::new().fallback(move |m: Method, u: Uri, b: Bytes| {
+        let app = axum::Router::new().fallback(move |m: Method, u: Uri, h: HeaderMap, b: Bytes| {
             let (st, ch) = (Arc::clone(&st), ch.clone());
-            async move { rest(&st, &ch, m, u, b) }
+            async move { rest(&st, &ch, m, u, &h, b) }
         });
         fake.tasks.push(tokio::spawn(async move {
             let _ = axum::serve(http, app).await;
@@ -470,11 +474,29 @@ fn ok(v: Value) -> Response {
 }
 
 /// The REST routes, by method and path below `/api/v10`.
-fn rest(st: &Mutex<State>, ch: &watch::Sender<u64>, m: Method, u: Uri, body: Bytes) -> Response {
-    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+fn rest(
+    st: &Mutex<State>,
+    ch: &watch::Sender<u64>,
+    m: Method,
+    u: Uri,
+    h: &HeaderMap,
+    body: Bytes,
+) -> Response {
+    let content_type = h
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let (body, files) = match content_type.split_once("boundary=") {
+        Some((_, boundary)) => multipart(&body, boundary),
+        None => (
+            serde_json::from_slice(&body).unwrap_or(Value::Null),
+            Vec::new(),
+        ),
+    };
     let path = u.path().trim_start_matches("/api/v10").to_string();
     let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
     let mut s = st.lock().unwrap();
+    s.upload = files;
     let resp = if s.fail_next.is_empty() {
         route(&mut s, &m, &parts, &body)
     } else {
@@ -495,6 +517,27 @@ fn rest(st: &Mutex<State>, ch: &watch::Sender<u64>, m: Method, u: Uri, body: Byt
     drop(s);
     ch.send_modify(|n| *n += 1);
     resp
+}
+
+/// A multipart/form-data body as Discord takes it: the `payload_json`
+/// part, and the `files[n]` parts with their file names.
+fn multipart(body: &[u8], boundary: &str) -> (Value, Vec<(String, Vec<u8>)>) {
+    let text = String::from_utf8_lossy(body);
+    let mut payload = Value::Null;
+    let mut files = Vec::new();
+    for part in text.split(&format!("--{}", boundary.trim_matches('"'))) {
+        let Some((head, data)) = part.split_once("\r\n\r\n") else {
+            continue;
+        };
+        let data = data.strip_suffix("\r\n").unwrap_or(data);
+        if head.contains("name=\"payload_json\"") {
+            payload = serde_json::from_str(data).unwrap_or(Value::Null);
+        } else if let Some((_, rest)) = head.split_once("filename=\"") {
+            let name = rest.split('"').next().unwrap_or("").to_string();
+            files.push((name, data.as_bytes().to_vec()));
+        }
+    }
+    (payload, files)
 }
 
 fn id(s: &str) -> u64 {
@@ -544,12 +587,14 @@ fn create_message(s: &mut State, channel: u64, body: &Value) -> Response {
     s.next_id += 1;
     let content = body["content"].as_str().unwrap_or("").to_string();
     let reply_to = body["message_reference"]["message_id"].as_str().map(id);
+    let files = std::mem::take(&mut s.upload);
     s.messages.push(Msg {
         id: s.next_id,
         channel,
         content: content.clone(),
         edits: vec![],
         reply_to,
+        files,
     });
     ok(message_json(
         s.next_id,

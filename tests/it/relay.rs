@@ -514,7 +514,8 @@ async fn slash_commands_reset_stop_status_and_mode() {
         panic!()
     };
     // The relay has shown the answer, so it has counted the turn.
-    w.shows(w.placeholder(CHAN, m1).await.id, "echo: first").await;
+    w.shows(w.placeholder(CHAN, m1).await.id, "echo: first")
+        .await;
     let status = slash(&w, "status", json!([])).await;
     assert!(
         status.contains(sid.as_str()) && status.contains("Turns: 1"),
@@ -726,7 +727,8 @@ async fn text_commands_work_where_slash_commands_are_not_registered() {
     else {
         panic!()
     };
-    w.shows(w.placeholder(CHAN, m1).await.id, "echo: hello").await;
+    w.shows(w.placeholder(CHAN, m1).await.id, "echo: hello")
+        .await;
     let cmd = w.fake.user_says(CHAN, ALICE, "/status", true);
     let answer = w.placeholder(CHAN, cmd).await;
     assert!(answer.content.contains(sid.as_str()), "{}", answer.content);
@@ -855,23 +857,32 @@ async fn typing_shows_while_a_message_waits_and_5xx_answers_are_retried() {
         .push_behavior_for("t", Behavior::hold("held first"));
     let m1 = w.fake.user_says(CHAN, ALICE, "[[mock:t]] one", true);
     w.env.mock.wait_for_held(1, WAIT).await;
+    // The first answer is talking (its typing has stopped) …
+    let ph1 = w.placeholder(CHAN, m1).await;
+    w.shows(ph1.id, &Behavior::hold_first_delta("held first"))
+        .await;
+    // … and the second message waits behind it: its typing is re-sent.
     let m2 = w.fake.user_says(CHAN, ALICE, "two", true);
-    // The second message waits behind the first: typing is re-sent.
+    w.placeholder(CHAN, m2).await;
+    // From here on every typing call is the second message's.
+    let after = std::time::Instant::now();
     let typing = format!("/channels/{CHAN}/typing");
-    w.fake
+    let times = w
+        .fake
         .wait_for("typing re-sent while waiting", |v| {
-            let n = v.calls().iter().filter(|c| c.path == typing).count();
-            (n >= 3).then_some(())
+            let t: Vec<_> = v
+                .calls()
+                .iter()
+                .filter(|c| c.path == typing && c.at >= after)
+                .map(|c| c.at)
+                .collect();
+            (t.len() >= 2).then_some(t)
         })
         .await;
-    let times: Vec<_> = w
-        .fake
-        .calls_to("POST", &typing)
-        .iter()
-        .map(|c| c.at)
-        .collect();
-    let gap = times[times.len() - 1] - times[times.len() - 2];
-    assert!(gap >= Duration::from_millis(900), "typing {gap:?} apart");
+    for pair in times.windows(2) {
+        let gap = pair[1] - pair[0];
+        assert!(gap >= Duration::from_millis(900), "typing {gap:?} apart");
+    }
     // Discord fails the next two calls with 5xx: retried, nothing lost.
     w.fake.fail_next(2, 502);
     w.env.mock.release_held();
@@ -1039,5 +1050,40 @@ async fn a_channel_the_bot_may_not_write_to_blocks_no_other_conversation() {
     );
     assert!(!w.events.contains_key(&job_of(lost)));
     assert_eq!(w.env.mock.requests().len(), 1);
+    w.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_very_long_answer_can_come_as_a_file_under_a_preview() {
+    let mut w = world(|s| s.answer_file_above = 3000).await;
+    let text = long_answer();
+    w.env
+        .mock
+        .push_behavior_for("file", Behavior::reply(text.clone()));
+    let msg = w
+        .fake
+        .user_says(CHAN, ALICE, "[[mock:file]] write it", true);
+    let done = w.terminal(&job_of(msg)).await;
+    let ph = w.placeholder(CHAN, msg).await;
+    let render::Final::File { preview, .. } = render::final_reply(&result_of(&done), None, 3000)
+    else {
+        panic!("not a file");
+    };
+    w.shows(ph.id, &preview).await;
+    let file = w
+        .fake
+        .wait_for("the answer as a file", |v| {
+            v.messages_in(CHAN)
+                .into_iter()
+                .find_map(|m| m.files.first().cloned())
+        })
+        .await;
+    assert_eq!(file.0, render::ANSWER_FILE);
+    assert_eq!(String::from_utf8(file.1).unwrap(), text);
+    assert_eq!(
+        w.fake.messages_in(CHAN).len(),
+        2,
+        "the preview and the file"
+    );
     w.cleanup().await;
 }

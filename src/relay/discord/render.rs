@@ -217,6 +217,38 @@ pub fn final_messages(result: &str, footer: Option<&str>) -> Vec<String> {
     split(&text, MESSAGE_LIMIT)
 }
 
+/// The final form of a completed answer.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Final {
+    /// The answer in messages (split), the reply first.
+    Messages(Vec<String>),
+    /// A preview in the reply, and the whole answer as a file.
+    File { preview: String, file: String },
+}
+
+/// The file a long answer is attached as.
+pub const ANSWER_FILE: &str = "answer.md";
+
+/// How a completed answer is shown: split into messages, or, when it is
+/// longer than `file_above` characters (and that is not 0), its first part
+/// with the whole attached as [`ANSWER_FILE`].
+pub fn final_reply(result: &str, footer: Option<&str>, file_above: usize) -> Final {
+    if file_above == 0 || chars(result) <= file_above {
+        return Final::Messages(final_messages(result, footer));
+    }
+    let note = format!("-# The whole answer is attached ({ANSWER_FILE}).");
+    let tail = match footer {
+        Some(f) => format!("\n{note}\n{f}"),
+        None => format!("\n{note}"),
+    };
+    let room = MESSAGE_LIMIT - chars(&tail) - 2;
+    let first = split(result, room).into_iter().next().unwrap_or_default();
+    Final::File {
+        preview: format!("{first}\n…{tail}"),
+        file: result.to_string(),
+    }
+}
+
 /// A failure in a few words a Discord user can act on.
 pub fn failure(kind: ErrorKind) -> &'static str {
     match kind {
@@ -415,6 +447,20 @@ mod tests {
         assert_eq!(final_messages("Hi", Some(&f)), vec![format!("Hi\n\n{f}")]);
         assert_eq!(final_messages("Hi", None), vec!["Hi".to_string()]);
         assert_eq!(final_messages(" ", None), vec!["(no answer)".to_string()]);
+    }
+
+    #[test]
+    fn a_very_long_answer_can_come_as_a_file() {
+        let long = "word ".repeat(3000);
+        assert!(matches!(final_reply(&long, None, 0), Final::Messages(m) if m.len() == 8));
+        let Final::File { preview, file } = final_reply(&long, Some("-# f"), 10_000) else {
+            panic!("not a file");
+        };
+        assert_eq!(file, long);
+        assert!(chars(&preview) <= MESSAGE_LIMIT);
+        assert!(preview.starts_with("word word"));
+        assert!(preview.ends_with("…\n-# The whole answer is attached (answer.md).\n-# f"));
+        assert!(matches!(final_reply("short", None, 10), Final::Messages(_)));
     }
 
     #[test]

@@ -144,8 +144,13 @@ impl Reply {
                     .settings
                     .footer
                     .then(|| render::footer(*num_turns, *total_cost_usd));
-                let parts = render::final_messages(result, footer.as_deref());
-                self.finish(shared, &parts).await;
+                let file_above = shared.settings.answer_file_above;
+                match render::final_reply(result, footer.as_deref(), file_above) {
+                    render::Final::Messages(parts) => self.finish(shared, &parts).await,
+                    render::Final::File { preview, file } => {
+                        self.finish_with_file(shared, &preview, &file).await
+                    }
+                }
             }
             EventBody::Failed { error, .. } => {
                 self.finish(shared, &[render::failure(*error).to_string()])
@@ -201,6 +206,21 @@ impl Reply {
                 self.gone = true;
                 false
             }
+        }
+    }
+
+    /// The final edit as a preview, then the whole answer as a file.
+    async fn finish_with_file(&mut self, shared: &Shared, preview: &str, file: &str) {
+        if self.gone || !self.show(shared, preview).await {
+            return;
+        }
+        let name = render::ANSWER_FILE;
+        if let Err(e) = shared
+            .rest
+            .create_file(self.channel, name, file.as_bytes())
+            .await
+        {
+            tracing::warn!(job_id = %self.job_id, error = %e, "could not attach an answer; dropping it");
         }
     }
 

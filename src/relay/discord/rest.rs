@@ -11,6 +11,7 @@ use std::time::Duration;
 use twilight_http::error::ErrorType;
 use twilight_http::Client as Http;
 use twilight_model::application::command::Command;
+use twilight_model::http::attachment::Attachment;
 use twilight_model::http::interaction::{InteractionResponse, InteractionResponseType};
 use twilight_model::id::marker::{
     ApplicationMarker, ChannelMarker, InteractionMarker, MessageMarker,
@@ -123,6 +124,32 @@ impl Rest {
                 .await
                 .map_err(|e| RestError::Body(e.to_string()))?;
             Ok(msg.id)
+        })
+        .await
+    }
+
+    /// Posts a file (no text); returns the message's id.
+    pub async fn create_file(
+        &self,
+        channel: ChannelId,
+        name: &str,
+        bytes: &[u8],
+    ) -> Result<MessageId, RestError> {
+        let files = [Attachment::from_bytes(name.to_string(), bytes.to_vec(), 1)];
+        self.retried(|http| {
+            let files = &files;
+            async move {
+                let resp = http
+                    .create_message(channel)
+                    .attachments(files)
+                    .await
+                    .map_err(|e| RestError::from_http(&e))?;
+                let msg = resp
+                    .model()
+                    .await
+                    .map_err(|e| RestError::Body(e.to_string()))?;
+                Ok(msg.id)
+            }
         })
         .await
     }
