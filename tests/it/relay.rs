@@ -529,6 +529,13 @@ async fn slash_commands_reset_stop_status_and_mode() {
     )
     .await;
     assert!(mode.starts_with("✅"), "{mode}");
+    // Above the profile's ceiling (acceptEdits): refused, and it says why.
+    let over = json!([{"name": "mode", "type": 3, "value": "bypassPermissions"}]);
+    let refused = slash(&w, "mode", over).await;
+    assert!(
+        refused.starts_with("⚠️") && refused.contains("ceiling"),
+        "{refused}"
+    );
 
     stop_cancels_the_answer_in_progress(&mut w).await;
     reset_starts_a_new_session(&mut w, sid).await;
