@@ -70,6 +70,8 @@ struct State {
     seq: u64,
     /// Files of the multipart request being routed.
     upload: Vec<(String, Vec<u8>)>,
+    /// Threads the relay opened: thread → parent channel.
+    threads: HashMap<u64, u64>,
     /// Channels the bot may not write to (403 Missing Access).
     forbidden: Vec<u64>,
     /// Files served at `/attachments/<name>`, as Discord's CDN would.
@@ -561,8 +563,17 @@ fn route(s: &mut State, m: &Method, parts: &[&str], body: &Value) -> Response {
             }
             None => StatusCode::NOT_FOUND.into_response(),
         },
+        ("GET", ["channels", c]) => match s.threads.get(&id(c)) {
+            Some(parent) => ok(json!({"id": c, "type": 11, "guild_id": GUILD.to_string(),
+                "parent_id": parent.to_string(), "name": "t", "owner_id": BOT_ID.to_string()})),
+            None => {
+                ok(json!({"id": c, "type": 0, "guild_id": GUILD.to_string(), "name": "general"}))
+            }
+        },
         ("POST", ["channels", c, "messages", _, "threads"]) => {
             s.next_id += 1;
+            let thread = s.next_id;
+            s.threads.insert(thread, id(c));
             ok(
                 json!({"id": s.next_id.to_string(), "type": 11, "guild_id": GUILD.to_string(),
                       "parent_id": c, "name": body["name"], "owner_id": BOT_ID.to_string()}),

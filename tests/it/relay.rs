@@ -637,6 +637,29 @@ async fn thread_mode_opens_one_thread_per_conversation() {
         w.fake.messages_in(CHAN).is_empty(),
         "nothing answered in the channel itself"
     );
+    // A restarted relay asks Discord whose thread it is, and answers there.
+    w.kill_relay().await;
+    w.start_relay().await;
+    let m4 = w.fake.user_says(thread, ALICE, "after a restart", false);
+    let again = w.terminal(&job_of(m4)).await;
+    assert_eq!(again.session_key, done.session_key);
+    assert_eq!(
+        w.fake.calls_to("GET", &format!("/channels/{thread}")).len(),
+        1
+    );
+    // Not a thread of the relay: looked up once, then ignored.
+    let elsewhere = CHAN + 3;
+    let ignored = w.fake.user_says(elsewhere, ALICE, "chatter", false);
+    w.fake
+        .wait_for("the channel looked up", |v| {
+            let path = format!("/channels/{elsewhere}");
+            v.calls().iter().find(|c| c.path == path).map(|_| ())
+        })
+        .await;
+    let again2 = w.fake.user_says(thread, ALICE, "and once more", false);
+    w.terminal(&job_of(again2)).await;
+    assert!(!w.events.contains_key(&job_of(ignored)));
+    assert!(w.fake.messages_in(elsewhere).is_empty());
     w.cleanup().await;
 }
 

@@ -98,7 +98,7 @@ pub async fn on_interaction(shared: &Arc<Shared>, me: Me, i: Interaction) {
         .unwrap_or_default();
     let channel = i.channel.as_ref().map(|c| c.id.get()).unwrap_or(0);
     let guild = i.guild_id.map(Id::get);
-    let own_thread_parent = lock(&shared.threads).get(&channel).copied();
+    let own_thread_parent = lock(&shared.threads).get(&channel).copied().flatten();
     let facts = Facts {
         author_id: user,
         guild_id: guild,

@@ -117,7 +117,10 @@ impl Gateway {
 }
 
 fn facts_of<'a>(shared: &Shared, msg: &'a Message, roles: &'a [u64], me: Me) -> Facts<'a> {
-    let own_thread_parent = lock(&shared.threads).get(&msg.channel_id.get()).copied();
+    let own_thread_parent = lock(&shared.threads)
+        .get(&msg.channel_id.get())
+        .copied()
+        .flatten();
     Facts {
         author_id: msg.author.id.get(),
         author_is_bot: msg.author.bot,
@@ -131,7 +134,37 @@ fn facts_of<'a>(shared: &Shared, msg: &'a Message, roles: &'a [u64], me: Me) -> 
     }
 }
 
+/// Channels remembered in thread mode before the map is cleared.
+const THREADS_MEMORY: usize = 10_000;
+
+/// In thread mode, learns whether an unmentioned message's channel is a
+/// thread the relay opened (asking Discord once per channel), so follow-ups
+/// there are answered after a restart too.
+async fn own_thread(shared: &Shared, me: Me, msg: &Message) {
+    let mentioned = msg.mentions.iter().any(|m| m.id.get() == me.user);
+    if !shared.settings.threads || msg.guild_id.is_none() || mentioned || msg.author.bot {
+        return;
+    }
+    let channel = msg.channel_id.get();
+    if lock(&shared.threads).contains_key(&channel) {
+        return;
+    }
+    let parent = match shared.rest.own_thread_parent(msg.channel_id, me.user).await {
+        Ok(parent) => parent,
+        Err(e) => {
+            tracing::debug!(error = %e, "could not look a channel up");
+            return;
+        }
+    };
+    let mut threads = lock(&shared.threads);
+    if threads.len() >= THREADS_MEMORY {
+        threads.retain(|_, parent| parent.is_some());
+    }
+    threads.insert(channel, parent);
+}
+
 async fn on_message(shared: &Arc<Shared>, me: Me, msg: &Message) {
+    own_thread(shared, me, msg).await;
     let roles: Vec<u64> = msg
         .member
         .as_ref()
@@ -171,7 +204,7 @@ async fn reply_channel(shared: &Shared, msg: &Message, prompt: &str, in_thread: 
     let name = render::thread_name(prompt);
     match shared.rest.thread(msg.channel_id, msg.id, &name).await {
         Ok(thread) => {
-            lock(&shared.threads).insert(thread.get(), msg.channel_id.get());
+            lock(&shared.threads).insert(thread.get(), Some(msg.channel_id.get()));
             thread.get()
         }
         Err(e) => {

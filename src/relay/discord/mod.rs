@@ -7,8 +7,8 @@
 //! durable reply queue, routed to one `reply` task per job). Nothing the
 //! relay must remember lives only in memory: the job's `metadata` says
 //! where its reply is, so a restarted relay finishes what another began.
-//! What is in memory (sessions' totals for /status, a pending /reset,
-//! threads it opened) is a convenience that a restart forgets.
+//! What is in memory (sessions' totals for /status, a pending /reset) is a
+//! convenience that a restart forgets.
 
 pub mod attach;
 pub mod commands;
@@ -87,8 +87,10 @@ pub struct Shared {
     replies: Mutex<HashMap<String, mpsc::UnboundedSender<reply::Input>>>,
     finished: Mutex<VecDeque<String>>,
     pub sessions: Mutex<HashMap<String, SessionInfo>>,
-    /// Threads the relay opened → their parent channel.
-    pub threads: Mutex<HashMap<u64, u64>>,
+    /// Channels looked at in thread mode: a thread the relay opened → its
+    /// parent channel; anything else → `None`. Rebuilt from Discord after
+    /// a restart (`gateway::own_thread`).
+    pub threads: Mutex<HashMap<u64, Option<u64>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -182,6 +182,27 @@ impl Rest {
         .await
     }
 
+    /// The parent channel of `channel` if it is a thread `owner` opened.
+    pub async fn own_thread_parent(
+        &self,
+        channel: ChannelId,
+        owner: u64,
+    ) -> Result<Option<u64>, RestError> {
+        self.retried(|http| async move {
+            let resp = http
+                .channel(channel)
+                .await
+                .map_err(|e| RestError::from_http(&e))?;
+            let ch = resp
+                .model()
+                .await
+                .map_err(|e| RestError::Body(e.to_string()))?;
+            let own = ch.kind.is_thread() && ch.owner_id.map(Id::get) == Some(owner);
+            Ok(ch.parent_id.map(Id::get).filter(|_| own))
+        })
+        .await
+    }
+
     /// Opens a public thread on a message; returns the thread's id.
     pub async fn thread(
         &self,
