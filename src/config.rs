@@ -274,15 +274,76 @@ pub struct Profile {
     /// empty: anyone who may publish.
     #[serde(default)]
     pub allowed_user_ids: Vec<String>,
+    /// The model the CLI falls back to when the main one is overloaded
+    /// (`--fallback-model`); not passed when a turn's model is this one.
+    #[serde(default)]
+    pub fallback_model: Option<String>,
+    /// Budgets (see the README): per-turn cost cap, per-session lifetime
+    /// budget, per-identity budget over a window.
+    #[serde(default)]
+    pub budget: BudgetSettings,
+}
+
+/// A profile's budgets, in USD. Unset: no limit.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetSettings {
+    /// Cost cap of one turn (the CLI's `--max-budget-usd`); a job may ask
+    /// for less (`options.max_budget_usd`). A turn that reaches it fails
+    /// with `max_budget`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub turn_usd: Option<f64>,
+    /// What a session key's turns may cost in all; a job of a session past
+    /// it fails at once with `budget_exceeded`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_usd: Option<f64>,
+    /// What the jobs of one `identity` may cost per window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity_usd: Option<f64>,
+    /// The identity budget's window, in seconds; windows are aligned to
+    /// the Unix epoch (86400: UTC days).
+    #[serde(default = "default_window_secs")]
+    pub identity_window_secs: u64,
+    /// A turn that crosses the session or identity budget mid-way:
+    /// `finish` lets it finish (the next job is refused); `stop` caps the
+    /// turn at what is left (it ends `max_budget`).
+    #[serde(default)]
+    pub overrun: BudgetOverrun,
+}
+
+fn default_window_secs() -> u64 {
+    86_400
+}
+
+impl Default for BudgetSettings {
+    fn default() -> Self {
+        BudgetSettings {
+            turn_usd: None,
+            session_usd: None,
+            identity_usd: None,
+            identity_window_secs: default_window_secs(),
+            overrun: BudgetOverrun::Finish,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BudgetOverrun {
+    #[default]
+    Finish,
+    Stop,
 }
 
 /// Options of one turn after the job's wishes were checked against its profile.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct EffectiveOptions {
     pub model: Option<String>,
     pub max_turns: u32,
     pub permission_mode: PermissionMode,
     pub on_busy: crate::protocol::OnBusy,
+    /// Per-turn cost cap (`--max-budget-usd`).
+    pub max_budget_usd: Option<f64>,
 }
 
 impl Profile {
@@ -323,12 +384,54 @@ impl Profile {
             }
             Some(m) => Some(m.clone()),
         };
+        let cap = self.budget.turn_usd;
+        let max_budget_usd = match (opts.max_budget_usd, cap) {
+            (Some(b), _) if b <= 0.0 || !b.is_finite() => {
+                return Err(format!("`options.max_budget_usd` {b} must be above 0"))
+            }
+            (Some(b), Some(cap)) if b > cap => {
+                return Err(format!(
+                    "`options.max_budget_usd` {b} exceeds profile `{name}`'s per-turn cap of {cap}"
+                ))
+            }
+            (Some(b), _) => Some(b),
+            (None, cap) => cap,
+        };
         Ok(EffectiveOptions {
             model,
             max_turns,
             permission_mode,
             on_busy: opts.on_busy.unwrap_or(self.on_busy),
+            max_budget_usd,
         })
+    }
+}
+
+impl BudgetSettings {
+    fn validate(&self, profile: &str) -> Result<(), ConfigError> {
+        let amounts = [
+            ("turn_usd", self.turn_usd),
+            ("session_usd", self.session_usd),
+            ("identity_usd", self.identity_usd),
+        ];
+        for (key, v) in amounts {
+            if let Some(v) = v {
+                if !(v > 0.0 && v.is_finite()) {
+                    return Err(ConfigError::Invalid(format!(
+                        "profiles.{profile}.budget.{key} must be a number of USD above 0 \
+                         (got {v}); leave it out for no limit"
+                    )));
+                }
+            }
+        }
+        if self.identity_window_secs < 60 {
+            return Err(ConfigError::Invalid(format!(
+                "profiles.{profile}.budget.identity_window_secs must be at least 60 (got {}); \
+                 86400 is a UTC day",
+                self.identity_window_secs
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -466,6 +569,15 @@ impl Settings {
                     p.permission_mode, p.max_permission_mode
                 ));
             }
+            p.budget.validate(name)?;
+            if let Some(f) = &p.fallback_model {
+                if f.is_empty() || f.starts_with('-') || p.model.as_ref() == Some(f) {
+                    return bad(format!(
+                        "profiles.{name}: fallback_model {f:?} must be a model name other than \
+                         the profile's model (the CLI refuses a fallback equal to the main model)"
+                    ));
+                }
+            }
             if let Some(m) = &p.model {
                 if !p.models.is_empty() && !p.models.contains(m) {
                     return bad(format!(
@@ -553,6 +665,82 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(p.resolve("webapp", &ok).unwrap().max_turns, 5);
+    }
+
+    #[test]
+    fn a_job_may_only_narrow_the_turn_cost_cap() {
+        let mut s = Settings::from_toml_overrides("").unwrap();
+        let p = s.profiles.get_mut("discord").unwrap();
+        let ask = |usd| JobOptions {
+            max_budget_usd: Some(usd),
+            ..Default::default()
+        };
+        // No profile cap: any positive cap narrows "unlimited".
+        assert_eq!(
+            p.resolve("discord", &ask(3.0)).unwrap().max_budget_usd,
+            Some(3.0)
+        );
+        assert_eq!(
+            p.resolve("discord", &JobOptions::default())
+                .unwrap()
+                .max_budget_usd,
+            None
+        );
+        p.budget.turn_usd = Some(0.5);
+        assert_eq!(
+            p.resolve("discord", &JobOptions::default())
+                .unwrap()
+                .max_budget_usd,
+            Some(0.5)
+        );
+        assert_eq!(
+            p.resolve("discord", &ask(0.25)).unwrap().max_budget_usd,
+            Some(0.25)
+        );
+        let err = p.resolve("discord", &ask(0.75)).unwrap_err();
+        assert!(err.contains("per-turn cap of 0.5"), "{err}");
+    }
+
+    #[test]
+    fn budget_settings_are_validated_with_actionable_messages() {
+        let err = Settings::from_toml_overrides("[profiles.default.budget]\nsession_usd = 0")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("profiles.default.budget.session_usd must be a number of USD above 0"),
+            "{err}"
+        );
+        let err = Settings::from_toml_overrides(
+            "[profiles.default.budget]\nidentity_usd = 1.0\nidentity_window_secs = 5",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("identity_window_secs must be at least 60"),
+            "{err}"
+        );
+        let err = Settings::from_toml_overrides(
+            "[profiles.default]\nmodel = \"sonnet\"\nfallback_model = \"sonnet\"",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("fallback_model \"sonnet\" must be a model name other than"),
+            "{err}"
+        );
+        let err = Settings::from_toml_overrides("[profiles.default.budget]\noverrun = \"later\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("later"), "{err}");
+        let ok = Settings::from_toml_overrides(
+            "[profiles.discord.budget]\nturn_usd = 0.5\nsession_usd = 5.0\nidentity_usd = 2.0\noverrun = \"stop\"",
+        )
+        .unwrap();
+        let b = &ok.profiles["discord"].budget;
+        assert_eq!(
+            (b.identity_window_secs, b.overrun),
+            (86_400, BudgetOverrun::Stop)
+        );
     }
 
     #[test]

@@ -44,6 +44,10 @@ pub struct JobV1 {
     /// Images sent with the prompt (at most [`MAX_ATTACHMENTS`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attachments: Option<Vec<AttachmentV1>>,
+    /// Whose budget the job spends (e.g. `discord:user:1234`), for the
+    /// profile's per-identity budget. Set by the producer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
 }
 
 /// At most this many attachments per job.
@@ -197,6 +201,10 @@ pub struct JobOptions {
     /// arrives; default: the profile's `on_busy`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on_busy: Option<OnBusy>,
+    /// Per-turn cost cap in USD (the CLI's `--max-budget-usd`); at most
+    /// the profile's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_budget_usd: Option<f64>,
 }
 
 /// Double-texting policy: a job that arrives while its session is busy.
@@ -301,6 +309,20 @@ pub fn decode_job(body: &[u8]) -> Result<JobV1, DecodeError> {
     }
     if let Some(r) = &job.reply_to {
         validate_reply_to(r)?;
+    }
+    if let Some(b) = job.options.max_budget_usd {
+        if b <= 0.0 || !b.is_finite() {
+            return Err(DecodeError(format!(
+                "`options.max_budget_usd` must be a number above 0 (got {b})"
+            )));
+        }
+    }
+    if let Some(id) = &job.identity {
+        if id.trim().is_empty() || id.len() > 255 {
+            return Err(DecodeError(
+                "`identity` must be 1-255 bytes and not blank".into(),
+            ));
+        }
     }
     if let Some(m) = &job.metadata {
         if !m.is_object() {
@@ -592,6 +614,11 @@ pub enum EventBody {
     Text {
         text: String,
     },
+    /// The attempt's text so far is void (the CLI restarted a cut API
+    /// stream); the `text` events that follow restate it from the start.
+    TextReset {
+        reason: String,
+    },
     ToolUse {
         name: String,
         input_summary: String,
@@ -605,8 +632,13 @@ pub enum EventBody {
     Completed {
         result: String,
         claude_session_id: Option<String>,
+        /// This turn's tokens, as the CLI reports them.
         usage: Value,
+        /// What this turn cost (not the CLI's running total).
         total_cost_usd: f64,
+        /// What the session key's turns have cost so far, this one included.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        session_cost_usd: Option<f64>,
         duration_ms: u64,
         num_turns: u32,
     },
@@ -632,6 +664,7 @@ impl EventBody {
         match self {
             EventBody::Started { .. } => "started",
             EventBody::Text { .. } => "text",
+            EventBody::TextReset { .. } => "text_reset",
             EventBody::ToolUse { .. } => "tool_use",
             EventBody::Retrying { .. } => "retrying",
             EventBody::Completed { .. } => "completed",
@@ -665,6 +698,10 @@ pub enum ErrorKind {
     Internal,
     /// The session was busy and the job's `on_busy` policy is `reject`.
     Busy,
+    /// The turn reached its per-turn cost cap (`max_budget_usd`).
+    MaxBudget,
+    /// A session or identity budget was used up before the job started.
+    BudgetExceeded,
 }
 
 /// The answer to a control message, published to the replies exchange with

@@ -28,6 +28,10 @@ pub enum PublishError {
     /// The connection is gone and did not recover.
     #[error("publish to RabbitMQ failed: {0}")]
     Broker(String),
+    /// The event's lease was no longer held when its turn to go out came:
+    /// not published.
+    #[error("the session lease was lost before the event went out; not published")]
+    Fenced,
 }
 
 /// Where reply events and dead letters go. The AMQP implementation is the
@@ -75,11 +79,25 @@ pub trait ReplySink: Send + Sync + 'static {
     ) -> Result<(), PublishError>;
 }
 
-/// Who publishes an event: the worker and the session lease epoch it holds.
-#[derive(Debug, Clone, Copy)]
+/// Who publishes an event: the worker and the session lease epoch it holds,
+/// and — for events that are only valid under a live lease — the check of
+/// it, run again right before the frame goes to the broker (after the wait
+/// for the channel), so no event of a lost lease is queued behind others.
+#[derive(Clone, Copy)]
 pub struct Attribution<'a> {
     pub worker_id: &'a str,
     pub lease_epoch: i64,
+    pub fence: Option<&'a (dyn Fn() -> bool + Sync)>,
+}
+
+impl std::fmt::Debug for Attribution<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Attribution")
+            .field("worker_id", &self.worker_id)
+            .field("lease_epoch", &self.lease_epoch)
+            .field("fenced", &self.fence.is_some())
+            .finish()
+    }
 }
 
 /// AMQP header naming the worker that published an event.
@@ -118,6 +136,7 @@ impl AmqpSink {
         routing_key: &str,
         body: &[u8],
         props: BasicProperties,
+        fence: Option<&(dyn Fn() -> bool + Sync)>,
     ) -> Result<(), PublishError> {
         let timeout_ms = self.timeout.as_millis() as u64;
         let deadline = tokio::time::Instant::now() + self.timeout;
@@ -127,6 +146,9 @@ impl AmqpSink {
         let attempt = async {
             let mut last_err = None;
             for _ in 0..2 {
+                if fence.is_some_and(|still_valid| !still_valid()) {
+                    return Err(PublishError::Fenced);
+                }
                 let confirm = self
                     .channel
                     .basic_publish(
@@ -198,8 +220,14 @@ impl ReplySink for AmqpSink {
         let props = event_props(&event.job_id, event.body.type_name())
             .with_message_id(format!("{}:{}", event.job_id, event.seq).as_str().into())
             .with_headers(headers);
-        self.publish_confirmed(&self.topology.replies_exchange, routing_key, body, props)
-            .await
+        self.publish_confirmed(
+            &self.topology.replies_exchange,
+            routing_key,
+            body,
+            props,
+            from.fence,
+        )
+        .await
     }
 
     async fn publish_raw_event(
@@ -214,8 +242,14 @@ impl ReplySink for AmqpSink {
         if let Some(seq) = parsed["seq"].as_u64() {
             props = props.with_message_id(format!("{job_id}:{seq}").as_str().into());
         }
-        self.publish_confirmed(&self.topology.replies_exchange, routing_key, body, props)
-            .await
+        self.publish_confirmed(
+            &self.topology.replies_exchange,
+            routing_key,
+            body,
+            props,
+            None,
+        )
+        .await
     }
 
     async fn publish_control_result(
@@ -225,8 +259,14 @@ impl ReplySink for AmqpSink {
         body: &[u8],
     ) -> Result<(), PublishError> {
         let props = event_props(request_id, "control_result");
-        self.publish_confirmed(&self.topology.replies_exchange, routing_key, body, props)
-            .await
+        self.publish_confirmed(
+            &self.topology.replies_exchange,
+            routing_key,
+            body,
+            props,
+            None,
+        )
+        .await
     }
 
     async fn publish_control(
@@ -241,7 +281,7 @@ impl ReplySink for AmqpSink {
         if let Some(r) = reply_to {
             props = props.with_reply_to(r.into());
         }
-        self.publish_confirmed(&self.topology.control_exchange, "", body, props)
+        self.publish_confirmed(&self.topology.control_exchange, "", body, props, None)
             .await
     }
 
@@ -268,6 +308,7 @@ impl ReplySink for AmqpSink {
             original.routing_key.as_str(),
             &original.data,
             props,
+            None,
         )
         .await
     }

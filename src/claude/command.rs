@@ -79,6 +79,16 @@ pub fn cli_args(req: &TurnRequest, profile: &Profile) -> Vec<String> {
     }
     args.push(format!("--max-turns={}", req.options.max_turns));
     args.push(format!("--permission-mode={}", req.options.permission_mode));
+    if let Some(usd) = req.options.max_budget_usd {
+        // Counted by the CLI per process: a capped turn never runs warm.
+        args.push(format!("--max-budget-usd={usd}"));
+    }
+    if let Some(fallback) = &profile.fallback_model {
+        // The CLI refuses a fallback equal to the main model.
+        if req.options.model.as_ref() != Some(fallback) {
+            args.push(format!("--fallback-model={fallback}"));
+        }
+    }
     // Before the tool lists: those take every following word as a value.
     args.extend(profile.extra_args.iter().cloned());
     if !profile.allowed_tools.is_empty() {
@@ -182,5 +192,36 @@ mod tests {
         assert!(args.contains(&"--resume=0b5a3c1e-0000-4000-8000-000000000000".to_string()));
         assert!(args.contains(&"--fork-session".to_string()));
         assert!(user_message_line(&req).ends_with('\n'));
+    }
+
+    #[test]
+    fn cost_cap_and_fallback_model_come_from_the_options_and_profile() {
+        let s = crate::config::Settings::from_toml_overrides("").unwrap();
+        let mut p = s.profiles["default"].clone();
+        let mut req = TurnRequest {
+            prompt: "hi".into(),
+            images: Vec::new(),
+            cwd: "/tmp".into(),
+            resume: None,
+            fork: false,
+            options: p.resolve("default", &Default::default()).unwrap(),
+        };
+        let args = cli_args(&req, &p);
+        assert!(!args
+            .iter()
+            .any(|a| a.starts_with("--max-budget-usd") || a.starts_with("--fallback-model")));
+        p.fallback_model = Some("claude-haiku-4-5".into());
+        req.options.max_budget_usd = Some(0.25);
+        let args = cli_args(&req, &p);
+        assert!(
+            args.contains(&"--max-budget-usd=0.25".to_string()),
+            "{args:?}"
+        );
+        assert!(args.contains(&"--fallback-model=claude-haiku-4-5".to_string()));
+        // Never the main model as its own fallback.
+        req.options.model = Some("claude-haiku-4-5".into());
+        assert!(!cli_args(&req, &p)
+            .iter()
+            .any(|a| a.starts_with("--fallback-model")));
     }
 }

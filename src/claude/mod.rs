@@ -7,6 +7,7 @@
 //! the broker or the database: the worker hands it plain values.
 
 pub(crate) mod command;
+pub(crate) mod cost;
 pub(crate) mod paths;
 pub(crate) mod process;
 pub(crate) mod stream;

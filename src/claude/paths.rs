@@ -21,6 +21,22 @@ pub fn project_dir_name(cwd: &Path) -> String {
         .collect()
 }
 
+/// Where the CLI running in `cwd` keeps (and resumes) the transcript of
+/// `session_id`.
+pub fn transcript_path(
+    env: &BTreeMap<String, String>,
+    cwd: &Path,
+    session_id: &str,
+) -> Option<PathBuf> {
+    let config = config_dir(env)?;
+    Some(
+        config
+            .join("projects")
+            .join(project_dir_name(cwd))
+            .join(format!("{session_id}.jsonl")),
+    )
+}
+
 /// Makes the transcript of `session_id` visible from `cwd`: a session
 /// resumed by id from another key (another working directory) is copied
 /// into this directory's project folder. Returns whether it is there now.

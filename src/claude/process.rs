@@ -21,8 +21,9 @@ use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 use tokio::sync::mpsc;
 
 use super::command::{cli_args, cli_env, user_message_line, SpawnError, TurnRequest};
-use super::paths::ensure_transcript;
-use super::stream::{parse_line, truncate_chars, CliMessage};
+use super::cost::CostMeter;
+use super::paths::{ensure_transcript, transcript_path};
+use super::stream::{parse_value, truncate_chars, CliMessage};
 use crate::config::{ClaudeSettings, Profile};
 
 /// How much of the CLI's stderr is kept for error messages.
@@ -47,6 +48,8 @@ pub struct CliProcess {
     stdout: Lines<BufReader<ChildStdout>>,
     stderr: Arc<Mutex<VecDeque<u8>>>,
     stderr_task: Option<tokio::task::JoinHandle<()>>,
+    /// Per-turn costs and context use of its results (see `claude::cost`).
+    cost: CostMeter,
 }
 
 impl CliProcess {
@@ -61,13 +64,7 @@ impl CliProcess {
             source,
         })?;
         let env = cli_env(&settings.env_passthrough, profile);
-        if let Some(id) = &req.resume {
-            // Best effort: if it fails the CLI reports the session missing
-            // and the caller starts a new one.
-            if let Err(e) = ensure_transcript(&env, &req.cwd, id) {
-                tracing::warn!(error = %e, claude_session_id = %id, "could not make the transcript available");
-            }
-        }
+        let cost = transcript_and_meter(&env, req);
         let mut cmd = Command::new(&settings.path);
         cmd.args(cli_args(req, profile))
             .current_dir(&req.cwd)
@@ -128,6 +125,7 @@ impl CliProcess {
             stdout,
             stderr: stderr_buf,
             stderr_task,
+            cost,
         };
         Ok(proc)
     }
@@ -180,8 +178,8 @@ impl CliProcess {
                     if line.trim().is_empty() {
                         continue;
                     }
-                    match parse_line(&line) {
-                        Ok(msg) => return Some(msg),
+                    match serde_json::from_str::<Value>(&line) {
+                        Ok(v) => return Some(self.message(&v)),
                         Err(_) => {
                             tracing::debug!(line = %truncate_chars(&line, 300), "non-JSON line from the CLI");
                         }
@@ -194,6 +192,24 @@ impl CliProcess {
                 }
             }
         }
+    }
+
+    /// One stdout message; a result gets its turn's cost and context use.
+    fn message(&mut self, v: &Value) -> CliMessage {
+        self.cost.observe(v);
+        match parse_value(v) {
+            CliMessage::Result(mut r) => {
+                self.cost.on_result(&mut r, v);
+                CliMessage::Result(r)
+            }
+            msg => msg,
+        }
+    }
+
+    /// What the turns of this process cost since the last call (every
+    /// result counts once, also one read while interrupting).
+    pub fn take_cost(&mut self) -> f64 {
+        self.cost.take()
     }
 
     /// The tail of what the CLI wrote to stderr.
@@ -334,6 +350,24 @@ impl CliProcess {
             unsafe { libc::killpg(pgid, libc::SIGKILL) };
         }
     }
+}
+
+/// Makes a resumed session's transcript visible from its cwd, and the
+/// process's cost meter: a resumed or forked session's running total
+/// starts from what that transcript saved.
+fn transcript_and_meter(
+    env: &std::collections::BTreeMap<String, String>,
+    req: &TurnRequest,
+) -> CostMeter {
+    let Some(id) = &req.resume else {
+        return CostMeter::new(None);
+    };
+    // Best effort: if it fails the CLI reports the session missing and the
+    // caller starts a new one.
+    if let Err(e) = ensure_transcript(env, &req.cwd, id) {
+        tracing::warn!(error = %e, claude_session_id = %id, "could not make the transcript available");
+    }
+    CostMeter::new(transcript_path(env, &req.cwd, id))
 }
 
 /// The writer task: writes queued lines to the CLI's stdin until the

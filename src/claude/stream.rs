@@ -15,7 +15,16 @@ pub enum CliMessage {
     /// A streamed text delta of the top-level assistant.
     TextDelta {
         message_id: Option<String>,
+        /// The content block the delta belongs to.
+        index: u64,
         text: String,
+    },
+    /// The API stream of `message_id` was cut: its content blocks from
+    /// `from_block_index` on are abandoned (the CLI retries the request),
+    /// so the deltas already printed for them are void.
+    Abandoned {
+        message_id: String,
+        from_block_index: u64,
     },
     /// A complete top-level assistant message: its text (already streamed
     /// as deltas, unless the CLI fell back to a non-streaming request) and
@@ -50,26 +59,77 @@ pub struct TurnResult {
     pub session_id: Option<String>,
     pub api_error_status: Option<u64>,
     pub errors: Vec<String>,
+    /// Token usage of this turn (the CLI's figures are per turn).
     pub usage: Value,
+    /// The CLI's running total for the Claude session (see `claude::cost`):
+    /// not what the turn cost.
     pub total_cost_usd: f64,
+    /// The CLI's own per-turn figure, when it states one
+    /// (`model_usage_since_last_result`).
+    pub per_turn_cost_usd: Option<f64>,
+    /// The context the turn's last top-level API call used (input plus
+    /// cache tokens) and its model's window: set by the process from the
+    /// turn's assistant messages and the result's `modelUsage`.
+    pub context: Option<ContextUse>,
+    /// What this turn cost: set by the process's `CostMeter` (from
+    /// `per_turn_cost_usd`, else from the running totals).
+    pub turn_cost_usd: f64,
     pub duration_ms: u64,
     pub num_turns: u32,
 }
 
-/// Parses one stdout line. `Err` means the line is not JSON (the caller
-/// logs it and carries on).
+/// A session's context use after a turn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ContextUse {
+    pub tokens: u64,
+    /// The model's context window, when the CLI states it.
+    pub window: Option<u64>,
+}
+
+/// The context an assistant message's API call used (input + cache
+/// tokens) and its model, for a top-level `assistant` line.
+pub fn call_context(v: &Value) -> Option<(u64, Option<String>)> {
+    if v.get("type").and_then(Value::as_str) != Some("assistant")
+        || !v.get("parent_tool_use_id").is_none_or(Value::is_null)
+    {
+        return None;
+    }
+    let usage = v["message"].get("usage")?;
+    let n = |k: &str| usage.get(k).and_then(Value::as_u64).unwrap_or(0);
+    let tokens =
+        n("input_tokens") + n("cache_creation_input_tokens") + n("cache_read_input_tokens");
+    Some((tokens, str_of(&v["message"], "model")))
+}
+
+/// The context window the result's `modelUsage` states for `model`.
+pub fn context_window(result: &Value, model: Option<&str>) -> Option<u64> {
+    let models = result.get("modelUsage")?.as_object()?;
+    let of = |m: &Value| m.get("contextWindow").and_then(Value::as_u64);
+    match model.and_then(|m| models.get(m)) {
+        Some(m) => of(m),
+        None => models.values().filter_map(of).max(),
+    }
+}
+
+/// Parses one stdout line. `Err` means the line is not JSON.
+#[cfg(test)]
 pub fn parse_line(line: &str) -> Result<CliMessage, serde_json::Error> {
     let v: Value = serde_json::from_str(line)?;
+    Ok(parse_value(&v))
+}
+
+/// [`parse_line`] for a line already parsed as JSON.
+pub fn parse_value(v: &Value) -> CliMessage {
     let top_level = || v.get("parent_tool_use_id").is_none_or(Value::is_null);
-    Ok(match v.get("type").and_then(Value::as_str) {
-        Some("system") => system(&v),
+    match v.get("type").and_then(Value::as_str) {
+        Some("system") => system(v),
         // Sub-agents' output (a `parent_tool_use_id`) is not the answer.
-        Some("stream_event") if top_level() => stream_event(&v),
-        Some("assistant") if top_level() => assistant(&v),
-        Some("control_response") => control_response(&v),
-        Some("result") => CliMessage::Result(result(&v)),
+        Some("stream_event") if top_level() => stream_event(v),
+        Some("assistant") if top_level() => assistant(v),
+        Some("control_response") => control_response(v),
+        Some("result") => CliMessage::Result(result(v)),
         _ => CliMessage::Other,
-    })
+    }
 }
 
 fn str_of(v: &Value, key: &str) -> Option<String> {
@@ -97,12 +157,25 @@ fn system(v: &Value) -> CliMessage {
 
 fn stream_event(v: &Value) -> CliMessage {
     let ev = &v["event"];
+    if let Some(a) = v.get("abandoned_blocks").filter(|a| a.is_object()) {
+        return match (
+            str_of(a, "api_message_id"),
+            a.get("from_block_index").and_then(Value::as_u64),
+        ) {
+            (Some(message_id), Some(from_block_index)) => CliMessage::Abandoned {
+                message_id,
+                from_block_index,
+            },
+            _ => CliMessage::Other,
+        };
+    }
     if ev["type"] != "content_block_delta" || ev["delta"]["type"] != "text_delta" {
         return CliMessage::Other;
     }
     match ev["delta"]["text"].as_str() {
         Some(t) => CliMessage::TextDelta {
             message_id: str_of(v, "api_message_id"),
+            index: ev["index"].as_u64().unwrap_or(0),
             text: t.to_string(),
         },
         None => CliMessage::Other,
@@ -172,6 +245,9 @@ fn result(v: &Value) -> TurnResult {
             .get("total_cost_usd")
             .and_then(Value::as_f64)
             .unwrap_or(0.0),
+        per_turn_cost_usd: super::cost::per_turn_cost(v),
+        context: None,
+        turn_cost_usd: 0.0,
         duration_ms: v.get("duration_ms").and_then(Value::as_u64).unwrap_or(0),
         num_turns: v.get("num_turns").and_then(Value::as_u64).unwrap_or(0) as u32,
     }
@@ -227,7 +303,17 @@ mod tests {
             parse_line(delta).unwrap(),
             CliMessage::TextDelta {
                 message_id: Some("m1".into()),
+                index: 0,
                 text: "Hel".into()
+            }
+        );
+        // As 2.1.330 prints it when an API stream is cut mid-answer.
+        let cut = r#"{"abandoned_blocks":{"api_message_id":"msg_1","from_block_index":1},"api_message_id":"msg_1","event":{"type":"message_stop"},"parent_tool_use_id":null,"session_id":"s","type":"stream_event"}"#;
+        assert_eq!(
+            parse_line(cut).unwrap(),
+            CliMessage::Abandoned {
+                message_id: "msg_1".into(),
+                from_block_index: 1
             }
         );
         let sub = r#"{"type":"stream_event","event":{"type":"content_block_delta","delta":{"type":"text_delta","text":"x"}},"parent_tool_use_id":"t1"}"#;
@@ -250,6 +336,21 @@ mod tests {
             parse_line(err).unwrap(),
             CliMessage::ControlResponse { error: Some(e), .. } if e.contains("set_max_turns")
         ));
+        let call: Value = serde_json::from_str(r#"{"type":"assistant","parent_tool_use_id":null,"message":{"model":"m1","usage":{"input_tokens":10,"cache_creation_input_tokens":20,"cache_read_input_tokens":30,"output_tokens":5}}}"#).unwrap();
+        assert_eq!(call_context(&call), Some((60, Some("m1".into()))));
+        let mut sub = call.clone();
+        sub["parent_tool_use_id"] = "t1".into();
+        assert_eq!(
+            call_context(&sub),
+            None,
+            "a sub-agent's call is not the session's context"
+        );
+        let result: Value = serde_json::from_str(
+            r#"{"modelUsage":{"m1":{"contextWindow":200000},"m2":{"contextWindow":1000000}}}"#,
+        )
+        .unwrap();
+        assert_eq!(context_window(&result, Some("m1")), Some(200_000));
+        assert_eq!(context_window(&result, None), Some(1_000_000));
         let res = r#"{"type":"result","subtype":"success","is_error":true,"api_error_status":529,"result":"API Error: 529","num_turns":1}"#;
         match parse_line(res).unwrap() {
             CliMessage::Result(r) => {

@@ -499,8 +499,9 @@ pub enum Step {
     Skip,
     /// A new event of the job (not terminal, not a retry).
     Event,
-    /// The attempt failed and another follows: the text printed so far
-    /// (returned) is void.
+    /// The text of the attempt so far (returned) is void: the attempt
+    /// failed and another follows (`retrying`), or its API stream was cut
+    /// and the text events that follow restate it (`text_reset`).
     Retry { discarded: String },
     /// The job's terminal event.
     Terminal,
@@ -550,7 +551,7 @@ impl JobTracker {
                 self.text.push_str(text);
                 Step::Event
             }
-            EventBody::Retrying { .. } => Step::Retry {
+            EventBody::Retrying { .. } | EventBody::TextReset { .. } => Step::Retry {
                 discarded: std::mem::take(&mut self.text),
             },
             body if body.is_terminal() => {
@@ -574,6 +575,24 @@ mod tests {
             .unwrap()
             .extend(body.as_object().unwrap().clone());
         serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn tracker_restarts_the_text_on_text_reset() {
+        let mut t = JobTracker::new("j1");
+        t.accept(&ev(0, 1, json!({"type": "text", "text": "The ans"})), None);
+        let reset = json!({"type": "text_reset", "reason": "cut"});
+        assert_eq!(
+            t.accept(&ev(1, 1, reset), None),
+            Step::Retry {
+                discarded: "The ans".into()
+            }
+        );
+        t.accept(
+            &ev(2, 1, json!({"type": "text", "text": "The answer"})),
+            None,
+        );
+        assert_eq!(t.text(), "The answer");
     }
 
     #[test]

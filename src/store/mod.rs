@@ -113,6 +113,12 @@ pub struct JobSpec {
     /// Images sent with the prompt (absent in jobs stored before them).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub attachments: Vec<crate::protocol::AttachmentV1>,
+    /// The per-turn cost cap (`--max-budget-usd`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_budget_usd: Option<f64>,
+    /// Whose budget the job spends (the job's `identity`), if set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
 }
 
 impl JobSpec {
@@ -122,6 +128,7 @@ impl JobSpec {
             max_turns: self.max_turns,
             permission_mode: self.permission_mode,
             on_busy: self.on_busy,
+            max_budget_usd: self.max_budget_usd,
         }
     }
 }
@@ -227,6 +234,8 @@ pub struct JobRecord {
     pub created_at_ms: i64,
     pub started_at_ms: Option<i64>,
     pub finished_at_ms: Option<i64>,
+    /// What the job's turns cost, in USD (set when it finishes).
+    pub cost_usd: f64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -249,6 +258,10 @@ pub struct SessionRecord {
     pub lease_expires_at_ms: Option<i64>,
     /// Set at runtime by `set_permission_mode`; applies to later turns.
     pub permission_mode: Option<PermissionMode>,
+    /// Context the last completed turn's last API call used (input plus
+    /// cache tokens), and the model's window.
+    pub context_tokens: Option<i64>,
+    pub context_window: Option<i64>,
 }
 
 /// Proof of holding a session's lease. `epoch` only grows; every fenced
@@ -284,9 +297,12 @@ pub struct SessionUpdate {
     pub claude_session_id: String,
     pub cwd: String,
     pub model: Option<String>,
+    /// This turn's tokens (the CLI's `usage` is per turn).
     pub input_tokens: i64,
     pub output_tokens: i64,
-    pub cost_usd: f64,
+    /// The session's context use after this turn, if the CLI said.
+    pub context_tokens: Option<i64>,
+    pub context_window: Option<i64>,
 }
 
 /// A session's transcript as stored in the database: the CLI's JSONL file,
@@ -295,11 +311,22 @@ pub struct SessionUpdate {
 pub struct Transcript {
     pub claude_session_id: String,
     pub session_key: String,
-    /// The gzipped JSONL.
+    /// The gzipped JSONL; empty when the transcript was too large to store
+    /// (then only its digest and size are recorded).
     pub data: Vec<u8>,
     /// Uncompressed size.
     pub size_bytes: i64,
+    /// SHA-256 (lowercase hex) of the uncompressed JSONL: the transcript's
+    /// identity. `None` for rows stored before it was recorded.
+    pub sha256: Option<String>,
     pub updated_at_ms: i64,
+}
+
+impl Transcript {
+    /// False when only the transcript's digest was recorded.
+    pub fn has_data(&self) -> bool {
+        !self.data.is_empty()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -310,6 +337,12 @@ pub struct JobFinish {
     pub terminal_event: String,
     pub next_seq: u64,
     pub session_update: Option<SessionUpdate>,
+    /// What the job's turns cost (every attempt the CLI reported a result
+    /// for), in USD: added to the job and to its session's `cost_usd`,
+    /// whatever the outcome.
+    pub cost_usd: f64,
+    /// The job's `identity` (for per-identity budgets), stored with its cost.
+    pub identity: Option<String>,
     pub now_ms: i64,
 }
 
@@ -398,9 +431,14 @@ pub trait SessionStore: Send + Sync + 'static {
         next_seq: u64,
     ) -> Result<(), StoreError>;
 
-    /// Stores the job's outcome and terminal event and, for a successful
-    /// turn, the session's new state and counters. Fenced.
+    /// Stores the job's outcome, terminal event, cost and identity, adds
+    /// the cost to the session's and, for a successful turn, stores the
+    /// session's new state and counters. Fenced.
     async fn finish_job(&self, lease: &Lease, finish: &JobFinish) -> Result<(), StoreError>;
+
+    /// What the jobs of `identity` that finished at or after `since_ms`
+    /// cost, in USD (per-identity budgets).
+    async fn identity_spend(&self, identity: &str, since_ms: i64) -> Result<f64, StoreError>;
 
     async fn get_job(&self, job_id: &str) -> Result<Option<JobRecord>, StoreError>;
     async fn get_session(&self, session_key: &str) -> Result<Option<SessionRecord>, StoreError>;
@@ -434,6 +472,18 @@ pub trait SessionStore: Send + Sync + 'static {
 
     /// Sets or clears the session's permission-mode override; `false` if
     /// the key is unknown.
+    /// Records that the terminal event of `job_id` reached the broker.
+    async fn mark_terminal_published(&self, job_id: &str, now_ms: i64) -> Result<(), StoreError>;
+
+    /// Jobs finished before `finished_before_ms` whose terminal event is not
+    /// known to have reached the broker (the worker died or stopped between
+    /// committing the outcome and publishing it), oldest first.
+    async fn unpublished_terminals(
+        &self,
+        finished_before_ms: i64,
+        limit: i64,
+    ) -> Result<Vec<JobRecord>, StoreError>;
+
     async fn set_session_permission_mode(
         &self,
         session_key: &str,
@@ -484,4 +534,26 @@ pub fn now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
+}
+
+/// Unix milliseconds as `YYYY-MM-DD HH:MM:SSZ` (UTC).
+pub fn utc_time(ms: i64) -> String {
+    let secs = ms.div_euclid(1000);
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + if m <= 2 { 1 } else { 0 };
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }

@@ -5,11 +5,12 @@
 use super::{JobRecord, JobSpec, JobStatus, SessionRecord, SessionStatus, StoreError};
 
 pub(crate) const JOB_COLUMNS: &str = "job_id, session_key, job_order, status, attempts, next_seq, \
-     spec, error, terminal_event, created_at_ms, started_at_ms, finished_at_ms";
+     spec, error, terminal_event, created_at_ms, started_at_ms, finished_at_ms, cost_usd";
 
 pub(crate) const SESSION_COLUMNS: &str = "session_key, claude_session_id, profile, status, cwd, \
      model, created_at_ms, updated_at_ms, last_job_id, turns, input_tokens, output_tokens, \
-     cost_usd, lease_owner, lease_epoch, lease_expires_at_ms, permission_mode";
+     cost_usd, lease_owner, lease_epoch, lease_expires_at_ms, permission_mode, context_tokens, \
+     context_window";
 
 #[derive(sqlx::FromRow)]
 pub(crate) struct JobRow {
@@ -25,6 +26,7 @@ pub(crate) struct JobRow {
     created_at_ms: i64,
     started_at_ms: Option<i64>,
     finished_at_ms: Option<i64>,
+    cost_usd: f64,
 }
 
 impl TryFrom<JobRow> for JobRecord {
@@ -52,6 +54,7 @@ impl TryFrom<JobRow> for JobRecord {
             created_at_ms: r.created_at_ms,
             started_at_ms: r.started_at_ms,
             finished_at_ms: r.finished_at_ms,
+            cost_usd: r.cost_usd,
         })
     }
 }
@@ -75,6 +78,8 @@ pub(crate) struct SessionRow {
     lease_epoch: i64,
     lease_expires_at_ms: Option<i64>,
     permission_mode: Option<String>,
+    context_tokens: Option<i64>,
+    context_window: Option<i64>,
 }
 
 impl TryFrom<SessionRow> for SessionRecord {
@@ -98,6 +103,8 @@ impl TryFrom<SessionRow> for SessionRecord {
             lease_owner: r.lease_owner,
             lease_epoch: r.lease_epoch,
             lease_expires_at_ms: r.lease_expires_at_ms,
+            context_tokens: r.context_tokens,
+            context_window: r.context_window,
             permission_mode: r
                 .permission_mode
                 .map(|m| {

@@ -126,16 +126,17 @@ macro_rules! session_store_impl {
                 }
                 let mut tx = self.fenced(lease).await?;
                 sqlx::query(
-                    "INSERT INTO transcripts (claude_session_id, session_key, data, size_bytes, updated_at_ms) \
-                     VALUES ($1, $2, $3, $4, $5) \
+                    "INSERT INTO transcripts (claude_session_id, session_key, data, size_bytes, sha256, updated_at_ms) \
+                     VALUES ($1, $2, $3, $4, $5, $6) \
                      ON CONFLICT (claude_session_id) DO UPDATE SET session_key = EXCLUDED.session_key, \
                        data = EXCLUDED.data, size_bytes = EXCLUDED.size_bytes, \
-                       updated_at_ms = EXCLUDED.updated_at_ms",
+                       sha256 = EXCLUDED.sha256, updated_at_ms = EXCLUDED.updated_at_ms",
                 )
                 .bind(&transcript.claude_session_id)
                 .bind(&transcript.session_key)
                 .bind(&transcript.data)
                 .bind(transcript.size_bytes)
+                .bind(&transcript.sha256)
                 .bind(transcript.updated_at_ms)
                 .execute(&mut *tx)
                 .await?;
@@ -153,14 +154,17 @@ macro_rules! session_store_impl {
                 let next_seq = seq_to_db(finish.next_seq)?;
                 let mut tx = self.fenced(lease).await?;
                 let done = sqlx::query(
-                    "UPDATE jobs SET status = $1, error = $2, terminal_event = $3, next_seq = $4, finished_at_ms = $5 \
-                     WHERE job_id = $6 AND session_key = $7",
+                    "UPDATE jobs SET status = $1, error = $2, terminal_event = $3, next_seq = $4, finished_at_ms = $5, \
+                       cost_usd = cost_usd + $6, identity = $7 \
+                     WHERE job_id = $8 AND session_key = $9",
                 )
                 .bind(finish.status.as_str())
                 .bind(&finish.error)
                 .bind(&finish.terminal_event)
                 .bind(next_seq)
                 .bind(finish.now_ms)
+                .bind(finish.cost_usd)
+                .bind(&finish.identity)
                 .bind(&finish.job_id)
                 .bind(&lease.session_key)
                 .execute(&mut *tx)
@@ -168,34 +172,34 @@ macro_rules! session_store_impl {
                 if done.rows_affected() == 0 {
                     return Err(not_in_session(&finish.job_id, lease));
                 }
-                match &finish.session_update {
-                    Some(u) => {
-                        sqlx::query(
-                            "UPDATE sessions SET last_job_id = $1, updated_at_ms = $2, claude_session_id = $3, \
-                               cwd = $4, model = $5, turns = turns + 1, input_tokens = input_tokens + $6, \
-                               output_tokens = output_tokens + $7, cost_usd = cost_usd + $8 \
-                             WHERE session_key = $9",
-                        )
-                        .bind(&finish.job_id)
-                        .bind(finish.now_ms)
-                        .bind(&u.claude_session_id)
-                        .bind(&u.cwd)
-                        .bind(&u.model)
-                        .bind(u.input_tokens)
-                        .bind(u.output_tokens)
-                        .bind(u.cost_usd)
-                        .bind(&lease.session_key)
-                        .execute(&mut *tx)
-                        .await?;
-                    }
-                    None => {
-                        sqlx::query("UPDATE sessions SET last_job_id = $1, updated_at_ms = $2 WHERE session_key = $3")
-                            .bind(&finish.job_id)
-                            .bind(finish.now_ms)
-                            .bind(&lease.session_key)
-                            .execute(&mut *tx)
-                            .await?;
-                    }
+                sqlx::query(
+                    "UPDATE sessions SET last_job_id = $1, updated_at_ms = $2, cost_usd = cost_usd + $3 \
+                     WHERE session_key = $4",
+                )
+                .bind(&finish.job_id)
+                .bind(finish.now_ms)
+                .bind(finish.cost_usd)
+                .bind(&lease.session_key)
+                .execute(&mut *tx)
+                .await?;
+                if let Some(u) = &finish.session_update {
+                    sqlx::query(
+                        "UPDATE sessions SET claude_session_id = $1, cwd = $2, model = $3, turns = turns + 1, \
+                           input_tokens = input_tokens + $4, output_tokens = output_tokens + $5, \
+                           context_tokens = COALESCE($6, context_tokens), \
+                           context_window = COALESCE($7, context_window) \
+                         WHERE session_key = $8",
+                    )
+                    .bind(&u.claude_session_id)
+                    .bind(&u.cwd)
+                    .bind(&u.model)
+                    .bind(u.input_tokens)
+                    .bind(u.output_tokens)
+                    .bind(u.context_tokens)
+                    .bind(u.context_window)
+                    .bind(&lease.session_key)
+                    .execute(&mut *tx)
+                    .await?;
                 }
                 tx.commit().await?;
                 Ok(())
@@ -205,8 +209,8 @@ macro_rules! session_store_impl {
                 &self,
                 claude_session_id: &str,
             ) -> Result<Option<Transcript>, StoreError> {
-                let row: Option<(String, String, Vec<u8>, i64, i64)> = sqlx::query_as(
-                    "SELECT claude_session_id, session_key, data, size_bytes, updated_at_ms \
+                let row: Option<(String, String, Vec<u8>, i64, Option<String>, i64)> = sqlx::query_as(
+                    "SELECT claude_session_id, session_key, data, size_bytes, sha256, updated_at_ms \
                      FROM transcripts WHERE claude_session_id = $1",
                 )
                 .bind(claude_session_id)
@@ -217,8 +221,20 @@ macro_rules! session_store_impl {
                     session_key: r.1,
                     data: r.2,
                     size_bytes: r.3,
-                    updated_at_ms: r.4,
+                    sha256: r.4,
+                    updated_at_ms: r.5,
                 }))
+            }
+
+            async fn identity_spend(&self, identity: &str, since_ms: i64) -> Result<f64, StoreError> {
+                let spent: Option<f64> = sqlx::query_scalar(
+                    "SELECT SUM(cost_usd) FROM jobs WHERE identity = $1 AND finished_at_ms >= $2",
+                )
+                .bind(identity)
+                .bind(since_ms)
+                .fetch_one(&self.pool)
+                .await?;
+                Ok(spent.unwrap_or(0.0))
             }
 
             async fn get_job(&self, job_id: &str) -> Result<Option<JobRecord>, StoreError> {
@@ -307,6 +323,35 @@ macro_rules! session_store_impl {
                 .execute(&self.pool)
                 .await?;
                 Ok(done.rows_affected() == 1)
+            }
+
+            async fn mark_terminal_published(&self, job_id: &str, now_ms: i64) -> Result<(), StoreError> {
+                sqlx::query(
+                    "UPDATE jobs SET terminal_published_at_ms = $1 \
+                     WHERE job_id = $2 AND terminal_published_at_ms IS NULL",
+                )
+                .bind(now_ms)
+                .bind(job_id)
+                .execute(&self.pool)
+                .await?;
+                Ok(())
+            }
+
+            async fn unpublished_terminals(
+                &self,
+                finished_before_ms: i64,
+                limit: i64,
+            ) -> Result<Vec<JobRecord>, StoreError> {
+                let rows: Vec<JobRow> = sqlx::query_as(&format!(
+                    "SELECT {JOB_COLUMNS} FROM jobs WHERE terminal_event IS NOT NULL \
+                       AND terminal_published_at_ms IS NULL AND finished_at_ms < $1 \
+                     ORDER BY finished_at_ms LIMIT $2"
+                ))
+                .bind(finished_before_ms)
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?;
+                rows.into_iter().map(JobRecord::try_from).collect()
             }
 
             async fn set_session_permission_mode(

@@ -112,6 +112,7 @@ pub async fn accept(ctx: &Context, delivery: &Delivery) -> Result<Accepted, Acce
                 ctx.sink
                     .publish_raw_event(&key, &job_id, event.as_bytes())
                     .await?;
+                crate::worker::outbox::mark_published(ctx, &job_id).await;
             }
             Ok(Accepted::Duplicate { job_id })
         }
@@ -245,6 +246,8 @@ fn spec_of(
         reply_to,
         on_busy: options.on_busy,
         attachments: job.attachments.clone().unwrap_or_default(),
+        max_budget_usd: options.max_budget_usd,
+        identity: job.identity.clone(),
     }
 }
 
@@ -302,6 +305,7 @@ async fn reject(
     let from = Attribution {
         worker_id: &ctx.worker_id,
         lease_epoch: 0,
+        fence: None,
     };
     ctx.sink
         .publish_event(&reply_to, &event, &bytes, &from)

@@ -29,6 +29,8 @@ pub struct Context {
     preferred: Mutex<VecDeque<String>>,
     /// Signalled whenever this worker accepts a job (for lease affinity).
     accepted: Notify,
+    /// Whether the broker connection is up (see `broker_watch`).
+    broker_up: tokio::sync::watch::Sender<bool>,
     /// Test-only hooks (empty in production).
     pub(crate) hooks: Hooks,
 }
@@ -57,8 +59,23 @@ impl Context {
             wake: Notify::new(),
             preferred: Mutex::new(VecDeque::new()),
             accepted: Notify::new(),
+            broker_up: tokio::sync::watch::Sender::new(true),
             hooks,
         })
+    }
+
+    pub(crate) fn set_broker_up(&self, up: bool) {
+        self.broker_up.send_replace(up);
+    }
+
+    pub fn broker_up(&self) -> bool {
+        *self.broker_up.borrow()
+    }
+
+    /// Returns once the broker connection is up.
+    pub(crate) async fn broker_back(&self) {
+        let mut rx = self.broker_up.subscribe();
+        let _ = rx.wait_for(|up| *up).await;
     }
 
     /// Tells the scheduler there may be work, optionally naming the session
@@ -116,4 +133,7 @@ pub struct Hooks {
     /// Called on the session's task when an attempt of a job has started
     /// (the job is `running`), before the CLI is.
     pub on_attempt: Option<JobHook>,
+    /// Skip publishing terminal events after their outcome is recorded: a
+    /// worker dying in that window, without killing it.
+    pub skip_terminal_publish: bool,
 }

@@ -115,9 +115,11 @@ pub async fn end_queued_job(
     let from = Attribution {
         worker_id: &ctx.worker_id,
         lease_epoch,
+        fence: None,
     };
     ctx.sink
         .publish_event(&reply_to, &event, &bytes, &from)
         .await?;
+    crate::worker::outbox::mark_published(ctx, &job.job_id).await;
     Ok(true)
 }

@@ -175,6 +175,8 @@ mod tests {
             reply_to: None,
             on_busy: Default::default(),
             attachments: Vec::new(),
+            max_budget_usd: None,
+            identity: None,
         };
         let job = NewJob {
             job_id: "j".into(),

@@ -11,12 +11,14 @@
 //! ends jobs that never ran.
 
 pub(crate) mod accept;
+pub(crate) mod broker_watch;
 pub(crate) mod consume;
 pub mod context;
 pub use context::{Hooks, JobHook};
 pub(crate) mod control;
 pub(crate) mod ending;
 pub(crate) mod lease;
+pub(crate) mod outbox;
 pub(crate) mod running;
 pub(crate) mod schedule;
 mod supervise;
@@ -268,6 +270,11 @@ async fn run(ctx: Arc<Context>, broker: Broker, shutdown: CancellationToken) -> 
         control_stop.clone(),
     );
     tasks.spawn("control consumer", control_stream);
+    let watch = broker_watch::run(Arc::clone(&ctx), conn.status().clone(), shutdown.clone());
+    tasks.spawn("broker watch", async move {
+        let _ = watch.await;
+    });
+    tasks.spawn("outbox", outbox::run(Arc::clone(&ctx), shutdown.clone()));
     tasks.spawn(
         "warm reaper",
         Arc::clone(&ctx.warm).run_reaper(shutdown.clone()),
@@ -297,6 +304,8 @@ async fn run(ctx: Arc<Context>, broker: Broker, shutdown: CancellationToken) -> 
     control_stop.cancel();
     tasks.join("control consumer", STOP_STEP_BOUND).await;
     tasks.join("warm reaper", STOP_STEP_BOUND).await;
+    tasks.join("broker watch", STOP_STEP_BOUND).await;
+    tasks.join("outbox", STOP_STEP_BOUND).await;
     // No turn runs now: close the warm CLI processes (gracefully, so their
     // transcripts are complete) before the worker ends.
     ctx.warm.close_all().await;

@@ -39,6 +39,14 @@ pub async fn run(ctx: Arc<Context>, signals: Shutdown, tracker: TaskTracker) {
             p = Arc::clone(&slots).acquire_owned() => p.expect("semaphore is never closed"),
             _ = signals.shutdown.cancelled() => break,
         };
+        if !ctx.broker_up() {
+            // A session claimed now could not publish: leave it to the
+            // fleet until the broker is back (or this worker gives up).
+            tokio::select! {
+                _ = ctx.broker_back() => {}
+                _ = signals.shutdown.cancelled() => break,
+            }
+        }
         let prefer = ctx.take_preferred();
         let claimed_at = now_ms();
         match ctx

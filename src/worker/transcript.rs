@@ -4,10 +4,12 @@
 //! The CLI keeps a session's conversation in
 //! `<config dir>/projects/<project dir of the cwd>/<session id>.jsonl`.
 //! After every completed turn the lease holder stores that file, gzipped,
-//! with a fenced write ([`save`]); before a turn resumes a session, the
-//! stored copy is written to this worker's config dir when the local copy
-//! is missing or shorter ([`materialise`]). Transcripts only grow, so a
-//! shorter local copy is an older one (left by an earlier turn here).
+//! with its SHA-256, in a fenced write ([`save`]), before the turn's outcome:
+//! the stored copy is the session's current transcript. Before a cold turn
+//! resumes a session, the local copy is kept only if it *is* that one (same
+//! digest); otherwise the stored copy replaces it ([`materialise`]). Size
+//! says nothing: a local copy padded by attempts that never completed can
+//! be larger than the current one and still miss turns run elsewhere.
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -15,6 +17,7 @@ use std::path::{Path, PathBuf};
 use flate2::read::GzDecoder;
 use flate2::write::GzEncoder;
 use flate2::Compression;
+use sha2::{Digest, Sha256};
 use tracing::{debug, warn};
 
 use crate::claude;
@@ -54,14 +57,70 @@ pub fn decompress(gz: &[u8]) -> std::io::Result<Vec<u8>> {
 /// What reading the local transcript gave.
 enum Local {
     Missing,
-    TooLarge(u64),
-    Read { gz: Vec<u8>, size: u64 },
+    /// Over `claude.transcript_max_bytes`: only its identity is recorded.
+    TooLarge {
+        size: u64,
+        sha256: String,
+    },
+    Read {
+        gz: Vec<u8>,
+        size: u64,
+        sha256: String,
+    },
 }
 
-/// After a completed turn: stores the session's transcript. Fenced: fails
-/// with `LeaseLost` once another worker holds the session. A missing file
-/// or one over `claude.transcript_max_bytes` is logged and skipped (the
-/// stored copy, if any, stays).
+fn hex(digest: &[u8]) -> String {
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// SHA-256 of `bytes`, lowercase hex: a transcript's identity.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex(&Sha256::digest(bytes))
+}
+
+/// SHA-256 of the file at `path`, read in pieces; `None` if it is missing.
+fn sha256_file(path: &Path) -> std::io::Result<Option<String>> {
+    let mut file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            return Ok(Some(hex(&hasher.finalize())));
+        }
+        hasher.update(&buf[..n]);
+    }
+}
+
+fn read_local(path: &Path, max_bytes: u64) -> std::io::Result<Local> {
+    let size = match std::fs::metadata(path) {
+        Ok(m) => m.len(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Local::Missing),
+        Err(e) => return Err(e),
+    };
+    if size > max_bytes {
+        return Ok(match sha256_file(path)? {
+            Some(sha256) => Local::TooLarge { size, sha256 },
+            None => Local::Missing,
+        });
+    }
+    let raw = std::fs::read(path)?;
+    Ok(Local::Read {
+        size: raw.len() as u64,
+        sha256: sha256_hex(&raw),
+        gz: compress(&raw)?,
+    })
+}
+
+/// After a completed turn: stores the session's transcript with its
+/// identity (SHA-256). Fenced: fails with `LeaseLost` once another worker
+/// holds the session. One over `claude.transcript_max_bytes` is recorded
+/// by identity only, so no older copy stands in for it; a missing or
+/// unreadable file is logged and skipped.
 pub async fn save(
     ctx: &Context,
     lease: &Lease,
@@ -76,60 +135,61 @@ pub async fn save(
         return Ok(());
     };
     let max = ctx.settings.claude.transcript_max_bytes;
-    let read = tokio::task::spawn_blocking(move || -> std::io::Result<Local> {
-        let size = match std::fs::metadata(&path) {
-            Ok(m) => m.len(),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Local::Missing),
-            Err(e) => return Err(e),
-        };
-        if size > max {
-            return Ok(Local::TooLarge(size));
-        }
-        let raw = std::fs::read(&path)?;
-        let size = raw.len() as u64;
-        Ok(Local::Read {
-            gz: compress(&raw)?,
-            size,
-        })
-    })
-    .await
-    .map_err(|e| StoreError::Other(format!("transcript task failed: {e}")))?;
-    match read {
+    let read = tokio::task::spawn_blocking(move || read_local(&path, max))
+        .await
+        .map_err(|e| StoreError::Other(format!("transcript task failed: {e}")))?;
+    let (data, size, sha256) = match read {
         Ok(Local::Missing) => {
             warn!(claude_session_id = %session_id, "the CLI left no transcript; not stored");
-            Ok(())
-        }
-        Ok(Local::TooLarge(size)) => {
-            warn!(claude_session_id = %session_id, size_bytes = size, max_bytes = max,
-                  "transcript larger than claude.transcript_max_bytes; not stored, the previous copy stays");
-            Ok(())
+            return Ok(());
         }
         Err(e) => {
             warn!(claude_session_id = %session_id, error = %e, "could not read the transcript; not stored");
-            Ok(())
+            return Ok(());
         }
-        Ok(Local::Read { gz, size }) => {
+        Ok(Local::TooLarge { size, sha256 }) => {
+            warn!(claude_session_id = %session_id, size_bytes = size, max_bytes = max,
+                  "transcript larger than claude.transcript_max_bytes; only its identity is stored, so the session continues only where its CLI files are");
+            (Vec::new(), size, sha256)
+        }
+        Ok(Local::Read { gz, size, sha256 }) => {
             debug!(claude_session_id = %session_id, size_bytes = size, stored_bytes = gz.len(), "storing transcript");
-            ctx.store
-                .put_transcript(
-                    lease,
-                    &Transcript {
-                        claude_session_id: session_id.to_string(),
-                        session_key: lease.session_key.clone(),
-                        data: gz,
-                        size_bytes: size as i64,
-                        updated_at_ms: now_ms(),
-                    },
-                )
-                .await
+            (gz, size, sha256)
         }
-    }
+    };
+    let transcript = Transcript {
+        claude_session_id: session_id.to_string(),
+        session_key: lease.session_key.clone(),
+        data,
+        size_bytes: size as i64,
+        sha256: Some(sha256),
+        updated_at_ms: now_ms(),
+    };
+    ctx.store.put_transcript(lease, &transcript).await
 }
 
-/// Before a turn resumes `session_id` in `cwd`: writes the stored
-/// transcript into this worker's config dir if the local copy is missing
-/// or shorter. Best effort: on failure the CLI reports the session missing
-/// and the turn starts a new one (`resume_failed`).
+/// What [`materialise`] did with the local copy.
+#[derive(Debug, PartialEq)]
+enum Materialised {
+    /// The local copy is the stored one: kept.
+    Current,
+    /// The stored copy was written over a missing or diverged local one.
+    Restored,
+    /// The stored transcript has no data (too large) and the local copy is
+    /// not it: the local copy was moved aside, so the CLI reports the
+    /// session missing rather than resume a diverged conversation.
+    SetAside,
+    /// Nothing stored to restore and nothing local.
+    Nothing,
+}
+
+/// Before a cold turn resumes `session_id` in `cwd`: makes this worker's
+/// local copy the session's current transcript, i.e. the stored one. The
+/// local copy is kept only when its SHA-256 equals the stored identity: a
+/// copy of this worker's may be larger yet older (padded by attempts that
+/// never completed, while the session completed turns elsewhere). Best
+/// effort: on failure the CLI reports the session missing and the turn
+/// starts a new one (`resume_failed`).
 pub async fn materialise(ctx: &Context, profile: &Profile, cwd: &Path, session_id: &str) {
     let Some(path) = local_path(ctx, profile, cwd, session_id) else {
         return;
@@ -143,28 +203,42 @@ pub async fn materialise(ctx: &Context, profile: &Profile, cwd: &Path, session_i
         }
     };
     let id = session_id.to_string();
-    let done = tokio::task::spawn_blocking(move || -> std::io::Result<bool> {
-        let local = std::fs::metadata(&path).map(|m| m.len()).ok();
-        if local.is_some_and(|n| n as i64 >= stored.size_bytes) {
-            return Ok(false);
+    match tokio::task::spawn_blocking(move || make_current(&path, &stored)).await {
+        Ok(Ok(Materialised::Restored)) => {
+            debug!(claude_session_id = %id, "transcript restored from the database")
         }
-        let raw = decompress(&stored.data)?;
-        std::fs::create_dir_all(path.parent().expect("a transcript path has a parent"))?;
-        // Write beside, then rename: the CLI never sees half a file.
-        let tmp = path.with_extension(format!("jsonl.{}.tmp", uuid::Uuid::new_v4().simple()));
-        std::fs::write(&tmp, &raw)?;
-        std::fs::rename(&tmp, &path)?;
-        Ok(true)
-    })
-    .await;
-    match done {
-        Ok(Ok(true)) => debug!(claude_session_id = %id, "transcript restored from the database"),
-        Ok(Ok(false)) => {}
+        Ok(Ok(Materialised::SetAside)) => {
+            warn!(claude_session_id = %id, "the local transcript is not the session's current one and the current one was too large to store; the session starts anew")
+        }
+        Ok(Ok(Materialised::Current | Materialised::Nothing)) => {}
         Ok(Err(e)) => {
             warn!(claude_session_id = %id, error = %e, "could not restore the stored transcript")
         }
         Err(e) => warn!(claude_session_id = %id, error = %e, "transcript task failed"),
     }
+}
+
+fn make_current(path: &Path, stored: &Transcript) -> std::io::Result<Materialised> {
+    let local = sha256_file(path)?;
+    if local.is_some() && local == stored.sha256 {
+        return Ok(Materialised::Current);
+    }
+    // Write beside, then rename: the CLI never sees half a file.
+    let beside =
+        |what: &str| path.with_extension(format!("jsonl.{what}.{}", uuid::Uuid::new_v4().simple()));
+    if !stored.has_data() {
+        if local.is_none() {
+            return Ok(Materialised::Nothing);
+        }
+        std::fs::rename(path, beside("diverged"))?;
+        return Ok(Materialised::SetAside);
+    }
+    let raw = decompress(&stored.data)?;
+    std::fs::create_dir_all(path.parent().expect("a transcript path has a parent"))?;
+    let tmp = beside("tmp");
+    std::fs::write(&tmp, &raw)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(Materialised::Restored)
 }
 
 #[cfg(test)]
@@ -177,5 +251,76 @@ mod tests {
         let gz = compress(&raw).unwrap();
         assert!(gz.len() < raw.len());
         assert_eq!(decompress(&gz).unwrap(), raw);
+    }
+
+    fn stored(raw: &[u8], with_data: bool) -> Transcript {
+        Transcript {
+            claude_session_id: "cs".into(),
+            session_key: "k".into(),
+            data: if with_data {
+                compress(raw).unwrap()
+            } else {
+                Vec::new()
+            },
+            size_bytes: raw.len() as i64,
+            sha256: Some(sha256_hex(raw)),
+            updated_at_ms: 0,
+        }
+    }
+
+    #[test]
+    fn the_local_copy_is_kept_only_when_it_is_the_stored_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p").join("cs.jsonl");
+        let current = b"turn 1\nturn 2\n";
+        // Missing locally: restored.
+        assert_eq!(
+            make_current(&path, &stored(current, true)).unwrap(),
+            Materialised::Restored
+        );
+        assert_eq!(std::fs::read(&path).unwrap(), current);
+        // Identical: kept.
+        assert_eq!(
+            make_current(&path, &stored(current, true)).unwrap(),
+            Materialised::Current
+        );
+        // Larger but diverged (padded by a failed attempt): the stored wins.
+        std::fs::write(&path, b"turn 1\na failed attempt, longer than turn 2\n").unwrap();
+        assert_eq!(
+            make_current(&path, &stored(current, true)).unwrap(),
+            Materialised::Restored
+        );
+        assert_eq!(std::fs::read(&path).unwrap(), current);
+        // No identity recorded (an old row): the stored copy wins.
+        let mut old = stored(current, true);
+        old.sha256 = None;
+        assert_eq!(make_current(&path, &old).unwrap(), Materialised::Restored);
+    }
+
+    #[test]
+    fn a_diverged_copy_of_a_too_large_transcript_is_set_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cs.jsonl");
+        let current = b"a transcript too large to store";
+        assert_eq!(
+            make_current(&path, &stored(current, false)).unwrap(),
+            Materialised::Nothing
+        );
+        std::fs::write(&path, current).unwrap();
+        assert_eq!(
+            make_current(&path, &stored(current, false)).unwrap(),
+            Materialised::Current
+        );
+        std::fs::write(&path, b"diverged").unwrap();
+        assert_eq!(
+            make_current(&path, &stored(current, false)).unwrap(),
+            Materialised::SetAside
+        );
+        assert!(!path.exists());
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            1,
+            "kept beside, not deleted"
+        );
     }
 }

@@ -58,6 +58,10 @@ pub enum Behavior {
     /// `CLAUDE_CODE_MAX_RETRIES=0`; that retry consumes the next behaviour.
     /// (For a non-streaming request, Disconnect sends the head and aborts.)
     Disconnect,
+    /// Stream the first `after` of `text`'s 4 chunks as `text_delta`s, then
+    /// drop the connection mid-body: a stream cut part-way through the
+    /// answer. (A non-streaming request is dropped after the head.)
+    Cut { text: String, after: usize },
     /// Answer with a single `tool_use` block (`stop_reason: "tool_use"`).
     /// The CLI runs the tool and sends a follow-up request, answered like
     /// any other request (script, then default).
@@ -84,6 +88,13 @@ impl Behavior {
         Behavior::Hold { text: text.into() }
     }
 
+    pub fn cut(text: impl Into<String>, after: usize) -> Behavior {
+        Behavior::Cut {
+            text: text.into(),
+            after,
+        }
+    }
+
     pub fn tool_use(name: &str, input: Value) -> Behavior {
         Behavior::ToolUse {
             name: name.to_string(),
@@ -96,6 +107,35 @@ impl Behavior {
     pub fn hold_first_delta(text: &str) -> String {
         let n = text.chars().count();
         text.chars().take(n.div_ceil(2)).collect()
+    }
+}
+
+/// The token usage the mock reports for every `POST /v1/messages` answer
+/// (see [`MockApi::set_usage`]). Without one it reports 10 input tokens
+/// and one output token per streamed delta.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Usage {
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub cache_creation_input_tokens: u64,
+    pub cache_read_input_tokens: u64,
+}
+
+impl Usage {
+    /// What one answer with this usage costs at a model's list prices, in
+    /// USD per million tokens: (input, output, cache write (5 min), cache read).
+    pub fn cost_usd(&self, prices: (f64, f64, f64, f64)) -> f64 {
+        (self.input_tokens as f64 * prices.0
+            + self.output_tokens as f64 * prices.1
+            + self.cache_creation_input_tokens as f64 * prices.2
+            + self.cache_read_input_tokens as f64 * prices.3)
+            / 1e6
+    }
+
+    fn json(&self, output_tokens: u64) -> Value {
+        json!({"input_tokens": self.input_tokens, "output_tokens": output_tokens,
+               "cache_creation_input_tokens": self.cache_creation_input_tokens,
+               "cache_read_input_tokens": self.cache_read_input_tokens})
     }
 }
 
@@ -219,6 +259,7 @@ struct Inner {
     /// How many Hold responses have sent their first delta (cumulative).
     held: usize,
     next_id: u64,
+    usage: Option<Usage>,
 }
 
 struct Shared {
@@ -274,6 +315,7 @@ impl MockApi {
                 default: Behavior::Echo,
                 held: 0,
                 next_id: 0,
+                usage: None,
             }),
             changed: watch::channel(0).0,
             release: watch::channel(0).0,
@@ -342,6 +384,11 @@ impl MockApi {
             .or_default()
             .queue
             .push_back(b);
+    }
+
+    /// The usage every later answer reports (message_start and message_delta).
+    pub fn set_usage(&self, usage: Usage) {
+        self.shared.lock().usage = Some(usage);
     }
 
     /// The behaviour used when the global script is empty.
@@ -543,17 +590,22 @@ async fn handle(
             .and_then(Value::as_str)
             .unwrap_or("claude-mock")
             .to_string();
+        let usage = inner.usage;
         inner.all.push(record);
         let idx = inner.all.len() - 1;
         if is_messages {
             inner.messages.push(idx);
         }
-        (idx, id, behavior.map(|b| (b, last_user, model, streaming)))
+        (
+            idx,
+            id,
+            behavior.map(|b| (b, last_user, model, streaming, usage)),
+        )
     };
     shared.bump();
     let request_id = format!("req_mock_{id:04}");
 
-    let Some((behavior, last_user, model, streaming)) = behavior else {
+    let Some((behavior, last_user, model, streaming, usage)) = behavior else {
         let resp = if method == Method::POST && uri.path() == "/v1/messages/count_tokens" {
             json_response(
                 StatusCode::OK,
@@ -604,23 +656,22 @@ async fn handle(
             }
         }
         Behavior::Disconnect => Plan::Disconnect,
+        Behavior::Cut { .. } if !streaming => Plan::Disconnect,
+        Behavior::Cut { text, after } => Plan::Cut {
+            chunks: split_chunks(&text, 4).into_iter().take(after).collect(),
+        },
         Behavior::ToolUse { name, input } => Plan::ToolUse { name, input },
     };
 
     let release_rx = shared.release.subscribe();
     if !streaming {
-        return respond_whole(shared, release_rx, stream_plan, idx, id, model, request_id).await;
+        let head = Head { id, model, usage };
+        return respond_whole(shared, release_rx, stream_plan, idx, head, request_id).await;
     }
     let (tx, rx) = mpsc::unbounded_channel::<Result<Bytes, std::io::Error>>();
     let producer_shared = shared.clone();
-    tokio::spawn(produce(
-        producer_shared,
-        tx,
-        release_rx,
-        stream_plan,
-        id,
-        model,
-    ));
+    let head = Head { id, model, usage };
+    tokio::spawn(produce(producer_shared, tx, release_rx, stream_plan, head));
 
     let guard = FinishGuard {
         shared: shared.clone(),
@@ -642,21 +693,38 @@ async fn handle(
 /// Answers a non-streaming (`"stream": false`) request with one JSON
 /// message. The CLI sends these as a fallback after a streaming request
 /// failed mid-stream.
+/// What every answer to one request starts with.
+struct Head {
+    id: u64,
+    model: String,
+    usage: Option<Usage>,
+}
+
+impl Head {
+    /// The answer's usage: the set one, else 10 in and `output` out.
+    fn usage(&self, output: u64) -> Value {
+        match &self.usage {
+            Some(u) => u.json(u.output_tokens),
+            None => json!({"input_tokens": 10, "output_tokens": output}),
+        }
+    }
+}
+
 async fn respond_whole(
     shared: Arc<Shared>,
     mut release_rx: watch::Receiver<u64>,
     plan: Plan,
     idx: usize,
-    id: u64,
-    model: String,
+    head: Head,
     request_id: String,
 ) -> Response {
+    let Head { id, ref model, .. } = head;
     let guard = FinishGuard {
         shared: shared.clone(),
         idx,
     };
     let (content, stop_reason, output_tokens) = match plan {
-        Plan::Disconnect => {
+        Plan::Disconnect | Plan::Cut { .. } => {
             // Send the head, then abort the body.
             let stream = futures_util::stream::once(async move {
                 let _guard = guard;
@@ -694,7 +762,7 @@ async fn respond_whole(
     let body = json!({
         "id": format!("msg_mock_{id:04}"), "type": "message", "role": "assistant", "model": model,
         "content": content, "stop_reason": stop_reason, "stop_sequence": null,
-        "usage": {"input_tokens": 10, "output_tokens": output_tokens}
+        "usage": head.usage(output_tokens as u64)
     });
     let resp = json_response(StatusCode::OK, body.to_string(), &request_id);
     drop(guard);
@@ -722,6 +790,10 @@ enum Plan {
         hold_after: Option<usize>,
     },
     Disconnect,
+    /// Text deltas, then a dropped connection.
+    Cut {
+        chunks: Vec<String>,
+    },
     ToolUse {
         name: String,
         input: Value,
@@ -733,9 +805,9 @@ async fn produce(
     tx: mpsc::UnboundedSender<Result<Bytes, std::io::Error>>,
     mut release_rx: watch::Receiver<u64>,
     plan: Plan,
-    id: u64,
-    model: String,
+    head: Head,
 ) {
+    let Head { id, ref model, .. } = head;
     // Releases that happened before this request arrived do not count.
     release_rx.borrow_and_update();
     let send = |b: Bytes| tx.send(Ok(b)).is_ok();
@@ -746,7 +818,7 @@ async fn produce(
         json!({"type": "message_start", "message": {
             "id": msg_id, "type": "message", "role": "assistant", "model": model,
             "content": [], "stop_reason": null, "stop_sequence": null,
-            "usage": {"input_tokens": 10, "output_tokens": 1}
+            "usage": head.usage(1)
         }}),
     )) {
         return;
@@ -758,6 +830,27 @@ async fn produce(
             let _ = tx.send(Err(std::io::Error::new(
                 std::io::ErrorKind::ConnectionAborted,
                 "mock: disconnect",
+            )));
+            return;
+        }
+        Plan::Cut { chunks } => {
+            let _ = send(sse(
+                "content_block_start",
+                json!({"type": "content_block_start", "index": 0,
+                       "content_block": {"type": "text", "text": ""}}),
+            )) && chunks.iter().all(|chunk| {
+                send(sse(
+                    "content_block_delta",
+                    json!({"type": "content_block_delta", "index": 0,
+                           "delta": {"type": "text_delta", "text": chunk}}),
+                ))
+            });
+            // The stream stalls, then dies: the deltas reach the client
+            // first, as they do when a real connection is cut.
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            let _ = tx.send(Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionAborted,
+                "mock: cut mid-stream",
             )));
             return;
         }
@@ -831,7 +924,7 @@ async fn produce(
         "message_delta",
         json!({"type": "message_delta",
                "delta": {"stop_reason": stop_reason, "stop_sequence": null},
-               "usage": {"output_tokens": output_tokens}}),
+               "usage": {"output_tokens": head.usage.map_or(output_tokens as u64, |u| u.output_tokens)}}),
     )) && send(sse("message_stop", json!({"type": "message_stop"})));
 }
 

@@ -4,7 +4,11 @@
 // Each includer uses a different part of it.
 #![allow(dead_code)]
 
+pub mod broker_node;
 pub mod fake_discord;
 pub mod mock_api;
+pub mod pg_node;
+pub mod storm;
 pub mod support;
+pub mod tap;
 pub mod world;

@@ -356,3 +356,28 @@ pub fn worker_command(config: &Path, home: &Path, rust_log: &str) -> tokio::proc
         .kill_on_drop(true);
     cmd
 }
+
+/// Pids of CLI processes started by this test's workers (found by the
+/// marker env var the test profiles set).
+pub fn cli_pids(prefix: &str) -> Vec<i32> {
+    let needle = format!("CW_TEST_PREFIX={prefix}");
+    let mut pids = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return pids;
+    };
+    for e in entries.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        if let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) {
+            if env.split(|b| *b == 0).any(|kv| kv == needle.as_bytes()) {
+                // Skip zombies: they are dead, only not yet reaped.
+                let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+                if !stat.contains(") Z ") {
+                    pids.push(pid);
+                }
+            }
+        }
+    }
+    pids
+}

@@ -476,6 +476,49 @@ fn corpus() -> Vec<Case> {
             d(true),
             "unknown field",
         ),
+        // Budgets.
+        c(
+            "max_budget_usd 0",
+            with(json!({"options": {"max_budget_usd": 0}})),
+            d(true),
+            "max_budget_usd",
+        ),
+        c(
+            "max_budget_usd -1",
+            with(json!({"options": {"max_budget_usd": -1.5}})),
+            d(true),
+            "max_budget_usd",
+        ),
+        c(
+            "max_budget_usd a string",
+            with(json!({"options": {"max_budget_usd": "1"}})),
+            d(true),
+            "invalid type",
+        ),
+        c(
+            "an empty identity",
+            with(json!({"identity": ""})),
+            d(true),
+            "identity",
+        ),
+        c(
+            "a blank identity",
+            with(json!({"identity": " \t "})),
+            d(true),
+            "identity",
+        ),
+        c(
+            "identity of 256 chars",
+            with(json!({"identity": "i".repeat(256)})),
+            d(true),
+            "identity",
+        ),
+        c(
+            "identity a number",
+            with(json!({"identity": 7})),
+            d(true),
+            "invalid type",
+        ),
     ]
 }
 
@@ -498,6 +541,10 @@ fn good_bodies() -> Vec<Value> {
             {"type": "image", "media_type": "image/jpeg", "data": "/9j/4AAQ"},
             {"type": "image", "media_type": "image/gif", "data": "R0lGODlhAQ=="},
             {"type": "image", "media_type": "image/webp", "data": "UklGRg=="}]}),
+        json!({"v": 1, "session_key": "k", "prompt": "p", "identity": "discord:user:1",
+               "options": {"max_budget_usd": 0.25}}),
+        json!({"v": 1, "session_key": "k", "prompt": "p", "identity": null,
+               "options": {"max_budget_usd": null}}),
     ]
 }
 
@@ -618,6 +665,8 @@ fn field_value() -> impl Strategy<Value = Value> {
         Just(json!("new")),
         Just(json!("plan")),
         Just(json!("enqueue")),
+        Just(json!(0.25)),
+        Just(json!(-0.5)),
         "[a-z:._-]{1,12}".prop_map(Value::from),
         "[ -~]{0,20}".prop_map(Value::from),
         (0u64..300).prop_map(Value::from),
@@ -632,6 +681,7 @@ fn nested_field() -> impl Strategy<Value = Value> {
         "max_turns",
         "permission_mode",
         "on_busy",
+        "max_budget_usd",
         "x",
     ]);
     prop_oneof![
@@ -652,6 +702,7 @@ fn job_body() -> impl Strategy<Value = Value> {
         "profile",
         "metadata",
         "reply_to",
+        "identity",
         "session",
         "options",
         "extra",

@@ -326,6 +326,13 @@ async fn events_of_jobs_that_never_ran_are_attributed() {
         .push_behavior_for("hold", Behavior::hold("held answer"));
     let first = env.publish_job(key, "[[mock:hold]] first", json!({})).await;
     env.mock.wait_for_held(1, WAIT).await;
+    // The CLI may send its API request before it prints `init`: wait for
+    // the started event itself rather than read its headers at once.
+    let (_, started) = env.next_event(&first).await;
+    assert!(
+        matches!(started.body, EventBody::Started { .. }),
+        "{started:?}"
+    );
     let held_by = env.attribution(&first, 0).expect("first's started event");
     assert_eq!(held_by.worker_id.as_deref(), Some(worker.id.as_str()));
     let epoch = held_by.lease_epoch.expect("an epoch");

@@ -500,6 +500,142 @@ async fn paused_worker_is_fenced_out() {
     env.cleanup().await;
 }
 
+/// The next reply event the client library receives, with its epoch.
+async fn next_event(client: &mut claude_worker::client::Client) -> Option<(EventV1, Option<i64>)> {
+    match client.recv(WAIT).await.unwrap() {
+        Some(claude_worker::client::Incoming::Event {
+            event, lease_epoch, ..
+        }) => Some((event, lease_epoch)),
+        _ => None,
+    }
+}
+
+/// A worker SIGSTOPped past its lease wakes up *while* its successor is
+/// streaming the same job: both publish at once. Whatever stale events the
+/// paused one gets out, the client library's reader (`JobTracker`, the
+/// protocol's reader rule) delivers none of them: its text and terminal
+/// are the successor's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pause_ending_while_the_successor_streams_reaches_no_reader() {
+    use claude_worker::client::{Client, Incoming, JobTracker, Step};
+    use claude_worker::protocol::JobV1;
+    let env = TestEnv::new(Backend::Postgres).await;
+    let v = vars(&[("WORKER__LEASE_TTL_SECS", "3")]);
+    let workers: Vec<WorkerProc> = (0..2).map(|n| spawn_worker(&env, n, &v)).collect();
+    wait_for_consumers(&env, 2).await;
+    let mut client = Client::connect(&env.settings().amqp, "pause-reader")
+        .await
+        .unwrap();
+    // Both attempts hold mid-answer until released.
+    env.mock
+        .push_behavior_for("p2", Behavior::hold("the first worker's words"));
+    env.mock
+        .push_behavior_for("p2", Behavior::hold("the successor's words"));
+    let job: JobV1 = serde_json::from_value(json!({
+        "v": 1, "job_id": uuid::Uuid::new_v4().to_string(),
+        "session_key": "fleet:pause2", "prompt": "[[mock:p2]] go",
+        "reply_to": client.reply_key(),
+    }))
+    .unwrap();
+    let job_id = client.publish_job(&job).await.unwrap();
+
+    // Everything the reply queue delivers, in arrival order.
+    let mut arrived: Vec<(EventV1, Option<i64>)> = Vec::new();
+    macro_rules! until {
+        ($what:expr, $pred:expr) => {
+            loop {
+                if arrived.iter().any($pred) {
+                    break;
+                }
+                match next_event(&mut client).await {
+                    Some(e) => arrived.push(e),
+                    None => panic!("{}: not within {:?}", $what, WAIT),
+                }
+            }
+        };
+    }
+    env.mock.wait_for_held(1, WAIT).await;
+    until!("started", |(e, _): &(EventV1, Option<i64>)| matches!(
+        e.body,
+        EventBody::Started { .. }
+    ));
+    let first_epoch = arrived[0].1.expect("attributed");
+    let x = workers
+        .iter()
+        .find(|w| !cli_pids(&w.marker).is_empty())
+        .expect("one worker runs the CLI");
+    x.signal(libc::SIGSTOP);
+
+    // The successor takes over and streams up to its hold.
+    until!("the successor's started", |(e, ep): &(
+        EventV1,
+        Option<i64>
+    )| {
+        matches!(e.body, EventBody::Started { .. }) && *ep > Some(first_epoch)
+    });
+    env.mock.wait_for_held(2, WAIT).await;
+    // Both CLIs get the rest of their answers, and x wakes up now: the two
+    // workers publish the same job's events at the same time.
+    env.mock.release_held();
+    x.signal(libc::SIGCONT);
+    until!("the terminal", |(e, _): &(EventV1, Option<i64>)| e
+        .body
+        .is_terminal());
+    let what = format!("the fenced-out worker's CLI ends (log: {})", x.log_tail());
+    world::wait_until(&what, || cli_pids(&x.marker).is_empty()).await;
+    // Anything x still sends arrives within this window; then count.
+    let settle = tokio::time::Instant::now() + Duration::from_secs(2);
+    while let Ok(Ok(Some(Incoming::Event {
+        event, lease_epoch, ..
+    }))) = tokio::time::timeout_at(settle, client.recv(WAIT)).await
+    {
+        arrived.push((event, lease_epoch));
+    }
+
+    let mut tracker = JobTracker::new(job_id.clone());
+    let mut delivered = Vec::new();
+    for (ev, epoch) in &arrived {
+        if tracker.accept(ev, *epoch) != Step::Skip {
+            delivered.push((ev.clone(), *epoch));
+        }
+    }
+    let takeover = delivered
+        .iter()
+        .position(|(_, ep)| *ep > Some(first_epoch))
+        .expect("the successor's events were delivered");
+    let stale_delivered: Vec<_> = delivered[takeover..]
+        .iter()
+        .filter(|(_, ep)| *ep <= Some(first_epoch))
+        .collect();
+    assert!(
+        stale_delivered.is_empty(),
+        "stale events delivered: {stale_delivered:#?}"
+    );
+    let terminals: Vec<_> = delivered
+        .iter()
+        .filter(|(e, _)| e.body.is_terminal())
+        .collect();
+    assert_eq!(terminals.len(), 1, "{delivered:#?}");
+    match &terminals[0].0.body {
+        EventBody::Completed { result, .. } => assert_eq!(result, "the successor's words"),
+        other => panic!("{other:?}"),
+    }
+    assert!(terminals[0].1 > Some(first_epoch));
+    assert_eq!(tracker.text(), "the successor's words");
+    let stale_arrived = arrived
+        .iter()
+        .skip_while(|(_, ep)| *ep <= Some(first_epoch))
+        .filter(|(_, ep)| *ep <= Some(first_epoch))
+        .count();
+    eprintln!(
+        "pause ending mid-stream: {} events arrived, {stale_arrived} stale after the takeover, 0 delivered by the reader",
+        arrived.len()
+    );
+    client.close().await;
+    drop(workers);
+    env.cleanup().await;
+}
+
 // ------------------------------------------------------------ portability
 
 /// A session started on worker A continues on worker B (separate config

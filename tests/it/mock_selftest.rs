@@ -333,3 +333,48 @@ async fn markers_route_concurrent_sessions() {
     let (_, lines, _) = run_cli(&mock, h.path(), &[], &[user_line("again [[mock:a]]")]).await;
     assert_eq!(result_line(&lines).unwrap()["result"], "new default");
 }
+
+/// A stream cut mid-answer: the CLI prints the cut deltas, then marks the
+/// message's blocks abandoned (`abandoned_blocks` on a `message_stop`
+/// stream event) and retries — without streaming when it may not retry
+/// (`CLAUDE_CODE_MAX_RETRIES=0`), else with a streamed retry. The worker
+/// relies on that marker (`text_reset`).
+#[tokio::test]
+async fn a_cut_stream_is_marked_abandoned_then_retried() {
+    let mock = MockApi::start().await;
+    let home = home();
+    for (retries, retry_streams) in [("0", false), ("2", true)] {
+        let before = mock.requests().len();
+        mock.push_behavior(Behavior::cut("echo: hi there", 2));
+        let (status, lines, stderr) = run_cli_with_env(
+            &mock,
+            home.path(),
+            &[],
+            &[user_line("hi there")],
+            &[("CLAUDE_CODE_MAX_RETRIES", retries)],
+        )
+        .await;
+        let ctx = describe(&lines, &stderr);
+        assert!(status.success(), "{ctx}");
+        let cut = lines
+            .iter()
+            .find(|l| l["abandoned_blocks"].is_object())
+            .unwrap_or_else(|| panic!("no abandoned_blocks line\n{ctx}"));
+        assert_eq!(cut["abandoned_blocks"]["from_block_index"], 0, "{ctx}");
+        let cut_id = cut["abandoned_blocks"]["api_message_id"].as_str().unwrap();
+        let deltas_of = |id: &str| -> String {
+            lines
+                .iter()
+                .filter(|l| {
+                    l["api_message_id"] == id && l["event"]["delta"]["type"] == "text_delta"
+                })
+                .filter_map(|l| l["event"]["delta"]["text"].as_str())
+                .collect()
+        };
+        assert_eq!(deltas_of(cut_id), "echo: h", "the two cut deltas\n{ctx}");
+        assert_eq!(result_line(&lines).unwrap()["result"], "echo: hi there");
+        let reqs = &mock.requests()[before..];
+        assert_eq!(reqs.len(), 2, "{ctx}");
+        assert_eq!(reqs[1].is_streaming(), retry_streams, "{ctx}");
+    }
+}

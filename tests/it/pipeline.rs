@@ -567,6 +567,8 @@ async fn a_dead_workers_job_is_picked_up_after_its_lease_expires() {
         reply_to: Some(env.bus.reply_key.clone()),
         on_busy: Default::default(),
         attachments: Vec::new(),
+        max_budget_usd: None,
+        identity: None,
     };
     store
         .accept_job(
@@ -669,5 +671,62 @@ async fn tool_use_and_unstreamed_text_reach_the_reply() {
 
     worker.shutdown();
     worker.wait().await.unwrap();
+    env.cleanup().await;
+}
+
+/// The API stream is cut after two of four deltas and the CLI retries
+/// inside the attempt — without streaming (`CLAUDE_CODE_MAX_RETRIES=0`) or
+/// with a streamed retry (`=2`). The deltas of the cut stream were already
+/// published: a `text_reset` takes them back, and the attempt's text after
+/// it adds up to the answer, for the client library too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_stream_is_taken_back_and_restated() {
+    use claude_worker::client::{JobTracker, Step};
+    let mut env = TestEnv::new(Backend::Sqlite).await;
+    for retries in ["0", "2"] {
+        let worker = env
+            .start_worker_with(|s| {
+                for p in s.profiles.values_mut() {
+                    p.env.insert(
+                        "CLAUDE_CODE_MAX_RETRIES".into(),
+                        claude_worker::config::Secret::new(retries),
+                    );
+                }
+            })
+            .await;
+        let prompt = format!("[[mock:cut{retries}]] tell me");
+        let answer = format!("echo: {prompt}");
+        env.mock
+            .push_behavior_for(&format!("cut{retries}"), Behavior::cut(answer.clone(), 2));
+        let ev = run(&mut env, "cut:key", &prompt, json!({})).await;
+        let kinds: Vec<&str> = ev.iter().map(|e| e.body.type_name()).collect();
+        let reset = kinds
+            .iter()
+            .position(|k| *k == "text_reset")
+            .unwrap_or_else(|| panic!("retries={retries}: no text_reset in {kinds:?}"));
+        assert_eq!(kinds.iter().filter(|k| **k == "text_reset").count(), 1);
+        assert_eq!(kinds[0], "started", "{kinds:?}");
+        assert!(!kinds.contains(&"retrying"), "one attempt: {kinds:?}");
+        // What was taken back: the first two of the cut stream's 4 chunks.
+        let before = text_of(&ev[..reset], 1);
+        assert!(
+            !before.is_empty() && answer.starts_with(&before) && before != answer,
+            "retries={retries}: {before:?}"
+        );
+        assert_eq!(text_of(&ev[reset..], 1), answer, "retries={retries}");
+        assert_eq!(completed(&ev).0, answer);
+        // The client library's reader ends with exactly the answer.
+        let mut tracker = JobTracker::new(ev[0].job_id.clone());
+        let steps: Vec<Step> = ev.iter().map(|e| tracker.accept(e, None)).collect();
+        assert_eq!(
+            steps[reset],
+            Step::Retry {
+                discarded: before.clone()
+            }
+        );
+        assert_eq!(tracker.text(), answer);
+        worker.shutdown();
+        worker.wait().await.unwrap();
+    }
     env.cleanup().await;
 }

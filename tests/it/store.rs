@@ -139,6 +139,7 @@ store_tests!(
     yield_hands_back_only_when_others_wait,
     transcripts_are_fenced_and_replaced,
     claude_sessions_belong_to_their_key,
+    unpublished_terminals_until_marked,
 );
 
 // ---------------------------------------------------------------- helpers
@@ -156,6 +157,8 @@ fn spec(prompt: &str) -> JobSpec {
         reply_to: Some("replies.x".to_string()),
         on_busy: Default::default(),
         attachments: Vec::new(),
+        max_budget_usd: None,
+        identity: None,
     }
 }
 
@@ -186,18 +189,21 @@ fn finish(job_id: &str, status: JobStatus, next_seq: u64, now: i64) -> JobFinish
         ),
         next_seq,
         session_update: None,
+        cost_usd: 0.0,
+        identity: None,
         now_ms: now,
     }
 }
 
-fn update(claude_session_id: &str, input: i64, output: i64, cost: f64) -> SessionUpdate {
+fn update(claude_session_id: &str, input: i64, output: i64) -> SessionUpdate {
     SessionUpdate {
         claude_session_id: claude_session_id.to_string(),
         cwd: "/work/sessions/s".to_string(),
         model: Some("opus".to_string()),
         input_tokens: input,
         output_tokens: output,
-        cost_usd: cost,
+        context_tokens: Some(input),
+        context_window: None,
     }
 }
 
@@ -329,7 +335,7 @@ async fn forget_closes_and_accept_reopens(ctx: Ctx) {
     let job = s.next_job(&lease).await.unwrap().unwrap();
     s.start_attempt(&lease, &job.job_id, 120).await.unwrap();
     let mut fin = finish("j1", JobStatus::Succeeded, 3, 130);
-    fin.session_update = Some(update("c-1", 1, 2, 0.25));
+    fin.session_update = Some(update("c-1", 1, 2));
     s.finish_job(&lease, &fin).await.unwrap();
     assert_eq!(
         s.release_lease(&lease, 140).await.unwrap(),
@@ -684,12 +690,15 @@ async fn finish_updates_counters_only_with_session_update(ctx: Ctx) {
 
     s.start_attempt(&l, "j1", 1_010).await.unwrap();
     let mut f1 = finish("j1", JobStatus::Succeeded, 7, 1_020);
-    f1.session_update = Some(update("c-1", 10, 20, 0.5));
+    f1.session_update = Some(update("c-1", 10, 20));
+    f1.cost_usd = 0.5;
+    f1.identity = Some("alice".into());
     s.finish_job(&l, &f1).await.unwrap();
 
     let job = s.get_job("j1").await.unwrap().unwrap();
     assert_eq!(job.status, JobStatus::Succeeded);
     assert_eq!(job.next_seq, 7);
+    assert!((job.cost_usd - 0.5).abs() < 1e-9);
     assert_eq!(
         job.terminal_event.as_deref(),
         Some(f1.terminal_event.as_str())
@@ -708,15 +717,18 @@ async fn finish_updates_counters_only_with_session_update(ctx: Ctx) {
         (1, 10, 20)
     );
     assert!((sess.cost_usd - 0.5).abs() < 1e-9);
+    assert_eq!((sess.context_tokens, sess.context_window), (Some(10), None));
     assert_eq!(sess.last_job_id.as_deref(), Some("j1"));
     assert_eq!(sess.updated_at_ms, 1_020);
     assert_eq!(sess.status, SessionStatus::Active, "still held");
 
-    // A failed turn: job outcome stored, session counters untouched.
+    // A failed turn: job outcome stored, session counters untouched but
+    // for its cost (a turn that failed may still have cost money).
     s.start_attempt(&l, "j2", 1_030).await.unwrap();
-    s.finish_job(&l, &finish("j2", JobStatus::Failed, 1, 1_040))
-        .await
-        .unwrap();
+    let mut f2 = finish("j2", JobStatus::Failed, 1, 1_040);
+    f2.cost_usd = 0.125;
+    f2.identity = Some("alice".into());
+    s.finish_job(&l, &f2).await.unwrap();
     let job = s.get_job("j2").await.unwrap().unwrap();
     assert_eq!(
         (job.status, job.error.as_deref()),
@@ -730,11 +742,14 @@ async fn finish_updates_counters_only_with_session_update(ctx: Ctx) {
     );
     assert_eq!(sess.last_job_id.as_deref(), Some("j2"));
     assert_eq!(sess.updated_at_ms, 1_040);
+    assert!((sess.cost_usd - 0.625).abs() < 1e-9, "{}", sess.cost_usd);
 
     // Counters add up.
     s.start_attempt(&l, "j3", 1_050).await.unwrap();
     let mut f3 = finish("j3", JobStatus::Succeeded, 4, 1_060);
-    f3.session_update = Some(update("c-2", 5, 6, 0.25));
+    f3.session_update = Some(update("c-2", 5, 6));
+    f3.cost_usd = 0.25;
+    f3.identity = Some("bob".into());
     s.finish_job(&l, &f3).await.unwrap();
     let sess = s.get_session("S").await.unwrap().unwrap();
     assert_eq!(sess.claude_session_id.as_deref(), Some("c-2"));
@@ -742,7 +757,21 @@ async fn finish_updates_counters_only_with_session_update(ctx: Ctx) {
         (sess.turns, sess.input_tokens, sess.output_tokens),
         (2, 15, 26)
     );
-    assert!((sess.cost_usd - 0.75).abs() < 1e-9);
+    assert!((sess.cost_usd - 0.875).abs() < 1e-9);
+    assert_eq!(sess.context_tokens, Some(5), "the last turn's context");
+
+    // Per-identity spend over a window: the jobs that finished in it.
+    let spend = |who: &'static str, since: i64| {
+        let s = s.clone();
+        async move { s.identity_spend(who, since).await.unwrap() }
+    };
+    assert!((spend("alice", 0).await - 0.625).abs() < 1e-9);
+    assert!((spend("alice", 1_030).await - 0.125).abs() < 1e-9);
+    assert_eq!(spend("alice", 1_041).await, 0.0);
+    assert!((spend("bob", 1_060).await - 0.25).abs() < 1e-9);
+    assert_eq!(spend("carol", 0).await, 0.0);
+    let job = s.get_job("j3").await.unwrap().unwrap();
+    assert_eq!(job.spec.identity, None, "the spec is as accepted");
 }
 
 async fn per_session_order_across_interleaved_sessions(ctx: Ctx) {
@@ -1121,6 +1150,7 @@ async fn transcripts_are_fenced_and_replaced(ctx: Ctx) {
         session_key: "S".into(),
         data: data.to_vec(),
         size_bytes: data.len() as i64 * 10,
+        sha256: Some(format!("{:064x}", data.len())),
         updated_at_ms: at,
     };
     s.put_transcript(&l1, &t(b"one", 210)).await.unwrap();
@@ -1238,13 +1268,14 @@ async fn claude_sessions_belong_to_their_key(ctx: Ctx) {
         session_key: "S".into(),
         data: b"t".to_vec(),
         size_bytes: 1,
+        sha256: None,
         updated_at_ms: 210,
     };
     s.put_transcript(&lease, &old).await.unwrap();
     let job = s.next_job(&lease).await.unwrap().expect("j1 runs");
     s.start_attempt(&lease, &job.job_id, 220).await.unwrap();
     let mut done = finish("j1", JobStatus::Succeeded, 1, 230);
-    done.session_update = Some(update("cs-new", 1, 1, 0.0));
+    done.session_update = Some(update("cs-new", 1, 1));
     s.finish_job(&lease, &done).await.unwrap();
     assert_eq!(
         s.session_key_of("cs-new").await.unwrap().as_deref(),
@@ -1255,4 +1286,59 @@ async fn claude_sessions_belong_to_their_key(ctx: Ctx) {
         Some("S")
     );
     assert_eq!(s.session_key_of("cs-nobody").await.unwrap(), None);
+}
+
+/// The terminal-event outbox: finished jobs are listed until their event is
+/// marked published, oldest first, only past the cut-off; queued jobs never.
+async fn unpublished_terminals_until_marked(ctx: Ctx) {
+    let s = ctx.open().await;
+    for (i, id) in ["j1", "j2", "j3"].iter().enumerate() {
+        accept(&s, id, "S", 100 + i as i64).await;
+    }
+    let lease = s
+        .claim_session("w1", 200, 1_000, None)
+        .await
+        .unwrap()
+        .unwrap();
+    for (id, at) in [("j1", 300), ("j2", 400)] {
+        let job = s.next_job(&lease).await.unwrap().unwrap();
+        assert_eq!(job.job_id, id);
+        s.start_attempt(&lease, id, at - 10).await.unwrap();
+        s.finish_job(&lease, &finish(id, JobStatus::Succeeded, 1, at))
+            .await
+            .unwrap();
+    }
+    let ids = |jobs: Vec<claude_worker::store::JobRecord>| -> Vec<String> {
+        jobs.into_iter().map(|j| j.job_id).collect()
+    };
+    assert_eq!(
+        ids(s.unpublished_terminals(1_000, 10).await.unwrap()),
+        ["j1", "j2"]
+    );
+    assert_eq!(ids(s.unpublished_terminals(350, 10).await.unwrap()), ["j1"]);
+    assert_eq!(
+        ids(s.unpublished_terminals(1_000, 1).await.unwrap()),
+        ["j1"]
+    );
+    let listed = s.unpublished_terminals(1_000, 10).await.unwrap();
+    assert_eq!(
+        listed[0].terminal_event.as_deref(),
+        Some(
+            finish("j1", JobStatus::Succeeded, 1, 300)
+                .terminal_event
+                .as_str()
+        )
+    );
+    s.mark_terminal_published("j1", 500).await.unwrap();
+    s.mark_terminal_published("j1", 600).await.unwrap();
+    assert_eq!(
+        ids(s.unpublished_terminals(1_000, 10).await.unwrap()),
+        ["j2"]
+    );
+    s.mark_terminal_published("j2", 500).await.unwrap();
+    assert!(s
+        .unpublished_terminals(i64::MAX, 10)
+        .await
+        .unwrap()
+        .is_empty());
 }

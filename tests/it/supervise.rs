@@ -5,11 +5,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use claude_worker::protocol::EventBody;
-use claude_worker::store::JobRecord;
+use claude_worker::store::{JobRecord, JobStatus};
 use claude_worker::worker::{Hooks, Worker};
 use lapin::options::QueueDeleteOptions;
 use serde_json::json;
 
+use crate::common::world::wait_until_async;
 use crate::harness::{Backend, TestEnv, WAIT};
 
 /// A hook that panics in the first attempt it sees, and counts attempts.
@@ -23,6 +24,7 @@ fn panic_once() -> (Hooks, Arc<AtomicUsize>) {
     };
     let hooks = Hooks {
         on_attempt: Some(Arc::new(hook)),
+        ..Hooks::default()
     };
     (hooks, attempts)
 }
@@ -141,5 +143,71 @@ async fn workers_starting_together_on_a_fresh_topology_all_start() {
     assert_eq!(events.last().unwrap().body.type_name(), "completed");
     worker.shutdown();
     worker.wait().await.unwrap();
+    env.cleanup().await;
+}
+
+/// A worker that records a job's outcome and then dies before publishing
+/// its terminal event (the hook skips the publish; the worker is then
+/// stopped): another worker's outbox sweep publishes the stored event,
+/// once, and marks it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminal_event_its_worker_never_published_goes_out_from_the_outbox() {
+    let mut env = TestEnv::new(Backend::Sqlite).await;
+    let mut settings = env.settings();
+    settings.amqp.publish_timeout_ms = 1_000;
+    settings.worker.lease_ttl_secs = 3;
+    settings.validate().unwrap();
+    let hooks = Hooks {
+        skip_terminal_publish: true,
+        ..Hooks::default()
+    };
+    let w1 = Worker::start_with(settings.clone(), hooks).await.unwrap();
+    let store = w1.context.store.clone();
+    let job = env
+        .publish_job("supervise:outbox", "lost words", json!({}))
+        .await;
+    wait_until_async("the outcome is recorded", || {
+        let store = store.clone();
+        let job = job.clone();
+        async move {
+            store.get_job(&job).await.unwrap().map(|j| j.status) == Some(JobStatus::Succeeded)
+        }
+    })
+    .await;
+    w1.shutdown();
+    w1.wait().await.unwrap();
+    let recorded = store
+        .get_job(&job)
+        .await
+        .unwrap()
+        .unwrap()
+        .terminal_event
+        .unwrap();
+
+    let w2 = Worker::start(settings).await.unwrap();
+    let events = env.events_until_terminal(&job).await;
+    let terminal = events.last().unwrap();
+    assert!(
+        matches!(terminal.body, EventBody::Completed { .. }),
+        "{events:#?}"
+    );
+    assert_eq!(
+        serde_json::to_value(terminal).unwrap(),
+        serde_json::from_str::<serde_json::Value>(&recorded).unwrap()
+    );
+    assert_eq!(events.iter().filter(|e| e.body.is_terminal()).count(), 1);
+    assert!(store
+        .unpublished_terminals(i64::MAX, 10)
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(
+        env.maybe_event(&job, std::time::Duration::from_secs(3))
+            .await
+            .is_none(),
+        "published once"
+    );
+    w2.shutdown();
+    w2.wait().await.unwrap();
     env.cleanup().await;
 }

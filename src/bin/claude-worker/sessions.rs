@@ -143,6 +143,8 @@ fn session_json(s: &SessionRecord) -> Value {
         "input_tokens": s.input_tokens,
         "output_tokens": s.output_tokens,
         "cost_usd": s.cost_usd,
+        "context_tokens": s.context_tokens,
+        "context_window": s.context_window,
         "created_at_ms": s.created_at_ms,
         "updated_at_ms": s.updated_at_ms,
         "last_job_id": s.last_job_id,
@@ -157,6 +159,8 @@ fn job_json(j: &JobRecord) -> Value {
         "status": j.status.as_str(),
         "attempts": j.attempts,
         "error": j.error,
+        "cost_usd": j.cost_usd,
+        "identity": j.spec.identity,
         "prompt": j.spec.prompt,
         "created_at_ms": j.created_at_ms,
         "started_at_ms": j.started_at_ms,
@@ -218,7 +222,17 @@ fn print_session(s: &SessionRecord, jobs: &[JobRecord]) {
         "tokens             {} in / {} out",
         s.input_tokens, s.output_tokens
     );
+    // The sum of its turns' costs (failed and cancelled ones included).
     println!("cost               ${:.4}", s.cost_usd);
+    if let Some(tokens) = s.context_tokens {
+        match s.context_window.filter(|w| *w > 0) {
+            Some(w) => println!(
+                "context            {tokens} / {w} tokens ({:.1}%)",
+                tokens as f64 * 100.0 / w as f64
+            ),
+            None => println!("context            {tokens} tokens"),
+        }
+    }
     println!("created            {}", fmt_time(s.created_at_ms));
     println!("last activity      {}", fmt_time(s.updated_at_ms));
     if let Some(owner) = &s.lease_owner {
@@ -248,13 +262,14 @@ fn print_session(s: &SessionRecord, jobs: &[JobRecord]) {
             prompt.push('…');
         }
         println!(
-            "  {}  {}  {}{}{} (attempts: {})  {:?}",
+            "  {}  {}  {}{}{} (attempts: {}, ${:.4})  {:?}",
             fmt_time(j.created_at_ms),
             j.job_id,
             j.status.as_str(),
             took,
             error,
             j.attempts,
+            j.cost_usd,
             prompt.replace('\n', " ")
         );
     }
@@ -262,24 +277,7 @@ fn print_session(s: &SessionRecord, jobs: &[JobRecord]) {
 
 /// Unix milliseconds as `YYYY-MM-DD HH:MM:SSZ` (UTC).
 fn fmt_time(ms: i64) -> String {
-    let secs = ms.div_euclid(1000);
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Howard Hinnant's civil_from_days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + if m <= 2 { 1 } else { 0 };
-    format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    claude_worker::store::utc_time(ms)
 }
 
 #[cfg(test)]

@@ -52,6 +52,12 @@ pub struct Args {
     /// If the session is busy: enqueue, interrupt or reject.
     #[arg(long, value_name = "P", value_parser = parse_on_busy)]
     on_busy: Option<OnBusy>,
+    /// Cost cap of this turn in USD (at most the profile's).
+    #[arg(long, value_name = "USD")]
+    max_budget_usd: Option<f64>,
+    /// Whose budget the job spends (the profile's per-identity budget).
+    #[arg(long, value_name = "ID")]
+    identity: Option<String>,
     /// Job id (default: a new UUID). Publishing the same id again is safe:
     /// a finished job answers with its terminal event instead of running again.
     #[arg(long, value_name = "ID")]
@@ -136,10 +142,12 @@ pub async fn run(settings: Settings, args: Args) -> anyhow::Result<u8> {
             max_turns: args.max_turns,
             permission_mode: args.permission_mode,
             on_busy: args.on_busy,
+            max_budget_usd: args.max_budget_usd,
         },
         metadata: None,
         reply_to: None,
         attachments: None,
+        identity: args.identity.clone(),
     };
     let body = serde_json::to_vec(&job)?;
     if let Err(e) = claude_worker::protocol::decode_job(&body) {
@@ -423,6 +431,15 @@ impl Renderer {
                     self.write(&format!("\x1b[2m{line}\x1b[0m\n"));
                 } else {
                     self.write(&format!("{line}\n"));
+                }
+            }
+            EventBody::TextReset { .. } => {
+                if self.live {
+                    self.break_line();
+                    eprintln!("[the API stream was cut: the answer is restated below]");
+                } else {
+                    self.held.clear();
+                    self.at_line_start = true;
                 }
             }
             EventBody::Retrying {

@@ -100,6 +100,10 @@ impl WarmProcess {
         {
             return Some("stale: the session ran a turn elsewhere");
         }
+        if req.options.max_budget_usd.is_some() {
+            // The CLI counts --max-budget-usd over the whole process.
+            return Some("a per-turn cost cap needs a process of its own");
+        }
         if self.fixed_args != fixed_args(req, profile) {
             return Some("CLI flags changed");
         }

@@ -255,6 +255,8 @@ fn job(
         metadata: Some(meta.to_metadata()),
         reply_to: None,
         attachments: (!images.is_empty()).then_some(images),
+        // Per-user budgets (the profile's `identity` budget) follow the user.
+        identity: Some(format!("discord:user:{}", meta.user_id)),
     }
 }
 

@@ -264,6 +264,8 @@ pub fn failure(kind: ErrorKind) -> &'static str {
             "⚠️ Something went wrong on the worker; try again."
         }
         ErrorKind::WorkerLost => "⚠️ The worker running this was lost; try again.",
+        ErrorKind::MaxBudget => "⚠️ Stopped: this answer reached its cost limit.",
+        ErrorKind::BudgetExceeded => "⚠️ The budget for this conversation is used up.",
     }
 }
 

@@ -130,6 +130,9 @@ impl Reply {
                 self.tool = Some(render::tool_line(name, input_summary));
                 self.dirty = true;
             }
+            // The CLI re-sent a cut stream: the tracker dropped the text,
+            // the worker restates what stands.
+            EventBody::TextReset { .. } => self.dirty = true,
             EventBody::Retrying { .. } => {
                 self.tool = Some(render::RETRYING.to_string());
                 self.dirty = true;

@@ -19,6 +19,8 @@ use crate::protocol::ErrorKind;
 use crate::worker::context::Context;
 
 /// How one attempt ended.
+// One per attempt, moved once: boxing the large variant buys nothing.
+#[allow(clippy::large_enum_variant)]
 pub(super) enum AttemptEnd {
     Completed {
         result: TurnResult,

@@ -11,6 +11,7 @@ use super::attempt::{AttemptEnd, InitInfo, RunEnd};
 use super::events::JobEvents;
 use super::prepare::Prepared;
 use super::retry::AttemptFailure;
+use super::spoken::Spoken;
 use super::{TurnAbort, EXIT_GRACE, INTERRUPT_GRACE, STOP_GRACE};
 use crate::claude::warm::WARM_RESPONSE_TIMEOUT;
 use crate::claude::{self, CliMessage, CliProcess, TurnResult};
@@ -27,6 +28,8 @@ pub(super) struct CliRun {
     init: Option<InitInfo>,
     /// Assistant messages whose text arrived as deltas.
     streamed: HashSet<String>,
+    /// The text published so far, to restate after a cut stream.
+    spoken: Spoken,
 }
 
 /// What the run waits for, whichever comes first.
@@ -49,6 +52,7 @@ impl CliRun {
             deadline,
             init: None,
             streamed: HashSet::new(),
+            spoken: Spoken::default(),
         }
     }
 
@@ -72,6 +76,7 @@ impl CliRun {
                 }
                 Input::Cancel => {
                     let graceful = self.proc.interrupt(INTERRUPT_GRACE).await;
+                    events.spent_usd += self.proc.take_cost();
                     debug!(graceful, "turn interrupted");
                     let init = self.init;
                     return Ok(RunEnd::Attempt(AttemptEnd::Cancelled { init }));
@@ -86,7 +91,8 @@ impl CliRun {
             }
             match msg {
                 Some(CliMessage::Result(result)) => {
-                    return Ok(self.on_result(prepared, result).await)
+                    events.spent_usd += self.proc.take_cost();
+                    return Ok(self.on_result(prepared, result).await);
                 }
                 None => return Ok(self.on_exit().await),
                 Some(m) => self.on_message(ctx, prepared, events, m).await?,
@@ -175,9 +181,21 @@ impl CliRun {
                     })
                     .await
             }
-            CliMessage::TextDelta { message_id, text } => {
+            CliMessage::TextDelta {
+                message_id,
+                index,
+                text,
+            } => {
+                self.spoken.push(message_id.as_deref(), index, &text);
                 self.streamed.extend(message_id);
                 events.emit(EventBody::Text { text }).await
+            }
+            CliMessage::Abandoned {
+                message_id,
+                from_block_index,
+            } => {
+                self.on_abandoned(events, &message_id, from_block_index)
+                    .await
             }
             CliMessage::Assistant {
                 message_id,
@@ -211,6 +229,7 @@ impl CliRun {
             .as_ref()
             .is_some_and(|id| self.streamed.contains(id));
         if !text.is_empty() && !was_streamed {
+            self.spoken.push(message_id.as_deref(), 0, &text);
             events.emit(EventBody::Text { text }).await?;
         }
         for (name, input) in tool_uses {
@@ -221,6 +240,29 @@ impl CliRun {
                     input_summary,
                 })
                 .await?;
+        }
+        Ok(())
+    }
+
+    /// A cut API stream the CLI retries within the attempt: take back what
+    /// it said in the abandoned blocks and restate the rest (see `spoken`).
+    async fn on_abandoned(
+        &mut self,
+        events: &mut JobEvents<'_>,
+        message_id: &str,
+        from_block_index: u64,
+    ) -> Result<(), TurnAbort> {
+        let Some(rest) = self.spoken.abandon(message_id, from_block_index) else {
+            return Ok(());
+        };
+        debug!("the API stream was cut mid-answer; the CLI retries it");
+        events
+            .emit(EventBody::TextReset {
+                reason: "the API stream was cut mid-answer and the CLI retried it".into(),
+            })
+            .await?;
+        if !rest.is_empty() {
+            events.emit(EventBody::Text { text: rest }).await?;
         }
         Ok(())
     }

@@ -8,7 +8,7 @@ use serde_json::Value;
 use tracing::warn;
 
 use super::{Stop, TurnAbort};
-use crate::broker::publish::Attribution;
+use crate::broker::publish::{Attribution, PublishError};
 use crate::protocol::{EventBody, EventV1, PROTOCOL_VERSION};
 use crate::store::{now_ms, JobFinish, JobRecord, JobStatus, Lease, SessionUpdate};
 use crate::worker::context::Context;
@@ -27,6 +27,9 @@ pub(super) struct JobEvents<'a> {
     pub attempt: u32,
     /// This job in the worker's registry of running turns (cancel, control).
     pub turn: TurnRegistration,
+    /// What the job's turns cost so far (every CLI result, every attempt).
+    pub spent_usd: f64,
+    identity: Option<String>,
 }
 
 impl<'a> JobEvents<'a> {
@@ -46,6 +49,8 @@ impl<'a> JobEvents<'a> {
             next_seq: job.next_seq,
             attempt: job.attempts,
             turn: ctx.running.register(&job.job_id, &job.session_key),
+            spent_usd: 0.0,
+            identity: spec.identity.clone(),
         }
     }
 
@@ -73,13 +78,24 @@ impl<'a> JobEvents<'a> {
             .store
             .record_seq(self.lease, &self.job_id, self.next_seq + 1)
             .await?;
-        if !self.stop.lease_fresh() {
+        let still_held = || !self.stop.lease_lost.is_cancelled() && self.stop.lease_fresh();
+        if !still_held() {
             return Err(TurnAbort::LeaseLost);
         }
-        self.ctx
+        // Checked again once the channel is ours, right before the frame.
+        let from = Attribution {
+            fence: Some(&still_held),
+            ..self.attribution()
+        };
+        match self
+            .ctx
             .sink
-            .publish_event(&self.reply_to, &event, &bytes, &self.attribution())
-            .await?;
+            .publish_event(&self.reply_to, &event, &bytes, &from)
+            .await
+        {
+            Err(PublishError::Fenced) => return Err(TurnAbort::LeaseLost),
+            sent => sent?,
+        }
         self.next_seq += 1;
         Ok(())
     }
@@ -105,6 +121,8 @@ impl<'a> JobEvents<'a> {
             terminal_event: String::from_utf8(bytes.clone()).expect("JSON is UTF-8"),
             next_seq: self.next_seq + 1,
             session_update,
+            cost_usd: self.spent_usd,
+            identity: self.identity.clone(),
             now_ms: now_ms(),
         };
         self.ctx.store.finish_job(self.lease, &finish).await?;
@@ -117,12 +135,16 @@ impl<'a> JobEvents<'a> {
         Attribution {
             worker_id: &self.ctx.worker_id,
             lease_epoch: self.lease.epoch,
+            fence: None,
         }
     }
 
     /// The outcome is already recorded, so the terminal event must get out:
     /// keep trying through broker outages until it does or the worker stops.
     async fn publish_terminal(&self, event: &EventV1, bytes: &[u8]) {
+        if self.ctx.hooks.skip_terminal_publish {
+            return;
+        }
         let from = self.attribution();
         let mut delay = Duration::from_millis(200);
         loop {
@@ -131,13 +153,16 @@ impl<'a> JobEvents<'a> {
                 .sink
                 .publish_event(&self.reply_to, event, bytes, &from)
                 .await;
-            let Err(e) = sent else { return };
+            let Err(e) = sent else {
+                crate::worker::outbox::mark_published(self.ctx, &event.job_id).await;
+                return;
+            };
             warn!(error = %e, job_id = %event.job_id, "publishing a terminal event failed; retrying");
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
                 _ = self.stop.kill.cancelled() => {
                     warn!(job_id = %event.job_id, "terminal event not published before shutdown; \
-                          re-publishing the job with the same job_id returns it");
+                          a worker's outbox sweep publishes it later");
                     return;
                 }
             }

@@ -1,7 +1,8 @@
 //! One job's lifecycle under a session lease, as typed stages:
 //!
 //! `prepare` (profile, attempts lost with a worker, which Claude session to
-//! resume, the warm process, the transcript) → `Prepared` →
+//! resume, the warm process, the transcript) → `Prepared` → `budget` (a
+//! job past its session or identity budget ends here) →
 //! `attempts` (the attempt loop with retry; each `attempt` drives one CLI
 //! run) → `Ended` → `outcome` (record the outcome, then publish the
 //! terminal event).
@@ -12,11 +13,13 @@
 
 mod attempt;
 mod attempts;
+mod budget;
 mod cli_run;
 mod events;
 mod outcome;
 mod prepare;
 pub(crate) mod retry;
+mod spoken;
 
 use std::time::Duration;
 
@@ -73,6 +76,9 @@ pub async fn run_job(
     let Some(mut prepared) = prepare::prepare(ctx, &job, &mut events).await? else {
         return Ok(());
     };
+    if !budget::admit(ctx, &job, &mut prepared, &mut events).await? {
+        return Ok(());
+    }
     let ended = attempts::run(ctx, lease, &job, &mut prepared, &mut events).await?;
     outcome::record(ctx, lease, &job, prepared, ended, &mut events).await
 }

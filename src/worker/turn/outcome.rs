@@ -11,6 +11,7 @@ use super::events::JobEvents;
 use super::prepare::Prepared;
 use super::retry::AttemptFailure;
 use super::{TurnAbort, EXIT_GRACE};
+use crate::claude::stream::ContextUse;
 use crate::claude::warm::WarmProcess;
 use crate::claude::{CliProcess, TurnResult};
 use crate::protocol::EventBody;
@@ -68,7 +69,7 @@ pub(super) async fn record(
             debug!(reason = %reason.text, "the cancel reason");
             // The interrupted turn is in the transcript: the key keeps it.
             let update =
-                init.map(|i| session_update(&prepared, i.session_id, i.model, &Value::Null, 0.0));
+                init.map(|i| session_update(&prepared, i.session_id, i.model, &Value::Null, None));
             cancelled(events, reason, update).await
         }
     }
@@ -93,7 +94,7 @@ async fn completed(
     let model = init.and_then(|i| i.model);
     let update = claude_session_id
         .clone()
-        .map(|id| session_update(prepared, id, model, &result.usage, result.total_cost_usd));
+        .map(|id| session_update(prepared, id, model, &result.usage, result.context));
     if let Some(id) = &claude_session_id {
         transcript::save(ctx, lease, &prepared.profile, &prepared.cwd, id).await?;
     }
@@ -101,7 +102,9 @@ async fn completed(
         result: result.result.clone().unwrap_or_default(),
         claude_session_id: claude_session_id.clone(),
         usage: result.usage,
-        total_cost_usd: result.total_cost_usd,
+        // Per turn (the CLI's total_cost_usd is a running total).
+        total_cost_usd: result.turn_cost_usd,
+        session_cost_usd: Some(prepared.session_cost_usd + events.spent_usd),
         duration_ms: if result.duration_ms > 0 {
             result.duration_ms
         } else {
@@ -127,7 +130,11 @@ async fn keep_or_close(
     claude_session_id: Option<String>,
 ) {
     match (live, claude_session_id) {
-        (Some((proc, turns)), Some(id)) if ctx.warm.enabled() => {
+        // A capped turn's process is not reused (the CLI counts the cap
+        // over the whole process).
+        (Some((proc, turns)), Some(id))
+            if ctx.warm.enabled() && prepared.request.options.max_budget_usd.is_none() =>
+        {
             let mut warm = WarmProcess::new(
                 *proc,
                 &job.session_key,
@@ -152,7 +159,7 @@ fn session_update(
     claude_session_id: String,
     model: Option<String>,
     usage: &Value,
-    cost_usd: f64,
+    context: Option<ContextUse>,
 ) -> SessionUpdate {
     let tokens = |k: &str| usage.get(k).and_then(Value::as_i64).unwrap_or(0);
     SessionUpdate {
@@ -161,7 +168,8 @@ fn session_update(
         model,
         input_tokens: tokens("input_tokens"),
         output_tokens: tokens("output_tokens"),
-        cost_usd,
+        context_tokens: context.map(|c| c.tokens as i64),
+        context_window: context.and_then(|c| c.window).map(|w| w as i64),
     }
 }
 

@@ -28,6 +28,8 @@ pub(super) struct Prepared {
     pub resume_failed: Option<String>,
     /// When the job's first attempt began (anywhere), for the retry budget.
     pub first_started: Instant,
+    /// What the session's turns cost before this job.
+    pub session_cost_usd: f64,
 }
 
 /// `None` when the job already has its outcome (its profile is gone, or
@@ -52,6 +54,7 @@ pub(super) async fn prepare(
     }
     let session = ctx.store.get_session(&job.session_key).await?;
     let request = turn_request(job, &profile, session.as_ref());
+    let session_cost_usd = session.as_ref().map_or(0.0, |s| s.cost_usd);
     let view = session.map(|s| SessionView {
         claude_session_id: s.claude_session_id,
         last_job_id: s.last_job_id,
@@ -78,6 +81,7 @@ pub(super) async fn prepare(
         warm,
         resume_failed: None,
         first_started: first_started(job),
+        session_cost_usd,
     }))
 }
 

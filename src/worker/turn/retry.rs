@@ -44,6 +44,13 @@ impl AttemptFailure {
                 false,
             );
         }
+        if r.subtype == "error_max_budget_usd" {
+            return AttemptFailure::new(
+                ErrorKind::MaxBudget,
+                format!("reached the turn's cost cap (max_budget_usd): {text}"),
+                false,
+            );
+        }
         match r.api_error_status {
             Some(401) | Some(403) => AttemptFailure::new(ErrorKind::Auth, text, false),
             Some(408) | Some(409) | Some(429) | Some(500..=599) => {
@@ -111,6 +118,9 @@ mod tests {
             errors: vec![],
             usage: serde_json::Value::Null,
             total_cost_usd: 0.0,
+            per_turn_cost_usd: None,
+            context: None,
+            turn_cost_usd: 0.0,
             duration_ms: 0,
             num_turns: 0,
         }
