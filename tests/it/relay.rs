@@ -110,6 +110,13 @@ impl World {
         self.worker = Some(self.env.start_worker().await);
     }
 
+    async fn start_worker_with(
+        &mut self,
+        tweak: impl FnOnce(&mut claude_worker::config::Settings),
+    ) {
+        self.worker = Some(self.env.start_worker_with(tweak).await);
+    }
+
     /// Stops the relay at once, as a crash would: nothing more is acked.
     async fn kill_relay(&mut self) {
         let relay = self.relay.take().expect("a relay runs");
@@ -1115,5 +1122,44 @@ async fn a_very_long_answer_can_come_as_a_file_under_a_preview() {
         2,
         "the preview and the file"
     );
+    w.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_users_budget_follows_them_across_channels() {
+    let mut w = world_with(false, |_| {}).await;
+    w.start_worker_with(|s| {
+        let b = &mut s.profiles.get_mut("discord").unwrap().budget;
+        b.identity_usd = Some(0.000_001);
+    })
+    .await;
+    // The first turn crosses the budget and finishes; the user's next job,
+    // in another channel (another session), is refused.
+    let m1 = w.fake.user_says(CHAN, ALICE, "first", true);
+    let d1 = w.terminal(&job_of(m1)).await;
+    assert!(matches!(d1.body, EventBody::Completed { .. }), "{d1:?}");
+    let other = CHAN + 5;
+    let m2 = w.fake.user_says(other, ALICE, "second", true);
+    let d2 = w.terminal(&job_of(m2)).await;
+    assert!(
+        matches!(
+            d2.body,
+            EventBody::Failed {
+                error: claude_worker::protocol::ErrorKind::BudgetExceeded,
+                ..
+            }
+        ),
+        "{d2:?}"
+    );
+    let ph = w.placeholder(other, m2).await;
+    w.shows(
+        ph.id,
+        render::failure(claude_worker::protocol::ErrorKind::BudgetExceeded),
+    )
+    .await;
+    // Bob is not Alice: his budget is his own.
+    let m3 = w.fake.user_says(other, BOB, "third", true);
+    let d3 = w.terminal(&job_of(m3)).await;
+    assert!(matches!(d3.body, EventBody::Completed { .. }), "{d3:?}");
     w.cleanup().await;
 }
