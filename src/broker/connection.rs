@@ -228,8 +228,18 @@ pub async fn connect(settings: &AmqpSettings, name: &str) -> Result<Connection, 
             }
         }
     }
+    // Reconnect quickly (lapin's default waits 1 s doubling to 60 s, so a
+    // broker back after 20 s was only found again ~30 s later), and keep
+    // trying at least as long as the worker waits (`recovery_limit_secs`).
+    let attempts = (settings.recovery_limit_secs / 2 + 5) as usize;
     let props = ConnectionProperties::default()
         .with_connection_name(LongString::from(name))
+        .configure_backoff(move |b| {
+            b.with_min_delay(Duration::from_millis(200))
+                .with_max_delay(Duration::from_secs(2))
+                .with_jitter()
+                .with_max_times(attempts)
+        })
         .enable_auto_recover();
     match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(url, props)).await {
         Ok(Ok(conn)) => Ok(conn),

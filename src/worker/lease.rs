@@ -4,14 +4,17 @@
 //! The heartbeat runs inside the session's own future ([`hold`]), not as a
 //! task of its own: it stops when the session's work ends, whether it
 //! returns or panics, so a broken session task can never keep renewing a
-//! lease that no worker could then take over.
+//! lease that no worker could then take over. And it renews only while the
+//! session makes progress ([`Stop::progressed`]: a CLI message, an event, a
+//! job or an attempt begun): a session stuck longer than any legitimate
+//! wait ([`stall_limit`]) lets its lease go.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
-use tracing::warn;
+use tracing::{error, warn};
 
 use crate::store::{now_ms, Lease, StoreError};
 use crate::worker::context::Context;
@@ -28,6 +31,8 @@ pub struct Stop {
     /// a worker that was paused past its lease publishes nothing even if
     /// it wakes between the fenced `record_seq` and the publish.
     pub lease_valid_until: Arc<AtomicI64>,
+    /// When (Unix ms) the session last made progress.
+    progress_at_ms: Arc<AtomicI64>,
 }
 
 impl Stop {
@@ -40,7 +45,17 @@ impl Stop {
             lease_valid_until: Arc::new(AtomicI64::new(
                 claimed_at_ms + ttl_ms - lease_margin_ms(ttl_ms),
             )),
+            progress_at_ms: Arc::new(AtomicI64::new(claimed_at_ms)),
         }
+    }
+
+    /// The session did something: the heartbeat may keep renewing.
+    pub fn progressed(&self) {
+        self.progress_at_ms.store(now_ms(), Ordering::SeqCst);
+    }
+
+    fn stalled_for_ms(&self) -> i64 {
+        now_ms() - self.progress_at_ms.load(Ordering::SeqCst)
     }
 
     pub fn lease_fresh(&self) -> bool {
@@ -52,6 +67,15 @@ impl Stop {
 /// publishing (clock skew between hosts, time between check and publish).
 fn lease_margin_ms(ttl_ms: i64) -> i64 {
     ttl_ms / 5
+}
+
+/// The longest a session may go without progress and still be waiting
+/// legitimately: a CLI silent for the whole turn timeout, the longest retry
+/// delay, a publish and its retry, plus slack for database calls.
+pub fn stall_limit(ctx: &Context) -> std::time::Duration {
+    let s = &ctx.settings;
+    std::time::Duration::from_secs(s.claude.turn_timeout_secs + 30)
+        + std::time::Duration::from_millis(s.retry.max_delay_ms + 2 * s.amqp.publish_timeout_ms)
 }
 
 /// Runs `work` while renewing the lease; the heartbeat is polled by the
@@ -78,8 +102,16 @@ async fn heartbeat(ctx: &Context, lease: &Lease, stop: &Stop) {
     let ttl = ctx.settings.lease_ttl();
     let ttl_ms = ttl.as_millis() as i64;
     let mut expires = now_ms() + ttl_ms;
+    let stall_ms = stall_limit(ctx).as_millis() as i64;
     loop {
         tokio::time::sleep(ttl / 3).await;
+        let stalled_ms = stop.stalled_for_ms();
+        if stalled_ms > stall_ms {
+            error!(stalled_ms, limit_ms = stall_ms,
+                   "the session made no progress for longer than any legitimate wait; letting its lease go");
+            stop.lease_lost.cancel();
+            return;
+        }
         let renewed_at = now_ms();
         match ctx.store.renew_lease(lease, renewed_at, ttl_ms).await {
             Ok(true) => {
@@ -223,6 +255,33 @@ mod tests {
             "the lease was not renewed"
         );
         assert!(!stop.lease_lost.is_cancelled());
+    }
+
+    #[tokio::test]
+    async fn a_stalled_session_stops_renewing_its_lease() {
+        let (_dir, ctx, lease) = claimed().await;
+        let stop = Stop::new(&ctx, now_ms(), CancellationToken::new());
+        let before = expiry(&ctx.store).await;
+        // Progress last seen longer ago than any legitimate wait.
+        let limit_ms = stall_limit(&ctx).as_millis() as i64;
+        stop.progress_at_ms
+            .store(now_ms() - limit_ms - 1, Ordering::SeqCst);
+        let work = stop.lease_lost.cancelled();
+        tokio::time::timeout(Duration::from_secs(5), hold(&ctx, &lease, &stop, work))
+            .await
+            .expect("the heartbeat lets a stalled session's lease go");
+        assert_eq!(expiry(&ctx.store).await, before, "not renewed");
+        // Progress keeps it renewing.
+        let stop = Stop::new(&ctx, now_ms(), CancellationToken::new());
+        let progressing = async {
+            for _ in 0..8 {
+                stop.progressed();
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        };
+        hold(&ctx, &lease, &stop, progressing).await;
+        assert!(!stop.lease_lost.is_cancelled());
+        assert!(expiry(&ctx.store).await > before);
     }
 
     #[tokio::test]

@@ -156,6 +156,7 @@ async fn session_loop(
         }
         match ctx.store.next_job(lease).await? {
             Some(job) => {
+                stop.progressed();
                 let span = info_span!("job", job_id = %job.job_id);
                 run_job(ctx, lease, job, stop).instrument(span).await?;
                 // Fairness: another session waiting for a worker goes first;

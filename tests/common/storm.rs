@@ -204,7 +204,7 @@ pub async fn run(cfg: StormConfig) -> StormReport {
     let restarts = Arc::new(AtomicUsize::new(0));
     let done = Arc::new(AtomicBool::new(false));
     let supervisor = tokio::spawn(supervise(slots.clone(), restarts.clone(), done.clone()));
-    let markers: Vec<String> = (0..cfg.workers).map(|n| format!("{prefix}.w{n}")).collect();
+    let markers = markers_of(&prefix, cfg.workers);
     let faults = Faults::default();
     let chaos = tokio::spawn(
         faults
@@ -242,10 +242,22 @@ pub async fn run(cfg: StormConfig) -> StormReport {
     report.worker_restarts = restarts.load(Ordering::SeqCst);
     report.duration = started.elapsed();
     stop_workers(&slots).await;
+    // No CLI of the storm's outlives it (they die with their worker; this
+    // is the belt to that).
+    for m in &markers_of(&prefix, cfg.workers) {
+        for pid in cli_pids(m) {
+            // SAFETY: a plain syscall; the pid is a CLI of ours.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
     drop(rx);
     drop(pg);
     drop(node);
     report
+}
+
+fn markers_of(prefix: &str, workers: usize) -> Vec<String> {
+    (0..workers).map(|n| format!("{prefix}.w{n}")).collect()
 }
 
 fn spawn_slot(
@@ -315,7 +327,7 @@ impl Faults {
         while !done.load(Ordering::SeqCst) {
             tokio::time::sleep(Duration::from_millis(500)).await;
             tick += 1;
-            if tick % 8 == 0 {
+            if tick.is_multiple_of(8) {
                 let pids: Vec<i32> = markers.iter().flat_map(|m| cli_pids(m)).collect();
                 if !pids.is_empty() {
                     let pid = pids[rand::rng().random_range(0..pids.len())];
@@ -324,7 +336,7 @@ impl Faults {
                     self.cli_kills.fetch_add(1, Ordering::SeqCst);
                 }
             }
-            if tick % 14 == 0 {
+            if tick.is_multiple_of(14) {
                 for _ in 0..4 {
                     mock.push_behavior(Behavior::status(529, "overloaded_error", "Overloaded"));
                 }
@@ -511,6 +523,8 @@ async fn stop_workers(slots: &Arc<Mutex<Vec<Slot>>>) {
         s.signal(libc::SIGTERM);
     }
     for s in &mut slots {
-        let _ = tokio::time::timeout(Duration::from_secs(30), s.child.wait()).await;
+        if tokio::time::timeout(Duration::from_secs(30), s.child.wait()).await.is_err() {
+            let _ = s.child.kill().await;
+        }
     }
 }

@@ -150,3 +150,51 @@ async fn a_clients_reply_queue_survives_a_dropped_connection() {
     worker.wait().await.unwrap();
     env.cleanup().await;
 }
+
+/// An event whose lease check fails by the time its frame would go out is
+/// not published (`PublishError::Fenced`); one whose check holds is, with
+/// its attribution headers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_of_a_lost_lease_is_not_published() {
+    use claude_worker::broker::publish::{AmqpSink, Attribution, PublishError, ReplySink};
+    use claude_worker::protocol::EventV1;
+    let mut env = TestEnv::new(Backend::Sqlite).await;
+    let ch = env.bus.conn.create_channel().await.unwrap();
+    ch.confirm_select(Default::default()).await.unwrap();
+    let sink = AmqpSink::new(ch, env.bus.topology.clone(), Duration::from_secs(5));
+    let event = |seq: u64| -> EventV1 {
+        serde_json::from_value(json!({"v": 1, "job_id": "fence-job", "session_key": "k",
+            "seq": seq, "attempt": 1, "type": "text", "text": format!("piece {seq}"),
+            "metadata": {}}))
+        .unwrap()
+    };
+    let lost = || false;
+    let held = || true;
+    for (seq, fence) in [(0u64, &lost as &(dyn Fn() -> bool + Sync)), (1, &held)] {
+        let ev = event(seq);
+        let body = serde_json::to_vec(&ev).unwrap();
+        let from = Attribution {
+            worker_id: "fence-worker",
+            lease_epoch: 7,
+            fence: Some(fence),
+        };
+        let sent = sink
+            .publish_event(&env.bus.reply_key, &ev, &body, &from)
+            .await;
+        match seq {
+            0 => assert!(matches!(sent, Err(PublishError::Fenced)), "{sent:?}"),
+            _ => sent.unwrap(),
+        }
+    }
+    let (_, got) = env.next_event("fence-job").await;
+    assert_eq!(got.seq, 1, "only the event whose lease held went out");
+    assert_eq!(
+        env.attribution("fence-job", 1).unwrap().lease_epoch,
+        Some(7)
+    );
+    assert!(env
+        .maybe_event("fence-job", Duration::from_millis(300))
+        .await
+        .is_none());
+    env.cleanup().await;
+}

@@ -61,6 +61,7 @@ pub(super) async fn run(
             Err(e) => return Err(e.into()),
         };
         events.attempt = attempt;
+        events.stop.progressed();
         if let Some(hook) = &ctx.hooks.on_attempt {
             hook(job);
         }

@@ -64,7 +64,10 @@ impl CliRun {
     ) -> Result<RunEnd, TurnAbort> {
         loop {
             let msg = match self.next_input(events).await {
-                Input::Message(m) => m,
+                Input::Message(m) => {
+                    events.stop.progressed();
+                    m
+                }
                 Input::TimedOut => return Ok(self.timed_out(ctx).await),
                 Input::LeaseLost => {
                     self.proc.terminate(STOP_GRACE).await;

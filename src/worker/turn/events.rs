@@ -69,6 +69,7 @@ impl<'a> JobEvents<'a> {
     /// Publishes one non-terminal event: the seq is recorded (fenced)
     /// first, and the lease must still be surely held when it goes out.
     pub async fn emit(&mut self, body: EventBody) -> Result<(), TurnAbort> {
+        self.stop.progressed();
         if self.stop.lease_lost.is_cancelled() {
             return Err(TurnAbort::LeaseLost);
         }
