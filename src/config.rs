@@ -70,6 +70,8 @@ pub struct Settings {
     pub retry: RetrySettings,
     pub log: LogSettings,
     pub profiles: BTreeMap<String, Profile>,
+    /// The Discord relay (`claude-worker discord`); the worker ignores it.
+    pub discord: DiscordSettings,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -142,6 +144,94 @@ pub struct LogSettings {
 pub enum LogFormat {
     Text,
     Json,
+}
+
+/// Which conversations share a Claude session in the Discord relay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DiscordScope {
+    /// One session per user in each channel (`discord:<channel>:<user>`).
+    ChannelUser,
+    /// One session per channel, shared by everyone in it.
+    Channel,
+    /// One session per thread (a channel outside a thread counts as one).
+    Thread,
+}
+
+/// `[discord]`: the relay's settings (see config/default.toml).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiscordSettings {
+    /// Environment variable holding the bot token.
+    pub token_env: String,
+    /// A file holding the bot token (wins over `token_env`).
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// Name of the relay's durable reply queue (`<prefix>.replies.<name>`)
+    /// and the routing key its jobs reply with (`discord.<name>`).
+    pub queue_name: String,
+    pub profile: String,
+    /// Empty lists allow all.
+    pub allowed_guilds: Vec<u64>,
+    pub allowed_channels: Vec<u64>,
+    pub allowed_users: Vec<u64>,
+    pub allowed_roles: Vec<u64>,
+    /// Answer direct messages (the user allow-list still applies).
+    pub dms: bool,
+    pub scope: DiscordScope,
+    /// Open a thread per conversation started by a mention in a channel.
+    pub threads: bool,
+    /// Least time between two edits of one message.
+    pub edit_interval_ms: u64,
+    /// Typing indicator re-sent this often while waiting (it lasts 10 s).
+    pub typing_interval_ms: u64,
+    /// Footer under a completed answer: turns, cost.
+    pub footer: bool,
+    /// Answers longer than this many characters are attached as a file
+    /// (`answer.md`) under a preview, instead of split; 0: always split.
+    pub answer_file_above: usize,
+    /// Register the slash commands at start-up.
+    pub register_commands: bool,
+    /// Register them in this guild only (instant; for development).
+    #[serde(default)]
+    pub commands_guild: Option<u64>,
+    /// Bound of one Discord REST request, retries included.
+    pub request_timeout_ms: u64,
+    /// Gateway and REST elsewhere than Discord (a gateway proxy; tests).
+    #[serde(default)]
+    pub gateway_url: Option<String>,
+    /// `host:port` of a plain-HTTP REST proxy (e.g. twilight-http-proxy).
+    #[serde(default)]
+    pub http_proxy: Option<String>,
+}
+
+impl DiscordSettings {
+    /// The routing key the relay's jobs reply with.
+    pub fn reply_key(&self) -> String {
+        format!("discord.{}", self.queue_name)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let ok_name = !self.queue_name.is_empty()
+            && self.queue_name.len() <= 100
+            && self
+                .queue_name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+        if !ok_name {
+            return Err("discord.queue_name must be 1-100 of A-Z a-z 0-9 - _".into());
+        }
+        if self.edit_interval_ms < 200 || self.typing_interval_ms < 1000 {
+            return Err(
+                "discord.edit_interval_ms must be at least 200 and typing_interval_ms at least 1000"
+                    .into(),
+            );
+        }
+        if self.request_timeout_ms == 0 {
+            return Err("discord.request_timeout_ms must be at least 1".into());
+        }
+        Ok(())
+    }
 }
 
 /// What a job may do, chosen by name. Jobs may only narrow these.
@@ -377,7 +467,11 @@ impl Settings {
                 .separator("__")
                 .try_parsing(true)
                 .list_separator(",")
-                .with_list_parse_key("claude.env_passthrough"),
+                .with_list_parse_key("claude.env_passthrough")
+                .with_list_parse_key("discord.allowed_guilds")
+                .with_list_parse_key("discord.allowed_channels")
+                .with_list_parse_key("discord.allowed_users")
+                .with_list_parse_key("discord.allowed_roles"),
         );
         let settings: Settings = builder.build()?.try_deserialize()?;
         settings.validate()?;
@@ -455,6 +549,9 @@ impl Settings {
         }
         if self.retry.min_delay_ms > self.retry.max_delay_ms {
             return bad("retry.min_delay_ms must not exceed retry.max_delay_ms".into());
+        }
+        if let Err(m) = self.discord.validate() {
+            return bad(m);
         }
         if !self.profiles.contains_key("default") {
             return bad("profiles.default is missing: jobs without a profile use it".into());

@@ -13,6 +13,7 @@ pub mod client;
 pub mod config;
 pub mod logging;
 pub mod protocol;
+pub mod relay;
 pub mod store;
 pub mod worker;
 

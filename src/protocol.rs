@@ -41,10 +41,117 @@ pub struct JobV1 {
     pub metadata: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reply_to: Option<String>,
+    /// Images sent with the prompt (at most [`MAX_ATTACHMENTS`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attachments: Option<Vec<AttachmentV1>>,
     /// Whose budget the job spends (e.g. `discord:user:1234`), for the
     /// profile's per-identity budget. Set by the producer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identity: Option<String>,
+}
+
+/// At most this many attachments per job.
+pub const MAX_ATTACHMENTS: usize = 4;
+
+/// At most this many characters of base64 per attachment (1.5 MB of
+/// image): a job stays well under a broker's message size limit.
+pub const MAX_ATTACHMENT_BASE64: usize = 2_000_000;
+
+/// A file sent with the prompt; v1 knows images, which reach Claude as
+/// image content blocks.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttachmentV1 {
+    #[serde(rename = "type")]
+    pub kind: AttachmentKind,
+    pub media_type: ImageMediaType,
+    /// The file, standard base64 with padding.
+    pub data: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AttachmentKind {
+    Image,
+}
+
+/// The image types the Messages API takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+pub enum ImageMediaType {
+    #[serde(rename = "image/png")]
+    Png,
+    #[serde(rename = "image/jpeg")]
+    Jpeg,
+    #[serde(rename = "image/gif")]
+    Gif,
+    #[serde(rename = "image/webp")]
+    Webp,
+}
+
+impl ImageMediaType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ImageMediaType::Png => "image/png",
+            ImageMediaType::Jpeg => "image/jpeg",
+            ImageMediaType::Gif => "image/gif",
+            ImageMediaType::Webp => "image/webp",
+        }
+    }
+
+    /// The type of a MIME string (`image/png; charset=…` included).
+    pub fn parse(mime: &str) -> Option<ImageMediaType> {
+        let base = mime
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
+        match base.as_str() {
+            "image/png" => Some(ImageMediaType::Png),
+            "image/jpeg" | "image/jpg" => Some(ImageMediaType::Jpeg),
+            "image/gif" => Some(ImageMediaType::Gif),
+            "image/webp" => Some(ImageMediaType::Webp),
+            _ => None,
+        }
+    }
+}
+
+/// Whether `s` is standard base64 with padding (what the Messages API
+/// takes): the alphabet, a length that is a multiple of 4, `=` only at the
+/// end. The same rule as the schema's pattern.
+pub fn is_padded_base64(s: &str) -> bool {
+    let b = s.as_bytes();
+    if !b.len().is_multiple_of(4) {
+        return false;
+    }
+    let pad = b.iter().rev().take_while(|&&c| c == b'=').count();
+    pad <= 2
+        && b[..b.len() - pad]
+            .iter()
+            .all(|c| c.is_ascii_alphanumeric() || *c == b'+' || *c == b'/')
+}
+
+fn validate_attachments(list: &[AttachmentV1]) -> Result<(), DecodeError> {
+    if list.len() > MAX_ATTACHMENTS {
+        return Err(DecodeError(format!(
+            "`attachments` has {} items; the limit is {MAX_ATTACHMENTS}",
+            list.len()
+        )));
+    }
+    for (i, a) in list.iter().enumerate() {
+        if a.data.is_empty() || a.data.len() > MAX_ATTACHMENT_BASE64 {
+            return Err(DecodeError(format!(
+                "`attachments[{i}].data` is {} characters; it must be 1-{MAX_ATTACHMENT_BASE64} (base64)",
+                a.data.len()
+            )));
+        }
+        if !is_padded_base64(&a.data) {
+            return Err(DecodeError(format!(
+                "`attachments[{i}].data` is not standard base64 with padding"
+            )));
+        }
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
@@ -167,17 +274,7 @@ pub fn decode_job(body: &[u8]) -> Result<JobV1, DecodeError> {
         return Err(DecodeError("body must be a JSON object".into()));
     };
     check_version(obj)?;
-    // Serde would read a struct from an array (`"options": ["sonnet"]` as
-    // the model): only objects are objects here.
-    for key in ["session", "options"] {
-        if obj.get(key).is_some_and(|v| !v.is_object()) {
-            return Err(DecodeError(format!("`{key}` must be a JSON object")));
-        }
-    }
-    // JSON Schema counts 3.0 as an integer; so does the decoder.
-    if let Some(Value::Object(options)) = obj.get_mut("options") {
-        integral_to_int(options, "max_turns");
-    }
+    check_shapes(obj)?;
     let job: JobV1 =
         serde_json::from_value(value).map_err(|e| DecodeError(format!("invalid job: {e}")))?;
     if job.session_key.trim().is_empty() {
@@ -238,6 +335,9 @@ pub fn decode_job(body: &[u8]) -> Result<JobV1, DecodeError> {
             )));
         }
     }
+    if let Some(list) = &job.attachments {
+        validate_attachments(list)?;
+    }
     match (job.session.mode, &job.session.claude_session_id) {
         (SessionMode::Resume, None) => {
             return Err(DecodeError(
@@ -253,6 +353,26 @@ pub fn decode_job(body: &[u8]) -> Result<JobV1, DecodeError> {
         _ => {}
     }
     Ok(job)
+}
+
+/// What serde alone would let through: a struct read from an array
+/// (`"options": ["sonnet"]` as the model), so only objects are objects
+/// here; and `3.0` as an integer, which JSON Schema counts as one too.
+fn check_shapes(obj: &mut serde_json::Map<String, Value>) -> Result<(), DecodeError> {
+    for key in ["session", "options"] {
+        if obj.get(key).is_some_and(|v| !v.is_object()) {
+            return Err(DecodeError(format!("`{key}` must be a JSON object")));
+        }
+    }
+    if let Some(Value::Array(items)) = obj.get("attachments") {
+        if items.iter().any(|v| !v.is_object()) {
+            return Err(DecodeError("`attachments` must hold JSON objects".into()));
+        }
+    }
+    if let Some(Value::Object(options)) = obj.get_mut("options") {
+        integral_to_int(options, "max_turns");
+    }
+    Ok(())
 }
 
 /// `v` must be the number 1 (`1.0` too: JSON Schema cannot tell them

@@ -13,6 +13,8 @@ use crate::config::{ClaudeSettings, EffectiveOptions, Profile};
 #[derive(Debug, Clone)]
 pub struct TurnRequest {
     pub prompt: String,
+    /// Images sent with the prompt, as image content blocks.
+    pub images: Vec<crate::protocol::AttachmentV1>,
     pub cwd: PathBuf,
     /// Claude session to resume, if any.
     pub resume: Option<String>,
@@ -118,11 +120,26 @@ pub fn cli_env(passthrough: &[String], profile: &Profile) -> BTreeMap<String, St
     env
 }
 
-/// The stream-json user message carrying a prompt.
-pub fn user_message_line(prompt: &str) -> String {
+/// The stream-json user message carrying a prompt: plain text, or with
+/// images, content blocks (the images first, as the Messages API advises).
+pub fn user_message_line(req: &TurnRequest) -> String {
+    let content = if req.images.is_empty() {
+        json!(req.prompt)
+    } else {
+        let mut blocks: Vec<_> = req
+            .images
+            .iter()
+            .map(|a| {
+                json!({"type": "image", "source": {"type": "base64",
+                       "media_type": a.media_type.as_str(), "data": a.data}})
+            })
+            .collect();
+        blocks.push(json!({"type": "text", "text": req.prompt}));
+        json!(blocks)
+    };
     let mut line = json!({
         "type": "user",
-        "message": {"role": "user", "content": prompt},
+        "message": {"role": "user", "content": content},
     })
     .to_string();
     line.push('\n');
@@ -164,6 +181,7 @@ mod tests {
         let p = &s.profiles["default"];
         let req = TurnRequest {
             prompt: "--dangerously-skip-permissions".into(),
+            images: Vec::new(),
             cwd: "/tmp".into(),
             resume: Some("0b5a3c1e-0000-4000-8000-000000000000".into()),
             fork: true,
@@ -173,7 +191,7 @@ mod tests {
         assert!(!args.iter().any(|a| a.contains("dangerously")));
         assert!(args.contains(&"--resume=0b5a3c1e-0000-4000-8000-000000000000".to_string()));
         assert!(args.contains(&"--fork-session".to_string()));
-        assert!(user_message_line(&req.prompt).ends_with('\n'));
+        assert!(user_message_line(&req).ends_with('\n'));
     }
 
     #[test]
@@ -182,6 +200,7 @@ mod tests {
         let mut p = s.profiles["default"].clone();
         let mut req = TurnRequest {
             prompt: "hi".into(),
+            images: Vec::new(),
             cwd: "/tmp".into(),
             resume: None,
             fork: false,

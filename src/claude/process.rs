@@ -137,8 +137,8 @@ impl CliProcess {
     /// Starts a turn: writes a user message to the CLI's stdin. The CLI
     /// answers with `init`, the turn's messages and a `result`; it then
     /// waits for the next user message until stdin is closed.
-    pub fn send_user_message(&mut self, prompt: &str) {
-        self.write_stdin(&user_message_line(prompt));
+    pub fn send_user_message(&mut self, req: &TurnRequest) {
+        self.write_stdin(&user_message_line(req));
     }
 
     /// Sends a stream-json control request (`interrupt`,
@@ -298,13 +298,13 @@ impl CliProcess {
     /// Starts a turn like [`send_user_message`](Self::send_user_message),
     /// but reports a CLI that is gone (a closed pipe) instead of leaving it
     /// to show up as a missing result.
-    pub fn try_send_user_message(&mut self, prompt: &str) -> std::io::Result<()> {
+    pub fn try_send_user_message(&mut self, req: &TurnRequest) -> std::io::Result<()> {
         let gone = self.stdin_broken.load(Ordering::SeqCst)
             || self.has_exited()
             || self
                 .stdin
                 .as_ref()
-                .is_none_or(|tx| tx.send(user_message_line(prompt).into_bytes()).is_err());
+                .is_none_or(|tx| tx.send(user_message_line(req).into_bytes()).is_err());
         if gone {
             return Err(std::io::ErrorKind::BrokenPipe.into());
         }

@@ -182,6 +182,19 @@ impl Client {
     /// worker runs a job id once and answers a duplicate of a finished job
     /// with its terminal event.
     pub async fn publish_job(&self, job: &JobV1) -> Result<String, ClientError> {
+        let reply_key = self.reply_key.clone();
+        self.publish_job_to(job, &reply_key).await
+    }
+
+    /// [`Client::publish_job`] with `reply_to` = `reply_key` instead of this
+    /// client's own key: for a service whose events go to a durable queue
+    /// of its own ([`ReplyConsumer`]).
+    pub async fn publish_job_to(
+        &self,
+        job: &JobV1,
+        reply_key: &str,
+    ) -> Result<String, ClientError> {
+        crate::protocol::validate_reply_to(reply_key).map_err(|e| ClientError::Invalid(e.0))?;
         let mut job = job.clone();
         let job_id = job
             .job_id
@@ -194,7 +207,7 @@ impl Client {
         let props = BasicProperties::default()
             .with_content_type("application/json".into())
             .with_message_id(job_id.as_str().into())
-            .with_reply_to(self.reply_key.as_str().into())
+            .with_reply_to(reply_key.into())
             .with_delivery_mode(2);
         let exchange = self.topology.jobs_exchange.clone();
         let routing_key = self.topology.jobs_routing_key.clone();
@@ -340,6 +353,124 @@ impl Client {
     pub async fn close(self) {
         let _ = self.channel.close(200, "client done".into()).await;
         let _ = self.conn.close(200, "client done".into()).await;
+    }
+}
+
+/// A durable, named reply queue (`<prefix>.replies.<name>`) bound to the
+/// replies exchange with a routing key of the service's choosing, read with
+/// manual acks: events published while the service is down wait for it,
+/// and an event it had not acked when it died is delivered again. What a
+/// long-lived front-end (the Discord relay) reads its events from.
+pub struct ReplyConsumer {
+    conn: Connection,
+    channel: Channel,
+    consumer: Consumer,
+    queue: String,
+}
+
+/// Acknowledges one message read by [`ReplyConsumer::recv`].
+pub struct Ack(lapin::Acker);
+
+impl Ack {
+    /// The message is handled: the broker forgets it.
+    pub async fn ack(&self) -> Result<(), ClientError> {
+        self.0
+            .ack(lapin::options::BasicAckOptions::default())
+            .await?;
+        Ok(())
+    }
+}
+
+impl ReplyConsumer {
+    /// Connects, declares the topology and the durable queue
+    /// `<prefix>.replies.<name>` bound with `routing_key`, and consumes it
+    /// with at most `prefetch` unacked messages.
+    pub async fn connect(
+        settings: &AmqpSettings,
+        name: &str,
+        routing_key: &str,
+        prefetch: u16,
+    ) -> Result<ReplyConsumer, ClientError> {
+        let conn = broker::connect(settings, name).await?;
+        let channel = broker::consumer_channel(&conn, prefetch).await?;
+        let topology = Topology::from_settings(settings);
+        topology.declare(&channel).await?;
+        let queue = format!("{}.{name}", topology.replies_exchange);
+        channel
+            .queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        channel
+            .queue_bind(
+                queue.as_str().into(),
+                topology.replies_exchange.as_str().into(),
+                routing_key.into(),
+                lapin::options::QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let consumer = channel
+            .basic_consume(
+                queue.as_str().into(),
+                "".into(),
+                lapin::options::BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        Ok(ReplyConsumer {
+            conn,
+            channel,
+            consumer,
+            queue,
+        })
+    }
+
+    /// The queue's name.
+    pub fn queue(&self) -> &str {
+        &self.queue
+    }
+
+    /// The next message and its [`Ack`], or `None` if none arrives within
+    /// `timeout`. Unacked messages go back to the queue when the
+    /// connection closes.
+    pub async fn recv(
+        &mut self,
+        timeout: Duration,
+    ) -> Result<Option<(Incoming, Ack)>, ClientError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let next = match tokio::time::timeout_at(deadline, self.consumer.next()).await {
+                Err(_) => return Ok(None),
+                Ok(next) => next,
+            };
+            match next {
+                None => return Err(ClientError::ConsumerEnded),
+                Some(Ok(d)) => {
+                    let incoming = Incoming::from_delivery(&d);
+                    return Ok(Some((incoming, Ack(d.acker))));
+                }
+                Some(Err(e)) => {
+                    let recovery = self.channel.wait_for_recovery(e);
+                    match tokio::time::timeout_at(deadline, recovery).await {
+                        Err(_) => return Ok(None),
+                        Ok(Err(e)) => return Err(ClientError::Broker(e)),
+                        Ok(Ok(())) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Closes the connection; unacked messages return to the queue.
+    pub async fn close(self) {
+        let _ = self.channel.close(200, "relay done".into()).await;
+        let _ = self.conn.close(200, "relay done".into()).await;
     }
 }
 

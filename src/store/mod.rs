@@ -110,6 +110,9 @@ pub struct JobSpec {
     /// Double-texting policy (absent in jobs stored before it existed).
     #[serde(default)]
     pub on_busy: crate::protocol::OnBusy,
+    /// Images sent with the prompt (absent in jobs stored before them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attachments: Vec<crate::protocol::AttachmentV1>,
     /// The per-turn cost cap (`--max-budget-usd`), if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_budget_usd: Option<f64>,

@@ -245,6 +245,7 @@ fn spec_of(
             .unwrap_or_else(|| Value::Object(Default::default())),
         reply_to,
         on_busy: options.on_busy,
+        attachments: job.attachments.clone().unwrap_or_default(),
         max_budget_usd: options.max_budget_usd,
         identity: job.identity.clone(),
     }

@@ -206,6 +206,7 @@ mod tests {
             metadata: serde_json::json!({}),
             reply_to: None,
             on_busy: Default::default(),
+            attachments: Vec::new(),
             max_budget_usd: None,
             identity: None,
         };

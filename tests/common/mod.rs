@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod broker_node;
+pub mod fake_discord;
 pub mod mock_api;
 pub mod pg_node;
 pub mod storm;

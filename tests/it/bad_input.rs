@@ -399,6 +399,83 @@ fn corpus() -> Vec<Case> {
             d(true),
             "model",
         ),
+        // Attachments.
+        c(
+            "attachments not an array",
+            with(json!({"attachments": {"type": "image"}})),
+            d(true),
+            "invalid job",
+        ),
+        c(
+            "an attachment as an array",
+            with(json!({"attachments": [["image", "image/png", "AAAA"]]})),
+            d(true),
+            "attachments",
+        ),
+        c(
+            "five attachments",
+            with(
+                json!({"attachments": vec![json!({"type": "image", "media_type": "image/png", "data": "AAAA"}); 5]}),
+            ),
+            d(true),
+            "limit is 4",
+        ),
+        c(
+            "an attachment of an unknown type",
+            with(
+                json!({"attachments": [{"type": "pdf", "media_type": "image/png", "data": "AAAA"}]}),
+            ),
+            d(true),
+            "unknown variant",
+        ),
+        c(
+            "an image of an unsupported media type",
+            with(
+                json!({"attachments": [{"type": "image", "media_type": "image/tiff", "data": "AAAA"}]}),
+            ),
+            d(true),
+            "image/tiff",
+        ),
+        c(
+            "image data that is not base64",
+            with(
+                json!({"attachments": [{"type": "image", "media_type": "image/png", "data": "not base64!"}]}),
+            ),
+            d(true),
+            "not standard base64",
+        ),
+        c(
+            "image data without padding",
+            with(
+                json!({"attachments": [{"type": "image", "media_type": "image/png", "data": "AAA"}]}),
+            ),
+            d(true),
+            "not standard base64",
+        ),
+        c(
+            "empty image data",
+            with(
+                json!({"attachments": [{"type": "image", "media_type": "image/png", "data": ""}]}),
+            ),
+            d(true),
+            "attachments[0].data",
+        ),
+        c(
+            "image data over the limit",
+            with(
+                json!({"attachments": [{"type": "image", "media_type": "image/png", "data": "A".repeat(2_000_004)}]}),
+            ),
+            d(true),
+            "2000000",
+        ),
+        c(
+            "an unknown field in an attachment",
+            with(
+                json!({"attachments": [{"type": "image", "media_type": "image/png", "data": "AAAA", "url": "x"}]}),
+            ),
+            d(true),
+            "unknown field",
+        ),
         // Budgets.
         c(
             "max_budget_usd 0",
@@ -458,6 +535,12 @@ fn good_bodies() -> Vec<Value> {
         json!({"v": 1, "job_id": "a.b:c-d_e", "session_key": "k", "prompt": "p", "reply_to": "r",
                "profile": "default", "session": {"mode": "fork"},
                "options": {"model": "sonnet", "max_turns": 1, "permission_mode": "plan", "on_busy": "reject"}}),
+        json!({"v": 1, "session_key": "k", "prompt": "p", "attachments": null}),
+        json!({"v": 1, "session_key": "k", "prompt": "p", "attachments": [
+            {"type": "image", "media_type": "image/png", "data": "iVBORw0KGgo="},
+            {"type": "image", "media_type": "image/jpeg", "data": "/9j/4AAQ"},
+            {"type": "image", "media_type": "image/gif", "data": "R0lGODlhAQ=="},
+            {"type": "image", "media_type": "image/webp", "data": "UklGRg=="}]}),
         json!({"v": 1, "session_key": "k", "prompt": "p", "identity": "discord:user:1",
                "options": {"max_budget_usd": 0.25}}),
         json!({"v": 1, "session_key": "k", "prompt": "p", "identity": null,

@@ -21,6 +21,7 @@ mod pg_restart;
 mod pipeline;
 mod producers;
 mod profile_limits;
+mod relay;
 mod schema;
 mod secrets;
 mod store;

@@ -566,6 +566,7 @@ async fn a_dead_workers_job_is_picked_up_after_its_lease_expires() {
         metadata: json!({}),
         reply_to: Some(env.bus.reply_key.clone()),
         on_busy: Default::default(),
+        attachments: Vec::new(),
         max_budget_usd: None,
         identity: None,
     };

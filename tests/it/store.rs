@@ -156,6 +156,7 @@ fn spec(prompt: &str) -> JobSpec {
         metadata: serde_json::json!({ "chat": 42 }),
         reply_to: Some("replies.x".to_string()),
         on_busy: Default::default(),
+        attachments: Vec::new(),
         max_budget_usd: None,
         identity: None,
     }

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod cancel;
+mod discord;
 mod migrate;
 mod sessions;
 mod submit;
@@ -46,6 +47,8 @@ struct Cli {
 enum Command {
     /// Consume prompt jobs and run them with the Claude Code CLI.
     Worker,
+    /// Run the Discord relay: mentions become jobs, events become replies.
+    Discord,
     /// Create or update the database schema, then exit.
     Migrate,
     /// Send a prompt job to the workers and stream the reply.
@@ -62,7 +65,7 @@ impl Command {
     /// commands only warnings, so their output stays readable.
     fn default_log_level(&self) -> &'static str {
         match self {
-            Command::Worker | Command::Migrate => "info",
+            Command::Worker | Command::Migrate | Command::Discord => "info",
             _ => "warn",
         }
     }
@@ -86,6 +89,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Worker => worker::run(settings).await.map(|()| exit::OK),
             Command::Migrate => migrate::run(settings).await.map(|()| exit::OK),
+            Command::Discord => discord::run(settings).await.map(|()| exit::OK),
             Command::Submit(args) => submit::run(settings, args).await,
             Command::Cancel(args) => cancel::run(settings, args).await,
             Command::Sessions(cmd) => sessions::run(settings, cmd).await,

@@ -146,6 +146,7 @@ pub async fn run(settings: Settings, args: Args) -> anyhow::Result<u8> {
         },
         metadata: None,
         reply_to: None,
+        attachments: None,
         identity: args.identity.clone(),
     };
     let body = serde_json::to_vec(&job)?;

@@ -330,6 +330,7 @@ mod tests {
         let p = &s.profiles["discord"];
         let base = TurnRequest {
             prompt: "one".into(),
+            images: Vec::new(),
             cwd: "/w/s".into(),
             resume: None,
             fork: false,

@@ -106,7 +106,7 @@ async fn start(
 ) -> Result<(CliProcess, Option<u64>), AttemptFailure> {
     if let Some(w) = prepared.warm.take() {
         let mut proc = w.proc;
-        match proc.try_send_user_message(&prepared.request.prompt) {
+        match proc.try_send_user_message(&prepared.request) {
             Ok(()) => {
                 debug!(pid = proc.pid(), "turn sent to the warm CLI process");
                 return Ok((proc, Some(w.turns)));
@@ -124,6 +124,6 @@ async fn start(
         })?;
     ctx.warm.record_spawn();
     debug!(pid = proc.pid(), resume = ?prepared.request.resume, "CLI started");
-    proc.send_user_message(&prepared.request.prompt);
+    proc.send_user_message(&prepared.request);
     Ok((proc, None))
 }

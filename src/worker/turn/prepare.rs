@@ -142,6 +142,7 @@ fn turn_request(
     }
     TurnRequest {
         prompt: spec.prompt.clone(),
+        images: spec.attachments.clone(),
         cwd: claude::session_dir(&profile.workdir, &job.session_key),
         resume,
         fork,

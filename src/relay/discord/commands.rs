@@ -1,0 +1,195 @@
+//! /reset, /stop, /status, /mode: as slash commands (acknowledged at once
+//! as deferred, then the answer edited in) and as text (`@bot /reset`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+use twilight_model::application::command::Command;
+use twilight_model::application::interaction::application_command::CommandOptionValue;
+use twilight_model::application::interaction::{Interaction, InteractionData, InteractionType};
+use twilight_model::id::marker::ApplicationMarker;
+use twilight_model::id::Id;
+
+use super::gateway::Me;
+use super::route::{self, Facts, TextCommand};
+use super::{lock, Shared};
+use crate::client::Client;
+use crate::protocol::{ControlBody, PermissionMode};
+
+/// How long /stop and /mode wait for a worker's answer.
+const CONTROL_WAIT: Duration = Duration::from_secs(5);
+
+/// The commands registered at start-up.
+pub fn definitions() -> Vec<Command> {
+    let modes: Vec<_> = [
+        "plan",
+        "dontAsk",
+        "default",
+        "acceptEdits",
+        "auto",
+        "bypassPermissions",
+    ]
+    .iter()
+    .map(|m| json!({"name": m, "value": m}))
+    .collect();
+    let defs = json!([
+        {"name": "reset", "description": "Start a new conversation with your next message", "type": 1, "version": "1", "default_member_permissions": null},
+        {"name": "stop", "description": "Stop the answer in progress", "type": 1, "version": "1", "default_member_permissions": null},
+        {"name": "status", "description": "This conversation's session, turns, cost and queue", "type": 1, "version": "1", "default_member_permissions": null},
+        {"name": "mode", "description": "Set the permission mode (within the profile's ceiling)", "type": 1, "version": "1", "default_member_permissions": null,
+         "options": [{"name": "mode", "description": "Permission mode", "type": 3, "required": true, "choices": modes}]}
+    ]);
+    // Written as JSON: the wire shape is what Discord documents.
+    serde_json::from_value(defs).unwrap_or_default()
+}
+
+/// Registers the commands (bulk overwrite), globally or in one guild.
+pub async fn register(shared: &Shared, app: Id<ApplicationMarker>) {
+    let defs = definitions();
+    match shared
+        .rest
+        .register(app, shared.settings.commands_guild, &defs)
+        .await
+    {
+        Ok(()) => tracing::info!(count = defs.len(), "slash commands registered"),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not register slash commands; text commands still work")
+        }
+    }
+}
+
+/// The text command of a slash command interaction.
+fn command_of(i: &Interaction) -> Option<TextCommand> {
+    let Some(InteractionData::ApplicationCommand(data)) = &i.data else {
+        return None;
+    };
+    let cmd = match data.name.as_str() {
+        "reset" => TextCommand::Reset,
+        "stop" => TextCommand::Stop,
+        "status" => TextCommand::Status,
+        "mode" => {
+            let mode = data.options.iter().find_map(|o| match &o.value {
+                CommandOptionValue::String(s) if o.name == "mode" => Some(s.clone()),
+                _ => None,
+            });
+            TextCommand::Mode(mode.unwrap_or_default())
+        }
+        _ => return None,
+    };
+    Some(cmd)
+}
+
+/// Acknowledges a slash command within Discord's 3 s (deferred), then
+/// edits the answer in. Not-allowed users get a short refusal.
+pub async fn on_interaction(shared: &Arc<Shared>, me: Me, i: Interaction) {
+    if i.kind != InteractionType::ApplicationCommand {
+        return;
+    }
+    if let Err(e) = shared.rest.defer(me.app, i.id, &i.token).await {
+        tracing::warn!(error = %e, "could not acknowledge an interaction");
+        return;
+    }
+    let user = i.author_id().map(Id::get).unwrap_or(0);
+    let roles: Vec<u64> = i
+        .member
+        .as_ref()
+        .map(|m| m.roles.iter().map(|r| r.get()).collect())
+        .unwrap_or_default();
+    let channel = i.channel.as_ref().map(|c| c.id.get()).unwrap_or(0);
+    let guild = i.guild_id.map(Id::get);
+    let own_thread_parent = lock(&shared.threads).get(&channel).copied().flatten();
+    let facts = Facts {
+        author_id: user,
+        guild_id: guild,
+        channel_id: channel,
+        own_thread_parent,
+        role_ids: &roles,
+        ..Default::default()
+    };
+    let answer = match command_of(&i) {
+        Some(_) if !route::allowed(&shared.settings, &facts) => "Not available here.".to_string(),
+        Some(cmd) => {
+            let key = route::session_key(shared.settings.scope, guild, channel, user);
+            run_text(shared, &key, cmd).await
+        }
+        None => "Unknown command.".to_string(),
+    };
+    if let Err(e) = shared.rest.answer(me.app, &i.token, &answer).await {
+        tracing::warn!(error = %e, "could not answer an interaction");
+    }
+}
+
+/// Runs a command for the session `key`; returns the answer to show.
+pub async fn run_text(shared: &Shared, key: &str, cmd: TextCommand) -> String {
+    match cmd {
+        TextCommand::Reset => {
+            lock(&shared.sessions)
+                .entry(key.to_string())
+                .or_default()
+                .reset_next = true;
+            "🆕 Your next message starts a new conversation.".into()
+        }
+        TextCommand::Status => status(shared, key),
+        TextCommand::Stop => {
+            let body = ControlBody::Cancel {
+                job_id: None,
+                session_key: Some(key.to_string()),
+                reason: Some("stopped from Discord".into()),
+            };
+            control(shared, body).await
+        }
+        TextCommand::Mode(mode) => {
+            let Ok(mode) = serde_json::from_value::<PermissionMode>(json!(mode)) else {
+                return "Modes: plan, dontAsk, default, acceptEdits, auto, bypassPermissions."
+                    .into();
+            };
+            let body = ControlBody::SetPermissionMode {
+                session_key: key.to_string(),
+                mode,
+            };
+            control(shared, body).await
+        }
+    }
+}
+
+fn status(shared: &Shared, key: &str) -> String {
+    let sessions = lock(&shared.sessions);
+    let s = sessions.get(key).cloned().unwrap_or_default();
+    let session = s.claude_session_id.as_deref().unwrap_or("none yet");
+    let reset = if s.reset_next {
+        " (next message starts a new one)"
+    } else {
+        ""
+    };
+    format!(
+        "Session `{session}`{reset}\nTurns: {} · Cost: ${:.4} · Profile: `{}` · Queued or running: {}",
+        s.turns,
+        s.cost_usd,
+        shared.settings.profile,
+        s.open_jobs.len()
+    )
+}
+
+/// Sends a control message and returns the worker's answer, in words.
+async fn control(shared: &Shared, body: ControlBody) -> String {
+    let work = async {
+        // A short-lived client: its private queue receives the one answer.
+        let mut client = Client::connect(&shared.amqp, "claude-worker discord control").await?;
+        let id = client.publish_control(body).await?;
+        let result = client.wait_control_result(&id, CONTROL_WAIT).await;
+        client.close().await;
+        result
+    };
+    match work.await {
+        Ok(Some(r)) => {
+            let mark = if r.ok { "✅" } else { "⚠️" };
+            format!("{mark} {}", r.message)
+        }
+        Ok(None) => "⚠️ No worker answered; try again.".into(),
+        Err(e) => {
+            tracing::warn!(error = %e, "a control message failed");
+            "⚠️ No worker is reachable right now.".into()
+        }
+    }
+}
