@@ -196,11 +196,18 @@ async fn a_terminal_event_its_worker_never_published_goes_out_from_the_outbox() 
         serde_json::from_str::<serde_json::Value>(&recorded).unwrap()
     );
     assert_eq!(events.iter().filter(|e| e.body.is_terminal()).count(), 1);
-    assert!(store
-        .unpublished_terminals(i64::MAX, 10)
-        .await
-        .unwrap()
-        .is_empty());
+    // Marked once the broker confirmed it (just after the event went out).
+    wait_until_async("the outbox marks the event published", || {
+        let store = store.clone();
+        async move {
+            store
+                .unpublished_terminals(i64::MAX, 10)
+                .await
+                .unwrap()
+                .is_empty()
+        }
+    })
+    .await;
     assert!(
         env.maybe_event(&job, std::time::Duration::from_secs(3))
             .await
