@@ -23,6 +23,19 @@ fn bin_dir() -> PathBuf {
     versions.pop().expect("a PostgreSQL version with pg_ctl")
 }
 
+/// A PostgreSQL server program, run as `postgres` when we are root
+/// (PostgreSQL refuses to run as root).
+fn server_command(tool: &str) -> Command {
+    let exe = bin_dir().join(tool);
+    if unsafe { libc::geteuid() } == 0 {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(exe);
+        c
+    } else {
+        Command::new(exe)
+    }
+}
+
 pub struct PgNode {
     pub port: u16,
     dir: TempDir,
@@ -65,14 +78,7 @@ impl PgNode {
 
     fn run(&self, tool: &str, args: &[&str]) {
         let exe = bin_dir().join(tool);
-        let mut cmd = if unsafe { libc::geteuid() } == 0 {
-            let mut c = Command::new("runuser");
-            c.args(["-u", "postgres", "--"]).arg(&exe);
-            c
-        } else {
-            Command::new(&exe)
-        };
-        let out = cmd
+        let out = server_command(tool)
             .args(args)
             .current_dir(self.dir.path())
             .stdin(Stdio::null())
@@ -132,15 +138,7 @@ impl PgNode {
 impl Drop for PgNode {
     fn drop(&mut self) {
         let data = self.data();
-        let exe = bin_dir().join("pg_ctl");
-        let mut cmd = if unsafe { libc::geteuid() } == 0 {
-            let mut c = Command::new("runuser");
-            c.args(["-u", "postgres", "--"]).arg(&exe);
-            c
-        } else {
-            Command::new(&exe)
-        };
-        let _ = cmd
+        let _ = server_command("pg_ctl")
             .args(["-D", &data, "-m", "immediate", "-w", "-t", "30", "stop"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
