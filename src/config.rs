@@ -69,6 +69,7 @@ pub struct Settings {
     pub claude: ClaudeSettings,
     pub retry: RetrySettings,
     pub log: LogSettings,
+    pub ops: OpsSettings,
     pub profiles: BTreeMap<String, Profile>,
 }
 
@@ -135,6 +136,14 @@ pub struct RetrySettings {
 #[serde(deny_unknown_fields)]
 pub struct LogSettings {
     pub format: LogFormat,
+}
+
+/// The admin HTTP port (`src/ops`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpsSettings {
+    /// `host:port` for `/metrics`, `/healthz` and `/readyz`; empty: off.
+    pub listen: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -456,6 +465,9 @@ impl Settings {
         if self.retry.min_delay_ms > self.retry.max_delay_ms {
             return bad("retry.min_delay_ms must not exceed retry.max_delay_ms".into());
         }
+        if let Err(e) = self.ops_listen() {
+            return bad(e);
+        }
         if !self.profiles.contains_key("default") {
             return bad("profiles.default is missing: jobs without a profile use it".into());
         }
@@ -500,6 +512,19 @@ impl Settings {
     }
     pub fn turn_timeout(&self) -> Duration {
         Duration::from_secs(self.claude.turn_timeout_secs)
+    }
+    /// The admin port's address; `None` when it is off.
+    pub fn ops_listen(&self) -> Result<Option<std::net::SocketAddr>, String> {
+        let listen = self.ops.listen.trim();
+        if listen.is_empty() {
+            return Ok(None);
+        }
+        listen.parse().map(Some).map_err(|_| {
+            format!(
+                "ops.listen must be an IP address and port such as 127.0.0.1:9464 \
+                 (got {listen:?}), or empty to turn the admin port off"
+            )
+        })
     }
     pub fn warm_idle_ttl(&self) -> Duration {
         Duration::from_secs(self.claude.warm_idle_ttl_secs)
@@ -653,6 +678,21 @@ mod tests {
         assert_eq!(
             redact_url("amqp://guest:pw@host:5672/%2f"),
             "amqp://guest:***@host:5672/%2f"
+        );
+    }
+
+    #[test]
+    fn the_admin_port_is_off_by_default_and_validated() {
+        let s = Settings::from_toml_overrides("").unwrap();
+        assert_eq!(s.ops_listen(), Ok(None));
+        let s = Settings::from_toml_overrides("[ops]\nlisten = \"127.0.0.1:9464\"").unwrap();
+        assert_eq!(s.ops_listen(), Ok(Some("127.0.0.1:9464".parse().unwrap())));
+        let err = Settings::from_toml_overrides("[ops]\nlisten = \"localhost:9464\"")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("ops.listen must be an IP address and port"),
+            "{err}"
         );
     }
 
