@@ -291,6 +291,11 @@ pub fn error_kind(kind: ErrorKind) -> &'static str {
     }
 }
 
+/// Every metric's name (for the dashboard check and documentation).
+pub fn names() -> impl Iterator<Item = &'static str> {
+    METRICS.iter().map(|(name, _, _)| *name)
+}
+
 fn key(name: &'static str, labels: &[(&'static str, &str)]) -> Key {
     let labels: Vec<Label> = labels
         .iter()
