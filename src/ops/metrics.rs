@@ -11,7 +11,7 @@
 use std::time::Duration;
 
 use metrics::{Counter, Gauge, Histogram, Key, KeyName, Label, Metadata, Recorder, SharedString};
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusRecorder};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusRecorder};
 
 use crate::claude::WarmStats;
 use crate::protocol::{ErrorKind, EventBody};
@@ -63,6 +63,11 @@ const METRICS: &[(&str, Kind, &str)] = &[
         TURN_DURATION,
         Kind::Histogram,
         "Time a job ran on this worker until its outcome, by profile and outcome.",
+    ),
+    (
+        JOB_COST,
+        Kind::Histogram,
+        "What a job's turns cost in USD, by profile (its _sum is the spend).",
     ),
     (
         PUBLISH_CONFIRM,
@@ -131,6 +136,7 @@ pub const RETRIES: &str = "claude_worker_retries_total";
 pub const QUEUE_WAIT: &str = "claude_worker_queue_wait_seconds";
 pub const FIRST_TEXT: &str = "claude_worker_time_to_first_text_seconds";
 pub const TURN_DURATION: &str = "claude_worker_turn_duration_seconds";
+pub const JOB_COST: &str = "claude_worker_job_cost_usd";
 pub const PUBLISH_CONFIRM: &str = "claude_worker_publish_confirm_seconds";
 pub const PUBLISH_ERRORS: &str = "claude_worker_publish_errors_total";
 pub const TURNS_RUNNING: &str = "claude_worker_turns_running";
@@ -157,6 +163,9 @@ const BUCKETS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0,
 ];
 
+/// Cost buckets, in USD: from a cached one-liner to a long agentic job.
+const COST_BUCKETS: &[f64] = &[0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0];
+
 const META: Metadata<'static> = Metadata::new(module_path!(), metrics::Level::INFO, None);
 
 /// This worker's metrics. Disabled (every handle a no-op, nothing kept)
@@ -170,6 +179,9 @@ impl Metrics {
         let recorder = enabled.then(|| {
             let recorder = PrometheusBuilder::new()
                 .set_buckets(BUCKETS)
+                .and_then(|b| {
+                    b.set_buckets_for_metric(Matcher::Full(JOB_COST.into()), COST_BUCKETS)
+                })
                 .expect("the buckets are not empty")
                 .build_recorder();
             for (name, kind, help) in METRICS {

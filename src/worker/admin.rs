@@ -25,6 +25,8 @@ pub(crate) struct WorkerProbe {
     pub alive: Arc<AtomicBool>,
     /// Cancelled when the worker begins to stop: no longer ready.
     pub stopping: tokio_util::sync::CancellationToken,
+    /// The channel the jobs consumer reads: open means it can consume.
+    pub jobs: lapin::Channel,
 }
 
 #[async_trait]
@@ -34,10 +36,12 @@ impl Probe for WorkerProbe {
     }
 
     async fn ready(&self) -> Vec<Check> {
-        let broker = if self.ctx.broker_up() {
-            Check::ok("broker")
-        } else {
+        let broker = if !self.ctx.broker_up() {
             Check::failed("broker", "the broker connection is down or blocked")
+        } else if !self.jobs.status().connected() && !self.stopping.is_cancelled() {
+            Check::failed("broker", "the jobs consumer's channel is not open")
+        } else {
+            Check::ok("broker")
         };
         let database = match tokio::time::timeout(
             DATABASE_CHECK_BOUND,
@@ -207,6 +211,7 @@ impl AdminTask {
         ctx: &Arc<Context>,
         listener: Option<tokio::net::TcpListener>,
         shutdown: &tokio_util::sync::CancellationToken,
+        jobs: &lapin::Channel,
     ) -> AdminTask {
         let admin = AdminTask {
             alive: Arc::new(AtomicBool::new(true)),
@@ -217,6 +222,7 @@ impl AdminTask {
                 ctx: Arc::clone(ctx),
                 alive: Arc::clone(&admin.alive),
                 stopping: shutdown.clone(),
+                jobs: jobs.clone(),
             });
             let metrics = Arc::clone(&ctx.metrics);
             let serve = crate::ops::serve(listener, probe, metrics, admin.stop.clone());

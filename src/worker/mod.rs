@@ -301,7 +301,7 @@ async fn run(
         "warm reaper",
         Arc::clone(&ctx.warm).run_reaper(shutdown.clone()),
     );
-    let admin = admin::AdminTask::spawn(&mut tasks, &ctx, ops_listener, &shutdown);
+    let admin = admin::AdminTask::spawn(&mut tasks, &ctx, ops_listener, &shutdown, &jobs_channel);
     // Work left by an earlier run or another worker starts right away.
     ctx.wake_scheduler(None);
 

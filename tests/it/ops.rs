@@ -101,9 +101,11 @@ async fn metrics_count_what_happened() {
         ("m:d", "planned", json!({"profile": "webapp"})),
     ];
     let mut last = Vec::new();
+    let mut ran = Vec::new(); // (job id, webapp?) of the jobs that ran
     for (key, prompt, extra) in runs {
         let webapp = extra.get("profile").is_some();
         let job = env.publish_job(key, prompt, extra).await;
+        ran.push((job.clone(), webapp));
         let events = env.events_until_terminal(&job).await;
         published += events.len();
         if events
@@ -121,6 +123,7 @@ async fn metrics_count_what_happened() {
 
     // A running job cancelled; two deliveries dead-lettered.
     let held = env.publish_job("m:e", "[[mock:hold]] x", json!({})).await;
+    ran.push((held.clone(), false));
     env.mock.wait_for_held(1, WAIT).await;
     env.publish_control(json!({"v": 1, "type": "cancel", "job_id": held}))
         .await;
@@ -223,6 +226,23 @@ async fn metrics_count_what_happened() {
         ),
         ("claude_worker_broker_up", 1.0),
     ];
+    // What the jobs cost, as the store recorded it, per profile.
+    let mut cost = [0.0, 0.0];
+    for (job_id, webapp) in &ran {
+        let job = worker.context.store.get_job(job_id).await.unwrap().unwrap();
+        cost[usize::from(*webapp)] += job.cost_usd;
+    }
+    for (profile, usd, jobs) in [("default", cost[0], 5.0), ("webapp", cost[1], 1.0)] {
+        let series = format!("claude_worker_job_cost_usd_sum{{profile=\"{profile}\"}}");
+        let got = sample(&text, &series).unwrap_or_else(|| panic!("{series} in\n{text}"));
+        assert!(
+            (got - usd).abs() < 1e-9,
+            "{series}: {got} but the store says {usd}"
+        );
+        let series = format!("claude_worker_job_cost_usd_count{{profile=\"{profile}\"}}");
+        assert_eq!(sample(&text, &series), Some(jobs), "{series} in\n{text}");
+    }
+    assert!(cost[0] > 0.0, "the mock's answers cost something");
     for (series, value) in expect {
         assert_eq!(sample(&text, series), Some(value), "{series} in\n{text}");
     }
@@ -290,8 +310,12 @@ async fn readiness_follows_the_broker_down_and_back() {
         "the database is fine: {last}"
     );
     assert_eq!(get(&worker, "/healthz").await.0, 200);
-    let metrics = get(&worker, "/metrics").await.1;
-    assert_eq!(sample(&metrics, "claude_worker_broker_up"), Some(0.0));
+    // The gauge follows the connection (the check may have failed first
+    // on the jobs channel).
+    poll(&worker, "/metrics", "broker_up 0", |_, t| {
+        sample(t, "claude_worker_broker_up") == Some(0.0)
+    })
+    .await;
 
     node.start_app().await;
     poll(

@@ -9,7 +9,7 @@ use tracing::warn;
 
 use super::{Stop, TurnAbort};
 use crate::broker::publish::{Attribution, PublishError};
-use crate::ops::metrics::{FIRST_TEXT, QUEUE_WAIT, TURNS_RUNNING, TURN_DURATION};
+use crate::ops::metrics::{FIRST_TEXT, JOB_COST, QUEUE_WAIT, TURNS_RUNNING, TURN_DURATION};
 use crate::ops::GaugeGuard;
 use crate::protocol::{EventBody, EventV1, PROTOCOL_VERSION};
 use crate::store::{now_ms, JobFinish, JobRecord, JobStatus, Lease, SessionUpdate};
@@ -151,13 +151,22 @@ impl<'a> JobEvents<'a> {
             now_ms: now_ms(),
         };
         self.ctx.store.finish_job(self.lease, &finish).await?;
-        let outcome = self.ctx.metrics.job_ended(&self.profile, &event.body);
-        let labels = [("profile", self.profile.as_str()), ("outcome", outcome)];
-        let ran = self.began.elapsed();
-        self.ctx.metrics.observe(TURN_DURATION, &labels, ran);
+        self.count_outcome(&event.body);
         self.next_seq += 1;
         self.publish_terminal(&event, &bytes).await;
         Ok(())
+    }
+
+    /// The outcome, the time the job ran here and what it cost, once its
+    /// outcome is committed.
+    fn count_outcome(&self, body: &EventBody) {
+        let metrics = &self.ctx.metrics;
+        let outcome = metrics.job_ended(&self.profile, body);
+        let labels = [("profile", self.profile.as_str()), ("outcome", outcome)];
+        metrics.observe(TURN_DURATION, &labels, self.began.elapsed());
+        metrics
+            .histogram(JOB_COST, &labels[..1])
+            .record(self.spent_usd);
     }
 
     fn attribution(&self) -> Attribution<'_> {
