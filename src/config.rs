@@ -69,6 +69,7 @@ pub struct Settings {
     pub claude: ClaudeSettings,
     pub retry: RetrySettings,
     pub log: LogSettings,
+    pub ops: OpsSettings,
     pub profiles: BTreeMap<String, Profile>,
     /// The Discord relay (`claude-worker discord`); the worker ignores it.
     pub discord: DiscordSettings,
@@ -137,6 +138,14 @@ pub struct RetrySettings {
 #[serde(deny_unknown_fields)]
 pub struct LogSettings {
     pub format: LogFormat,
+}
+
+/// The admin HTTP port (`src/ops`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpsSettings {
+    /// `host:port` for `/metrics`, `/healthz` and `/readyz`; empty: off.
+    pub listen: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -553,6 +562,9 @@ impl Settings {
         if let Err(m) = self.discord.validate() {
             return bad(m);
         }
+        if let Err(e) = self.ops_listen() {
+            return bad(e);
+        }
         if !self.profiles.contains_key("default") {
             return bad("profiles.default is missing: jobs without a profile use it".into());
         }
@@ -597,6 +609,19 @@ impl Settings {
     }
     pub fn turn_timeout(&self) -> Duration {
         Duration::from_secs(self.claude.turn_timeout_secs)
+    }
+    /// The admin port's address; `None` when it is off.
+    pub fn ops_listen(&self) -> Result<Option<std::net::SocketAddr>, String> {
+        let listen = self.ops.listen.trim();
+        if listen.is_empty() {
+            return Ok(None);
+        }
+        listen.parse().map(Some).map_err(|_| {
+            format!(
+                "ops.listen must be an IP address and port such as 127.0.0.1:9464 \
+                 (got {listen:?}), or empty to turn the admin port off"
+            )
+        })
     }
     pub fn warm_idle_ttl(&self) -> Duration {
         Duration::from_secs(self.claude.warm_idle_ttl_secs)
@@ -750,6 +775,21 @@ mod tests {
         assert_eq!(
             redact_url("amqp://guest:pw@host:5672/%2f"),
             "amqp://guest:***@host:5672/%2f"
+        );
+    }
+
+    #[test]
+    fn the_admin_port_is_off_by_default_and_validated() {
+        let s = Settings::from_toml_overrides("").unwrap();
+        assert_eq!(s.ops_listen(), Ok(None));
+        let s = Settings::from_toml_overrides("[ops]\nlisten = \"127.0.0.1:9464\"").unwrap();
+        assert_eq!(s.ops_listen(), Ok(Some("127.0.0.1:9464".parse().unwrap())));
+        let err = Settings::from_toml_overrides("[ops]\nlisten = \"localhost:9464\"")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("ops.listen must be an IP address and port"),
+            "{err}"
         );
     }
 

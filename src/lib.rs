@@ -12,6 +12,7 @@ pub(crate) mod claude;
 pub mod client;
 pub mod config;
 pub mod logging;
+pub mod ops;
 pub mod protocol;
 pub mod relay;
 pub mod store;

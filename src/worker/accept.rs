@@ -7,6 +7,7 @@ use serde_json::Value;
 use tracing::{info, warn};
 
 use crate::broker::publish::{Attribution, PublishError};
+use crate::ops::metrics::JOBS_ACCEPTED;
 use crate::protocol::{
     self, ControlBody, ControlV1, ErrorKind, EventBody, EventV1, JobV1, OnBusy, SessionMode,
     PROTOCOL_VERSION,
@@ -57,7 +58,16 @@ pub async fn accept(ctx: &Context, delivery: &Delivery) -> Result<Accepted, Acce
 
     let job = match protocol::decode_job(&delivery.data) {
         Ok(job) => job,
-        Err(e) => return reject(ctx, delivery, prop_reply_to, prop_message_id, e.0).await,
+        Err(e) => {
+            return reject(
+                ctx,
+                delivery,
+                (prop_reply_to, prop_message_id),
+                "decode",
+                e.0,
+            )
+            .await
+        }
     };
     let profile_name = job.profile.clone().unwrap_or_else(|| "default".to_string());
     let Some(profile) = ctx.settings.profiles.get(&profile_name) else {
@@ -66,19 +76,26 @@ pub async fn accept(ctx: &Context, delivery: &Delivery) -> Result<Accepted, Acce
             "unknown profile `{profile_name}` (this worker has: {})",
             known.join(", ")
         );
-        return reject(ctx, delivery, prop_reply_to, prop_message_id, reason).await;
+        let ids = (prop_reply_to, prop_message_id);
+        return reject(ctx, delivery, ids, "unknown_profile", reason).await;
     };
     let options = match profile.resolve(&profile_name, &job.options) {
         Ok(o) => o,
-        Err(reason) => return reject(ctx, delivery, prop_reply_to, prop_message_id, reason).await,
+        Err(reason) => {
+            let ids = (prop_reply_to, prop_message_id);
+            return reject(ctx, delivery, ids, "options_refused", reason).await;
+        }
     };
     if let Some(reason) = refused_by_profile(ctx, delivery, &job, &profile_name, profile).await? {
-        return reject(ctx, delivery, prop_reply_to, prop_message_id, reason).await;
+        let ids = (prop_reply_to, prop_message_id);
+        return reject(ctx, delivery, ids, "not_allowed", reason).await;
     }
     let job_id = match job.job_id.clone().or(prop_message_id.clone()) {
         Some(id) => match protocol::validate_job_id(&id) {
             Ok(()) => id,
-            Err(e) => return reject(ctx, delivery, prop_reply_to, None, e.0).await,
+            Err(e) => {
+                return reject(ctx, delivery, (prop_reply_to, None), "invalid_job_id", e.0).await
+            }
         },
         // Without an id a redelivery cannot be recognised; producers that
         // need exactly-once set job_id or message_id.
@@ -92,6 +109,8 @@ pub async fn accept(ctx: &Context, delivery: &Delivery) -> Result<Accepted, Acce
     };
     match ctx.store.accept_job(&new, now_ms()).await? {
         AcceptOutcome::Inserted => {
+            let profile = [("profile", new.spec.profile.as_str())];
+            ctx.metrics.counter(JOBS_ACCEPTED, &profile).increment(1);
             info!(job_id = %job_id, session = %crate::logging::session_ref(&job.session_key), "job accepted");
             tracing::debug!(session_key = %job.session_key, "the accepted job's session");
             if apply_on_busy(ctx, &new).await? {
@@ -254,12 +273,13 @@ fn spec_of(
 /// Dead-letters an invalid job with its reason, and tells the producer
 /// with a `failed` event if it said where to reply — unless the body's job
 /// id is already taken: that id's events belong to the job accepted under
-/// it, which has (or will have) its own one terminal event.
+/// it, which has (or will have) its own one terminal event. `class` names
+/// the rule broken, for the dead-letter metric (the reason is free text).
 async fn reject(
     ctx: &Context,
     delivery: &Delivery,
-    reply_to: Option<String>,
-    message_id: Option<String>,
+    (reply_to, message_id): (Option<String>, Option<String>),
+    class: &'static str,
     reason: String,
 ) -> Result<Accepted, AcceptError> {
     // Best effort: whatever of the body is readable addresses the event.
@@ -284,6 +304,10 @@ async fn reject(
     };
     warn!(%reason, "invalid job dead-lettered");
     ctx.sink.dead_letter(delivery, &reason).await?;
+    let dead_letters = crate::ops::metrics::DEAD_LETTERS;
+    ctx.metrics
+        .counter(dead_letters, &[("reason", class)])
+        .increment(1);
     let Some(reply_to) = reply_to.filter(|_| !id_taken) else {
         return Ok(Accepted::Rejected { reason });
     };

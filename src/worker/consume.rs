@@ -15,7 +15,7 @@ use lapin::{Channel, Consumer};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info_span, warn, Instrument};
 
-use crate::worker::accept::{accept, Accepted};
+use crate::worker::accept::{accept, AcceptError, Accepted};
 use crate::worker::context::Context;
 
 /// How long a delivery that cannot be persisted is held and retried
@@ -44,6 +44,9 @@ pub async fn handle_delivery(
                 return Some(accepted);
             }
             Err(e) if started.elapsed() < HOLD_LIMIT && !shutdown.is_cancelled() => {
+                if matches!(e, AcceptError::Store(_)) {
+                    ctx.metrics.store_error("accept");
+                }
                 warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "could not accept a job; retrying");
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}

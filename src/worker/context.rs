@@ -10,8 +10,10 @@ use tokio::sync::Notify;
 use crate::broker::publish::ReplySink;
 use crate::claude::warm::WarmPool;
 use crate::config::Settings;
+use crate::ops::Metrics;
 use crate::store::JobRecord;
 use crate::store::SessionStore;
+use crate::worker::admin::MeteredSink;
 use crate::worker::running::RunningTurns;
 use crate::worker::turn::retry::RetryPolicy;
 
@@ -25,6 +27,8 @@ pub struct Context {
     pub running: Arc<RunningTurns>,
     /// Idle CLI processes kept for their sessions' next turns.
     pub warm: Arc<WarmPool>,
+    /// This worker's metrics (recorded only when the admin port is on).
+    pub metrics: Arc<Metrics>,
     wake: Notify,
     preferred: Mutex<VecDeque<String>>,
     /// Signalled whenever this worker accepts a job (for lease affinity).
@@ -48,8 +52,18 @@ impl Context {
             settings.claude.warm_max_processes,
             settings.warm_idle_ttl(),
         ));
+        let metrics = Arc::new(Metrics::new(matches!(settings.ops_listen(), Ok(Some(_)))));
+        let sink: Arc<dyn ReplySink> = if metrics.enabled() {
+            Arc::new(MeteredSink {
+                inner: sink,
+                metrics: Arc::clone(&metrics),
+            })
+        } else {
+            sink
+        };
         Arc::new(Context {
             warm,
+            metrics,
             settings,
             store,
             sink,

@@ -99,6 +99,7 @@ pub async fn end_queued_job(
     {
         return Ok(false);
     }
+    ctx.metrics.job_ended(&job.spec.profile, &event.body);
     let reply_to = job
         .spec
         .reply_to

@@ -11,6 +11,7 @@
 //! ends jobs that never ran.
 
 pub(crate) mod accept;
+pub(crate) mod admin;
 pub(crate) mod broker_watch;
 pub(crate) mod consume;
 pub mod context;
@@ -59,6 +60,8 @@ pub enum StartError {
          `npm install -g @anthropic-ai/claude-code` or set CLAUDE_WORKER__CLAUDE__PATH"
     )]
     Cli { path: String, reason: String },
+    #[error(transparent)]
+    Ops(#[from] crate::ops::OpsError),
 }
 
 /// A started worker. `shutdown()` begins a graceful stop; `wait()` returns
@@ -67,6 +70,8 @@ pub struct Worker {
     pub id: String,
     pub topology: Topology,
     pub context: Arc<Context>,
+    /// Where the admin port (`ops.listen`) listens, if it is on.
+    pub ops_addr: Option<std::net::SocketAddr>,
     shutdown: CancellationToken,
     done: tokio::task::JoinHandle<Result<(), String>>,
 }
@@ -97,6 +102,12 @@ impl Worker {
         let store =
             store::connect(&settings.database.url, settings.database.max_connections).await?;
         store.migrate().await?;
+        // Bound before the broker, so a port in use fails start-up at once.
+        let ops_listener = match settings.ops_listen() {
+            Ok(Some(addr)) => Some(crate::ops::bind(addr).await?),
+            _ => None,
+        };
+        let ops_addr = ops_listener.as_ref().and_then(|l| l.local_addr().ok());
         let topology = Topology::from_settings(&settings.amqp);
         let (broker, publish_channel) = connect_broker_retrying(&settings, &topology, &id).await?;
         let publish_timeout = Duration::from_millis(settings.amqp.publish_timeout_ms);
@@ -106,11 +117,17 @@ impl Worker {
               max_concurrent_turns = settings.worker.max_concurrent_turns,
               warm_max_processes = settings.claude.warm_max_processes, "worker started");
         let shutdown = CancellationToken::new();
-        let done = tokio::spawn(run(Arc::clone(&ctx), broker, shutdown.clone()));
+        let done = tokio::spawn(run(
+            Arc::clone(&ctx),
+            broker,
+            shutdown.clone(),
+            ops_listener,
+        ));
         Ok(Worker {
             id,
             topology,
             context: ctx,
+            ops_addr,
             shutdown,
             done,
         })
@@ -230,7 +247,12 @@ async fn set_up(
 
 /// Runs the worker's tasks under supervision until shutdown, or until one
 /// of them ends by itself; then stops gracefully.
-async fn run(ctx: Arc<Context>, broker: Broker, shutdown: CancellationToken) -> Result<(), String> {
+async fn run(
+    ctx: Arc<Context>,
+    broker: Broker,
+    shutdown: CancellationToken,
+    ops_listener: Option<tokio::net::TcpListener>,
+) -> Result<(), String> {
     let signals = Shutdown {
         shutdown: shutdown.clone(),
         kill: CancellationToken::new(),
@@ -279,6 +301,7 @@ async fn run(ctx: Arc<Context>, broker: Broker, shutdown: CancellationToken) -> 
         "warm reaper",
         Arc::clone(&ctx.warm).run_reaper(shutdown.clone()),
     );
+    let admin = admin::AdminTask::spawn(&mut tasks, &ctx, ops_listener, &shutdown, &jobs_channel);
     // Work left by an earlier run or another worker starts right away.
     ctx.wake_scheduler(None);
 
@@ -289,6 +312,7 @@ async fn run(ctx: Arc<Context>, broker: Broker, shutdown: CancellationToken) -> 
         ended = tasks.first_exit() => (!shutdown.is_cancelled()).then_some(ended),
     };
     if let Some(why) = &failure {
+        admin.task_failed();
         error!(reason = %why, "a worker task ended unexpectedly; stopping the worker");
     }
     signals.shutdown.cancel();
@@ -309,6 +333,7 @@ async fn run(ctx: Arc<Context>, broker: Broker, shutdown: CancellationToken) -> 
     // No turn runs now: close the warm CLI processes (gracefully, so their
     // transcripts are complete) before the worker ends.
     ctx.warm.close_all().await;
+    admin.stop(&mut tasks, STOP_STEP_BOUND).await;
     let _ = tokio::time::timeout(STOP_STEP_BOUND, conn.close(200, "worker stopped".into())).await;
     info!("worker stopped");
     failure.map_or(Ok(()), Err)

@@ -93,6 +93,8 @@ async fn guarded_session(
     permit: OwnedSemaphorePermit,
     signals: Shutdown,
 ) {
+    // Lowered when the session task ends, also by a panic.
+    let _held = ctx.metrics.raise(crate::ops::metrics::LEASES_HELD);
     let session = run_session(
         Arc::clone(&ctx),
         lease.clone(),
@@ -133,6 +135,9 @@ async fn run_session(
             }
         }
         Err(e @ (TurnAbort::Store(_) | TurnAbort::Publish(_))) => {
+            if matches!(e, TurnAbort::Store(_)) {
+                ctx.metrics.store_error("turn");
+            }
             error!(error = %e, "session interrupted; its job stays queued and runs again later");
             if let Err(e) = ctx.store.abandon_lease(&lease, now_ms()).await {
                 warn!(error = %e, "could not hand the session back; its lease will expire");

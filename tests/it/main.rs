@@ -17,6 +17,7 @@ mod fleet;
 mod harness;
 mod logging;
 mod mock_selftest;
+mod ops;
 mod pg_restart;
 mod pipeline;
 mod producers;

@@ -85,6 +85,17 @@ fn module_boundaries_hold() {
         ),
         ("protocol.rs", &["crate::", "lapin", "sqlx"]),
         (
+            "ops",
+            &[
+                "crate::store",
+                "crate::worker",
+                "crate::broker",
+                "crate::client",
+                "lapin",
+                "sqlx",
+            ],
+        ),
+        (
             "relay",
             &[
                 "crate::store",

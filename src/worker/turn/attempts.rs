@@ -105,6 +105,11 @@ pub(super) async fn run(
         warn!(attempt, duration_ms, kind = ?failure.kind, delay_ms = delay.as_millis() as u64,
               "attempt failed; retrying");
         debug!(error = %failure.message, "the failed attempt");
+        let reason = crate::ops::metrics::error_kind(failure.kind);
+        let retries = crate::ops::metrics::RETRIES;
+        ctx.metrics
+            .counter(retries, &[("reason", reason)])
+            .increment(1);
         events
             .emit(EventBody::Retrying {
                 next_attempt: next,

@@ -9,6 +9,8 @@ use tracing::warn;
 
 use super::{Stop, TurnAbort};
 use crate::broker::publish::{Attribution, PublishError};
+use crate::ops::metrics::{FIRST_TEXT, JOB_COST, QUEUE_WAIT, TURNS_RUNNING, TURN_DURATION};
+use crate::ops::GaugeGuard;
 use crate::protocol::{EventBody, EventV1, PROTOCOL_VERSION};
 use crate::store::{now_ms, JobFinish, JobRecord, JobStatus, Lease, SessionUpdate};
 use crate::worker::context::Context;
@@ -30,11 +32,22 @@ pub(super) struct JobEvents<'a> {
     /// What the job's turns cost so far (every CLI result, every attempt).
     pub spent_usd: f64,
     identity: Option<String>,
+    /// For the metrics: the job's profile, when it started here, whether
+    /// it has spoken yet, and its place in `turns_running`.
+    profile: String,
+    began: std::time::Instant,
+    spoke: bool,
+    _running: GaugeGuard,
 }
 
 impl<'a> JobEvents<'a> {
     pub fn new(ctx: &'a Context, lease: &'a Lease, stop: &'a Stop, job: &JobRecord) -> Self {
         let spec = &job.spec;
+        if job.status == JobStatus::Queued && job.attempts == 0 {
+            let waited = Duration::from_millis((now_ms() - job.created_at_ms).max(0) as u64);
+            ctx.metrics
+                .observe(QUEUE_WAIT, &[("profile", spec.profile.as_str())], waited);
+        }
         JobEvents {
             ctx,
             lease,
@@ -51,6 +64,10 @@ impl<'a> JobEvents<'a> {
             turn: ctx.running.register(&job.job_id, &job.session_key),
             spent_usd: 0.0,
             identity: spec.identity.clone(),
+            profile: spec.profile.clone(),
+            began: std::time::Instant::now(),
+            spoke: false,
+            _running: ctx.metrics.raise(TURNS_RUNNING),
         }
     }
 
@@ -70,6 +87,13 @@ impl<'a> JobEvents<'a> {
     /// first, and the lease must still be surely held when it goes out.
     pub async fn emit(&mut self, body: EventBody) -> Result<(), TurnAbort> {
         self.stop.progressed();
+        if !self.spoke && matches!(body, EventBody::Text { .. }) {
+            self.spoke = true;
+            let labels = [("profile", self.profile.as_str())];
+            self.ctx
+                .metrics
+                .observe(FIRST_TEXT, &labels, self.began.elapsed());
+        }
         if self.stop.lease_lost.is_cancelled() {
             return Err(TurnAbort::LeaseLost);
         }
@@ -127,9 +151,22 @@ impl<'a> JobEvents<'a> {
             now_ms: now_ms(),
         };
         self.ctx.store.finish_job(self.lease, &finish).await?;
+        self.count_outcome(&event.body);
         self.next_seq += 1;
         self.publish_terminal(&event, &bytes).await;
         Ok(())
+    }
+
+    /// The outcome, the time the job ran here and what it cost, once its
+    /// outcome is committed.
+    fn count_outcome(&self, body: &EventBody) {
+        let metrics = &self.ctx.metrics;
+        let outcome = metrics.job_ended(&self.profile, body);
+        let labels = [("profile", self.profile.as_str()), ("outcome", outcome)];
+        metrics.observe(TURN_DURATION, &labels, self.began.elapsed());
+        metrics
+            .histogram(JOB_COST, &labels[..1])
+            .record(self.spent_usd);
     }
 
     fn attribution(&self) -> Attribution<'_> {

@@ -110,6 +110,12 @@ async fn account_lost_attempts(
     } else {
         "interrupted"
     };
+    let retries = crate::ops::metrics::RETRIES;
+    events
+        .ctx
+        .metrics
+        .counter(retries, &[("reason", reason)])
+        .increment(1);
     events
         .emit(EventBody::Retrying {
             next_attempt: job.attempts + 1,
