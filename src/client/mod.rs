@@ -299,25 +299,8 @@ impl Client {
     /// A dropped connection (a broker restart) is waited out within
     /// `timeout`: the reply queue is recovered by name and reading goes on.
     pub async fn recv(&mut self, timeout: Duration) -> Result<Option<Incoming>, ClientError> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let next = match tokio::time::timeout_at(deadline, self.consumer.next()).await {
-                Err(_) => return Ok(None),
-                Ok(next) => next,
-            };
-            match next {
-                None => return Err(ClientError::ConsumerEnded),
-                Some(Ok(d)) => return Ok(Some(Incoming::from_delivery(&d))),
-                Some(Err(e)) => {
-                    let recovery = self.channel.wait_for_recovery(e);
-                    match tokio::time::timeout_at(deadline, recovery).await {
-                        Err(_) => return Ok(None),
-                        Ok(Err(e)) => return Err(ClientError::Broker(e)),
-                        Ok(Ok(())) => {}
-                    }
-                }
-            }
-        }
+        let next = next_delivery(&mut self.consumer, &self.channel, timeout).await?;
+        Ok(next.map(|d| Incoming::from_delivery(&d)))
     }
 
     /// Waits up to `timeout` for the control result answering `request_id`,
@@ -443,28 +426,8 @@ impl ReplyConsumer {
         &mut self,
         timeout: Duration,
     ) -> Result<Option<(Incoming, Ack)>, ClientError> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let next = match tokio::time::timeout_at(deadline, self.consumer.next()).await {
-                Err(_) => return Ok(None),
-                Ok(next) => next,
-            };
-            match next {
-                None => return Err(ClientError::ConsumerEnded),
-                Some(Ok(d)) => {
-                    let incoming = Incoming::from_delivery(&d);
-                    return Ok(Some((incoming, Ack(d.acker))));
-                }
-                Some(Err(e)) => {
-                    let recovery = self.channel.wait_for_recovery(e);
-                    match tokio::time::timeout_at(deadline, recovery).await {
-                        Err(_) => return Ok(None),
-                        Ok(Err(e)) => return Err(ClientError::Broker(e)),
-                        Ok(Ok(())) => {}
-                    }
-                }
-            }
-        }
+        let next = next_delivery(&mut self.consumer, &self.channel, timeout).await?;
+        Ok(next.map(|d| (Incoming::from_delivery(&d), Ack(d.acker))))
     }
 
     /// Closes the connection; unacked messages return to the queue.
@@ -559,6 +522,34 @@ impl JobTracker {
                 Step::Terminal
             }
             _ => Step::Event,
+        }
+    }
+}
+
+/// The next delivery on a reply queue, or `None` if none arrives within
+/// `timeout`. A dropped connection (a broker restart) is waited out within
+/// `timeout`: the queue is recovered by name and reading goes on.
+async fn next_delivery(
+    consumer: &mut Consumer,
+    channel: &Channel,
+    timeout: Duration,
+) -> Result<Option<Delivery>, ClientError> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let next = match tokio::time::timeout_at(deadline, consumer.next()).await {
+            Err(_) => return Ok(None),
+            Ok(next) => next,
+        };
+        match next {
+            None => return Err(ClientError::ConsumerEnded),
+            Some(Ok(d)) => return Ok(Some(d)),
+            Some(Err(e)) => {
+                match tokio::time::timeout_at(deadline, channel.wait_for_recovery(e)).await {
+                    Err(_) => return Ok(None),
+                    Ok(Err(e)) => return Err(ClientError::Broker(e)),
+                    Ok(Ok(())) => {}
+                }
+            }
         }
     }
 }
