@@ -84,6 +84,13 @@ pub struct AmqpSettings {
     pub prefetch: u16,
     pub publish_timeout_ms: u64,
     pub recovery_limit_secs: u64,
+    /// Confirm channels the jobs' event lanes are spread over.
+    pub publish_channels: usize,
+    /// Events a job may have unconfirmed before it waits for confirms.
+    pub max_unconfirmed_events: usize,
+    /// Text deltas arriving within this long of the last published text
+    /// event are joined into one event (0: every delta is an event).
+    pub text_coalesce_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -526,6 +533,24 @@ impl Settings {
         }
         if self.amqp.prefetch == 0 {
             return bad("amqp.prefetch must be at least 1".into());
+        }
+        if !(1..=64).contains(&self.amqp.publish_channels) {
+            return bad(format!(
+                "amqp.publish_channels must be 1-64 (got {})",
+                self.amqp.publish_channels
+            ));
+        }
+        if !(1..=10_000).contains(&self.amqp.max_unconfirmed_events) {
+            return bad(format!(
+                "amqp.max_unconfirmed_events must be 1-10000 (got {})",
+                self.amqp.max_unconfirmed_events
+            ));
+        }
+        if self.amqp.text_coalesce_ms > 1_000 {
+            return bad(format!(
+                "amqp.text_coalesce_ms must be at most 1000 (got {}); it delays what the user sees",
+                self.amqp.text_coalesce_ms
+            ));
         }
         if self.amqp.publish_timeout_ms == 0 || self.amqp.recovery_limit_secs == 0 {
             return bad(

@@ -1,7 +1,9 @@
 //! Publishing to the broker with publisher confirms: reply events to the
-//! reply exchange, and dead letters to the dead-letter exchange. A publish
-//! returns only once the broker has confirmed it, so what the worker
-//! records as published really is.
+//! reply exchange, and dead letters to the dead-letter exchange. The calls
+//! here return only once the broker has confirmed the message, so what the
+//! worker records as published really is. A job's non-terminal events go
+//! through an [`EventLane`] instead (see `lane`): pipelined on one channel of
+//! a small pool, confirmed in bounded batches.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,6 +13,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Confirmation};
 use tokio::sync::Mutex;
 
+use crate::broker::lane::{AmqpLane, ConfirmObserver, EventLane};
 use crate::broker::{Topology, DEAD_LETTER_REASON_HEADER};
 use crate::protocol::EventV1;
 
@@ -57,6 +60,12 @@ pub trait ReplySink: Send + Sync + 'static {
         job_id: &str,
         body: &[u8],
     ) -> Result<(), PublishError>;
+    /// A lane for one job's non-terminal events (pipelined confirms), or
+    /// None: the caller then publishes each with `publish_event`.
+    /// `observe` is told each confirm's latency.
+    fn event_lane(&self, _observe: Option<ConfirmObserver>) -> Option<Box<dyn EventLane>> {
+        None
+    }
     /// Publishes a control message's answer (already serialised).
     async fn publish_control_result(
         &self,
@@ -106,7 +115,15 @@ pub const WORKER_ID_HEADER: &str = "x-worker-id";
 pub const LEASE_EPOCH_HEADER: &str = "x-lease-epoch";
 
 pub struct AmqpSink {
+    /// Confirmed one at a time: terminal events, control messages and
+    /// results, dead letters.
     channel: Channel,
+    /// Event lanes, one channel each, taken in turn: sessions do not queue
+    /// behind one another's confirms.
+    lanes: Vec<Channel>,
+    next_lane: std::sync::atomic::AtomicUsize,
+    /// Unconfirmed events a lane may have before it waits.
+    max_in_flight: usize,
     topology: Topology,
     /// Confirms are awaited one at a time per publish; serialising the
     /// publish+confirm pair keeps one job's events in order on the channel
@@ -117,9 +134,19 @@ pub struct AmqpSink {
 }
 
 impl AmqpSink {
-    pub fn new(channel: Channel, topology: Topology, timeout: Duration) -> Arc<AmqpSink> {
+    /// `lanes` may be empty: events then share `channel`.
+    pub fn new(
+        channel: Channel,
+        lanes: Vec<Channel>,
+        max_in_flight: usize,
+        topology: Topology,
+        timeout: Duration,
+    ) -> Arc<AmqpSink> {
         Arc::new(AmqpSink {
             channel,
+            lanes,
+            next_lane: Default::default(),
+            max_in_flight,
             topology,
             lock: Mutex::new(()),
             timeout,
@@ -191,6 +218,23 @@ impl AmqpSink {
     }
 }
 
+/// An event's AMQP properties: JSON, persistent, the job as correlation id,
+/// `<job_id>:<seq>` as message id, and who published it.
+pub(crate) fn event_properties(event: &EventV1, from: &Attribution<'_>) -> BasicProperties {
+    let mut headers = FieldTable::default();
+    headers.insert(
+        WORKER_ID_HEADER.into(),
+        AMQPValue::LongString(from.worker_id.into()),
+    );
+    headers.insert(
+        LEASE_EPOCH_HEADER.into(),
+        AMQPValue::LongLongInt(from.lease_epoch),
+    );
+    event_props(&event.job_id, event.body.type_name())
+        .with_message_id(format!("{}:{}", event.job_id, event.seq).as_str().into())
+        .with_headers(headers)
+}
+
 fn event_props(job_id: &str, type_name: &str) -> BasicProperties {
     BasicProperties::default()
         .with_content_type("application/json".into())
@@ -208,18 +252,7 @@ impl ReplySink for AmqpSink {
         body: &[u8],
         from: &Attribution<'_>,
     ) -> Result<(), PublishError> {
-        let mut headers = FieldTable::default();
-        headers.insert(
-            WORKER_ID_HEADER.into(),
-            AMQPValue::LongString(from.worker_id.into()),
-        );
-        headers.insert(
-            LEASE_EPOCH_HEADER.into(),
-            AMQPValue::LongLongInt(from.lease_epoch),
-        );
-        let props = event_props(&event.job_id, event.body.type_name())
-            .with_message_id(format!("{}:{}", event.job_id, event.seq).as_str().into())
-            .with_headers(headers);
+        let props = event_properties(event, from);
         self.publish_confirmed(
             &self.topology.replies_exchange,
             routing_key,
@@ -228,6 +261,23 @@ impl ReplySink for AmqpSink {
             from.fence,
         )
         .await
+    }
+
+    fn event_lane(&self, observe: Option<ConfirmObserver>) -> Option<Box<dyn EventLane>> {
+        let n = self
+            .next_lane
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let channel = match self.lanes.len() {
+            0 => self.channel.clone(),
+            len => self.lanes[n % len].clone(),
+        };
+        Some(Box::new(AmqpLane::new(
+            channel,
+            self.topology.replies_exchange.clone(),
+            self.timeout,
+            self.max_in_flight,
+            observe,
+        )))
     }
 
     async fn publish_raw_event(

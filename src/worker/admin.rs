@@ -144,6 +144,13 @@ impl ReplySink for MeteredSink {
         self.record("event", began, r)
     }
 
+    fn event_lane(
+        &self,
+        observe: Option<crate::broker::lane::ConfirmObserver>,
+    ) -> Option<Box<dyn crate::broker::lane::EventLane>> {
+        self.inner.event_lane(observe)
+    }
+
     async fn publish_raw_event(
         &self,
         routing_key: &str,

@@ -111,7 +111,13 @@ impl Worker {
         let topology = Topology::from_settings(&settings.amqp);
         let (broker, publish_channel) = connect_broker_retrying(&settings, &topology, &id).await?;
         let publish_timeout = Duration::from_millis(settings.amqp.publish_timeout_ms);
-        let sink = AmqpSink::new(publish_channel, topology.clone(), publish_timeout);
+        let sink = AmqpSink::new(
+            publish_channel.main,
+            publish_channel.lanes,
+            settings.amqp.max_unconfirmed_events,
+            topology.clone(),
+            publish_timeout,
+        );
         let ctx = Context::new(Arc::clone(&settings), store, sink, id.clone(), hooks);
         info!(worker_id = %id, %cli_version, queue = %topology.jobs_queue,
               max_concurrent_turns = settings.worker.max_concurrent_turns,
@@ -163,7 +169,7 @@ async fn connect_broker_retrying(
     settings: &Settings,
     topology: &Topology,
     id: &str,
-) -> Result<(Broker, Channel), AmqpError> {
+) -> Result<(Broker, PublishChannels), AmqpError> {
     let deadline = tokio::time::Instant::now() + STARTUP_RETRY;
     let mut delay = Duration::from_millis(200);
     loop {
@@ -185,7 +191,7 @@ async fn connect_broker(
     settings: &Settings,
     topology: &Topology,
     id: &str,
-) -> Result<(Broker, Channel), AmqpError> {
+) -> Result<(Broker, PublishChannels), AmqpError> {
     let conn = broker::connect(&settings.amqp, &format!("claude-worker {id}")).await?;
     match set_up(&conn, settings, topology, id).await {
         Ok((publish_channel, jobs_channel, jobs, control_channel, control)) => {
@@ -207,8 +213,15 @@ async fn connect_broker(
     }
 }
 
-/// The publish channel, and the two consumers with their channels.
-type Channels = (Channel, Channel, Consumer, Channel, Consumer);
+/// The publish channels, and the two consumers with their channels.
+type Channels = (PublishChannels, Channel, Consumer, Channel, Consumer);
+
+/// Confirm channels: one for one-at-a-time confirmed publishes, and the
+/// pool the jobs' event lanes use.
+pub(crate) struct PublishChannels {
+    pub main: Channel,
+    pub lanes: Vec<Channel>,
+}
 
 async fn set_up(
     conn: &Connection,
@@ -218,6 +231,14 @@ async fn set_up(
 ) -> Result<Channels, AmqpError> {
     let publish_channel = broker::confirm_channel(conn).await?;
     topology.declare(&publish_channel).await?;
+    let mut lanes = Vec::with_capacity(settings.amqp.publish_channels);
+    for _ in 0..settings.amqp.publish_channels {
+        lanes.push(broker::confirm_channel(conn).await?);
+    }
+    let publish_channel = PublishChannels {
+        main: publish_channel,
+        lanes,
+    };
     let jobs_channel = broker::consumer_channel(conn, settings.amqp.prefetch).await?;
     let jobs = jobs_channel
         .basic_consume(

@@ -161,7 +161,15 @@ async fn an_event_of_a_lost_lease_is_not_published() {
     let mut env = TestEnv::new(Backend::Sqlite).await;
     let ch = env.bus.conn.create_channel().await.unwrap();
     ch.confirm_select(Default::default()).await.unwrap();
-    let sink = AmqpSink::new(ch, env.bus.topology.clone(), Duration::from_secs(5));
+    let lane_ch = env.bus.conn.create_channel().await.unwrap();
+    lane_ch.confirm_select(Default::default()).await.unwrap();
+    let sink = AmqpSink::new(
+        ch,
+        vec![lane_ch],
+        16,
+        env.bus.topology.clone(),
+        Duration::from_secs(5),
+    );
     let event = |seq: u64| -> EventV1 {
         serde_json::from_value(json!({"v": 1, "job_id": "fence-job", "session_key": "k",
             "seq": seq, "attempt": 1, "type": "text", "text": format!("piece {seq}"),
@@ -191,6 +199,46 @@ async fn an_event_of_a_lost_lease_is_not_published() {
     assert_eq!(
         env.attribution("fence-job", 1).unwrap().lease_epoch,
         Some(7)
+    );
+    // The same through a job's pipelined lane: the fence is checked right
+    // before each frame, and `settle` waits for the confirms.
+    let mut lane = sink.event_lane(None).expect("the AMQP sink has lanes");
+    for (seq, fence) in [
+        (2u64, &lost as &(dyn Fn() -> bool + Sync)),
+        (3, &held),
+        (4, &held),
+    ] {
+        let ev = event(seq);
+        let body = serde_json::to_vec(&ev).unwrap();
+        let from = Attribution {
+            worker_id: "fence-worker",
+            lease_epoch: 8,
+            fence: Some(fence),
+        };
+        let sent = lane.send(&env.bus.reply_key, &ev, body, &from).await;
+        match seq {
+            2 => assert!(matches!(sent, Err(PublishError::Fenced)), "{sent:?}"),
+            _ => sent.unwrap(),
+        }
+    }
+    lane.settle(Some(&held)).await.unwrap();
+    let lost_fence: &(dyn Fn() -> bool + Sync) = &lost;
+    assert!(
+        matches!(lane.settle(Some(lost_fence)).await, Ok(())),
+        "nothing left to confirm, nothing to send"
+    );
+    let seqs = [
+        env.next_event("fence-job").await.1.seq,
+        env.next_event("fence-job").await.1.seq,
+    ];
+    assert_eq!(
+        seqs,
+        [3, 4],
+        "only the lane's events whose lease held, in order"
+    );
+    assert_eq!(
+        env.attribution("fence-job", 3).unwrap().lease_epoch,
+        Some(8)
     );
     assert!(env
         .maybe_event("fence-job", Duration::from_millis(300))

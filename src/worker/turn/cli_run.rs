@@ -41,6 +41,8 @@ enum Input {
     Cancel,
     /// A stream-json control request for the CLI (e.g. set_permission_mode).
     ControlRequest(Value),
+    /// Text held back to join deltas is due.
+    FlushText,
 }
 
 impl CliRun {
@@ -88,6 +90,10 @@ impl CliRun {
                     self.proc.send_control_request(request);
                     continue;
                 }
+                Input::FlushText => {
+                    events.flush_text().await?;
+                    continue;
+                }
             };
             if let Some(why) = self.warm_broken(&msg) {
                 return Ok(RunEnd::WarmBroken(why));
@@ -109,8 +115,10 @@ impl CliRun {
             _ => self.deadline,
         };
         let stop = events.stop;
+        let flush_at = events.flush_at();
         let turn = &mut events.turn;
         tokio::select! {
+            _ = tokio::time::sleep_until(flush_at.unwrap_or(until)), if flush_at.is_some() => Input::FlushText,
             m = timeout_at(until, self.proc.next_message()) => match m {
                 Ok(m) => Input::Message(m),
                 Err(_) => Input::TimedOut,

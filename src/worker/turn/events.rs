@@ -1,20 +1,35 @@
-//! A job's events, in order and fenced by the lease: each seq is recorded
-//! under the lease epoch before its event is published, and nothing is
-//! published past the time the lease is surely held.
+//! A job's events, in order and fenced by the lease.
+//!
+//! Sequence numbers are reserved in blocks of [`SEQ_BLOCK`] with one fenced
+//! write (the job's `next_seq` becomes the block's end), so a worker that
+//! lost the session cannot reserve more, and a later run of the job starts
+//! above every seq this one may have used. Between reservations, an event
+//! goes out only while the lease is surely held (`Stop::lease_fresh`, checked
+//! again right before the frame). Events are pipelined on the job's lane and
+//! their confirms awaited before the outcome is recorded. Text deltas that
+//! come within `amqp.text_coalesce_ms` of the last text event are joined.
 
 use std::time::Duration;
 
 use serde_json::Value;
+use tokio::time::Instant;
 use tracing::warn;
 
 use super::{Stop, TurnAbort};
+use crate::broker::lane::{ConfirmObserver, EventLane};
 use crate::broker::publish::{Attribution, PublishError};
-use crate::ops::metrics::{FIRST_TEXT, JOB_COST, QUEUE_WAIT, TURNS_RUNNING, TURN_DURATION};
+use crate::ops::metrics::{
+    FIRST_TEXT, JOB_COST, PUBLISH_CONFIRM, QUEUE_WAIT, TURNS_RUNNING, TURN_DURATION,
+};
 use crate::ops::GaugeGuard;
 use crate::protocol::{EventBody, EventV1, PROTOCOL_VERSION};
 use crate::store::{now_ms, JobFinish, JobRecord, JobStatus, Lease, SessionUpdate};
 use crate::worker::context::Context;
 use crate::worker::running::TurnRegistration;
+
+/// Sequence numbers reserved with one fenced write. A run that ends early
+/// leaves at most this many unused (a gap before the next run's events).
+pub(crate) const SEQ_BLOCK: u64 = 256;
 
 /// Publishes a job's events in order, fenced by the lease.
 pub(super) struct JobEvents<'a> {
@@ -26,6 +41,16 @@ pub(super) struct JobEvents<'a> {
     reply_to: String,
     metadata: Value,
     next_seq: u64,
+    /// Seqs below this are reserved for this run (see [`SEQ_BLOCK`]).
+    seq_reserved: u64,
+    /// The job's non-terminal events go out here, pipelined (None: each
+    /// is published and confirmed on its own).
+    lane: Option<Box<dyn EventLane>>,
+    /// Text not yet published, joined from deltas, and when it is due.
+    pending_text: String,
+    flush_at: Option<Instant>,
+    /// When the last text event went out.
+    last_text_at: Option<Instant>,
     pub attempt: u32,
     /// This job in the worker's registry of running turns (cancel, control).
     pub turn: TurnRegistration,
@@ -60,6 +85,11 @@ impl<'a> JobEvents<'a> {
                 .unwrap_or_else(|| job.session_key.clone()),
             metadata: spec.metadata.clone(),
             next_seq: job.next_seq,
+            seq_reserved: job.next_seq,
+            lane: ctx.sink.event_lane(confirm_observer(ctx)),
+            pending_text: String::new(),
+            flush_at: None,
+            last_text_at: None,
             attempt: job.attempts,
             turn: ctx.running.register(&job.job_id, &job.session_key),
             spent_usd: 0.0,
@@ -83,46 +113,117 @@ impl<'a> JobEvents<'a> {
         }
     }
 
-    /// Publishes one non-terminal event: the seq is recorded (fenced)
-    /// first, and the lease must still be surely held when it goes out.
+    /// Publishes one non-terminal event (text may be held back for a few
+    /// ms to join the deltas that follow; any other event first publishes
+    /// the held text, so order is kept).
     pub async fn emit(&mut self, body: EventBody) -> Result<(), TurnAbort> {
         self.stop.progressed();
-        if !self.spoke && matches!(body, EventBody::Text { .. }) {
+        if let EventBody::Text { text } = body {
+            return self.emit_text(text).await;
+        }
+        self.flush_text().await?;
+        self.publish(body).await
+    }
+
+    async fn emit_text(&mut self, text: String) -> Result<(), TurnAbort> {
+        if !self.spoke {
             self.spoke = true;
             let labels = [("profile", self.profile.as_str())];
             self.ctx
                 .metrics
                 .observe(FIRST_TEXT, &labels, self.began.elapsed());
         }
+        if !self.pending_text.is_empty() {
+            self.pending_text.push_str(&text);
+            return Ok(());
+        }
+        let window = Duration::from_millis(self.ctx.settings.amqp.text_coalesce_ms);
+        match self.last_text_at {
+            Some(last) if !window.is_zero() && last.elapsed() < window => {
+                self.pending_text = text;
+                self.flush_at = Some(last + window);
+                Ok(())
+            }
+            _ => {
+                self.last_text_at = Some(Instant::now());
+                self.publish(EventBody::Text { text }).await
+            }
+        }
+    }
+
+    /// When held-back text is due to go out, if any is held.
+    pub fn flush_at(&self) -> Option<Instant> {
+        self.flush_at
+    }
+
+    /// Publishes the held-back text, if any.
+    pub async fn flush_text(&mut self) -> Result<(), TurnAbort> {
+        self.flush_at = None;
+        if self.pending_text.is_empty() {
+            return Ok(());
+        }
+        let text = std::mem::take(&mut self.pending_text);
+        self.last_text_at = Some(Instant::now());
+        self.publish(EventBody::Text { text }).await
+    }
+
+    /// Publishes one event under a reserved seq, while the lease is surely
+    /// held.
+    async fn publish(&mut self, body: EventBody) -> Result<(), TurnAbort> {
         if self.stop.lease_lost.is_cancelled() {
             return Err(TurnAbort::LeaseLost);
         }
+        if self.next_seq >= self.seq_reserved {
+            let reserved = self.next_seq + SEQ_BLOCK;
+            self.ctx
+                .store
+                .record_seq(self.lease, &self.job_id, reserved)
+                .await?;
+            self.seq_reserved = reserved;
+        }
         let event = self.event(body);
         let bytes = serde_json::to_vec(&event).expect("events serialise");
-        self.ctx
-            .store
-            .record_seq(self.lease, &self.job_id, self.next_seq + 1)
-            .await?;
-        let still_held = || !self.stop.lease_lost.is_cancelled() && self.stop.lease_fresh();
+        let stop = self.stop;
+        let still_held = || !stop.lease_lost.is_cancelled() && stop.lease_fresh();
         if !still_held() {
             return Err(TurnAbort::LeaseLost);
         }
         // Checked again once the channel is ours, right before the frame.
         let from = Attribution {
             fence: Some(&still_held),
-            ..self.attribution()
+            worker_id: &self.ctx.worker_id,
+            lease_epoch: self.lease.epoch,
         };
-        match self
-            .ctx
-            .sink
-            .publish_event(&self.reply_to, &event, &bytes, &from)
-            .await
-        {
+        let sent = match self.lane.as_mut() {
+            Some(lane) => lane.send(&self.reply_to, &event, bytes, &from).await,
+            None => {
+                self.ctx
+                    .sink
+                    .publish_event(&self.reply_to, &event, &bytes, &from)
+                    .await
+            }
+        };
+        match sent {
             Err(PublishError::Fenced) => return Err(TurnAbort::LeaseLost),
             sent => sent?,
         }
         self.next_seq += 1;
         Ok(())
+    }
+
+    /// Waits until every event published so far is confirmed: before the
+    /// outcome is recorded, so a job never ends with an event unsent.
+    async fn settle(&mut self) -> Result<(), TurnAbort> {
+        self.flush_text().await?;
+        let Some(lane) = self.lane.as_mut() else {
+            return Ok(());
+        };
+        let stop = self.stop;
+        let still_held = || !stop.lease_lost.is_cancelled() && stop.lease_fresh();
+        match lane.settle(Some(&still_held)).await {
+            Err(PublishError::Fenced) => Err(TurnAbort::LeaseLost),
+            settled => Ok(settled?),
+        }
     }
 
     /// Records the outcome, then publishes the terminal event. The database
@@ -134,6 +235,7 @@ impl<'a> JobEvents<'a> {
         error: Option<String>,
         session_update: Option<SessionUpdate>,
     ) -> Result<(), TurnAbort> {
+        self.settle().await?;
         if self.stop.lease_lost.is_cancelled() {
             return Err(TurnAbort::LeaseLost);
         }
@@ -144,7 +246,8 @@ impl<'a> JobEvents<'a> {
             status,
             error,
             terminal_event: String::from_utf8(bytes.clone()).expect("JSON is UTF-8"),
-            next_seq: self.next_seq + 1,
+            // Never below what this run reserved.
+            next_seq: (self.next_seq + 1).max(self.seq_reserved),
             session_update,
             cost_usd: self.spent_usd,
             identity: self.identity.clone(),
@@ -207,4 +310,15 @@ impl<'a> JobEvents<'a> {
             delay = (delay * 2).min(Duration::from_secs(10));
         }
     }
+}
+
+/// Records each event confirm's latency in the publish confirm histogram.
+fn confirm_observer(ctx: &Context) -> Option<ConfirmObserver> {
+    if !ctx.metrics.enabled() {
+        return None;
+    }
+    let metrics = std::sync::Arc::clone(&ctx.metrics);
+    Some(std::sync::Arc::new(move |took: Duration| {
+        metrics.observe(PUBLISH_CONFIRM, &[("kind", "event")], took)
+    }))
 }
