@@ -39,6 +39,11 @@ pub enum StoreError {
     /// waiting): skip it.
     #[error("job {0} is no longer runnable")]
     NotRunnable(String),
+    /// A transcript append continues a stored transcript that is no longer
+    /// the stored one (another worker stored the session meanwhile): write
+    /// the transcript whole instead. Nothing was written.
+    #[error("the stored transcript of {0} changed; write it whole")]
+    TranscriptChanged(String),
     /// A row did not have the shape this code expects (a bug or a newer schema).
     #[error("database error: {0}")]
     Other(String),
@@ -329,6 +334,41 @@ impl Transcript {
     }
 }
 
+/// What the CLI appended to a stored transcript since it was stored: one
+/// gzip member, stored as the transcript's next chunk.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TranscriptAppend {
+    pub claude_session_id: String,
+    pub session_key: String,
+    /// The identity of the stored transcript this continues; the append is
+    /// refused (`TranscriptChanged`) if the stored one is another.
+    pub prev_sha256: String,
+    /// The appended bytes, gzipped.
+    pub chunk: Vec<u8>,
+    /// The whole transcript's uncompressed size and identity after it.
+    pub size_bytes: i64,
+    pub sha256: String,
+    pub updated_at_ms: i64,
+}
+
+/// A transcript write, committed with a job's outcome.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TranscriptWrite {
+    /// The whole transcript: replaces the stored one and its chunks.
+    Full(Transcript),
+    /// Only what was appended since the stored copy.
+    Append(TranscriptAppend),
+}
+
+impl TranscriptWrite {
+    pub fn session_key(&self) -> &str {
+        match self {
+            TranscriptWrite::Full(t) => &t.session_key,
+            TranscriptWrite::Append(a) => &a.session_key,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct JobFinish {
     pub job_id: String,
@@ -343,6 +383,9 @@ pub struct JobFinish {
     pub cost_usd: f64,
     /// The job's `identity` (for per-identity budgets), stored with its cost.
     pub identity: Option<String>,
+    /// The session's transcript after a completed turn, stored in the same
+    /// transaction as the outcome: the two never disagree.
+    pub transcript: Option<TranscriptWrite>,
     pub now_ms: i64,
 }
 
@@ -391,15 +434,26 @@ pub trait SessionStore: Send + Sync + 'static {
     /// Fenced.
     async fn yield_lease(&self, lease: &Lease, now_ms: i64) -> Result<bool, StoreError>;
 
-    /// Stores (replaces) a session's transcript. Fenced by `lease`, which
-    /// must be the lease of `transcript.session_key`.
+    /// Stores (replaces) a session's transcript, dropping its chunks.
+    /// Fenced by `lease`, which must be the lease of
+    /// `transcript.session_key`.
     async fn put_transcript(
         &self,
         lease: &Lease,
         transcript: &Transcript,
     ) -> Result<(), StoreError>;
 
-    /// The stored transcript of a Claude session, if any.
+    /// Appends a chunk to a stored transcript (fenced like
+    /// `put_transcript`); `TranscriptChanged` if the stored transcript is
+    /// not `append.prev_sha256`.
+    async fn append_transcript(
+        &self,
+        lease: &Lease,
+        append: &TranscriptAppend,
+    ) -> Result<(), StoreError>;
+
+    /// The stored transcript of a Claude session, if any: its base and its
+    /// chunks, read in one statement, as one multi-member gzip in `data`.
     async fn get_transcript(
         &self,
         claude_session_id: &str,
@@ -420,6 +474,19 @@ pub trait SessionStore: Send + Sync + 'static {
         lease: &Lease,
         job_id: &str,
         now_ms: i64,
+    ) -> Result<u32, StoreError> {
+        self.start_attempt_reserving(lease, job_id, now_ms, 0).await
+    }
+
+    /// `start_attempt` that also raises the job's `next_seq` to at least
+    /// `reserve_seq_to` in the same transaction (the attempt's first block
+    /// of seqs, see `record_seq`), saving a commit per turn.
+    async fn start_attempt_reserving(
+        &self,
+        lease: &Lease,
+        job_id: &str,
+        now_ms: i64,
+        reserve_seq_to: u64,
     ) -> Result<u32, StoreError>;
 
     /// Records that events up to `next_seq - 1` are being published. Called
@@ -433,7 +500,9 @@ pub trait SessionStore: Send + Sync + 'static {
 
     /// Stores the job's outcome, terminal event, cost and identity, adds
     /// the cost to the session's and, for a successful turn, stores the
-    /// session's new state and counters. Fenced.
+    /// session's new state and counters and its transcript, in one
+    /// transaction. Fenced. `TranscriptChanged` (nothing written) when a
+    /// transcript append no longer fits the stored transcript.
     async fn finish_job(&self, lease: &Lease, finish: &JobFinish) -> Result<(), StoreError>;
 
     /// What the jobs of `identity` that finished at or after `since_ms`
@@ -473,7 +542,18 @@ pub trait SessionStore: Send + Sync + 'static {
     /// Sets or clears the session's permission-mode override; `false` if
     /// the key is unknown.
     /// Records that the terminal event of `job_id` reached the broker.
-    async fn mark_terminal_published(&self, job_id: &str, now_ms: i64) -> Result<(), StoreError>;
+    async fn mark_terminal_published(&self, job_id: &str, now_ms: i64) -> Result<(), StoreError> {
+        self.mark_terminals_published(&[job_id.to_string()], now_ms)
+            .await
+    }
+
+    /// `mark_terminal_published` for many jobs in one transaction (the
+    /// worker marks in batches, see `worker::outbox`).
+    async fn mark_terminals_published(
+        &self,
+        job_ids: &[String],
+        now_ms: i64,
+    ) -> Result<(), StoreError>;
 
     /// Jobs finished before `finished_before_ms` whose terminal event is not
     /// known to have reached the broker (the worker died or stopped between

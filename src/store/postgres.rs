@@ -17,9 +17,10 @@ use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 use super::rows::{
     lease_lost, seq_to_db, spec_json, JobRow, SessionRow, JOB_COLUMNS, SESSION_COLUMNS,
 };
+use super::sql::check_transcript_session;
 use super::{
     AcceptOutcome, JobFinish, JobRecord, JobStatus, Lease, NewJob, ReleaseOutcome, SessionRecord,
-    SessionStore, StoreError, Transcript,
+    SessionStore, StoreError, Transcript, TranscriptAppend, TranscriptWrite,
 };
 use crate::protocol::PermissionMode;
 

@@ -16,6 +16,81 @@
 pub(crate) const RELEASE_LEASE: &str = "UPDATE sessions SET lease_owner = NULL, \
      lease_expires_at_ms = NULL, status = 'idle', updated_at_ms = $1 WHERE session_key = $2";
 
+/// The statements of a transcript write, inside the fenced transaction
+/// `$tx` (a macro, so both backends' transaction types take it). A full
+/// write replaces the base and drops the chunks; an append adds a chunk
+/// only if the stored transcript is still the one it continues.
+macro_rules! write_transcript {
+    ($tx:ident, $lease:expr, $write:expr) => {
+        match $write {
+            TranscriptWrite::Full(t) => {
+                sqlx::query(
+                    "INSERT INTO transcripts (claude_session_id, session_key, data, size_bytes, sha256, updated_at_ms, chunks) \
+                     VALUES ($1, $2, $3, $4, $5, $6, 0) \
+                     ON CONFLICT (claude_session_id) DO UPDATE SET session_key = EXCLUDED.session_key, \
+                       data = EXCLUDED.data, size_bytes = EXCLUDED.size_bytes, \
+                       sha256 = EXCLUDED.sha256, updated_at_ms = EXCLUDED.updated_at_ms, chunks = 0",
+                )
+                .bind(&t.claude_session_id)
+                .bind(&t.session_key)
+                .bind(&t.data)
+                .bind(t.size_bytes)
+                .bind(&t.sha256)
+                .bind(t.updated_at_ms)
+                .execute(&mut *$tx)
+                .await?;
+                sqlx::query("DELETE FROM transcript_chunks WHERE claude_session_id = $1")
+                    .bind(&t.claude_session_id)
+                    .execute(&mut *$tx)
+                    .await?;
+            }
+            TranscriptWrite::Append(a) => {
+                let seq: Option<i64> = sqlx::query_scalar(
+                    "UPDATE transcripts SET session_key = $1, size_bytes = $2, sha256 = $3, \
+                       updated_at_ms = $4, chunks = chunks + 1 \
+                     WHERE claude_session_id = $5 AND sha256 = $6 \
+                     RETURNING CAST(chunks AS BIGINT)",
+                )
+                .bind(&a.session_key)
+                .bind(a.size_bytes)
+                .bind(&a.sha256)
+                .bind(a.updated_at_ms)
+                .bind(&a.claude_session_id)
+                .bind(&a.prev_sha256)
+                .fetch_optional(&mut *$tx)
+                .await?;
+                let Some(seq) = seq else {
+                    return Err(StoreError::TranscriptChanged(a.claude_session_id.clone()));
+                };
+                sqlx::query(
+                    "INSERT INTO transcript_chunks (claude_session_id, seq, data) VALUES ($1, $2, $3)",
+                )
+                .bind(&a.claude_session_id)
+                .bind(seq)
+                .bind(&a.chunk)
+                .execute(&mut *$tx)
+                .await?;
+            }
+        }
+    };
+}
+pub(crate) use write_transcript;
+
+/// A transcript is written only under its own session's lease.
+pub(crate) fn check_transcript_session(
+    write: &crate::store::TranscriptWrite,
+    lease: &crate::store::Lease,
+) -> Result<(), crate::store::StoreError> {
+    if write.session_key() != lease.session_key {
+        return Err(crate::store::StoreError::Other(format!(
+            "transcript of session {} written under the lease of {}",
+            write.session_key(),
+            lease.session_key
+        )));
+    }
+    Ok(())
+}
+
 macro_rules! session_store_impl {
     ($store:ty, { $($specific:tt)* }) => {
         #[async_trait::async_trait]
@@ -80,22 +155,26 @@ macro_rules! session_store_impl {
                 Ok(())
             }
 
-            async fn start_attempt(
+            async fn start_attempt_reserving(
                 &self,
                 lease: &Lease,
                 job_id: &str,
                 now_ms: i64,
+                reserve_seq_to: u64,
             ) -> Result<u32, StoreError> {
+                let reserve = seq_to_db(reserve_seq_to)?;
                 let mut tx = self.fenced(lease).await?;
                 let attempts: Option<i64> = sqlx::query_scalar(
                     "UPDATE jobs SET status = 'running', attempts = attempts + 1, \
-                       started_at_ms = COALESCE(started_at_ms, $1) \
+                       started_at_ms = COALESCE(started_at_ms, $1), \
+                       next_seq = CASE WHEN next_seq < $4 THEN $4 ELSE next_seq END \
                      WHERE job_id = $2 AND session_key = $3 AND status IN ('queued', 'running') \
                      RETURNING attempts",
                 )
                 .bind(now_ms)
                 .bind(job_id)
                 .bind(&lease.session_key)
+                .bind(reserve)
                 .fetch_optional(&mut *tx)
                 .await?;
                 let Some(attempts) = attempts else {
@@ -118,28 +197,23 @@ macro_rules! session_store_impl {
                 lease: &Lease,
                 transcript: &Transcript,
             ) -> Result<(), StoreError> {
-                if transcript.session_key != lease.session_key {
-                    return Err(StoreError::Other(format!(
-                        "transcript of session {} written under the lease of {}",
-                        transcript.session_key, lease.session_key
-                    )));
-                }
+                let write = TranscriptWrite::Full(transcript.clone());
+                check_transcript_session(&write, lease)?;
                 let mut tx = self.fenced(lease).await?;
-                sqlx::query(
-                    "INSERT INTO transcripts (claude_session_id, session_key, data, size_bytes, sha256, updated_at_ms) \
-                     VALUES ($1, $2, $3, $4, $5, $6) \
-                     ON CONFLICT (claude_session_id) DO UPDATE SET session_key = EXCLUDED.session_key, \
-                       data = EXCLUDED.data, size_bytes = EXCLUDED.size_bytes, \
-                       sha256 = EXCLUDED.sha256, updated_at_ms = EXCLUDED.updated_at_ms",
-                )
-                .bind(&transcript.claude_session_id)
-                .bind(&transcript.session_key)
-                .bind(&transcript.data)
-                .bind(transcript.size_bytes)
-                .bind(&transcript.sha256)
-                .bind(transcript.updated_at_ms)
-                .execute(&mut *tx)
-                .await?;
+                $crate::store::sql::write_transcript!(tx, lease, &write);
+                tx.commit().await?;
+                Ok(())
+            }
+
+            async fn append_transcript(
+                &self,
+                lease: &Lease,
+                append: &TranscriptAppend,
+            ) -> Result<(), StoreError> {
+                let write = TranscriptWrite::Append(append.clone());
+                check_transcript_session(&write, lease)?;
+                let mut tx = self.fenced(lease).await?;
+                $crate::store::sql::write_transcript!(tx, lease, &write);
                 tx.commit().await?;
                 Ok(())
             }
@@ -152,7 +226,13 @@ macro_rules! session_store_impl {
                     )));
                 }
                 let next_seq = seq_to_db(finish.next_seq)?;
+                if let Some(write) = &finish.transcript {
+                    check_transcript_session(write, lease)?;
+                }
                 let mut tx = self.fenced(lease).await?;
+                if let Some(write) = &finish.transcript {
+                    $crate::store::sql::write_transcript!(tx, lease, write);
+                }
                 let done = sqlx::query(
                     "UPDATE jobs SET status = $1, error = $2, terminal_event = $3, next_seq = $4, finished_at_ms = $5, \
                        cost_usd = cost_usd + $6, identity = $7 \
@@ -209,20 +289,42 @@ macro_rules! session_store_impl {
                 &self,
                 claude_session_id: &str,
             ) -> Result<Option<Transcript>, StoreError> {
-                let row: Option<(String, String, Vec<u8>, i64, Option<String>, i64)> = sqlx::query_as(
-                    "SELECT claude_session_id, session_key, data, size_bytes, sha256, updated_at_ms \
-                     FROM transcripts WHERE claude_session_id = $1",
+                // One statement, so base and chunks come from one snapshot.
+                type Piece = (i64, Option<String>, Option<String>, Vec<u8>, Option<i64>, Option<String>, Option<i64>);
+                let pieces: Vec<Piece> = sqlx::query_as(
+                    "SELECT CAST(0 AS BIGINT) AS seq, claude_session_id, session_key, data, size_bytes, sha256, updated_at_ms \
+                     FROM transcripts WHERE claude_session_id = $1 \
+                     UNION ALL \
+                     SELECT CAST(seq AS BIGINT), NULL, NULL, data, NULL, NULL, NULL \
+                     FROM transcript_chunks WHERE claude_session_id = $2 \
+                     ORDER BY seq",
                 )
                 .bind(claude_session_id)
-                .fetch_optional(&self.pool)
+                .bind(claude_session_id)
+                .fetch_all(&self.pool)
                 .await?;
-                Ok(row.map(|r| Transcript {
-                    claude_session_id: r.0,
-                    session_key: r.1,
-                    data: r.2,
-                    size_bytes: r.3,
-                    sha256: r.4,
-                    updated_at_ms: r.5,
+                let mut pieces = pieces.into_iter();
+                let Some(base) = pieces.next() else {
+                    return Ok(None);
+                };
+                let (Some(id), Some(session_key), Some(size_bytes), Some(updated_at_ms)) =
+                    (base.1, base.2, base.4, base.6)
+                else {
+                    return Err(StoreError::Other(format!(
+                        "transcript {claude_session_id}: chunks without a base row"
+                    )));
+                };
+                let mut data = base.3;
+                for chunk in pieces {
+                    data.extend_from_slice(&chunk.3);
+                }
+                Ok(Some(Transcript {
+                    claude_session_id: id,
+                    session_key,
+                    data,
+                    size_bytes,
+                    sha256: base.5,
+                    updated_at_ms,
                 }))
             }
 
@@ -325,15 +427,26 @@ macro_rules! session_store_impl {
                 Ok(done.rows_affected() == 1)
             }
 
-            async fn mark_terminal_published(&self, job_id: &str, now_ms: i64) -> Result<(), StoreError> {
-                sqlx::query(
-                    "UPDATE jobs SET terminal_published_at_ms = $1 \
-                     WHERE job_id = $2 AND terminal_published_at_ms IS NULL",
-                )
-                .bind(now_ms)
-                .bind(job_id)
-                .execute(&self.pool)
-                .await?;
+            async fn mark_terminals_published(
+                &self,
+                job_ids: &[String],
+                now_ms: i64,
+            ) -> Result<(), StoreError> {
+                if job_ids.is_empty() {
+                    return Ok(());
+                }
+                let mut tx = self.pool.begin().await?;
+                for job_id in job_ids {
+                    sqlx::query(
+                        "UPDATE jobs SET terminal_published_at_ms = $1 \
+                         WHERE job_id = $2 AND terminal_published_at_ms IS NULL",
+                    )
+                    .bind(now_ms)
+                    .bind(job_id)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                tx.commit().await?;
                 Ok(())
             }
 

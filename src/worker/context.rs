@@ -29,6 +29,10 @@ pub struct Context {
     pub warm: Arc<WarmPool>,
     /// This worker's metrics (recorded only when the admin port is on).
     pub metrics: Arc<Metrics>,
+    /// What this worker last stored of each transcript (incremental saves).
+    pub transcripts: crate::worker::transcript::Cursors,
+    /// Published terminal events waiting to be marked (see `outbox`).
+    pub(crate) marks: crate::worker::outbox::Marks,
     wake: Notify,
     preferred: Mutex<VecDeque<String>>,
     /// Signalled whenever this worker accepts a job (for lease affinity).
@@ -70,6 +74,8 @@ impl Context {
             worker_id,
             retry,
             running: Arc::new(RunningTurns::default()),
+            transcripts: Default::default(),
+            marks: Default::default(),
             wake: Notify::new(),
             preferred: Mutex::new(VecDeque::new()),
             accepted: Notify::new(),

@@ -351,6 +351,8 @@ async fn run(
     tasks.join("warm reaper", STOP_STEP_BOUND).await;
     tasks.join("broker watch", STOP_STEP_BOUND).await;
     tasks.join("outbox", STOP_STEP_BOUND).await;
+    // Turns that ended during the grace published their terminals.
+    let _ = tokio::time::timeout(STOP_STEP_BOUND, outbox::flush_marks(&ctx)).await;
     // No turn runs now: close the warm CLI processes (gracefully, so their
     // transcripts are complete) before the worker ends.
     ctx.warm.close_all().await;

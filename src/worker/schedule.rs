@@ -15,7 +15,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, info_span, warn, Instrument};
 
 use crate::logging::session_ref;
-use crate::store::{now_ms, Lease, ReleaseOutcome};
+use crate::store::{now_ms, JobRecord, Lease, ReleaseOutcome};
 use crate::worker::context::Context;
 use crate::worker::lease::{self, Stop};
 use crate::worker::supervise::panic_message;
@@ -159,28 +159,24 @@ async fn session_loop(
         if signals.shutdown.is_cancelled() {
             return Err(TurnAbort::Shutdown);
         }
-        match ctx.store.next_job(lease).await? {
-            Some(job) => {
-                stop.progressed();
-                let span = info_span!("job", job_id = %job.job_id);
-                run_job(ctx, lease, job, stop).instrument(span).await?;
-                // Fairness: another session waiting for a worker goes first;
-                // this one is claimed again in least-recently-served order.
-                if ctx.store.yield_lease(lease, now_ms()).await? {
-                    return Ok(());
-                }
-            }
-            None => {
-                match keep_warm_session(ctx, lease, signals).await? {
-                    Affinity::JobArrived => continue,
-                    Affinity::Yielded => return Ok(()),
-                    Affinity::Over => {}
-                }
-                match ctx.store.release_lease(lease, now_ms()).await? {
+        let job = match ctx.store.next_job(lease).await? {
+            Some(job) => Box::new(job),
+            None => match keep_warm_session(ctx, lease, signals).await? {
+                Affinity::JobArrived(job) => job,
+                Affinity::Yielded => return Ok(()),
+                Affinity::Over => match ctx.store.release_lease(lease, now_ms()).await? {
                     ReleaseOutcome::Released => return Ok(()),
                     ReleaseOutcome::MoreWork => continue,
-                }
-            }
+                },
+            },
+        };
+        stop.progressed();
+        let span = info_span!("job", job_id = %job.job_id);
+        run_job(ctx, lease, *job, stop).instrument(span).await?;
+        // Fairness: another session waiting for a worker goes first; this
+        // one is claimed again in least-recently-served order.
+        if ctx.store.yield_lease(lease, now_ms()).await? {
+            return Ok(());
         }
     }
 }
@@ -209,8 +205,8 @@ async fn keep_warm_session(
         let accepted = ctx.job_accepted();
         tokio::pin!(accepted);
         accepted.as_mut().enable();
-        if ctx.store.next_job(lease).await?.is_some() {
-            return Ok(Affinity::JobArrived);
+        if let Some(job) = ctx.store.next_job(lease).await? {
+            return Ok(Affinity::JobArrived(Box::new(job)));
         }
         if ctx.store.yield_lease(lease, now_ms()).await? {
             // Handed back: another session needs the slot.
@@ -232,7 +228,7 @@ async fn keep_warm_session(
 
 enum Affinity {
     /// The session's next job arrived within the window.
-    JobArrived,
+    JobArrived(Box<JobRecord>),
     /// The lease was handed back to let another session run.
     Yielded,
     /// Nothing arrived (or affinity does not apply): release as usual.

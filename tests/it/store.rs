@@ -138,6 +138,7 @@ store_tests!(
     claims_go_least_recently_served_first,
     yield_hands_back_only_when_others_wait,
     transcripts_are_fenced_and_replaced,
+    transcripts_grow_by_chunks_with_the_outcome,
     claude_sessions_belong_to_their_key,
     unpublished_terminals_until_marked,
 );
@@ -191,6 +192,7 @@ fn finish(job_id: &str, status: JobStatus, next_seq: u64, now: i64) -> JobFinish
         session_update: None,
         cost_usd: 0.0,
         identity: None,
+        transcript: None,
         now_ms: now,
     }
 }
@@ -1176,6 +1178,94 @@ async fn transcripts_are_fenced_and_replaced(ctx: Ctx) {
     assert_eq!(
         s.get_transcript("cs1").await.unwrap(),
         Some(t(b"two\0bytes", 220))
+    );
+}
+
+/// A transcript stored as a base and chunks (gzip members), appended only
+/// onto the transcript it continues, committed with the outcome.
+async fn transcripts_grow_by_chunks_with_the_outcome(ctx: Ctx) {
+    use claude_worker::store::{TranscriptAppend, TranscriptWrite};
+    let s = ctx.open().await;
+    for j in ["j1", "j2", "j3"] {
+        accept(&s, j, "S", 100).await;
+    }
+    let l1 = s
+        .claim_session("w1", 200, 100, None)
+        .await
+        .unwrap()
+        .unwrap();
+    let base = Transcript {
+        claude_session_id: "cs1".into(),
+        session_key: "S".into(),
+        data: b"BASE".to_vec(),
+        size_bytes: 4,
+        sha256: Some("h1".into()),
+        updated_at_ms: 210,
+    };
+    s.put_transcript(&l1, &base).await.unwrap();
+    let chunk = |prev: &str, data: &[u8], size: i64, sha: &str| TranscriptAppend {
+        claude_session_id: "cs1".into(),
+        session_key: "S".into(),
+        prev_sha256: prev.into(),
+        chunk: data.to_vec(),
+        size_bytes: size,
+        sha256: sha.into(),
+        updated_at_ms: 220,
+    };
+    // With the outcome, in one transaction.
+    let mut f1 = finish("j1", JobStatus::Succeeded, 3, 215);
+    f1.transcript = Some(TranscriptWrite::Append(chunk("h1", b"+one", 8, "h2")));
+    s.finish_job(&l1, &f1).await.unwrap();
+    s.append_transcript(&l1, &chunk("h2", b"+two", 12, "h3"))
+        .await
+        .unwrap();
+    let got = s.get_transcript("cs1").await.unwrap().unwrap();
+    assert_eq!(got.data, b"BASE+one+two");
+    assert_eq!((got.size_bytes, got.sha256.as_deref()), (12, Some("h3")));
+    // An append onto another transcript than the stored one: refused, and
+    // with it the outcome it came with.
+    let mut f2 = finish("j2", JobStatus::Succeeded, 3, 230);
+    f2.transcript = Some(TranscriptWrite::Append(chunk("h2", b"+stale", 14, "hX")));
+    assert!(matches!(
+        s.finish_job(&l1, &f2).await,
+        Err(StoreError::TranscriptChanged(_))
+    ));
+    assert_eq!(
+        s.get_job("j2").await.unwrap().unwrap().status,
+        JobStatus::Queued
+    );
+    assert_eq!(
+        s.get_transcript("cs1").await.unwrap().unwrap().data,
+        b"BASE+one+two"
+    );
+    // A whole write replaces base and chunks.
+    f2.transcript = Some(TranscriptWrite::Full(Transcript {
+        data: b"WHOLE".to_vec(),
+        size_bytes: 5,
+        sha256: Some("h4".into()),
+        ..base.clone()
+    }));
+    s.finish_job(&l1, &f2).await.unwrap();
+    let got = s.get_transcript("cs1").await.unwrap().unwrap();
+    assert_eq!(
+        (got.data.as_slice(), got.sha256.as_deref()),
+        (&b"WHOLE"[..], Some("h4"))
+    );
+    // A lost lease writes nothing, chunk or outcome.
+    let _l2 = s
+        .claim_session("w2", 1_000, 100, None)
+        .await
+        .unwrap()
+        .unwrap();
+    let mut f3 = finish("j3", JobStatus::Succeeded, 3, 1_010);
+    f3.transcript = Some(TranscriptWrite::Append(chunk("h4", b"+late", 10, "h5")));
+    assert!(matches!(
+        s.finish_job(&l1, &f3).await,
+        Err(StoreError::LeaseLost { .. })
+    ));
+    assert_eq!(
+        s.get_transcript("cs1").await.unwrap().unwrap().data,
+        b"WHOLE"
     );
 }
 

@@ -55,8 +55,19 @@ pub(super) async fn run(
     events: &mut JobEvents<'_>,
 ) -> Result<Ended, TurnAbort> {
     loop {
-        let attempt = match ctx.store.start_attempt(lease, &job.job_id, now_ms()).await {
-            Ok(a) => a,
+        // The attempt's first block of seqs is reserved in the same commit.
+        let reserve = events.seq_block_to_reserve();
+        let started = ctx
+            .store
+            .start_attempt_reserving(lease, &job.job_id, now_ms(), reserve.unwrap_or(0))
+            .await;
+        let attempt = match started {
+            Ok(a) => {
+                if let Some(upto) = reserve {
+                    events.seqs_reserved(upto);
+                }
+                a
+            }
             Err(StoreError::NotRunnable(_)) => return Ok(Ended::NotRunnable),
             Err(e) => return Err(e.into()),
         };

@@ -23,9 +23,10 @@ use crate::ops::metrics::{
 };
 use crate::ops::GaugeGuard;
 use crate::protocol::{EventBody, EventV1, PROTOCOL_VERSION};
-use crate::store::{now_ms, JobFinish, JobRecord, JobStatus, Lease, SessionUpdate};
+use crate::store::{now_ms, JobFinish, JobRecord, JobStatus, Lease, SessionUpdate, StoreError};
 use crate::worker::context::Context;
 use crate::worker::running::TurnRegistration;
+use crate::worker::transcript::Pending;
 
 /// Sequence numbers reserved with one fenced write. A run that ends early
 /// leaves at most this many unused (a gap before the next run's events).
@@ -167,6 +168,18 @@ impl<'a> JobEvents<'a> {
         self.publish(EventBody::Text { text }).await
     }
 
+    /// A new block's end when fewer than half a block of seqs is left
+    /// reserved: an attempt starting reserves it with its own commit.
+    pub fn seq_block_to_reserve(&self) -> Option<u64> {
+        (self.seq_reserved.saturating_sub(self.next_seq) < SEQ_BLOCK / 2)
+            .then_some(self.next_seq + SEQ_BLOCK)
+    }
+
+    /// Seqs below `upto` are reserved for this run (committed elsewhere).
+    pub fn seqs_reserved(&mut self, upto: u64) {
+        self.seq_reserved = self.seq_reserved.max(upto);
+    }
+
     /// Publishes one event under a reserved seq, while the lease is surely
     /// held.
     async fn publish(&mut self, body: EventBody) -> Result<(), TurnAbort> {
@@ -235,13 +248,27 @@ impl<'a> JobEvents<'a> {
         error: Option<String>,
         session_update: Option<SessionUpdate>,
     ) -> Result<(), TurnAbort> {
+        self.finish_with_transcript(status, body, error, session_update, None)
+            .await
+    }
+
+    /// [`finish`](Self::finish), storing the session's transcript in the
+    /// outcome's transaction.
+    pub async fn finish_with_transcript(
+        &mut self,
+        status: JobStatus,
+        body: EventBody,
+        error: Option<String>,
+        session_update: Option<SessionUpdate>,
+        mut transcript: Option<Pending>,
+    ) -> Result<(), TurnAbort> {
         self.settle().await?;
         if self.stop.lease_lost.is_cancelled() {
             return Err(TurnAbort::LeaseLost);
         }
         let event = self.event(body);
         let bytes = serde_json::to_vec(&event).expect("events serialise");
-        let finish = JobFinish {
+        let mut finish = JobFinish {
             job_id: self.job_id.clone(),
             status,
             error,
@@ -251,9 +278,22 @@ impl<'a> JobEvents<'a> {
             session_update,
             cost_usd: self.spent_usd,
             identity: self.identity.clone(),
+            transcript: transcript.as_mut().and_then(|t| t.write.take()),
             now_ms: now_ms(),
         };
-        self.ctx.store.finish_job(self.lease, &finish).await?;
+        match self.ctx.store.finish_job(self.lease, &finish).await {
+            Err(StoreError::TranscriptChanged(_)) if transcript.is_some() => {
+                let whole = transcript.take().expect("checked").whole(self.ctx).await;
+                let mut whole = whole?;
+                finish.transcript = whole.write.take();
+                self.ctx.store.finish_job(self.lease, &finish).await?;
+                transcript = Some(whole);
+            }
+            done => done?,
+        }
+        if let Some(t) = transcript {
+            t.committed(self.ctx);
+        }
         self.count_outcome(&event.body);
         self.next_seq += 1;
         self.publish_terminal(&event, &bytes).await;

@@ -1,6 +1,6 @@
-//! The last stage: record the outcome, then publish the terminal event;
-//! after a completed turn, store the transcript first and give the CLI
-//! back to the warm pool last.
+//! The last stage: record the outcome (after a completed turn, with the
+//! transcript), then publish the terminal event; give the CLI back to the
+//! warm pool last.
 
 use serde_json::Value;
 use tracing::{debug, info, instrument, warn};
@@ -75,9 +75,9 @@ pub(super) async fn record(
     }
 }
 
-/// Stores the transcript (before the outcome, so the next turn finds it on
-/// any worker), then records and publishes `completed`. Returns the Claude
-/// session the turn ran in.
+/// Records the outcome with the transcript (one transaction, so the next
+/// turn finds both on any worker), then publishes `completed`. Returns the
+/// Claude session the turn ran in.
 async fn completed(
     ctx: &Context,
     lease: &Lease,
@@ -95,9 +95,12 @@ async fn completed(
     let update = claude_session_id
         .clone()
         .map(|id| session_update(prepared, id, model, &result.usage, result.context));
-    if let Some(id) = &claude_session_id {
-        transcript::save(ctx, lease, &prepared.profile, &prepared.cwd, id).await?;
-    }
+    let transcript = match &claude_session_id {
+        Some(id) => {
+            transcript::prepare_save(ctx, lease, &prepared.profile, &prepared.cwd, id).await?
+        }
+        None => None,
+    };
     let body = EventBody::Completed {
         result: result.result.clone().unwrap_or_default(),
         claude_session_id: claude_session_id.clone(),
@@ -113,7 +116,7 @@ async fn completed(
         num_turns: result.num_turns,
     };
     events
-        .finish(JobStatus::Succeeded, body, None, update)
+        .finish_with_transcript(JobStatus::Succeeded, body, None, update, transcript)
         .await?;
     Ok(claude_session_id)
 }
