@@ -35,8 +35,11 @@ pub struct Context {
     pub(crate) marks: crate::worker::outbox::Marks,
     wake: Notify,
     preferred: Mutex<VecDeque<String>>,
-    /// Signalled whenever this worker accepts a job (for lease affinity).
+    /// Signalled whenever this worker accepts a job (tests wait on it).
     accepted: Notify,
+    /// Sessions whose lease holder waits for a follow-up (lease affinity):
+    /// only that session's holder is woken by its accept, not every one.
+    affinity: Mutex<std::collections::HashMap<String, Arc<Notify>>>,
     /// Whether the broker connection is up (see `broker_watch`).
     broker_up: tokio::sync::watch::Sender<bool>,
     /// Test-only hooks (empty in production).
@@ -79,6 +82,7 @@ impl Context {
             wake: Notify::new(),
             preferred: Mutex::new(VecDeque::new()),
             accepted: Notify::new(),
+            affinity: Mutex::new(Default::default()),
             broker_up: tokio::sync::watch::Sender::new(true),
             hooks,
         })
@@ -108,12 +112,31 @@ impl Context {
             }
             drop(q);
             self.accepted.notify_waiters();
+            let watching = self.affinity.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(holder) = watching.get(key) {
+                // A permit if the holder is not waiting yet: not missed.
+                holder.notify_one();
+            }
         }
         self.wake.notify_one();
     }
 
-    /// Resolves when this worker next accepts a job (lease affinity waits
-    /// on it; so can a test).
+    /// Wakes the returned `Notify` (a permit, so never missed) whenever a
+    /// job of `session_key` is accepted here, until the guard drops.
+    pub(crate) fn watch_accepts(&self, session_key: &str) -> AcceptWatch<'_> {
+        let notify = Arc::new(Notify::new());
+        self.affinity
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(session_key.to_string(), Arc::clone(&notify));
+        AcceptWatch {
+            ctx: self,
+            session_key: session_key.to_string(),
+            notify,
+        }
+    }
+
+    /// Resolves when this worker next accepts a job (a test can wait on it).
     pub fn job_accepted(&self) -> tokio::sync::futures::Notified<'_> {
         self.accepted.notified()
     }
@@ -156,4 +179,22 @@ pub struct Hooks {
     /// Skip publishing terminal events after their outcome is recorded: a
     /// worker dying in that window, without killing it.
     pub skip_terminal_publish: bool,
+}
+
+/// A lease holder's watch on its session's accepts (see
+/// [`Context::watch_accepts`]).
+pub(crate) struct AcceptWatch<'a> {
+    ctx: &'a Context,
+    session_key: String,
+    pub notify: Arc<Notify>,
+}
+
+impl Drop for AcceptWatch<'_> {
+    fn drop(&mut self) {
+        self.ctx
+            .affinity
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.session_key);
+    }
 }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::FutureExt;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info_span, warn, Instrument};
@@ -155,13 +155,15 @@ async fn session_loop(
     stop: &Stop,
     signals: &Shutdown,
 ) -> Result<(), TurnAbort> {
+    // Before the first look, so an accept in between is not missed.
+    let accepts = ctx.watch_accepts(&lease.session_key);
     loop {
         if signals.shutdown.is_cancelled() {
             return Err(TurnAbort::Shutdown);
         }
         let job = match ctx.store.next_job(lease).await? {
             Some(job) => Box::new(job),
-            None => match keep_warm_session(ctx, lease, signals).await? {
+            None => match keep_warm_session(ctx, lease, signals, &accepts.notify).await? {
                 Affinity::JobArrived(job) => job,
                 Affinity::Yielded => return Ok(()),
                 Affinity::Over => match ctx.store.release_lease(lease, now_ms()).await? {
@@ -194,32 +196,35 @@ async fn keep_warm_session(
     ctx: &Context,
     lease: &Lease,
     signals: &Shutdown,
+    accepted: &Notify,
 ) -> Result<Affinity, TurnAbort> {
     let window = Duration::from_millis(ctx.settings.worker.warm_affinity_ms);
     if window.is_zero() || !ctx.warm.holds(&lease.session_key) {
         return Ok(Affinity::Over);
     }
     let deadline = tokio::time::Instant::now() + window;
+    // The caller has just looked (and yielded if others waited).
+    let mut look = false;
     loop {
-        // Armed before looking, so an accept in between is not missed.
-        let accepted = ctx.job_accepted();
-        tokio::pin!(accepted);
-        accepted.as_mut().enable();
-        if let Some(job) = ctx.store.next_job(lease).await? {
-            return Ok(Affinity::JobArrived(Box::new(job)));
+        if look {
+            if let Some(job) = ctx.store.next_job(lease).await? {
+                return Ok(Affinity::JobArrived(Box::new(job)));
+            }
+            if ctx.store.yield_lease(lease, now_ms()).await? {
+                // Handed back: another session needs the slot.
+                return Ok(Affinity::Yielded);
+            }
         }
-        if ctx.store.yield_lease(lease, now_ms()).await? {
-            // Handed back: another session needs the slot.
-            return Ok(Affinity::Yielded);
-        }
+        look = true;
         let now = tokio::time::Instant::now();
         if now >= deadline {
             return Ok(Affinity::Over);
         }
-        // A job accepted here wakes us at once; one accepted by another
-        // worker is seen at the next poll.
+        // A job of this session accepted here wakes us at once (a permit
+        // if it came while we looked); one accepted by another worker is
+        // seen at the next poll.
         tokio::select! {
-            _ = accepted => {}
+            _ = accepted.notified() => {}
             _ = tokio::time::sleep(AFFINITY_POLL.min(deadline - now)) => {}
             _ = signals.shutdown.cancelled() => return Ok(Affinity::Over),
         }

@@ -331,6 +331,44 @@ pub async fn prepare_save(
     Ok(Some(pending))
 }
 
+/// Stores the session's transcript on its own (fenced), outside a job's
+/// outcome: what the CLI appended, or all of it when the stored copy is
+/// not the one this worker last wrote.
+pub async fn save(
+    ctx: &Context,
+    lease: &Lease,
+    profile: &Profile,
+    cwd: &Path,
+    session_id: &str,
+) -> Result<(), StoreError> {
+    let Some(mut pending) = prepare_save(ctx, lease, profile, cwd, session_id).await? else {
+        return Ok(());
+    };
+    let stored = match pending.write.take() {
+        None => Ok(()),
+        Some(TranscriptWrite::Full(t)) => ctx.store.put_transcript(lease, &t).await,
+        Some(TranscriptWrite::Append(a)) => ctx.store.append_transcript(lease, &a).await,
+    };
+    match stored {
+        Err(StoreError::TranscriptChanged(_)) => {
+            let mut whole = pending.whole(ctx).await?;
+            if let Some(TranscriptWrite::Full(t)) = whole.write.take() {
+                ctx.store.put_transcript(lease, &t).await?;
+            }
+            whole.committed(ctx);
+            Ok(())
+        }
+        Err(e) => {
+            ctx.transcripts.forget(session_id);
+            Err(e)
+        }
+        Ok(()) => {
+            pending.committed(ctx);
+            Ok(())
+        }
+    }
+}
+
 async fn read(
     path: PathBuf,
     cursor: Option<Cursor>,
