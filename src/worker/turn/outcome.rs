@@ -111,6 +111,8 @@ async fn completed(
             duration_ms
         },
         num_turns: result.num_turns,
+        context_tokens: result.context.map(|c| c.tokens),
+        context_window_tokens: result.context.and_then(|c| c.window),
     };
     events
         .finish(JobStatus::Succeeded, body, None, update)
