@@ -5,7 +5,6 @@
 use std::time::Duration;
 
 use claude_worker::protocol::{CompactTrigger, EventBody, EventV1};
-use claude_worker::store::SessionStore;
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdin, ChildStdout};
@@ -195,4 +194,222 @@ async fn the_cli_autocompacts_past_its_threshold() {
     let last = mock.requests().pop().unwrap();
     assert!(last.carries(MOCK_SUMMARY));
     assert!(last.carries("the second question"));
+}
+
+/// Publishes a job and returns its events up to the terminal one.
+async fn run(env: &mut TestEnv, key: &str, prompt: &str, extra: Value) -> Vec<EventV1> {
+    let job = env.publish_job(key, prompt, extra).await;
+    env.events_until_terminal(&job).await
+}
+
+fn sonnet() -> Value {
+    json!({"options": {"model": MODEL}})
+}
+
+/// The `compacted` events of a job, as (trigger, pre, post).
+fn compactions(ev: &[EventV1]) -> Vec<(CompactTrigger, u64, u64)> {
+    ev.iter()
+        .filter_map(|e| match &e.body {
+            EventBody::Compacted {
+                trigger,
+                pre_tokens,
+                post_tokens,
+            } => Some((*trigger, *pre_tokens, *post_tokens)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// `(result, num_turns, context_tokens, context_window_tokens)` of a completed job.
+fn completed(ev: &[EventV1]) -> (String, u32, Option<u64>, Option<u64>) {
+    match &ev.last().unwrap().body {
+        EventBody::Completed {
+            result,
+            num_turns,
+            context_tokens,
+            context_window_tokens,
+            ..
+        } => (
+            result.clone(),
+            *num_turns,
+            *context_tokens,
+            *context_window_tokens,
+        ),
+        other => panic!("expected completed, got {other:?}"),
+    }
+}
+
+/// The last request of a turn (not a summary request).
+fn last_turn_request(mock: &MockApi) -> crate::mock_api::RecordedRequest {
+    mock.requests()
+        .into_iter()
+        .rev()
+        .find(|r| !r.is_compaction())
+        .expect("a turn request")
+}
+
+async fn session_context(env: &TestEnv, key: &str) -> (Option<i64>, Option<i64>) {
+    let store = claude_worker::store::connect(&env.settings().database.url, 1)
+        .await
+        .unwrap();
+    let s = store.get_session(key).await.unwrap().unwrap();
+    (s.context_tokens, s.context_window)
+}
+
+/// A session at 75% of its window with `compact_at_percent = 50` is
+/// compacted on its warm process before its next job (`compacted`,
+/// trigger `threshold`, before `started`); that turn continues from the
+/// summary, the stored context drops, the next job does not compact, and
+/// after a worker restart a cold resume continues the compacted session
+/// from the stored transcript.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_past_the_threshold_is_compacted_before_its_next_job() {
+    let mut env = TestEnv::new(Backend::Sqlite).await;
+    let at_50 = |s: &mut claude_worker::config::Settings| {
+        for p in s.profiles.values_mut() {
+            p.compact_at_percent = Some(50);
+        }
+    };
+    let w = env.start_worker_with(at_50).await;
+    let key = "ctx:threshold";
+    env.mock.set_usage(usage(150_000));
+    let first = run(&mut env, key, "the first question", sonnet()).await;
+    assert!(compactions(&first).is_empty());
+    let (_, _, ctx, window) = completed(&first);
+    assert_eq!((ctx, window), (Some(150_000), Some(WINDOW)));
+    wait_until("the process is warm", || w.context.warm.stats().idle == 1).await;
+
+    env.mock.set_usage(usage(10));
+    let second = run(&mut env, key, "the second question", sonnet()).await;
+    let c = compactions(&second);
+    assert_eq!(c.len(), 1, "{second:#?}");
+    assert_eq!(c[0].0, CompactTrigger::Threshold);
+    assert!(c[0].1 >= 150_000 && c[0].2 < 10_000, "{c:?}");
+    let pos = |t: &str| second.iter().position(|e| e.body.type_name() == t);
+    assert!(pos("compacted") < pos("started"), "compacted before the turn");
+    let (result, _, ctx, _) = completed(&second);
+    assert_eq!(result, "echo: the second question");
+    assert!(ctx.unwrap() < 10_000, "{ctx:?}");
+    assert_eq!(env.mock.compaction_requests().len(), 1);
+    assert!(env.mock.compaction_requests()[0].carries("the first question"));
+    let turn = last_turn_request(&env.mock);
+    assert!(turn.carries(MOCK_SUMMARY), "{:?}", turn.user_texts());
+    assert!(!turn.carries("the first question"));
+    let s = w.context.warm.stats();
+    assert_eq!((s.spawns, s.hits), (1, 1), "compacted and ran on the warm process: {s:?}");
+    assert!(session_context(&env, key).await.0.unwrap() < 10_000);
+
+    let third = run(&mut env, key, "the third question", sonnet()).await;
+    assert!(compactions(&third).is_empty(), "under the threshold now");
+
+    w.shutdown();
+    w.wait().await.unwrap();
+    let w = env.start_worker_with(at_50).await;
+    let fourth = run(&mut env, key, "the fourth question", sonnet()).await;
+    assert_eq!(completed(&fourth).0, "echo: the fourth question");
+    let turn = last_turn_request(&env.mock);
+    assert!(turn.carries(MOCK_SUMMARY), "a cold resume continues the compacted session");
+    assert!(turn.carries("the third question") && !turn.carries("the first question"));
+    w.shutdown();
+    w.wait().await.unwrap();
+    env.cleanup().await;
+}
+
+/// On demand, cold (no warm pool): `options.compact` compacts before the
+/// turn (trigger `requested`); a prompt `/compact` is the CLI's own command
+/// (its `compact_boundary` surfaced as `compacted`, `requested`; the job
+/// completes with no text and `num_turns` 0); and the CLI's autocompact
+/// near its default model's window is surfaced as `compacted`, `auto`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compaction_on_demand_and_the_clis_own_are_published() {
+    let mut env = TestEnv::new(Backend::Sqlite).await;
+    let w = env
+        .start_worker_with(|s| s.claude.warm_max_processes = 0)
+        .await;
+    let key = "ctx:demand";
+    run(&mut env, key, "the first question", json!({})).await;
+    let asked = run(
+        &mut env,
+        key,
+        "the second question",
+        json!({"options": {"compact": true}}),
+    )
+    .await;
+    let c = compactions(&asked);
+    assert_eq!(c.len(), 1, "{asked:#?}");
+    assert_eq!(c[0].0, CompactTrigger::Requested);
+    assert_eq!(completed(&asked).0, "echo: the second question");
+    let turn = last_turn_request(&env.mock);
+    assert!(turn.carries(MOCK_SUMMARY) && !turn.carries("the first question"));
+
+    let slash = run(&mut env, key, "/compact", json!({})).await;
+    let c = compactions(&slash);
+    assert_eq!(c.len(), 1, "{slash:#?}");
+    assert_eq!(c[0].0, CompactTrigger::Requested);
+    let (result, num_turns, _, _) = completed(&slash);
+    assert_eq!((result.as_str(), num_turns), ("", 0));
+    assert_eq!(env.mock.compaction_requests().len(), 2);
+
+    env.mock.set_usage(usage(980_000));
+    run(&mut env, key, "a big question", json!({})).await;
+    env.mock.set_usage(usage(10));
+    let auto = run(&mut env, key, "the next question", json!({})).await;
+    let c = compactions(&auto);
+    assert_eq!(c.len(), 1, "{auto:#?}");
+    assert_eq!(c[0].0, CompactTrigger::Auto);
+    assert!(c[0].1 >= 980_000, "{c:?}");
+    assert_eq!(completed(&auto).0, "echo: the next question");
+    assert_eq!(env.mock.compaction_requests().len(), 3);
+    w.shutdown();
+    w.wait().await.unwrap();
+    env.cleanup().await;
+}
+
+/// The warm CLI is SIGKILLed while it compacts (its summary request held):
+/// the job still runs, cold, on the uncompacted session, and completes;
+/// nothing is published for the failed compaction, and the next job
+/// compacts again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cli_that_dies_while_compacting_loses_nothing() {
+    let mut env = TestEnv::new(Backend::Sqlite).await;
+    let w = env
+        .start_worker_with(|s| {
+            for p in s.profiles.values_mut() {
+                p.compact_at_percent = Some(50);
+            }
+        })
+        .await;
+    let key = "ctx:dies";
+    env.mock.set_usage(usage(150_000));
+    run(&mut env, key, "the first question", sonnet()).await;
+    wait_until("the process is warm", || w.context.warm.stats().idle == 1).await;
+
+    env.mock.push_compaction_behavior(Behavior::hold("never finished"));
+    let job = env
+        .publish_job(key, "the second question", sonnet())
+        .await;
+    env.mock.wait_for_held(1, WAIT).await;
+    let pids = cli_pids(&env.prefix);
+    assert_eq!(pids.len(), 1, "{pids:?}");
+    // SAFETY: signalling a process this test's worker started.
+    unsafe { libc::kill(pids[0], libc::SIGKILL) };
+    let second = env.events_until_terminal(&job).await;
+    assert!(compactions(&second).is_empty(), "{second:#?}");
+    assert_eq!(completed(&second).0, "echo: the second question");
+    let turn = last_turn_request(&env.mock);
+    assert!(
+        turn.carries("the first question") && !turn.carries(MOCK_SUMMARY),
+        "the turn ran on the whole conversation"
+    );
+
+    let third = run(&mut env, key, "the third question", sonnet()).await;
+    let c = compactions(&third);
+    assert_eq!(c.len(), 1, "{third:#?}");
+    assert_eq!(c[0].0, CompactTrigger::Threshold);
+    assert_eq!(completed(&third).0, "echo: the third question");
+    let turn = last_turn_request(&env.mock);
+    assert!(turn.carries(MOCK_SUMMARY) && turn.carries("the third question"));
+    w.shutdown();
+    w.wait().await.unwrap();
+    env.cleanup().await;
 }
