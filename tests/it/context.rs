@@ -159,7 +159,11 @@ async fn the_cli_compacts_on_slash_compact_and_reports_context_usage() {
     cli.turn("after the compaction").await;
     let next = mock.requests().pop().unwrap();
     assert!(next.carries(MOCK_SUMMARY), "{:?}", next.user_texts());
-    assert!(!next.carries("the first question"), "{:?}", next.user_texts());
+    assert!(
+        !next.carries("the first question"),
+        "{:?}",
+        next.user_texts()
+    );
 
     // An answer without <summary> tags: the CLI asks once more.
     mock.push_compaction_behavior(Behavior::reply("no tags here"));
@@ -286,7 +290,10 @@ async fn a_session_past_the_threshold_is_compacted_before_its_next_job() {
     assert_eq!(c[0].0, CompactTrigger::Threshold);
     assert!(c[0].1 >= 150_000 && c[0].2 < 10_000, "{c:?}");
     let pos = |t: &str| second.iter().position(|e| e.body.type_name() == t);
-    assert!(pos("compacted") < pos("started"), "compacted before the turn");
+    assert!(
+        pos("compacted") < pos("started"),
+        "compacted before the turn"
+    );
     let (result, _, ctx, _) = completed(&second);
     assert_eq!(result, "echo: the second question");
     assert!(ctx.unwrap() < 10_000, "{ctx:?}");
@@ -296,7 +303,11 @@ async fn a_session_past_the_threshold_is_compacted_before_its_next_job() {
     assert!(turn.carries(MOCK_SUMMARY), "{:?}", turn.user_texts());
     assert!(!turn.carries("the first question"));
     let s = w.context.warm.stats();
-    assert_eq!((s.spawns, s.hits), (1, 1), "compacted and ran on the warm process: {s:?}");
+    assert_eq!(
+        (s.spawns, s.hits),
+        (1, 1),
+        "compacted and ran on the warm process: {s:?}"
+    );
     assert!(session_context(&env, key).await.0.unwrap() < 10_000);
 
     let third = run(&mut env, key, "the third question", sonnet()).await;
@@ -308,7 +319,10 @@ async fn a_session_past_the_threshold_is_compacted_before_its_next_job() {
     let fourth = run(&mut env, key, "the fourth question", sonnet()).await;
     assert_eq!(completed(&fourth).0, "echo: the fourth question");
     let turn = last_turn_request(&env.mock);
-    assert!(turn.carries(MOCK_SUMMARY), "a cold resume continues the compacted session");
+    assert!(
+        turn.carries(MOCK_SUMMARY),
+        "a cold resume continues the compacted session"
+    );
     assert!(turn.carries("the third question") && !turn.carries("the first question"));
     w.shutdown();
     w.wait().await.unwrap();
@@ -384,10 +398,9 @@ async fn a_cli_that_dies_while_compacting_loses_nothing() {
     run(&mut env, key, "the first question", sonnet()).await;
     wait_until("the process is warm", || w.context.warm.stats().idle == 1).await;
 
-    env.mock.push_compaction_behavior(Behavior::hold("never finished"));
-    let job = env
-        .publish_job(key, "the second question", sonnet())
-        .await;
+    env.mock
+        .push_compaction_behavior(Behavior::hold("never finished"));
+    let job = env.publish_job(key, "the second question", sonnet()).await;
     env.mock.wait_for_held(1, WAIT).await;
     let pids = cli_pids(&env.prefix);
     assert_eq!(pids.len(), 1, "{pids:?}");

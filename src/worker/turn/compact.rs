@@ -107,7 +107,11 @@ pub(super) async fn before_turn(
     ) else {
         return Ok(());
     };
-    let Some(session_id) = prepared.request.resume.clone().filter(|_| !prepared.request.fork)
+    let Some(session_id) = prepared
+        .request
+        .resume
+        .clone()
+        .filter(|_| !prepared.request.fork)
     else {
         // A new session (or a fork, whose parent is not ours to change)
         // has nothing to compact yet.
@@ -128,7 +132,10 @@ pub(super) async fn before_turn(
             pre_tokens,
             post_tokens,
         } => {
-            info!(?trigger, pre_tokens, post_tokens, "session compacted before the turn");
+            info!(
+                ?trigger,
+                pre_tokens, post_tokens, "session compacted before the turn"
+            );
             compactor.keep(prepared).await;
             transcript::save(ctx, lease, &prepared.profile, &prepared.cwd, &session_id).await?;
             events
@@ -224,7 +231,10 @@ async fn run(
                 ..
             }) => boundary = Some((pre_tokens, post_tokens)),
             Some(CliMessage::Result(r)) if r.is_error || r.subtype != "success" => {
-                return Ok(Outcome::Failed(format!("the CLI's result was {}", r.subtype)))
+                return Ok(Outcome::Failed(format!(
+                    "the CLI's result was {}",
+                    r.subtype
+                )))
             }
             Some(CliMessage::Result(_)) => {
                 return Ok(match boundary {
