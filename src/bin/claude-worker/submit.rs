@@ -464,6 +464,17 @@ impl Renderer {
                 }
                 eprintln!("[retrying: attempt {next_attempt} follows ({reason})]");
             }
+            EventBody::Compacted {
+                trigger,
+                pre_tokens,
+                post_tokens,
+            } => {
+                if self.live {
+                    self.break_line();
+                }
+                let why = format!("{trigger:?}").to_lowercase();
+                eprintln!("[context compacted ({why}): {pre_tokens} → {post_tokens} tokens]");
+            }
             EventBody::Failed { .. } | EventBody::Cancelled { .. } => {
                 // What the failed attempt said is not an answer.
                 if self.live {
