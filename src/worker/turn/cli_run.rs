@@ -221,18 +221,8 @@ impl CliRun {
                 pre_tokens,
                 post_tokens,
             } => {
-                // The CLI's own compaction (its autocompact, or a prompt
-                // `/compact`): the same event as the worker's.
-                let trigger = match trigger.as_str() {
-                    "manual" => CompactTrigger::Requested,
-                    _ => CompactTrigger::Auto,
-                };
                 events
-                    .emit(EventBody::Compacted {
-                        trigger,
-                        pre_tokens,
-                        post_tokens,
-                    })
+                    .emit(compacted(&trigger, pre_tokens, post_tokens))
                     .await
             }
             CliMessage::ApiRetry {
@@ -342,6 +332,20 @@ impl CliRun {
             msg,
             true,
         )))
+    }
+}
+
+/// The CLI's own compaction (its autocompact, or a prompt `/compact`):
+/// the same event as the worker's.
+fn compacted(trigger: &str, pre_tokens: u64, post_tokens: u64) -> EventBody {
+    let trigger = match trigger {
+        "manual" => CompactTrigger::Requested,
+        _ => CompactTrigger::Auto,
+    };
+    EventBody::Compacted {
+        trigger,
+        pre_tokens,
+        post_tokens,
     }
 }
 
