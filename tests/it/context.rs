@@ -296,6 +296,16 @@ async fn a_session_past_the_threshold_is_compacted_before_its_next_job() {
     );
     let (result, _, ctx, _) = completed(&second);
     assert_eq!(result, "echo: the second question");
+    // The turn's cost includes its compaction: two answers at sonnet's
+    // list prices ($3 in, $15 out per million tokens).
+    let EventBody::Completed { total_cost_usd, .. } = &second.last().unwrap().body else {
+        unreachable!()
+    };
+    let one = (10.0 * 3.0 + 5.0 * 15.0) / 1e6;
+    assert!(
+        (total_cost_usd - 2.0 * one).abs() < 1e-9,
+        "{total_cost_usd}"
+    );
     assert!(ctx.unwrap() < 10_000, "{ctx:?}");
     assert_eq!(env.mock.compaction_requests().len(), 1);
     assert!(env.mock.compaction_requests()[0].carries("the first question"));

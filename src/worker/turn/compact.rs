@@ -126,7 +126,9 @@ pub(super) async fn before_turn(
         return Ok(());
     };
     let outcome = run(ctx, compactor.proc(), events).await;
-    events.spent_usd += compactor.proc().take_cost();
+    let cost = compactor.proc().take_cost();
+    events.spent_usd += cost;
+    prepared.compaction_cost_usd += cost;
     match outcome? {
         Outcome::Compacted {
             pre_tokens,

@@ -33,6 +33,8 @@ pub(super) struct Prepared {
     /// The session's context use after its last turn and its model's
     /// window (tokens), when both are known.
     pub context: Option<(u64, u64)>,
+    /// What compacting the session before the turn cost (see `compact`).
+    pub compaction_cost_usd: f64,
 }
 
 /// `None` when the job already has its outcome (its profile is gone, or
@@ -91,6 +93,7 @@ pub(super) async fn prepare(
         first_started: first_started(job),
         session_cost_usd,
         context,
+        compaction_cost_usd: 0.0,
     }))
 }
 
