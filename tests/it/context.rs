@@ -436,3 +436,49 @@ async fn a_cli_that_dies_while_compacting_loses_nothing() {
     w.wait().await.unwrap();
     env.cleanup().await;
 }
+
+/// The worker stops (graceful shutdown, then its kill) while the session's
+/// CLI compacts: the job is handed back without an outcome, and a new
+/// worker compacts the session (cold, from the stored transcript) and
+/// runs the job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_stopped_while_compacting_hands_the_job_on() {
+    let mut env = TestEnv::new(Backend::Sqlite).await;
+    let at_50 = |s: &mut claude_worker::config::Settings| {
+        for p in s.profiles.values_mut() {
+            p.compact_at_percent = Some(50);
+        }
+    };
+    let w = env.start_worker_with(at_50).await;
+    let key = "ctx:stopped";
+    env.mock.set_usage(usage(150_000));
+    run(&mut env, key, "the first question", sonnet()).await;
+    wait_until("the process is warm", || w.context.warm.stats().idle == 1).await;
+
+    env.mock
+        .push_compaction_behavior(Behavior::hold("never finished"));
+    let job = env.publish_job(key, "the second question", sonnet()).await;
+    env.mock.wait_for_held(1, WAIT).await;
+    w.shutdown();
+    w.wait().await.unwrap();
+    assert!(
+        env.maybe_event(&job, Duration::from_millis(200))
+            .await
+            .is_none(),
+        "nothing was published for the interrupted compaction"
+    );
+
+    env.mock.set_usage(usage(10));
+    let w = env.start_worker_with(at_50).await;
+    let second = env.events_until_terminal(&job).await;
+    let c = compactions(&second);
+    assert_eq!(c.len(), 1, "{second:#?}");
+    assert_eq!(c[0].0, CompactTrigger::Threshold);
+    assert_eq!(completed(&second).0, "echo: the second question");
+    assert_eq!(env.mock.compaction_requests().len(), 2);
+    let turn = last_turn_request(&env.mock);
+    assert!(turn.carries(MOCK_SUMMARY) && !turn.carries("the first question"));
+    w.shutdown();
+    w.wait().await.unwrap();
+    env.cleanup().await;
+}
