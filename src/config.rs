@@ -298,6 +298,11 @@ pub struct Profile {
     /// budget, per-identity budget over a window.
     #[serde(default)]
     pub budget: BudgetSettings,
+    /// Compact a session before its next job once its context use (of the
+    /// model's window) reaches this percentage (1-99); unset: only the
+    /// CLI's own autocompact and jobs that ask (`options.compact`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compact_at_percent: Option<u8>,
 }
 
 /// A profile's budgets, in USD. Unset: no limit.
@@ -607,6 +612,13 @@ impl Settings {
                 ));
             }
             p.budget.validate(name)?;
+            if let Some(pct) = p.compact_at_percent {
+                if !(1..=99).contains(&pct) {
+                    return bad(format!(
+                        "profiles.{name}: compact_at_percent ({pct}) must be between 1 and 99"
+                    ));
+                }
+            }
             if let Some(f) = &p.fallback_model {
                 if f.is_empty() || f.starts_with('-') || p.model.as_ref() == Some(f) {
                     return bad(format!(

@@ -205,6 +205,10 @@ pub struct JobOptions {
     /// the profile's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_budget_usd: Option<f64>,
+    /// Compact the session's context before this turn (a `compacted`
+    /// event, trigger `requested`), whatever its context use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compact: Option<bool>,
 }
 
 /// Double-texting policy: a job that arrives while its session is busy.
@@ -629,6 +633,17 @@ pub enum EventBody {
         delay_ms: u64,
         reason: String,
     },
+    /// The session's context was compacted (summarised by the CLI): by
+    /// the worker before this job's turn (`threshold`, `requested`) or by
+    /// the CLI itself during it (`auto`; a prompt `/compact` is
+    /// `requested`).
+    Compacted {
+        trigger: CompactTrigger,
+        /// Context before, as the CLI counts it.
+        pre_tokens: u64,
+        /// Context after (the summary), as the CLI estimates it.
+        post_tokens: u64,
+    },
     Completed {
         result: String,
         claude_session_id: Option<String>,
@@ -641,6 +656,13 @@ pub enum EventBody {
         session_cost_usd: Option<f64>,
         duration_ms: u64,
         num_turns: u32,
+        /// The session's context after this turn (input and cache tokens
+        /// of its last API call), when the CLI reported it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        context_tokens: Option<u64>,
+        /// The model's context window, when the CLI stated it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        context_window_tokens: Option<u64>,
     },
     Failed {
         error: ErrorKind,
@@ -667,11 +689,24 @@ impl EventBody {
             EventBody::TextReset { .. } => "text_reset",
             EventBody::ToolUse { .. } => "tool_use",
             EventBody::Retrying { .. } => "retrying",
+            EventBody::Compacted { .. } => "compacted",
             EventBody::Completed { .. } => "completed",
             EventBody::Failed { .. } => "failed",
             EventBody::Cancelled { .. } => "cancelled",
         }
     }
+}
+
+/// Why a session's context was compacted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CompactTrigger {
+    /// Its context use reached the profile's `compact_at_percent`.
+    Threshold,
+    /// The job asked for it (`options.compact`, or the prompt `/compact`).
+    Requested,
+    /// The CLI's own autocompact, near the model's window.
+    Auto,
 }
 
 /// What went wrong, as a producer needs to know it.

@@ -61,6 +61,18 @@ pub(crate) fn restored_total(path: &std::path::Path) -> f64 {
     last
 }
 
+/// The context a `system/compact_boundary` line says the compaction left.
+fn compacted_context(line: &Value) -> Option<u64> {
+    if line.get("type").and_then(Value::as_str) != Some("system")
+        || line.get("subtype").and_then(Value::as_str) != Some("compact_boundary")
+    {
+        return None;
+    }
+    line["compact_metadata"]
+        .get("post_tokens")
+        .and_then(Value::as_u64)
+}
+
 /// Per process: turns its results into per-turn costs and keeps what it
 /// reported that nobody has accounted yet.
 #[derive(Debug, Default)]
@@ -86,10 +98,13 @@ impl CostMeter {
         }
     }
 
-    /// Notes the context an assistant message's API call used.
+    /// Notes the context an assistant message's API call used, or what a
+    /// compaction left (until the next call says otherwise).
     pub fn observe(&mut self, line: &Value) {
         if let Some(call) = call_context(line) {
             self.last_call = Some(call);
+        } else if let Some(after) = compacted_context(line) {
+            self.last_call = Some((after, None));
         }
     }
 

@@ -40,6 +40,14 @@ pub enum CliMessage {
         error_status: Option<u64>,
         error: String,
     },
+    /// `system/compact_boundary`: the CLI compacted the session's context
+    /// (`trigger` `manual` for a `/compact` user message, `auto` for its
+    /// own autocompact near the window).
+    CompactBoundary {
+        trigger: String,
+        pre_tokens: u64,
+        post_tokens: u64,
+    },
     /// The turn's result.
     Result(TurnResult),
     /// The answer to a control request: `error` is `None` on success.
@@ -146,6 +154,15 @@ fn system(v: &Value) -> CliMessage {
             },
             None => CliMessage::Other,
         },
+        Some("compact_boundary") => {
+            let meta = &v["compact_metadata"];
+            let n = |k: &str| meta.get(k).and_then(Value::as_u64).unwrap_or(0);
+            CliMessage::CompactBoundary {
+                trigger: str_of(meta, "trigger").unwrap_or_default(),
+                pre_tokens: n("pre_tokens"),
+                post_tokens: n("post_tokens"),
+            }
+        }
         Some("api_retry") => CliMessage::ApiRetry {
             attempt: v.get("attempt").and_then(Value::as_u64).unwrap_or(0),
             error_status: v.get("error_status").and_then(Value::as_u64),
@@ -351,6 +368,16 @@ mod tests {
         .unwrap();
         assert_eq!(context_window(&result, Some("m1")), Some(200_000));
         assert_eq!(context_window(&result, None), Some(1_000_000));
+        // As 2.1.330 prints it after a `/compact` user message.
+        let boundary = r#"{"type":"system","subtype":"compact_boundary","session_id":"s","compact_metadata":{"trigger":"manual","pre_tokens":150005,"post_tokens":2539,"cumulative_dropped_tokens":147466,"duration_ms":20}}"#;
+        assert_eq!(
+            parse_line(boundary).unwrap(),
+            CliMessage::CompactBoundary {
+                trigger: "manual".into(),
+                pre_tokens: 150_005,
+                post_tokens: 2_539
+            }
+        );
         let res = r#"{"type":"result","subtype":"success","is_error":true,"api_error_status":529,"result":"API Error: 529","num_turns":1}"#;
         match parse_line(res).unwrap() {
             CliMessage::Result(r) => {

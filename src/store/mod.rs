@@ -124,6 +124,9 @@ pub struct JobSpec {
     /// Whose budget the job spends (the job's `identity`), if set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identity: Option<String>,
+    /// Compact the session's context before the turn (`options.compact`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub compact: bool,
 }
 
 impl JobSpec {

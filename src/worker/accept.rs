@@ -267,6 +267,7 @@ fn spec_of(
         attachments: job.attachments.clone().unwrap_or_default(),
         max_budget_usd: options.max_budget_usd,
         identity: job.identity.clone(),
+        compact: job.options.compact.unwrap_or(false),
     }
 }
 

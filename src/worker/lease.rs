@@ -209,6 +209,7 @@ mod tests {
             attachments: Vec::new(),
             max_budget_usd: None,
             identity: None,
+            compact: false,
         };
         let job = NewJob {
             job_id: "j".into(),

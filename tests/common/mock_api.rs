@@ -11,6 +11,12 @@
 //! * `POST /v1/messages/count_tokens` answers `{"input_tokens": N}`.
 //! * Anything else answers 404 with an Anthropic-style JSON error body.
 //!
+//! * A compaction request (the CLI asks for a summary of the conversation:
+//!   `/compact`, or its own autocompact) never consumes the script or a
+//!   marker's queue: it gets the next [`MockApi::push_compaction_behavior`],
+//!   else a summary in the `<summary>` tags the CLI wants
+//!   ([`MOCK_SUMMARY`]; without the tags 2.1.330 asks once more).
+//!
 //! Every request is recorded ([`MockApi::all_requests`]); the
 //! `POST /v1/messages` ones are also in [`MockApi::requests`].
 //!
@@ -68,7 +74,23 @@ pub enum Behavior {
     ToolUse { name: String, input: Value },
 }
 
+/// What the default answer to a compaction request summarises the
+/// conversation as; the session continues from it.
+pub const MOCK_SUMMARY: &str = "MOCK SUMMARY of the conversation so far";
+
+/// Part of the prompt of the CLI's (2.1.330) summary request.
+const COMPACTION_PROMPT: &str = "create a detailed summary of the conversation so far";
+
 impl Behavior {
+    /// A summary as the CLI wants it: an `<analysis>` block, then the
+    /// summary in `<summary>` tags.
+    pub fn summary(text: &str) -> Behavior {
+        Behavior::Reply {
+            text: format!("<analysis>mock</analysis>\n<summary>{text}</summary>"),
+            chunks: 1,
+        }
+    }
+
     pub fn reply(text: impl Into<String>) -> Behavior {
         Behavior::Reply {
             text: text.into(),
@@ -223,6 +245,17 @@ impl RecordedRequest {
             .collect()
     }
 
+    /// Whether this is the CLI asking for a summary (compaction).
+    pub fn is_compaction(&self) -> bool {
+        self.last_user_text()
+            .is_some_and(|t| t.contains(COMPACTION_PROMPT))
+    }
+
+    /// Whether any user text of the request contains `needle`.
+    pub fn carries(&self, needle: &str) -> bool {
+        self.user_texts().iter().any(|t| t.contains(needle))
+    }
+
     /// `KEY` when the last user text contains `[[mock:KEY]]`.
     pub fn marker(&self) -> Option<String> {
         marker_in(&self.last_user_text()?)
@@ -254,6 +287,8 @@ struct Inner {
     /// Indexes into `all` of the `POST /v1/messages` requests.
     messages: Vec<usize>,
     script: VecDeque<Behavior>,
+    /// For compaction requests, before the default summary.
+    compaction: VecDeque<Behavior>,
     keyed: HashMap<String, Keyed>,
     default: Behavior,
     /// How many Hold responses have sent their first delta (cumulative).
@@ -311,6 +346,7 @@ impl MockApi {
                 all: Vec::new(),
                 messages: Vec::new(),
                 script: VecDeque::new(),
+                compaction: VecDeque::new(),
                 keyed: HashMap::new(),
                 default: Behavior::Echo,
                 held: 0,
@@ -384,6 +420,19 @@ impl MockApi {
             .or_default()
             .queue
             .push_back(b);
+    }
+
+    /// The answer to the next compaction request (then the default summary).
+    pub fn push_compaction_behavior(&self, b: Behavior) {
+        self.shared.lock().compaction.push_back(b);
+    }
+
+    /// The compaction requests so far.
+    pub fn compaction_requests(&self) -> Vec<RecordedRequest> {
+        self.requests()
+            .into_iter()
+            .filter(RecordedRequest::is_compaction)
+            .collect()
     }
 
     /// The usage every later answer reports (message_start and message_delta).
@@ -565,7 +614,14 @@ async fn handle(
         let mut inner = shared.lock();
         inner.next_id += 1;
         let id = inner.next_id;
-        let behavior = if is_messages {
+        let behavior = if is_messages && record.is_compaction() {
+            Some(
+                inner
+                    .compaction
+                    .pop_front()
+                    .unwrap_or_else(|| Behavior::summary(MOCK_SUMMARY)),
+            )
+        } else if is_messages {
             Some(match record.marker() {
                 Some(key) => {
                     let keyed = inner.keyed.entry(key).or_default();

@@ -12,6 +12,7 @@ mod bad_input;
 mod broker_recovery;
 mod broker_restart;
 mod budget;
+mod context;
 mod control;
 mod fleet;
 mod harness;

@@ -834,12 +834,17 @@ async fn claude_worker_discord_runs_the_relay_and_never_logs_the_token_or_the_ch
         result,
         num_turns,
         total_cost_usd,
+        context_tokens,
+        context_window_tokens,
         ..
     } = &done.body
     else {
         panic!()
     };
-    let footer = render::footer(*num_turns, *total_cost_usd);
+    // With the session's context use (issue 14): `· ctx N%`.
+    let ctx = render::context_part(*context_tokens, *context_window_tokens);
+    assert!(ctx.starts_with(" · ctx ") && ctx.ends_with('%'), "{ctx:?}");
+    let footer = render::footer(*num_turns, *total_cost_usd) + &ctx;
     let shown = format!("{result}\n\n{footer}");
     w.shows(w.placeholder(chan, msg).await.id, &shown).await;
 

@@ -160,6 +160,7 @@ fn spec(prompt: &str) -> JobSpec {
         attachments: Vec::new(),
         max_budget_usd: None,
         identity: None,
+        compact: false,
     }
 }
 

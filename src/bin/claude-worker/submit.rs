@@ -55,6 +55,9 @@ pub struct Args {
     /// Cost cap of this turn in USD (at most the profile's).
     #[arg(long, value_name = "USD")]
     max_budget_usd: Option<f64>,
+    /// Compact the session's context before this turn.
+    #[arg(long)]
+    compact: bool,
     /// Whose budget the job spends (the profile's per-identity budget).
     #[arg(long, value_name = "ID")]
     identity: Option<String>,
@@ -143,6 +146,7 @@ pub async fn run(settings: Settings, args: Args) -> anyhow::Result<u8> {
             permission_mode: args.permission_mode,
             on_busy: args.on_busy,
             max_budget_usd: args.max_budget_usd,
+            compact: args.compact.then_some(true),
         },
         metadata: None,
         reply_to: None,
@@ -459,6 +463,17 @@ impl Renderer {
                     self.at_line_start = true;
                 }
                 eprintln!("[retrying: attempt {next_attempt} follows ({reason})]");
+            }
+            EventBody::Compacted {
+                trigger,
+                pre_tokens,
+                post_tokens,
+            } => {
+                if self.live {
+                    self.break_line();
+                }
+                let why = format!("{trigger:?}").to_lowercase();
+                eprintln!("[context compacted ({why}): {pre_tokens} → {post_tokens} tokens]");
             }
             EventBody::Failed { .. } | EventBody::Cancelled { .. } => {
                 // What the failed attempt said is not an answer.

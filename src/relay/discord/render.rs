@@ -202,6 +202,18 @@ pub fn footer(num_turns: u32, total_cost_usd: f64) -> String {
     format!("-# {num_turns} {turns} · ${total_cost_usd:.4}")
 }
 
+/// The footer's context part, ` · ctx 42%` (of the model's window), when
+/// the `completed` event carries both figures.
+pub fn context_part(context_tokens: Option<u64>, window_tokens: Option<u64>) -> String {
+    match (context_tokens, window_tokens) {
+        (Some(used), Some(window)) if window > 0 => {
+            let pct = (used.saturating_mul(100) / window).min(100);
+            format!(" · ctx {pct}%")
+        }
+        _ => String::new(),
+    }
+}
+
 /// The messages of a completed answer: `result` split, with the footer
 /// (if any) on its own line at the end. An empty result says so.
 pub fn final_messages(result: &str, footer: Option<&str>) -> Vec<String> {
@@ -446,6 +458,9 @@ mod tests {
         let f = footer(3, 0.01234);
         assert_eq!(f, "-# 3 turns · $0.0123");
         assert_eq!(footer(1, 0.0), "-# 1 turn · $0.0000");
+        assert_eq!(context_part(Some(420_000), Some(1_000_000)), " · ctx 42%");
+        assert_eq!(context_part(Some(5), None), "");
+        assert_eq!(context_part(Some(5), Some(0)), "");
         assert_eq!(final_messages("Hi", Some(&f)), vec![format!("Hi\n\n{f}")]);
         assert_eq!(final_messages("Hi", None), vec!["Hi".to_string()]);
         assert_eq!(final_messages(" ", None), vec!["(no answer)".to_string()]);

@@ -133,6 +133,8 @@ impl Reply {
             // The CLI re-sent a cut stream: the tracker dropped the text,
             // the worker restates what stands.
             EventBody::TextReset { .. } => self.dirty = true,
+            // Nothing to show mid-answer; the footer's ctx % says the rest.
+            EventBody::Compacted { .. } => {}
             EventBody::Retrying { .. } => {
                 self.tool = Some(render::RETRYING.to_string());
                 self.dirty = true;
@@ -141,12 +143,14 @@ impl Reply {
                 result,
                 num_turns,
                 total_cost_usd,
+                context_tokens,
+                context_window_tokens,
                 ..
             } => {
-                let footer = shared
-                    .settings
-                    .footer
-                    .then(|| render::footer(*num_turns, *total_cost_usd));
+                let footer = shared.settings.footer.then(|| {
+                    render::footer(*num_turns, *total_cost_usd)
+                        + &render::context_part(*context_tokens, *context_window_tokens)
+                });
                 let file_above = shared.settings.answer_file_above;
                 match render::final_reply(result, footer.as_deref(), file_above) {
                     render::Final::Messages(parts) => self.finish(shared, &parts).await,

@@ -15,7 +15,7 @@ use super::spoken::Spoken;
 use super::{TurnAbort, EXIT_GRACE, INTERRUPT_GRACE, STOP_GRACE};
 use crate::claude::warm::WARM_RESPONSE_TIMEOUT;
 use crate::claude::{self, CliMessage, CliProcess, TurnResult};
-use crate::protocol::{ErrorKind, EventBody};
+use crate::protocol::{CompactTrigger, ErrorKind, EventBody};
 use crate::worker::context::Context;
 
 pub(super) struct CliRun {
@@ -138,7 +138,10 @@ impl CliRun {
         }
         match msg {
             Some(
-                CliMessage::Init { .. } | CliMessage::Other | CliMessage::ControlResponse { .. },
+                CliMessage::Init { .. }
+                | CliMessage::Other
+                | CliMessage::ControlResponse { .. }
+                | CliMessage::CompactBoundary { .. },
             ) => None,
             None => Some("the process exited"),
             Some(_) => Some("turn output before init"),
@@ -213,6 +216,15 @@ impl CliRun {
                 text,
                 tool_uses,
             } => self.on_assistant(events, message_id, text, tool_uses).await,
+            CliMessage::CompactBoundary {
+                trigger,
+                pre_tokens,
+                post_tokens,
+            } => {
+                events
+                    .emit(compacted(&trigger, pre_tokens, post_tokens))
+                    .await
+            }
             CliMessage::ApiRetry {
                 attempt,
                 error_status,
@@ -320,6 +332,20 @@ impl CliRun {
             msg,
             true,
         )))
+    }
+}
+
+/// The CLI's own compaction (its autocompact, or a prompt `/compact`):
+/// the same event as the worker's.
+fn compacted(trigger: &str, pre_tokens: u64, post_tokens: u64) -> EventBody {
+    let trigger = match trigger {
+        "manual" => CompactTrigger::Requested,
+        _ => CompactTrigger::Auto,
+    };
+    EventBody::Compacted {
+        trigger,
+        pre_tokens,
+        post_tokens,
     }
 }
 

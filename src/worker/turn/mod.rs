@@ -2,7 +2,8 @@
 //!
 //! `prepare` (profile, attempts lost with a worker, which Claude session to
 //! resume, the warm process, the transcript) → `Prepared` → `budget` (a
-//! job past its session or identity budget ends here) →
+//! job past its session or identity budget ends here) → `compact` (a
+//! session near its window, or whose job asks, is compacted first) →
 //! `attempts` (the attempt loop with retry; each `attempt` drives one CLI
 //! run) → `Ended` → `outcome` (record the outcome, then publish the
 //! terminal event).
@@ -15,6 +16,7 @@ mod attempt;
 mod attempts;
 mod budget;
 mod cli_run;
+mod compact;
 mod events;
 mod outcome;
 mod prepare;
@@ -79,6 +81,7 @@ pub async fn run_job(
     if !budget::admit(ctx, &job, &mut prepared, &mut events).await? {
         return Ok(());
     }
+    compact::before_turn(ctx, lease, &job, &mut prepared, &mut events).await?;
     let ended = attempts::run(ctx, lease, &job, &mut prepared, &mut events).await?;
     outcome::record(ctx, lease, &job, prepared, ended, &mut events).await
 }

@@ -105,8 +105,9 @@ async fn completed(
         result: result.result.clone().unwrap_or_default(),
         claude_session_id: claude_session_id.clone(),
         usage: result.usage,
-        // Per turn (the CLI's total_cost_usd is a running total).
-        total_cost_usd: result.turn_cost_usd,
+        // Per turn (the CLI's total_cost_usd is a running total), with
+        // the compaction before it, if any.
+        total_cost_usd: result.turn_cost_usd + prepared.compaction_cost_usd,
         session_cost_usd: Some(prepared.session_cost_usd + events.spent_usd),
         duration_ms: if result.duration_ms > 0 {
             result.duration_ms
@@ -114,6 +115,8 @@ async fn completed(
             duration_ms
         },
         num_turns: result.num_turns,
+        context_tokens: result.context.map(|c| c.tokens),
+        context_window_tokens: result.context.and_then(|c| c.window),
     };
     events
         .finish_with_transcript(JobStatus::Succeeded, body, None, update, transcript)

@@ -30,6 +30,11 @@ pub(super) struct Prepared {
     pub first_started: Instant,
     /// What the session's turns cost before this job.
     pub session_cost_usd: f64,
+    /// The session's context use after its last turn and its model's
+    /// window (tokens), when both are known.
+    pub context: Option<(u64, u64)>,
+    /// What compacting the session before the turn cost (see `compact`).
+    pub compaction_cost_usd: f64,
 }
 
 /// `None` when the job already has its outcome (its profile is gone, or
@@ -55,6 +60,11 @@ pub(super) async fn prepare(
     let session = ctx.store.get_session(&job.session_key).await?;
     let request = turn_request(job, &profile, session.as_ref());
     let session_cost_usd = session.as_ref().map_or(0.0, |s| s.cost_usd);
+    let context = session.as_ref().and_then(|s| {
+        let used = u64::try_from(s.context_tokens?).ok()?;
+        let window = u64::try_from(s.context_window?).ok()?;
+        Some((used, window))
+    });
     let view = session.map(|s| SessionView {
         claude_session_id: s.claude_session_id,
         last_job_id: s.last_job_id,
@@ -82,6 +92,8 @@ pub(super) async fn prepare(
         resume_failed: None,
         first_started: first_started(job),
         session_cost_usd,
+        context,
+        compaction_cost_usd: 0.0,
     }))
 }
 
