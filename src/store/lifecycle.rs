@@ -306,11 +306,13 @@ pub(crate) const EXPIRABLE_SESSIONS: &str = "SELECT s.session_key FROM sessions 
                        AND j.status IN ('queued', 'running'))";
 
 /// Stored transcripts of the profile ($1) not written since the cutoff
-/// ($2) that no session continues now.
+/// ($2) that no session active since the cutoff continues (a session quiet
+/// longer expires in the same prune, so a dry run counts its transcript).
 pub(crate) const PRUNABLE_TRANSCRIPTS: &str = "SELECT t.claude_session_id FROM transcripts t \
      JOIN sessions s ON s.session_key = t.session_key \
      WHERE s.profile = $1 AND t.updated_at_ms < $2 \
-       AND NOT EXISTS (SELECT 1 FROM sessions c WHERE c.claude_session_id = t.claude_session_id)";
+       AND NOT EXISTS (SELECT 1 FROM sessions c WHERE c.claude_session_id = t.claude_session_id \
+                       AND c.updated_at_ms >= $2)";
 
 /// Finished jobs of the profile ($1) before the cutoff ($2) whose terminal
 /// event is published (the outbox still needs the others).
