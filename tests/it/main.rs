@@ -15,6 +15,7 @@ mod budget;
 mod control;
 mod fleet;
 mod harness;
+mod lifecycle;
 mod logging;
 mod mock_selftest;
 mod ops;
