@@ -243,6 +243,33 @@ async fn metrics_count_what_happened() {
         assert_eq!(sample(&text, &series), Some(jobs), "{series} in\n{text}");
     }
     assert!(cost[0] > 0.0, "the mock's answers cost something");
+    // Tokens of the completed turns, as the store's sessions summed them.
+    for (profile, keys) in [
+        ("default", &["m:a", "m:b", "m:c", "m:e"][..]),
+        ("webapp", &["m:d"][..]),
+    ] {
+        let (mut input, mut output) = (0, 0);
+        for key in keys {
+            let s = worker
+                .context
+                .store
+                .get_session(key)
+                .await
+                .unwrap()
+                .unwrap();
+            (input, output) = (input + s.input_tokens, output + s.output_tokens);
+        }
+        assert!(input > 0 && output > 0, "the mock reports usage");
+        for (kind, n) in [("input", input), ("output", output)] {
+            let series =
+                format!("claude_worker_tokens_total{{profile=\"{profile}\",kind=\"{kind}\"}}");
+            assert_eq!(
+                sample(&text, &series),
+                Some(n as f64),
+                "{series} in\n{text}"
+            );
+        }
+    }
     for (series, value) in expect {
         assert_eq!(sample(&text, series), Some(value), "{series} in\n{text}");
     }
