@@ -364,3 +364,149 @@ async fn a_dead_pruners_lease_is_taken_over_by_one_worker_only() {
     }
     env.cleanup().await;
 }
+
+/// Lifecycle events recorded while the broker is down (here by a worker's
+/// turn done through the store, and `sessions delete`) are published, in
+/// order, once it is back: the outbox, across a real broker restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lifecycle_events_recorded_while_the_broker_is_down_go_out_when_it_returns() {
+    use claude_worker::broker::Topology;
+    use claude_worker::protocol::SessionMode;
+    use lapin::options::{QueueBindOptions, QueueDeclareOptions};
+    use lapin::types::FieldTable;
+
+    use crate::common::broker_node::BrokerNode;
+    use crate::common::tap::{producer, tap};
+
+    let node = BrokerNode::start().await;
+    let env = TestEnv::new(Backend::Sqlite).await;
+    let url = node.url();
+    let topo = Topology::from_prefix(&env.prefix, "prompt");
+    // The tap's durable queue, bound before anything is published.
+    let queue = format!("{}.tap", env.prefix);
+    let ch = producer(&url, &topo).await;
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    ch.queue_declare(queue.as_str().into(), durable, FieldTable::default())
+        .await
+        .unwrap();
+    ch.queue_bind(
+        queue.as_str().into(),
+        topo.replies_exchange.as_str().into(),
+        "#".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let mut rx = tap(url.clone(), topo.clone(), queue);
+    let worker = env
+        .start_worker_with(|s| {
+            s.amqp.url = claude_worker::config::Secret::new(url.as_str());
+            s.amqp.recovery_limit_secs = 120;
+        })
+        .await;
+    let store = store::connect(&claude_worker::config::Secret::new(env.db_url.clone()), 1)
+        .await
+        .unwrap();
+
+    node.stop_app().await;
+    let ctx = std::sync::Arc::clone(&worker.context);
+    wait_until("the worker sees the broker down", || !ctx.broker_up()).await;
+    // While it is down (no worker claims then): a conversation begins and
+    // is deleted, as a worker's turn and `sessions delete` record them.
+    let job = store::NewJob {
+        job_id: "down-1".into(),
+        session_key: "down:a".into(),
+        spec: store::JobSpec {
+            prompt: "x".into(),
+            mode: SessionMode::Continue,
+            claude_session_id: None,
+            profile: "default".into(),
+            model: None,
+            max_turns: 1,
+            permission_mode: claude_worker::protocol::PermissionMode::Default,
+            metadata: json!({}),
+            reply_to: None,
+            on_busy: Default::default(),
+            attachments: Vec::new(),
+            max_budget_usd: None,
+            identity: None,
+        },
+    };
+    let now = store::now_ms();
+    store.accept_job(&job, now).await.unwrap();
+    let lease = store
+        .claim_session("test", now, 10_000, None)
+        .await
+        .unwrap()
+        .expect("the session is claimable");
+    store.start_attempt(&lease, "down-1", now).await.unwrap();
+    assert!(store
+        .begin_conversation(&lease, "down-1", SessionMode::Continue, now)
+        .await
+        .unwrap());
+    let finish = store::JobFinish {
+        job_id: "down-1".into(),
+        status: store::JobStatus::Cancelled,
+        error: None,
+        terminal_event: "{}".into(),
+        next_seq: 1,
+        session_update: None,
+        cost_usd: 0.0,
+        identity: None,
+        now_ms: now,
+    };
+    store.finish_job(&lease, &finish).await.unwrap();
+    store.mark_terminal_published("down-1", now).await.unwrap();
+    store.release_lease(&lease, now).await.unwrap();
+    assert!(store.forget_session("down:a", now + 1).await.unwrap());
+
+    node.start_app().await;
+    let mut got = Vec::new();
+    let deadline = tokio::time::Instant::now() + WAIT * 2;
+    while got.len() < 2 {
+        let (raw, _) = tokio::time::timeout_at(deadline, rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("the session events did not arrive; got {got:#?}"))
+            .expect("tap runs");
+        if raw["type"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("session."))
+        {
+            crate::schema::assert_valid_reply(&raw);
+            let e: SessionEventV1 = serde_json::from_value(raw).unwrap();
+            if !got
+                .iter()
+                .any(|g: &SessionEventV1| g.event_id == e.event_id)
+            {
+                got.push(e);
+            }
+        }
+    }
+    assert_eq!(
+        got.iter().map(|e| (e.kind, e.reason)).collect::<Vec<_>>(),
+        vec![
+            (SessionEventKind::Started, None),
+            (SessionEventKind::Ended, Some(SessionEndReason::Deleted)),
+        ]
+    );
+    assert!(got.iter().all(|e| e.session_key == "down:a"));
+    // Marked published: nothing is left to claim.
+    wait_until_async("the outbox is empty", || {
+        let store = store.clone();
+        async move {
+            store
+                .claim_session_events(store::now_ms(), 1, 10)
+                .await
+                .unwrap()
+                .is_empty()
+        }
+    })
+    .await;
+    worker.shutdown();
+    worker.wait().await.unwrap();
+    env.cleanup().await;
+}
