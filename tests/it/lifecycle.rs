@@ -510,3 +510,51 @@ async fn lifecycle_events_recorded_while_the_broker_is_down_go_out_when_it_retur
     worker.wait().await.unwrap();
     env.cleanup().await;
 }
+
+/// A session whose budget is used up ends (`session.ended`, reason
+/// `budget`), once, with the job that was refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_used_up_session_budget_ends_the_session() {
+    let mut env = TestEnv::new(Backend::Sqlite).await;
+    let mut obs = Observer::new(&env).await;
+    let worker = env
+        .start_worker_with(|s| {
+            s.profiles.get_mut("default").unwrap().budget.session_usd = Some(0.000_001);
+        })
+        .await;
+    let j1 = complete(&mut env, "budget:a", "one", json!({})).await;
+    obs.next("budget:a", |e| e.kind == SessionEventKind::Started)
+        .await;
+    let mut refused = Vec::new();
+    for prompt in ["two", "three"] {
+        let job = env.publish_job("budget:a", prompt, json!({})).await;
+        let ev = env.events_until_terminal(&job).await;
+        assert!(
+            matches!(ev.last().unwrap().body, EventBody::Failed { .. }),
+            "{ev:#?}"
+        );
+        refused.push(job);
+    }
+    let ended = obs
+        .next("budget:a", |e| e.kind == SessionEventKind::Ended)
+        .await;
+    assert_eq!(ended.reason, Some(SessionEndReason::Budget));
+    assert_eq!(ended.job_id.as_deref(), Some(refused[0].as_str()));
+    assert_ne!(ended.job_id.as_deref(), Some(j1.as_str()));
+    // A later event of another session: one publisher sends events in
+    // order, so anything the second refusal recorded has arrived by then.
+    complete(&mut env, "budget:b", "other", json!({})).await;
+    obs.next("budget:b", |e| e.kind == SessionEventKind::Started)
+        .await;
+    worker.shutdown();
+    worker.wait().await.unwrap();
+    // Once: the second refusal recorded nothing more.
+    assert_eq!(
+        obs.history("budget:a"),
+        vec![
+            (SessionEventKind::Started, None),
+            (SessionEventKind::Ended, Some(SessionEndReason::Budget)),
+        ]
+    );
+    env.cleanup().await;
+}
