@@ -112,6 +112,21 @@ pub struct WorkerSettings {
     /// session's lease this long, so a follow-up job runs here warm rather
     /// than cold elsewhere. 0: release at once.
     pub warm_affinity_ms: u64,
+    /// How often the fleet runs the retention prune (one worker at a time,
+    /// under a database lease; see the README's "Operating").
+    #[serde(default = "default_prune_interval_secs")]
+    pub prune_interval_secs: u64,
+    /// Rows of each kind one prune step deletes at most.
+    #[serde(default = "default_prune_batch")]
+    pub prune_batch: i64,
+}
+
+fn default_prune_interval_secs() -> u64 {
+    3_600
+}
+
+fn default_prune_batch() -> i64 {
+    500
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -303,6 +318,23 @@ pub struct Profile {
     /// CLI's own autocompact and jobs that ask (`options.compact`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compact_at_percent: Option<u8>,
+    /// A session with no activity this long is marked idle
+    /// (`session.idle`, its warm CLI process closed); it stays resumable.
+    #[serde(default = "default_idle_ttl_secs")]
+    pub idle_ttl_secs: u64,
+    /// How long finished jobs, stored transcripts and the CLI's transcript
+    /// files are kept after their last activity; a session quiet this long
+    /// is forgotten (`session.ended`, reason `expired`).
+    #[serde(default = "default_retention_secs")]
+    pub retention_secs: u64,
+}
+
+fn default_idle_ttl_secs() -> u64 {
+    1_800
+}
+
+fn default_retention_secs() -> u64 {
+    30 * 86_400
 }
 
 /// A profile's budgets, in USD. Unset: no limit.
@@ -569,6 +601,20 @@ impl Settings {
             return bad(
                 "worker.lease_ttl_secs must be at least 2 (heartbeats renew it every third)".into(),
             );
+        }
+        if self.worker.prune_interval_secs == 0 || self.worker.prune_batch < 1 {
+            return bad(
+                "worker.prune_interval_secs and worker.prune_batch must be at least 1".into(),
+            );
+        }
+        for (name, p) in &self.profiles {
+            if p.idle_ttl_secs == 0 || p.retention_secs < p.idle_ttl_secs {
+                return bad(format!(
+                    "profiles.{name}: idle_ttl_secs must be at least 1 and retention_secs at \
+                     least idle_ttl_secs (got {} and {})",
+                    p.idle_ttl_secs, p.retention_secs
+                ));
+            }
         }
         if self.worker.sweep_interval_secs == 0 {
             return bad("worker.sweep_interval_secs must be at least 1".into());

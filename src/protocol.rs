@@ -776,3 +776,55 @@ pub enum ControlOutcome {
     /// The control message was not valid.
     Invalid,
 }
+
+/// A session lifecycle event (`session.started`, `session.idle`,
+/// `session.ended`), published on the reply exchange with its `type` as the
+/// routing key, so observers bind `session.#` without knowing job reply
+/// keys. Not a job event: no `job_id`/`seq` envelope. Delivered at least
+/// once; `event_id` identifies it (dedup) and grows with every event.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionEventV1 {
+    pub v: u32,
+    #[serde(rename = "type")]
+    pub kind: SessionEventKind,
+    pub event_id: i64,
+    pub session_key: String,
+    pub profile: String,
+    /// When it happened (Unix ms, the recording worker's clock).
+    pub at_ms: i64,
+    /// `session.started`: the job that began the conversation;
+    /// `session.ended` with reason `reset`: the job that reset it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_id: Option<String>,
+    /// `session.started`: the job's session mode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<SessionMode>,
+    /// `session.idle`: the session's last activity (Unix ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_activity_ms: Option<i64>,
+    /// `session.idle`: the profile's idle TTL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_ttl_secs: Option<u64>,
+    /// `session.ended`: why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<SessionEndReason>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SessionEventKind {
+    #[serde(rename = "session.started")]
+    Started,
+    #[serde(rename = "session.idle")]
+    Idle,
+    #[serde(rename = "session.ended")]
+    Ended,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SessionEndReason {
+    Reset,
+    Expired,
+    Deleted,
+    Budget,
+}

@@ -66,6 +66,20 @@ pub trait ReplySink: Send + Sync + 'static {
     fn event_lane(&self, _observe: Option<ConfirmObserver>) -> Option<Box<dyn EventLane>> {
         None
     }
+    /// Publishes a session lifecycle event (already serialised) with its
+    /// type as the routing key (`session.started`, …). Only the AMQP sink
+    /// publishes these; a test sink refuses them.
+    async fn publish_session_event(
+        &self,
+        kind: &str,
+        event_id: i64,
+        body: &[u8],
+    ) -> Result<(), PublishError> {
+        let _ = (kind, event_id, body);
+        Err(PublishError::Broker(
+            "this sink does not publish session events".into(),
+        ))
+    }
     /// Publishes a control message's answer (already serialised).
     async fn publish_control_result(
         &self,
@@ -300,6 +314,18 @@ impl ReplySink for AmqpSink {
             None,
         )
         .await
+    }
+
+    async fn publish_session_event(
+        &self,
+        kind: &str,
+        event_id: i64,
+        body: &[u8],
+    ) -> Result<(), PublishError> {
+        let id = format!("session-event:{event_id}");
+        let props = event_props(&id, kind).with_message_id(id.as_str().into());
+        self.publish_confirmed(&self.topology.replies_exchange, kind, body, props, None)
+            .await
     }
 
     async fn publish_control_result(

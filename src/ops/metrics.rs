@@ -125,6 +125,27 @@ const METRICS: &[(&str, Kind, &str)] = &[
         Kind::Counter,
         "Database errors met by the worker, by where they were met.",
     ),
+    (
+        TOKENS,
+        Kind::Counter,
+        "Tokens the CLI reported for finished turns, by profile and kind \
+         (input, output, cache_read, cache_write).",
+    ),
+    (
+        SESSION_EVENTS,
+        Kind::Counter,
+        "Session lifecycle events this worker published, by type.",
+    ),
+    (
+        PRUNE_RUNS,
+        Kind::Counter,
+        "Retention prune runs this worker made (holding the fleet's prune lease).",
+    ),
+    (
+        PRUNED,
+        Kind::Counter,
+        "Rows and files the retention prune removed, by kind.",
+    ),
 ];
 
 pub const JOBS_ACCEPTED: &str = "claude_worker_jobs_accepted_total";
@@ -149,6 +170,10 @@ pub const WARM_EVICTIONS: &str = "claude_worker_warm_evictions_total";
 pub const WARM_EXPIRATIONS: &str = "claude_worker_warm_expirations_total";
 pub const CLI_SPAWNS: &str = "claude_worker_cli_spawns_total";
 pub const STORE_ERRORS: &str = "claude_worker_store_errors_total";
+pub const TOKENS: &str = "claude_worker_tokens_total";
+pub const SESSION_EVENTS: &str = "claude_worker_session_events_total";
+pub const PRUNE_RUNS: &str = "claude_worker_prune_runs_total";
+pub const PRUNED: &str = "claude_worker_pruned_total";
 
 #[derive(Clone, Copy)]
 enum Kind {
@@ -257,6 +282,16 @@ impl Metrics {
         self.counter(STORE_ERRORS, &[("at", at)]).increment(1);
     }
 
+    /// A finished turn's tokens, by profile and kind (zeros are skipped).
+    pub fn tokens(&self, profile: &str, usage: &TokenUsage) {
+        for (kind, n) in usage.kinds() {
+            if n > 0 {
+                self.counter(TOKENS, &[("profile", profile), ("kind", kind)])
+                    .increment(n);
+            }
+        }
+    }
+
     /// The warm pool's own counters, copied in before a scrape.
     pub fn set_warm(&self, s: &WarmStats) {
         self.gauge(WARM_PROCESSES, &[]).set(s.idle as f64);
@@ -281,6 +316,42 @@ impl Metrics {
         if let Some(r) = &self.recorder {
             r.handle().run_upkeep();
         }
+    }
+}
+
+/// A turn's tokens by kind, as the CLI's `usage` reports them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TokenUsage {
+    pub input: u64,
+    pub output: u64,
+    pub cache_read: u64,
+    pub cache_write: u64,
+}
+
+impl TokenUsage {
+    /// From the CLI's `usage` object (missing fields count 0).
+    pub fn from_usage(usage: &serde_json::Value) -> TokenUsage {
+        let n = |k: &str| {
+            usage
+                .get(k)
+                .and_then(serde_json::Value::as_u64)
+                .unwrap_or(0)
+        };
+        TokenUsage {
+            input: n("input_tokens"),
+            output: n("output_tokens"),
+            cache_read: n("cache_read_input_tokens"),
+            cache_write: n("cache_creation_input_tokens"),
+        }
+    }
+
+    pub fn kinds(&self) -> [(&'static str, u64); 4] {
+        [
+            ("input", self.input),
+            ("output", self.output),
+            ("cache_read", self.cache_read),
+            ("cache_write", self.cache_write),
+        ]
     }
 }
 

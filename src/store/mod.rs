@@ -17,11 +17,16 @@ use sqlx::error::DatabaseError;
 use crate::config::{EffectiveOptions, Secret};
 use crate::protocol::{PermissionMode, SessionMode};
 
+pub mod lifecycle;
 mod postgres;
 mod rows;
 mod sql;
 mod sqlite;
 
+pub use lifecycle::{
+    EndReason, IdleRule, IdleSession, PruneReport, PruneRequest, RetentionRule, SessionLifecycle,
+    StoredSessionEvent,
+};
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
@@ -393,7 +398,7 @@ pub struct JobFinish {
 }
 
 #[async_trait]
-pub trait SessionStore: Send + Sync + 'static {
+pub trait SessionStore: SessionLifecycle + Send + Sync + 'static {
     /// Runs the embedded migrations for this backend.
     async fn migrate(&self) -> Result<(), StoreError>;
 

@@ -42,6 +42,11 @@ impl PostgresStore {
         &self.pool
     }
 
+    /// A write transaction.
+    async fn begin_write(&self) -> Result<Transaction<'static, Postgres>, StoreError> {
+        Ok(self.pool.begin().await?)
+    }
+
     /// A transaction in which `lease` was checked and the session row is
     /// locked, which keeps a competing claim out until it commits.
     async fn fenced(&self, lease: &Lease) -> Result<Transaction<'static, Postgres>, StoreError> {
@@ -96,6 +101,10 @@ async fn existing_job(
     })
     .transpose()
 }
+
+super::lifecycle::lifecycle_store_helpers!(PostgresStore, Postgres);
+
+super::lifecycle::lifecycle_store_impl!(PostgresStore);
 
 super::sql::session_store_impl!(PostgresStore, {
     async fn migrate(&self) -> Result<(), StoreError> {

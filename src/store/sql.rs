@@ -380,14 +380,18 @@ macro_rules! session_store_impl {
             }
 
             async fn forget_session(&self, session_key: &str, now_ms: i64) -> Result<bool, StoreError> {
+                // With its `session.ended` (reason `deleted`), in one transaction.
+                let mut tx = self.begin_write().await?;
+                end_in(&mut tx, session_key, $crate::store::EndReason::Deleted, None, now_ms).await?;
                 let done = sqlx::query(
                     "UPDATE sessions SET claude_session_id = NULL, status = 'closed', updated_at_ms = $1 \
                      WHERE session_key = $2",
                 )
                 .bind(now_ms)
                 .bind(session_key)
-                .execute(&self.pool)
+                .execute(&mut *tx)
                 .await?;
+                tx.commit().await?;
                 Ok(done.rows_affected() > 0)
             }
 

@@ -57,6 +57,11 @@ impl SqliteStore {
         Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
     }
 
+    /// A write transaction (holding SQLite's write lock).
+    async fn begin_write(&self) -> Result<Transaction<'static, Sqlite>, StoreError> {
+        self.begin_immediate().await
+    }
+
     /// A write transaction holding SQLite's write lock, in which `lease`
     /// was checked: no claim can interleave before it commits.
     async fn fenced(&self, lease: &Lease) -> Result<Transaction<'static, Sqlite>, StoreError> {
@@ -88,6 +93,10 @@ fn not_in_session(job_id: &str, lease: &Lease) -> StoreError {
         lease.session_key
     ))
 }
+
+super::lifecycle::lifecycle_store_helpers!(SqliteStore, Sqlite);
+
+super::lifecycle::lifecycle_store_impl!(SqliteStore);
 
 super::sql::session_store_impl!(SqliteStore, {
     async fn migrate(&self) -> Result<(), StoreError> {

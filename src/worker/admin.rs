@@ -165,6 +165,17 @@ impl ReplySink for MeteredSink {
         self.record("event", began, r)
     }
 
+    async fn publish_session_event(
+        &self,
+        kind: &str,
+        event_id: i64,
+        body: &[u8],
+    ) -> Result<(), PublishError> {
+        let began = Instant::now();
+        let r = self.inner.publish_session_event(kind, event_id, body).await;
+        self.record("session_event", began, r)
+    }
+
     async fn publish_control_result(
         &self,
         routing_key: &str,

@@ -42,6 +42,9 @@ pub struct Context {
     affinity: Mutex<std::collections::HashMap<String, Arc<Notify>>>,
     /// Whether the broker connection is up (see `broker_watch`).
     broker_up: tokio::sync::watch::Sender<bool>,
+    /// Signalled when this worker recorded lifecycle events (the
+    /// publisher sends them at once instead of at its next sweep).
+    lifecycle: Notify,
     /// Test-only hooks (empty in production).
     pub(crate) hooks: Hooks,
 }
@@ -84,6 +87,7 @@ impl Context {
             accepted: Notify::new(),
             affinity: Mutex::new(Default::default()),
             broker_up: tokio::sync::watch::Sender::new(true),
+            lifecycle: Notify::new(),
             hooks,
         })
     }
@@ -146,6 +150,15 @@ impl Context {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .pop_front()
+    }
+
+    /// Wakes the lifecycle publisher: events were recorded.
+    pub(crate) fn note_lifecycle_recorded(&self) {
+        self.lifecycle.notify_one();
+    }
+
+    pub(crate) async fn lifecycle_recorded(&self) {
+        self.lifecycle.notified().await
     }
 
     pub(crate) async fn woken(&self) {

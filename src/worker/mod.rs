@@ -19,7 +19,9 @@ pub use context::{Hooks, JobHook};
 pub(crate) mod control;
 pub(crate) mod ending;
 pub(crate) mod lease;
+pub mod lifecycle;
 pub(crate) mod outbox;
+pub mod retention;
 pub(crate) mod running;
 pub(crate) mod schedule;
 mod supervise;
@@ -319,6 +321,14 @@ async fn run(
     });
     tasks.spawn("outbox", outbox::run(Arc::clone(&ctx), shutdown.clone()));
     tasks.spawn(
+        "lifecycle",
+        lifecycle::run(Arc::clone(&ctx), shutdown.clone()),
+    );
+    tasks.spawn(
+        "retention",
+        retention::run(Arc::clone(&ctx), shutdown.clone()),
+    );
+    tasks.spawn(
         "warm reaper",
         Arc::clone(&ctx.warm).run_reaper(shutdown.clone()),
     );
@@ -353,6 +363,12 @@ async fn run(
     tasks.join("outbox", STOP_STEP_BOUND).await;
     // Turns that ended during the grace published their terminals.
     let _ = tokio::time::timeout(STOP_STEP_BOUND, outbox::flush_marks(&ctx)).await;
+    tasks.join("retention", STOP_STEP_BOUND).await;
+    // Last, so events recorded while turns finished still go out now.
+    tasks.join("lifecycle", STOP_STEP_BOUND).await;
+    if ctx.broker_up() {
+        let _ = tokio::time::timeout(STOP_STEP_BOUND, lifecycle::publish_pending(&ctx)).await;
+    }
     // No turn runs now: close the warm CLI processes (gracefully, so their
     // transcripts are complete) before the worker ends.
     ctx.warm.close_all().await;

@@ -16,6 +16,7 @@ mod context;
 mod control;
 mod fleet;
 mod harness;
+mod lifecycle;
 mod logging;
 mod mock_selftest;
 mod ops;

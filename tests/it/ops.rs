@@ -243,6 +243,33 @@ async fn metrics_count_what_happened() {
         assert_eq!(sample(&text, &series), Some(jobs), "{series} in\n{text}");
     }
     assert!(cost[0] > 0.0, "the mock's answers cost something");
+    // Tokens of the completed turns, as the store's sessions summed them.
+    for (profile, keys) in [
+        ("default", &["m:a", "m:b", "m:c", "m:e"][..]),
+        ("webapp", &["m:d"][..]),
+    ] {
+        let (mut input, mut output) = (0, 0);
+        for key in keys {
+            let s = worker
+                .context
+                .store
+                .get_session(key)
+                .await
+                .unwrap()
+                .unwrap();
+            (input, output) = (input + s.input_tokens, output + s.output_tokens);
+        }
+        assert!(input > 0 && output > 0, "the mock reports usage");
+        for (kind, n) in [("input", input), ("output", output)] {
+            let series =
+                format!("claude_worker_tokens_total{{profile=\"{profile}\",kind=\"{kind}\"}}");
+            assert_eq!(
+                sample(&text, &series),
+                Some(n as f64),
+                "{series} in\n{text}"
+            );
+        }
+    }
     for (series, value) in expect {
         assert_eq!(sample(&text, series), Some(value), "{series} in\n{text}");
     }
@@ -430,4 +457,73 @@ fn the_dashboard_shows_every_metric_and_only_those() {
     }
     let missing: Vec<&&str> = known.iter().filter(|k| !used.contains(**k)).collect();
     assert!(missing.is_empty(), "not on the dashboard: {missing:?}");
+}
+
+/// `/readyz`'s check `name` in `body` (JSON): its `ok`.
+fn check_ok(body: &str, name: &str) -> Option<bool> {
+    let v: Value = serde_json::from_str(body).ok()?;
+    v["checks"].as_array()?.iter().find(|c| c["name"] == name)?["ok"].as_bool()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_fails_while_the_database_is_down_or_the_cli_is_gone() {
+    // A PostgreSQL server of the test's own, and the CLI behind a link the
+    // test can take away.
+    let pg = crate::common::pg_node::PgNode::start();
+    let env = TestEnv::new(Backend::Sqlite).await;
+    let link = env.dir.path().join("claude-link");
+    std::os::unix::fs::symlink(crate::support::claude_bin(), &link).unwrap();
+    let mut s = settings_with_ops(&env);
+    s.database.url = Secret::new(pg.url());
+    s.claude.path = link.clone();
+    let worker = Worker::start(s).await.unwrap();
+    let ready =
+        |want: bool| move |status: u16, body: &str| (status == 200) == want && !body.is_empty();
+    poll(&worker, "/readyz", "ready at start", ready(true)).await;
+
+    pg.stop();
+    let body = poll(
+        &worker,
+        "/readyz",
+        "/readyz fails while the database is down",
+        ready(false),
+    )
+    .await;
+    assert_eq!(check_ok(&body, "database"), Some(false), "{body}");
+    assert_eq!(check_ok(&body, "broker"), Some(true), "{body}");
+    assert_eq!(check_ok(&body, "cli"), Some(true), "{body}");
+    assert_eq!(
+        get(&worker, "/healthz").await.0,
+        200,
+        "alive, only not ready"
+    );
+    pg.start_again();
+    poll(
+        &worker,
+        "/readyz",
+        "ready once the database is back",
+        ready(true),
+    )
+    .await;
+
+    std::fs::remove_file(&link).unwrap();
+    let body = poll(
+        &worker,
+        "/readyz",
+        "/readyz fails without the CLI",
+        ready(false),
+    )
+    .await;
+    assert_eq!(check_ok(&body, "cli"), Some(false), "{body}");
+    assert_eq!(check_ok(&body, "database"), Some(true), "{body}");
+    std::os::unix::fs::symlink(crate::support::claude_bin(), &link).unwrap();
+    poll(
+        &worker,
+        "/readyz",
+        "ready once the CLI is back",
+        ready(true),
+    )
+    .await;
+    worker.shutdown();
+    worker.wait().await.unwrap();
 }

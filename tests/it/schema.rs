@@ -7,7 +7,9 @@
 use std::path::Path;
 use std::sync::OnceLock;
 
-use claude_worker::protocol::{decode_control, decode_job, ControlResultV1, EventV1};
+use claude_worker::protocol::{
+    decode_control, decode_job, ControlResultV1, EventV1, SessionEventV1,
+};
 use jsonschema::Validator;
 use serde_json::{json, Value};
 
@@ -35,6 +37,11 @@ pub fn event() -> &'static Validator {
     V.get_or_init(|| compile("event.v1.json"))
 }
 
+pub fn session_event() -> &'static Validator {
+    static V: OnceLock<Validator> = OnceLock::new();
+    V.get_or_init(|| compile("session_event.v1.json"))
+}
+
 pub fn control() -> &'static Validator {
     static V: OnceLock<Validator> = OnceLock::new();
     V.get_or_init(|| compile("control.v1.json"))
@@ -57,6 +64,13 @@ pub fn assert_valid(v: &Validator, what: &str, instance: &Value) {
 pub fn assert_valid_reply(raw: &Value) {
     if raw["type"] == "control_result" {
         assert_valid(control(), "control_result", raw);
+    } else if raw["type"]
+        .as_str()
+        .is_some_and(|t| t.starts_with("session."))
+    {
+        assert_valid(session_event(), "session event", raw);
+        serde_json::from_value::<SessionEventV1>(raw.clone())
+            .unwrap_or_else(|e| panic!("session event does not decode: {e}\n{raw}"));
     } else {
         assert_valid(event(), "event", raw);
     }
@@ -90,7 +104,12 @@ fn protocol_examples() -> Vec<Value> {
 
 #[test]
 fn schemas_are_valid_draft_2020_12() {
-    for name in ["job.v1.json", "event.v1.json", "control.v1.json"] {
+    for name in [
+        "job.v1.json",
+        "event.v1.json",
+        "control.v1.json",
+        "session_event.v1.json",
+    ] {
         let schema = load(name);
         assert_eq!(
             schema["$schema"], "https://json-schema.org/draft/2020-12/schema",
@@ -104,6 +123,7 @@ fn schemas_are_valid_draft_2020_12() {
 fn every_protocol_example_validates_and_decodes() {
     let examples = protocol_examples();
     let (mut jobs, mut events, mut controls, mut results) = (0, 0, 0, 0);
+    let mut session_events = 0;
     for ex in &examples {
         let bytes = serde_json::to_vec(ex).unwrap();
         let kind = ex["type"].as_str().unwrap_or_default();
@@ -121,6 +141,9 @@ fn every_protocol_example_validates_and_decodes() {
             decode_control(&bytes)
                 .unwrap_or_else(|e| panic!("control example does not decode: {e}\n{ex}"));
             controls += 1;
+        } else if kind.starts_with("session.") {
+            assert_valid_reply(ex);
+            session_events += 1;
         } else if ex.get("seq").is_some() {
             assert_valid(event(), "event example", ex);
             serde_json::from_value::<EventV1>(ex.clone())
@@ -134,6 +157,10 @@ fn every_protocol_example_validates_and_decodes() {
     assert!(events >= 7, "event examples: {events}");
     assert!(controls >= 3, "control examples: {controls}");
     assert!(results >= 1, "control_result examples: {results}");
+    assert!(
+        session_events >= 3,
+        "session event examples: {session_events}"
+    );
 }
 
 #[test]

@@ -141,6 +141,10 @@ store_tests!(
     transcripts_grow_by_chunks_with_the_outcome,
     claude_sessions_belong_to_their_key,
     unpublished_terminals_until_marked,
+    lifecycle_events_for_new_reset_idle_and_deleted,
+    lifecycle_events_are_claimed_by_one_publisher,
+    prune_with_a_moved_clock_and_a_dry_run,
+    maintenance_lease_has_one_holder,
 );
 
 // ---------------------------------------------------------------- helpers
@@ -1432,4 +1436,374 @@ async fn unpublished_terminals_until_marked(ctx: Ctx) {
         .await
         .unwrap()
         .is_empty());
+}
+
+// ---------------------------------------------------------- lifecycle (issue 13)
+
+const DAY_MS: i64 = 86_400_000;
+
+/// The (type, reason) of every unpublished lifecycle event, claimed and
+/// marked published, in order; event ids increase.
+async fn drain_events(s: &Arc<dyn SessionStore>, now: i64) -> Vec<(String, String)> {
+    let events = s.claim_session_events(now, 10_000, 100).await.unwrap();
+    let mut last = 0;
+    let mut out = Vec::new();
+    for e in events {
+        assert!(e.event_id > last, "event ids grow");
+        last = e.event_id;
+        let v: serde_json::Value = serde_json::from_slice(&e.to_json()).unwrap();
+        assert_eq!(v["type"], e.kind.as_str());
+        assert_eq!(v["event_id"], e.event_id);
+        assert_eq!(v["session_key"], e.session_key.as_str());
+        out.push((
+            e.kind.clone(),
+            v["reason"].as_str().unwrap_or("").to_string(),
+        ));
+        s.settle_session_event(e.event_id, true, now).await.unwrap();
+    }
+    out
+}
+
+fn ev(kind: &str, reason: &str) -> (String, String) {
+    (kind.to_string(), reason.to_string())
+}
+
+fn idle_rule(quiet_since_ms: i64) -> Vec<store::IdleRule> {
+    vec![store::IdleRule {
+        profile: "default".into(),
+        quiet_since_ms,
+        idle_ttl_secs: 60,
+    }]
+}
+
+/// Runs `job_id` (the session's next) under a fresh lease, beginning its
+/// conversation as a worker does, and releases the lease.
+async fn run_job_beginning(
+    s: &Arc<dyn SessionStore>,
+    key: &str,
+    job_id: &str,
+    mode: SessionMode,
+    now: i64,
+) {
+    let lease = s
+        .claim_session("w1", now, TTL, None)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(lease.session_key, key);
+    let job = s.next_job(&lease).await.unwrap().unwrap();
+    assert_eq!(job.job_id, job_id);
+    s.start_attempt(&lease, job_id, now).await.unwrap();
+    s.begin_conversation(&lease, job_id, mode, now)
+        .await
+        .unwrap();
+    // A retried attempt of the same job records nothing more.
+    assert!(!s
+        .begin_conversation(&lease, job_id, mode, now)
+        .await
+        .unwrap());
+    let mut f = finish(job_id, JobStatus::Succeeded, 2, now);
+    f.session_update = Some(update(&format!("cs-{job_id}"), 1, 1));
+    s.finish_job(&lease, &f).await.unwrap();
+    s.mark_terminal_published(job_id, now).await.unwrap();
+    assert_eq!(
+        s.release_lease(&lease, now).await.unwrap(),
+        ReleaseOutcome::Released
+    );
+}
+
+async fn lifecycle_events_for_new_reset_idle_and_deleted(ctx: Ctx) {
+    let s = ctx.open().await;
+    accept(&s, "j1", "K", 1_000).await;
+    run_job_beginning(&s, "K", "j1", SessionMode::Continue, 2_000).await;
+    assert_eq!(
+        drain_events(&s, 2_000).await,
+        vec![ev("session.started", "")]
+    );
+    // A continuing job begins nothing.
+    accept(&s, "j2", "K", 3_000).await;
+    run_job_beginning(&s, "K", "j2", SessionMode::Continue, 3_000).await;
+    assert!(drain_events(&s, 3_000).await.is_empty());
+    // Idle: not before the TTL, then once per quiet spell.
+    assert!(s
+        .mark_idle_sessions(&idle_rule(2_999), 10_000, 10)
+        .await
+        .unwrap()
+        .is_empty());
+    let marked = s
+        .mark_idle_sessions(&idle_rule(3_001), 10_000, 10)
+        .await
+        .unwrap();
+    assert_eq!(marked.len(), 1);
+    assert_eq!(marked[0].session_key, "K");
+    assert!(s
+        .mark_idle_sessions(&idle_rule(9_000), 11_000, 10)
+        .await
+        .unwrap()
+        .is_empty());
+    // Another profile's rule does not touch it.
+    let other = vec![store::IdleRule {
+        profile: "webapp".into(),
+        quiet_since_ms: 99_000,
+        idle_ttl_secs: 1,
+    }];
+    assert!(s
+        .mark_idle_sessions(&other, 100_000, 10)
+        .await
+        .unwrap()
+        .is_empty());
+    // A reset: the old conversation ends, a new one starts.
+    let mut reset = new_job("j3", "K");
+    reset.spec.mode = SessionMode::New;
+    assert_eq!(
+        s.accept_job(&reset, 12_000).await.unwrap(),
+        AcceptOutcome::Inserted
+    );
+    run_job_beginning(&s, "K", "j3", SessionMode::New, 12_000).await;
+    // Activity since the last mark: it may go idle again.
+    let again = s
+        .mark_idle_sessions(&idle_rule(13_000), 13_000, 10)
+        .await
+        .unwrap();
+    assert_eq!(again.len(), 1);
+    assert!(s.forget_session("K", 14_000).await.unwrap());
+    // Deleting it again, or a budget end, records nothing: it has ended.
+    assert!(s.forget_session("K", 14_100).await.unwrap());
+    assert!(!s
+        .end_conversation("K", store::EndReason::Budget, None, 14_200)
+        .await
+        .unwrap());
+    assert_eq!(
+        drain_events(&s, 15_000).await,
+        vec![
+            ev("session.idle", ""),
+            ev("session.ended", "reset"),
+            ev("session.started", ""),
+            ev("session.idle", ""),
+            ev("session.ended", "deleted"),
+        ]
+    );
+    // The next job after a delete starts anew; a budget end ends it.
+    accept(&s, "j4", "K", 16_000).await;
+    run_job_beginning(&s, "K", "j4", SessionMode::Continue, 16_000).await;
+    assert!(s
+        .end_conversation("K", store::EndReason::Budget, Some("j5"), 17_000)
+        .await
+        .unwrap());
+    assert_eq!(
+        drain_events(&s, 18_000).await,
+        vec![ev("session.started", ""), ev("session.ended", "budget")]
+    );
+    assert!(
+        drain_events(&s, 19_000).await.is_empty(),
+        "published events are not claimed again"
+    );
+}
+
+async fn lifecycle_events_are_claimed_by_one_publisher(ctx: Ctx) {
+    let s = ctx.open().await;
+    for i in 0..5 {
+        accept(&s, &format!("j{i}"), &format!("K{i}"), 1_000).await;
+        run_job_beginning(
+            &s,
+            &format!("K{i}"),
+            &format!("j{i}"),
+            SessionMode::Continue,
+            1_000 + i,
+        )
+        .await;
+    }
+    // Two publishers at once: each event is claimed by one.
+    let (a, b) = tokio::join!(
+        s.claim_session_events(2_000, 5_000, 100),
+        s.claim_session_events(2_000, 5_000, 100)
+    );
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!(a.len() + b.len(), 5, "{a:?} {b:?}");
+    // A claim given back (a failed publish) is claimed again at once; one
+    // whose publisher died is claimed again once it runs out.
+    let first = a.first().or(b.first()).unwrap().event_id;
+    s.settle_session_event(first, false, 2_100).await.unwrap();
+    let again = s.claim_session_events(2_200, 5_000, 100).await.unwrap();
+    assert_eq!(
+        again.iter().map(|e| e.event_id).collect::<Vec<_>>(),
+        vec![first]
+    );
+    let expired = s.claim_session_events(7_201, 5_000, 100).await.unwrap();
+    assert_eq!(expired.len(), 5, "every claim ran out");
+}
+
+async fn prune_with_a_moved_clock_and_a_dry_run(ctx: Ctx) {
+    let s = ctx.open().await;
+    // OLD: three jobs and a transcript, quiet since day 1. NEW: active on day 40.
+    for (i, at) in [(1, DAY_MS), (2, DAY_MS + 1), (3, DAY_MS + 2)] {
+        accept(&s, &format!("old{i}"), "OLD", at).await;
+        run_job_beginning(&s, "OLD", &format!("old{i}"), SessionMode::Continue, at).await;
+    }
+    let lease = s.claim_session("w1", DAY_MS + 3, TTL, None).await.unwrap();
+    assert!(lease.is_none(), "nothing to run");
+    // OLD's session.started, published on day 1.
+    assert_eq!(
+        drain_events(&s, DAY_MS + 3).await,
+        vec![ev("session.started", "")]
+    );
+    accept(&s, "new1", "NEW", 40 * DAY_MS).await;
+    run_job_beginning(&s, "NEW", "new1", SessionMode::Continue, 40 * DAY_MS).await;
+    for (key, cs, at) in [
+        ("OLD", "cs-old3", DAY_MS + 2),
+        ("NEW", "cs-new1", 40 * DAY_MS),
+    ] {
+        accept(&s, &format!("t-{key}"), key, at).await;
+        let l = s.claim_session("w1", at, TTL, None).await.unwrap().unwrap();
+        let t = Transcript {
+            claude_session_id: cs.into(),
+            session_key: key.into(),
+            data: b"x".to_vec(),
+            size_bytes: 1,
+            sha256: None,
+            updated_at_ms: at,
+        };
+        s.put_transcript(&l, &t).await.unwrap();
+        let job = s.next_job(&l).await.unwrap().unwrap();
+        s.start_attempt(&l, &job.job_id, at).await.unwrap();
+        s.finish_job(&l, &finish(&job.job_id, JobStatus::Succeeded, 1, at))
+            .await
+            .unwrap();
+        s.release_lease(&l, at).await.unwrap();
+    }
+    assert!(s.claim_control("r-old", DAY_MS).await.unwrap());
+    assert!(s.claim_control("r-new", 40 * DAY_MS).await.unwrap());
+    drain_events(&s, 40 * DAY_MS).await;
+    let now = 40 * DAY_MS + 1;
+    let req = |dry_run: bool, batch: i64| store::PruneRequest {
+        rules: vec![store::RetentionRule {
+            profile: "default".into(),
+            before_ms: now - 30 * DAY_MS,
+        }],
+        shared_before_ms: now - 30 * DAY_MS,
+        batch,
+        dry_run,
+        now_ms: now,
+    };
+    let dry = s.prune(&req(true, 1)).await.unwrap();
+    // t-OLD is unpublished: the outbox still needs it.
+    let expected = store::PruneReport {
+        jobs: 3,
+        transcripts: 1,
+        control_requests: 1,
+        session_events: 1,
+        sessions_expired: 1,
+        cli_files: 0,
+    };
+    assert_eq!(dry, expected);
+    // The dry run touched nothing.
+    assert!(s.get_job("old1").await.unwrap().is_some());
+    assert!(s.get_transcript("cs-old3").await.unwrap().is_some());
+    let old = s.get_session("OLD").await.unwrap().unwrap();
+    assert_eq!(old.claude_session_id.as_deref(), Some("cs-old3"));
+    assert!(drain_events(&s, now).await.is_empty());
+    assert_eq!(s.prune(&req(true, 1)).await.unwrap(), expected);
+    // Bounded steps: one row of each kind per step.
+    let step = s.prune(&req(false, 1)).await.unwrap();
+    assert_eq!(
+        (step.jobs, step.sessions_expired, step.transcripts),
+        (1, 1, 1)
+    );
+    let mut total = step;
+    loop {
+        let step = s.prune(&req(false, 1)).await.unwrap();
+        if step.total() == 0 {
+            break;
+        }
+        total.add(&step);
+    }
+    // The expiry's own session.ended is recorded now, so not pruned.
+    assert_eq!(total, expected);
+    for j in ["old1", "old2", "old3"] {
+        assert!(s.get_job(j).await.unwrap().is_none(), "{j}");
+    }
+    assert!(
+        s.get_job("t-OLD").await.unwrap().is_some(),
+        "unpublished terminal kept"
+    );
+    assert!(s.get_transcript("cs-old3").await.unwrap().is_none());
+    let old = s.get_session("OLD").await.unwrap().unwrap();
+    assert_eq!(old.claude_session_id, None);
+    assert_eq!(old.status, SessionStatus::Closed);
+    // Within retention: untouched.
+    assert!(s.get_job("new1").await.unwrap().is_some());
+    assert!(s.get_transcript("cs-new1").await.unwrap().is_some());
+    let new = s.get_session("NEW").await.unwrap().unwrap();
+    assert_eq!(new.claude_session_id.as_deref(), Some("cs-new1"));
+    assert!(!s.claim_control("r-new", now).await.unwrap(), "r-new kept");
+    assert!(s.claim_control("r-old", now).await.unwrap(), "r-old pruned");
+    assert_eq!(
+        drain_events(&s, now).await,
+        vec![ev("session.ended", "expired")]
+    );
+}
+
+async fn maintenance_lease_has_one_holder(ctx: Ctx) {
+    let s = ctx.open().await;
+    // Racing takers: exactly one wins.
+    let takes = (0..6).map(|i| {
+        let s = Arc::clone(&s);
+        async move {
+            s.take_maintenance_lease("prune", &format!("w{i}"), 1_000, 500, 0)
+                .await
+                .unwrap()
+        }
+    });
+    let won: Vec<i64> = futures_util::future::join_all(takes)
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
+    assert_eq!(won.len(), 1, "{won:?}");
+    let e1 = won[0];
+    assert!(s
+        .take_maintenance_lease("prune", "x", 1_400, 500, 0)
+        .await
+        .unwrap()
+        .is_none());
+    // Held past its TTL without renewal (its holder died): taken over.
+    let e2 = s
+        .take_maintenance_lease("prune", "w9", 2_000, 500, 0)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(e2 > e1);
+    for i in 0..6 {
+        assert!(!s
+            .renew_maintenance_lease("prune", &format!("w{i}"), e1, 2_100, 500)
+            .await
+            .unwrap());
+        // The old holder's release does not free the new holder's lease.
+        s.release_maintenance_lease("prune", &format!("w{i}"), e1, 2_100)
+            .await
+            .unwrap();
+    }
+    assert!(s
+        .renew_maintenance_lease("prune", "w9", e2, 2_200, 500)
+        .await
+        .unwrap());
+    assert!(s
+        .take_maintenance_lease("prune", "x", 2_600, 500, 0)
+        .await
+        .unwrap()
+        .is_none());
+    s.release_maintenance_lease("prune", "w9", e2, 3_000)
+        .await
+        .unwrap();
+    // Once per interval: not again until it has passed since the last run.
+    assert!(s
+        .take_maintenance_lease("prune", "x", 3_500, 500, 1_000)
+        .await
+        .unwrap()
+        .is_none());
+    assert!(s
+        .take_maintenance_lease("prune", "x", 4_000, 500, 1_000)
+        .await
+        .unwrap()
+        .is_some());
 }

@@ -38,6 +38,21 @@ pub enum Command {
     },
     /// Forget a session's conversation: its next job starts a new Claude session.
     Delete { key: String },
+    /// Remove what is past retention (profiles' `retention_secs`): finished
+    /// jobs, stored transcripts, answered control requests, published
+    /// lifecycle events, this host's CLI transcript files; forget sessions
+    /// quiet that long. Waits for no worker: fails if one is pruning now.
+    Prune {
+        /// Only count what would be removed; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// A JSON object instead of lines.
+        #[arg(long)]
+        json: bool,
+        /// The clock to prune at, Unix ms (tests).
+        #[arg(long, hide = true)]
+        now_ms: Option<i64>,
+    },
 }
 
 async fn open(settings: &Settings) -> anyhow::Result<Arc<dyn SessionStore>> {
@@ -115,6 +130,11 @@ pub async fn run(settings: Settings, cmd: Command) -> anyhow::Result<u8> {
             }
             Ok(exit::OK)
         }
+        Command::Prune {
+            dry_run,
+            json,
+            now_ms,
+        } => prune(&settings, store.as_ref(), dry_run, json, now_ms).await,
         Command::Delete { key } => {
             let found = store
                 .forget_session(&key, claude_worker::store::now_ms())
@@ -129,6 +149,43 @@ pub async fn run(settings: Settings, cmd: Command) -> anyhow::Result<u8> {
             }
         }
     }
+}
+
+async fn prune(
+    settings: &Settings,
+    store: &dyn SessionStore,
+    dry_run: bool,
+    json: bool,
+    now_ms: Option<i64>,
+) -> anyhow::Result<u8> {
+    use claude_worker::worker::retention::{PruneError, Pruner};
+    let owner = format!("cli-{}", std::process::id());
+    let pruner = Pruner {
+        settings,
+        store,
+        owner: &owner,
+    };
+    let now_ms = now_ms.unwrap_or_else(claude_worker::store::now_ms);
+    // On demand: whenever the last run was.
+    let report = match pruner.run(now_ms, std::time::Duration::ZERO, dry_run).await {
+        Ok(r) => r,
+        Err(PruneError::Busy) => {
+            eprintln!("claude-worker sessions prune: a worker is pruning now; try again later");
+            return Ok(exit::FAILED);
+        }
+        Err(e) => return Err(e).context("pruning"),
+    };
+    if json {
+        let mut v = serde_json::to_value(report)?;
+        v["dry_run"] = json!(dry_run);
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        let verb = if dry_run { "would remove" } else { "removed" };
+        for (kind, n) in report.kinds() {
+            println!("{verb} {n} {}", kind.replace('_', " "));
+        }
+    }
+    Ok(exit::OK)
 }
 
 fn session_json(s: &SessionRecord) -> Value {

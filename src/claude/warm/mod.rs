@@ -283,6 +283,18 @@ impl WarmPool {
         }
     }
 
+    /// Closes the session's idle process, if the pool holds one (its
+    /// session went idle fleet-wide: `session.idle`). Counted as an expiry.
+    pub fn release(&self, session_key: &str) -> bool {
+        let Some(idle) = self.lock().idle.remove(session_key) else {
+            return false;
+        };
+        self.counters.expirations.fetch_add(1, Ordering::Relaxed);
+        info!(session = %session_ref(session_key), "session idle: closing its warm process");
+        self.close_in_background(idle.warm, "session idle");
+        true
+    }
+
     /// Expires idle processes periodically until `stop`.
     pub async fn run_reaper(self: Arc<Self>, stop: CancellationToken) {
         if !self.enabled() {

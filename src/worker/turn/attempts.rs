@@ -73,6 +73,13 @@ pub(super) async fn run(
         };
         events.attempt = attempt;
         events.stop.progressed();
+        if ctx
+            .store
+            .begin_conversation(lease, &job.job_id, job.spec.mode, now_ms())
+            .await?
+        {
+            ctx.note_lifecycle_recorded();
+        }
         if let Some(hook) = &ctx.hooks.on_attempt {
             hook(job);
         }

@@ -14,7 +14,7 @@ use super::prepare::Prepared;
 use super::TurnAbort;
 use crate::config::{BudgetOverrun, BudgetSettings};
 use crate::protocol::{ErrorKind, EventBody};
-use crate::store::{now_ms, utc_time, JobRecord, JobStatus};
+use crate::store::{now_ms, utc_time, EndReason, JobRecord, JobStatus};
 use crate::worker::context::Context;
 
 /// A budget that is used up, or what is left of one.
@@ -88,6 +88,21 @@ pub(super) async fn admit(
     let standings = standings(ctx, job, prepared, &budget).await?;
     if let Some(over) = standings.iter().find(|s| s.used_up()) {
         info!(budget = over.which, "job refused: budget used up");
+        if over.which == "session" {
+            // A session budget never resets: its conversation is over.
+            let ended = ctx
+                .store
+                .end_conversation(
+                    &job.session_key,
+                    EndReason::Budget,
+                    Some(&job.job_id),
+                    now_ms(),
+                )
+                .await?;
+            if ended {
+                ctx.note_lifecycle_recorded();
+            }
+        }
         if let Some(warm) = prepared.warm.take() {
             // Nothing ran on it: it stays the session's warm process.
             ctx.warm.put(warm);

@@ -45,6 +45,8 @@ pub(super) async fn record(
                 num_turns = result.num_turns,
                 "job completed"
             );
+            let tokens = crate::ops::metrics::TokenUsage::from_usage(&result.usage);
+            ctx.metrics.tokens(&job.spec.profile, &tokens);
             let claude_session_id =
                 completed(ctx, lease, &prepared, result, init, duration_ms, events).await?;
             keep_or_close(ctx, job, &prepared, live, claude_session_id).await;
