@@ -434,6 +434,7 @@ async fn lifecycle_events_recorded_while_the_broker_is_down_go_out_when_it_retur
             attachments: Vec::new(),
             max_budget_usd: None,
             identity: None,
+            compact: false,
         },
     };
     let now = store::now_ms();
@@ -457,6 +458,7 @@ async fn lifecycle_events_recorded_while_the_broker_is_down_go_out_when_it_retur
         session_update: None,
         cost_usd: 0.0,
         identity: None,
+        transcript: None,
         now_ms: now,
     };
     store.finish_job(&lease, &finish).await.unwrap();
