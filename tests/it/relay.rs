@@ -1163,3 +1163,96 @@ async fn a_users_budget_follows_them_across_channels() {
     assert!(matches!(d3.body, EventBody::Completed { .. }), "{d3:?}");
     w.cleanup().await;
 }
+
+fn session_of(e: &EventV1) -> String {
+    match &e.body {
+        EventBody::Completed {
+            claude_session_id: Some(sid),
+            ..
+        } => sid.clone(),
+        other => panic!("not completed with a session: {other:?}"),
+    }
+}
+
+fn resumed_of(w: &World, job_id: &str) -> Option<bool> {
+    w.events[job_id].iter().find_map(|e| match &e.body {
+        EventBody::Started { resumed, .. } => Some(*resumed),
+        _ => None,
+    })
+}
+
+async fn restart_relay(w: &mut World) {
+    w.kill_relay().await;
+    w.start_relay().await;
+}
+
+#[tokio::test]
+async fn status_and_a_pending_reset_survive_a_relay_restart() {
+    let mut w = world(|_| {}).await;
+    let m1 = w.fake.user_says(CHAN, ALICE, "first", true);
+    let first = w.terminal(&job_of(m1)).await;
+    let sid1 = session_of(&first);
+    let EventBody::Completed {
+        session_cost_usd: Some(cost1),
+        ..
+    } = first.body
+    else {
+        panic!("{first:?}")
+    };
+    restart_relay(&mut w).await;
+    // The totals come from the workers' store, not the relay's memory.
+    let status = slash(&w, "status", json!([])).await;
+    assert!(status.contains(&format!("Session `{sid1}`")), "{status}");
+    assert!(
+        status.contains(&format!("Turns: 1 · Cost: ${cost1:.4} · Profile: `discord`")),
+        "{status}"
+    );
+    assert!(status.contains("Queued: 0 · Running: 0"), "{status}");
+
+    let reset = slash(&w, "reset", json!([])).await;
+    assert!(reset.contains("new conversation"), "{reset}");
+    restart_relay(&mut w).await;
+    let status = slash(&w, "status", json!([])).await;
+    assert!(
+        status.starts_with("Your next message starts a new conversation."),
+        "{status}"
+    );
+    // The reset survived the restart: the next message starts afresh...
+    let m2 = w.fake.user_says(CHAN, ALICE, "fresh", true);
+    let second = w.terminal(&job_of(m2)).await;
+    let sid2 = session_of(&second);
+    assert_ne!(sid2, sid1);
+    assert_eq!(resumed_of(&w, &job_of(m2)), Some(false));
+    // ...and only that one: the one after continues the new session.
+    let m3 = w.fake.user_says(CHAN, ALICE, "again", true);
+    let third = w.terminal(&job_of(m3)).await;
+    assert_eq!(session_of(&third), sid2);
+    assert_eq!(resumed_of(&w, &job_of(m3)), Some(true));
+    w.shows(w.placeholder(CHAN, m3).await.id, "echo: again")
+        .await;
+
+    // Queued and running jobs, as the store counts them, after a restart.
+    w.env
+        .mock
+        .push_behavior_for("q", Behavior::hold("held for the count"));
+    let m4 = w.fake.user_says(CHAN, ALICE, "[[mock:q]] one", true);
+    w.env.mock.wait_for_held(1, WAIT).await;
+    let m5 = w.fake.user_says(CHAN, ALICE, "two", true);
+    let store = claude_worker::store::connect(&w.env.settings().database.url, 1)
+        .await
+        .unwrap();
+    world::wait_until_async("the second job accepted", || async {
+        let job = store.get_job(&job_of(m5)).await.unwrap();
+        job.is_some()
+    })
+    .await;
+    restart_relay(&mut w).await;
+    let status = slash(&w, "status", json!([])).await;
+    assert!(status.contains(&format!("Session `{sid2}`")), "{status}");
+    assert!(status.contains("Turns: 3"), "{status}");
+    assert!(status.contains("Queued: 1 · Running: 1"), "{status}");
+    w.env.mock.release_held();
+    w.terminal(&job_of(m4)).await;
+    w.terminal(&job_of(m5)).await;
+    w.cleanup().await;
+}

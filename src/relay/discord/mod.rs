@@ -7,8 +7,9 @@
 //! durable reply queue, routed to one `reply` task per job). Nothing the
 //! relay must remember lives only in memory: the job's `metadata` says
 //! where its reply is, so a restarted relay finishes what another began.
-//! What is in memory (sessions' totals for /status, a pending /reset) is a
-//! convenience that a restart forgets.
+//! /status and a pending /reset are the workers' (control messages answered
+//! from their store); what is in memory (whether a session is busy) is a
+//! hint that a restart forgets.
 
 pub mod attach;
 pub mod commands;
@@ -28,7 +29,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::client::{Client, ClientError, Incoming, ReplyConsumer};
 use crate::config::{AmqpSettings, DiscordSettings, Secret};
-use crate::protocol::{EventBody, EventV1};
+use crate::protocol::EventV1;
 use rest::Rest;
 use route::ReplyMeta;
 
@@ -59,16 +60,13 @@ pub fn load_token(s: &DiscordSettings) -> Result<Secret, RelayError> {
     }
 }
 
-/// What one conversation's jobs taught the relay (for /status).
+/// The relay's view of one conversation: only a hint (whether a new
+/// message waits behind another), which a restart forgets. What /status
+/// shows and a pending /reset live in the workers' store.
 #[derive(Debug, Clone, Default)]
 pub struct SessionInfo {
-    pub claude_session_id: Option<String>,
-    pub turns: u64,
-    pub cost_usd: f64,
     /// Jobs published and not yet ended.
     pub open_jobs: HashSet<String>,
-    /// /reset was asked: the next job starts a new session.
-    pub reset_next: bool,
 }
 
 /// Finished job ids remembered, so a republished terminal event does
@@ -132,27 +130,12 @@ impl Shared {
         lock(&self.finished).iter().any(|j| j == job_id)
     }
 
-    /// Keeps /status's view of the event's session.
+    /// A job that ended no longer makes its session busy.
     fn note_event(&self, ev: &EventV1) {
-        let mut sessions = lock(&self.sessions);
-        let s = sessions.entry(ev.session_key.clone()).or_default();
-        match &ev.body {
-            EventBody::Started {
-                claude_session_id, ..
-            } => s.claude_session_id.clone_from(claude_session_id),
-            EventBody::Completed {
-                claude_session_id,
-                num_turns,
-                total_cost_usd,
-                ..
-            } => {
-                s.claude_session_id.clone_from(claude_session_id);
-                s.turns += u64::from(*num_turns);
-                s.cost_usd += total_cost_usd;
-            }
-            _ => {}
+        if !ev.body.is_terminal() {
+            return;
         }
-        if ev.body.is_terminal() {
+        if let Some(s) = lock(&self.sessions).get_mut(&ev.session_key) {
             s.open_jobs.remove(&ev.job_id);
         }
     }
