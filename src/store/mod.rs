@@ -497,8 +497,11 @@ pub trait SessionStore: Send + Sync + 'static {
     /// Marks a reset pending: the session's jobs accepted from now on start
     /// a new Claude session, until one of them completes a turn. `false`
     /// if the key is unknown.
-    async fn request_session_reset(&self, session_key: &str, now_ms: i64)
-        -> Result<bool, StoreError>;
+    async fn request_session_reset(
+        &self,
+        session_key: &str,
+        now_ms: i64,
+    ) -> Result<bool, StoreError>;
 
     /// The session's jobs that are queued, and those running.
     async fn count_open_jobs(&self, session_key: &str) -> Result<(i64, i64), StoreError>;

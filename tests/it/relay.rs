@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 
 use claude_worker::relay::discord::render;
 
-use crate::common::fake_discord::{FakeDiscord, Msg, GUILD};
+use crate::common::fake_discord::{FakeDiscord, Limit, Msg, GUILD};
 use crate::common::world::{self, Reply};
 use crate::harness::{Backend, TestEnv, WAIT};
 use crate::mock_api::Behavior;
@@ -1204,7 +1204,9 @@ async fn status_and_a_pending_reset_survive_a_relay_restart() {
     let status = slash(&w, "status", json!([])).await;
     assert!(status.contains(&format!("Session `{sid1}`")), "{status}");
     assert!(
-        status.contains(&format!("Turns: 1 · Cost: ${cost1:.4} · Profile: `discord`")),
+        status.contains(&format!(
+            "Turns: 1 · Cost: ${cost1:.4} · Profile: `discord`"
+        )),
         "{status}"
     );
     assert!(status.contains("Queued: 0 · Running: 0"), "{status}");
@@ -1254,5 +1256,67 @@ async fn status_and_a_pending_reset_survive_a_relay_restart() {
     w.env.mock.release_held();
     w.terminal(&job_of(m4)).await;
     w.terminal(&job_of(m5)).await;
+    w.cleanup().await;
+}
+
+/// A 429 with `retry_after` only in its JSON body (no rate-limit headers):
+/// the relay waits it out itself; nothing reaches the route meanwhile.
+#[tokio::test]
+async fn a_429_with_retry_after_only_in_its_body_holds_the_route() {
+    let mut w = world(|_| {}).await;
+    w.fake.rate_limit_edits_as(1, 1.0, Limit::BodyOnly);
+    let msg = w.fake.user_says(CHAN, ALICE, "rate me", true);
+    let done = w.terminal(&job_of(msg)).await;
+    let ph = w.placeholder(CHAN, msg).await;
+    w.shows(ph.id, &result_of(&done)).await;
+    let edits = w.fake.calls_to("PATCH", &format!("/messages/{}", ph.id));
+    assert_eq!(edits[0].status, 429);
+    // The next request to the route came after the wait, and passed.
+    let waited = edits[1].at - edits[0].at;
+    assert!(
+        waited >= Duration::from_millis(1000),
+        "retried after {waited:?}"
+    );
+    assert_eq!(edits[1].status, 200);
+    assert_eq!(edits.iter().filter(|c| c.status == 429).count(), 1);
+    w.cleanup().await;
+}
+
+/// A global 429: no request to any route until it has passed, another
+/// conversation's included; then both answers arrive.
+#[tokio::test]
+async fn a_global_429_holds_every_request_until_it_passes() {
+    let mut w = world(|_| {}).await;
+    let wait = Duration::from_millis(1500);
+    w.fake
+        .rate_limit_edits_as(1, wait.as_secs_f64(), Limit::Global);
+    let m1 = w.fake.user_says(CHAN, ALICE, "rate me", true);
+    let limited = w
+        .fake
+        .wait_for("the global 429", |v| {
+            v.calls().iter().find(|c| c.status == 429).cloned()
+        })
+        .await;
+    let m2 = w.fake.user_says(CHAN, BOB, "me too", true);
+    let (d1, d2) = (w.terminal(&job_of(m1)).await, w.terminal(&job_of(m2)).await);
+    w.shows(w.placeholder(CHAN, m1).await.id, &result_of(&d1))
+        .await;
+    let ph2 = w.placeholder(CHAN, m2).await;
+    w.shows(ph2.id, &result_of(&d2)).await;
+    let calls = w.fake.calls();
+    let during: Vec<_> = calls
+        .iter()
+        .filter(|c| c.at > limited.at && c.at < limited.at + wait)
+        .map(|c| (&c.method, &c.path))
+        .collect();
+    assert!(
+        during.is_empty(),
+        "requests during the global wait: {during:?}"
+    );
+    let posted = calls
+        .iter()
+        .find(|c| c.method == "POST" && c.at > limited.at)
+        .expect("a request after the wait");
+    assert!(posted.at >= limited.at + wait);
     w.cleanup().await;
 }

@@ -1353,7 +1353,11 @@ async fn reset_waits_for_a_later_jobs_turn_and_open_jobs_count(ctx: Ctx) {
     for (i, id) in ["j1", "j2"].iter().enumerate() {
         accept(&s, id, "S", 100 + i as i64).await;
     }
-    let l = s.claim_session("w1", 200, TTL, None).await.unwrap().unwrap();
+    let l = s
+        .claim_session("w1", 200, TTL, None)
+        .await
+        .unwrap()
+        .unwrap();
     s.start_attempt(&l, "j1", 210).await.unwrap();
     assert_eq!(s.count_open_jobs("S").await.unwrap(), (1, 1));
     assert!(!s.request_session_reset("nobody", 220).await.unwrap());

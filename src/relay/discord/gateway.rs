@@ -300,14 +300,7 @@ async fn submit(
     };
     // The message id makes the job id: a message seen twice runs once.
     let job_id = format!("discord-{}", msg.id);
-    let job = job(
-        shared,
-        &job_id,
-        key.clone(),
-        prompt,
-        &meta,
-        files.images,
-    );
+    let job = job(shared, &job_id, key.clone(), prompt, &meta, files.images);
     lock(&shared.sessions)
         .entry(key.clone())
         .or_default()

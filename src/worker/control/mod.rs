@@ -106,9 +106,7 @@ pub async fn handle(ctx: &Context, delivery: &Delivery) -> Result<(), EndError> 
         ControlBody::SessionStatus { session_key } => {
             session_status::report(&req, session_key).await
         }
-        ControlBody::ResetSession { session_key } => {
-            reset_session::apply(&req, session_key).await
-        }
+        ControlBody::ResetSession { session_key } => reset_session::apply(&req, session_key).await,
     }
 }
 

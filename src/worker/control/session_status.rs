@@ -20,7 +20,13 @@ pub(super) async fn report(req: &Request<'_>, session_key: String) -> Result<(),
         None => {
             let message = format!("no session {session_key}");
             req.answer()
-                .send(false, ControlOutcome::Unknown, message, None, Some(session_key))
+                .send(
+                    false,
+                    ControlOutcome::Unknown,
+                    message,
+                    None,
+                    Some(session_key),
+                )
                 .await?
         }
     }
