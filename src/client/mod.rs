@@ -334,6 +334,12 @@ impl Client {
 
     /// Closes the connection (the reply queue goes with it).
     pub async fn close(self) {
+        self.close_shared().await;
+    }
+
+    /// [`Client::close`] for a client shared behind an `Arc` (a service's
+    /// long-lived publisher); later publishes fail.
+    pub async fn close_shared(&self) {
         let _ = self.channel.close(200, "client done".into()).await;
         let _ = self.conn.close(200, "client done".into()).await;
     }

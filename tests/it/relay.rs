@@ -1320,3 +1320,35 @@ async fn a_global_429_holds_every_request_until_it_passes() {
     assert!(posted.at >= limited.at + wait);
     w.cleanup().await;
 }
+
+/// The client-provided names of the broker's connections (as listed by
+/// `rabbitmqctl`).
+async fn broker_connections() -> String {
+    let list = tokio::process::Command::new("rabbitmqctl")
+        .args(["list_connections", "-q", "client_properties"])
+        .output();
+    let out = tokio::time::timeout(WAIT, list)
+        .await
+        .expect("rabbitmqctl answers")
+        .expect("rabbitmqctl runs");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test]
+async fn stop_closes_the_relays_publishing_connection() {
+    let mut w = world(|_| {}).await;
+    let name = format!(
+        "\"{}\"",
+        claude_worker::relay::discord::publisher_name(&w.env.settings().amqp, &w.settings)
+    );
+    assert!(broker_connections().await.contains(&name), "{name} listed");
+    let relay = w.relay.take().expect("a relay runs");
+    relay.stop().await;
+    // Still in scope: stop itself closed it, not a drop.
+    world::wait_until_async("the publisher's connection closed", || async {
+        !broker_connections().await.contains(&name)
+    })
+    .await;
+    drop(relay);
+    w.cleanup().await;
+}

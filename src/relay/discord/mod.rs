@@ -155,7 +155,7 @@ impl Relay {
         settings: DiscordSettings,
         token: Secret,
     ) -> Result<Relay, RelayError> {
-        let publisher = Client::connect(&amqp, "claude-worker discord").await?;
+        let publisher = Client::connect(&amqp, &publisher_name(&amqp, &settings)).await?;
         let consumer =
             ReplyConsumer::connect(&amqp, &settings.queue_name, &settings.reply_key(), 64).await?;
         let shared = Arc::new(Shared {
@@ -206,12 +206,23 @@ impl Relay {
     }
 
     /// Stops at once: replies in progress are left to the events (unacked
-    /// ones come again to the next relay). Bounded.
+    /// ones come again to the next relay). The consumer's connection closes
+    /// with its task, the publisher's here. Bounded.
     pub async fn stop(&self) {
         self.shared.shutdown.cancel();
         self.shared.tasks.close();
         let _ = tokio::time::timeout(Duration::from_secs(10), self.shared.tasks.wait()).await;
+        let close = self.shared.publisher.close_shared();
+        let _ = tokio::time::timeout(Duration::from_secs(5), close).await;
     }
+}
+
+/// The publisher connection's name on the broker: which relay it is.
+pub fn publisher_name(amqp: &AmqpSettings, settings: &DiscordSettings) -> String {
+    format!(
+        "claude-worker discord ({}.{})",
+        amqp.prefix, settings.queue_name
+    )
 }
 
 /// Runs a long-lived task; its end (or panic) is reported on `ended`.
