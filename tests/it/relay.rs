@@ -1352,3 +1352,48 @@ async fn stop_closes_the_relays_publishing_connection() {
     drop(relay);
     w.cleanup().await;
 }
+
+/// Killed mid-answer, the relay's successor resumes the live view with the
+/// whole text so far (every event of the job is redelivered until its
+/// end), never with only what came after the restart.
+#[tokio::test]
+async fn a_restarted_relay_resumes_the_live_view_with_the_whole_text_so_far() {
+    let mut w = world(|_| {}).await;
+    let text = "The first half of this answer came before the restart, the rest after.";
+    let first = Behavior::hold_first_delta(text);
+    w.env.mock.push_behavior_for("m", Behavior::hold(text));
+    let msg = w.fake.user_says(CHAN, ALICE, "[[mock:m]] go", true);
+    let ph = w.placeholder(CHAN, msg).await;
+    w.env.mock.wait_for_held(1, WAIT).await;
+    w.shows(ph.id, &first).await;
+    w.kill_relay().await;
+    let restarted = std::time::Instant::now();
+    w.start_relay().await;
+    // Before the answer goes on, the new relay shows all of it so far.
+    let edit = format!("/messages/{}", ph.id);
+    w.fake
+        .wait_for("an edit after the restart", |v| {
+            v.calls()
+                .iter()
+                .find(|c| c.method == "PATCH" && c.path.contains(&edit) && c.at > restarted)
+                .cloned()
+        })
+        .await;
+    w.env.mock.release_held();
+    let done = w.terminal(&job_of(msg)).await;
+    assert_eq!(result_of(&done), text);
+    w.shows(ph.id, text).await;
+    let after: Vec<String> = w
+        .fake
+        .calls_to("PATCH", &edit)
+        .into_iter()
+        .filter(|c| c.at > restarted && c.status == 200)
+        .map(|c| c.body["content"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(after[0], first, "the first edit after the restart");
+    for content in &after {
+        assert!(content.starts_with(&first), "a truncated view: {content:?}");
+    }
+    assert_eq!(after.last().map(String::as_str), Some(text));
+    w.cleanup().await;
+}

@@ -156,8 +156,11 @@ impl Relay {
         token: Secret,
     ) -> Result<Relay, RelayError> {
         let publisher = Client::connect(&amqp, &publisher_name(&amqp, &settings)).await?;
+        // No prefetch limit: the events of running jobs are held unacked
+        // until each job ends (see `consume`); a limit could fill with them
+        // and hold back the terminal events that would release them.
         let consumer =
-            ReplyConsumer::connect(&amqp, &settings.queue_name, &settings.reply_key(), 64).await?;
+            ReplyConsumer::connect(&amqp, &settings.queue_name, &settings.reply_key(), 0).await?;
         let shared = Arc::new(Shared {
             rest: Rest::new(&settings, &token),
             downloader: attach::Downloader::new(Duration::from_millis(settings.request_timeout_ms)),
@@ -271,20 +274,17 @@ async fn consume(shared: Arc<Shared>, mut consumer: ReplyConsumer) -> Result<(),
             let _ = ack.ack().await;
             continue;
         };
-        // Only a terminal event is held unacked until it is shown: the
-        // others matter for the live view alone, and holding them would let
-        // one slow (rate-limited) reply fill the prefetch window of all.
-        let ack = if event.body.is_terminal() {
-            Some(ack)
-        } else {
-            let _ = ack.ack().await;
-            None
-        };
+        // Every event of a job stays unacked until its terminal event is
+        // shown (the reply task acks them then): a relay restarted
+        // mid-answer is sent the whole answer so far again, and its live
+        // view resumes with all of it, not a tail. (The queue is read
+        // without a prefetch limit, so held events never stop the
+        // terminal events that release them.)
         let tx = shared.reply_task(&event.job_id, &meta);
         let input = reply::Input {
             event,
             lease_epoch,
-            ack,
+            ack: Some(ack),
         };
         // A reply task that ended drops its input unacked; it comes again.
         let _ = tx.send(input);
