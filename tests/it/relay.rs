@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use claude_worker::config::{DiscordSettings, Secret};
+use claude_worker::config::{AmqpSettings, DiscordSettings, Secret};
 use claude_worker::protocol::{EventBody, EventV1};
 use claude_worker::relay::discord::Relay;
 use claude_worker::worker::Worker;
@@ -38,6 +38,8 @@ struct World {
     /// Events read, by job id.
     events: HashMap<String, Vec<EventV1>>,
     queue: QueueGuard,
+    /// The broker the relay uses (the shared one, or a test's own node).
+    amqp: AmqpSettings,
 }
 
 async fn world(tweak: impl FnOnce(&mut DiscordSettings)) -> World {
@@ -53,9 +55,25 @@ async fn world_without_relay() -> World {
 
 /// A world whose worker starts now, or later (`World::start_worker`).
 async fn world_with(start_worker: bool, tweak: impl FnOnce(&mut DiscordSettings)) -> World {
+    world_on(None, start_worker, tweak).await
+}
+
+/// A world whose worker and relay use the broker at `amqp_url` (a node of
+/// the test's own), or the shared one. (The event observer stays on the
+/// shared broker: on another, read what Discord shows instead.)
+async fn world_on(
+    amqp_url: Option<&str>,
+    start_worker: bool,
+    tweak: impl FnOnce(&mut DiscordSettings),
+) -> World {
     let env = TestEnv::new(Backend::Sqlite).await;
+    let mut amqp = env.settings().amqp;
+    if let Some(url) = amqp_url {
+        amqp.url = Secret::new(url);
+    }
     let worker = if start_worker {
-        Some(env.start_worker().await)
+        let url = amqp.url.clone();
+        Some(env.start_worker_with(|s| s.amqp.url = url).await)
     } else {
         None
     };
@@ -80,6 +98,7 @@ async fn world_with(start_worker: bool, tweak: impl FnOnce(&mut DiscordSettings)
         settings,
         observed,
         events: HashMap::new(),
+        amqp,
     };
     w.start_relay().await;
     w
@@ -89,7 +108,7 @@ impl World {
     async fn start_relay(&mut self) {
         let n = self.fake.calls_to("PUT", "/commands").len();
         let sessions = self.fake.sessions();
-        let amqp = self.env.settings().amqp;
+        let amqp = self.amqp.clone();
         let relay = Relay::start(amqp, self.settings.clone(), Secret::new("test-token"))
             .await
             .expect("relay starts");
@@ -1396,4 +1415,37 @@ async fn a_restarted_relay_resumes_the_live_view_with_the_whole_text_so_far() {
     }
     assert_eq!(after.last().map(String::as_str), Some(text));
     w.cleanup().await;
+}
+
+/// A RabbitMQ restart (a node of the test's own) while the relay streams an
+/// answer: the relay's consumer and publisher recover, the answer's final
+/// edit arrives, and a message sent after the restart is answered too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_restart_while_the_relay_streams_still_delivers_the_answer() {
+    let node = crate::common::broker_node::BrokerNode::start().await;
+    let mut w = world_on(Some(&node.url()), true, |_| {}).await;
+    let text = "Streamed across a broker restart, and delivered whole.";
+    w.env.mock.push_behavior_for("b", Behavior::hold(text));
+    let msg = w.fake.user_says(CHAN, ALICE, "[[mock:b]] go", true);
+    let ph = w.placeholder(CHAN, msg).await;
+    w.env.mock.wait_for_held(1, WAIT).await;
+    w.shows(ph.id, &Behavior::hold_first_delta(text)).await;
+
+    node.stop_app().await;
+    w.env.mock.release_held();
+    // The outage lasts a few seconds (the scenario, not a synchronisation).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    node.start_app().await;
+
+    w.shows(ph.id, text).await;
+    let after = w.fake.user_says(CHAN, ALICE, "after the restart", true);
+    let ph2 = w.placeholder(CHAN, after).await;
+    w.shows(ph2.id, "echo: after the restart").await;
+    assert_eq!(
+        w.fake.messages_in(CHAN).len(),
+        2,
+        "each answer edited into its own reply"
+    );
+    w.cleanup().await;
+    drop(node);
 }
