@@ -1423,7 +1423,7 @@ async fn a_restarted_relay_resumes_the_live_view_with_the_whole_text_so_far() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_restart_while_the_relay_streams_still_delivers_the_answer() {
     let node = crate::common::broker_node::BrokerNode::start().await;
-    let mut w = world_on(Some(&node.url()), true, |_| {}).await;
+    let w = world_on(Some(&node.url()), true, |_| {}).await;
     let text = "Streamed across a broker restart, and delivered whole.";
     w.env.mock.push_behavior_for("b", Behavior::hold(text));
     let msg = w.fake.user_says(CHAN, ALICE, "[[mock:b]] go", true);
