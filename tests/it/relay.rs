@@ -70,10 +70,13 @@ async fn world_on(
     let mut amqp = env.settings().amqp;
     if let Some(url) = amqp_url {
         amqp.url = Secret::new(url);
+        // A restart of the node (slow on a loaded machine) stays within
+        // the publish timeout: turns in flight wait for it, not retry.
+        amqp.publish_timeout_ms = 30_000;
     }
     let worker = if start_worker {
-        let url = amqp.url.clone();
-        Some(env.start_worker_with(|s| s.amqp.url = url).await)
+        let a = amqp.clone();
+        Some(env.start_worker_with(|s| s.amqp = a).await)
     } else {
         None
     };
