@@ -560,6 +560,11 @@ pub enum ControlBody {
         session_key: String,
         mode: PermissionMode,
     },
+    /// Report a session's stored state (answered with `status` set).
+    SessionStatus { session_key: String },
+    /// The session's next job (accepted after this) starts a new Claude
+    /// session, even with `session.mode` `continue`.
+    ResetSession { session_key: String },
 }
 
 /// Decodes a control body (strict JSON, as for jobs).
@@ -757,6 +762,35 @@ pub struct ControlResultV1 {
     pub job_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub session_key: Option<String>,
+    /// The answer to `session_status`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<SessionStatusV1>,
+}
+
+/// A session's stored state, as `session_status` reports it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionStatusV1 {
+    /// The Claude session the next `continue` job resumes (none yet, or
+    /// after a reset that has not run a turn).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claude_session_id: Option<String>,
+    pub profile: String,
+    /// Completed turns (jobs) of the session key, and what all its jobs cost.
+    pub turns: i64,
+    pub cost_usd: f64,
+    /// Jobs accepted and not yet started, and those running.
+    pub queued_jobs: i64,
+    pub running_jobs: i64,
+    /// A `reset_session` is pending: the next job starts a new session.
+    pub reset_pending: bool,
+    /// The permission mode set at runtime, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub permission_mode: Option<PermissionMode>,
+    /// Context the last turn used, and the model's window, if stored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context_tokens: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context_window: Option<i64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -775,6 +809,8 @@ pub enum ControlOutcome {
     Refused,
     /// The control message was not valid.
     Invalid,
+    /// `session_status` answered: see `status`.
+    Reported,
 }
 
 /// A session lifecycle event (`session.started`, `session.idle`,

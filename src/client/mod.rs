@@ -43,6 +43,10 @@ pub enum ClientError {
     /// The reply consumer ended (connection closed and not recovered).
     #[error("the reply queue's consumer ended (connection to RabbitMQ lost?)")]
     ConsumerEnded,
+    /// The connection was down and did not come back within the publish
+    /// timeout.
+    #[error("RabbitMQ was unreachable for {timeout_ms} ms")]
+    Unreachable { timeout_ms: u64 },
 }
 
 /// One message read from the reply queue.
@@ -141,6 +145,8 @@ pub struct Client {
     topology: Topology,
     reply_key: String,
     consumer: Consumer,
+    /// How long a publish waits for a dropped connection to come back.
+    publish_timeout: Duration,
 }
 
 impl Client {
@@ -162,6 +168,7 @@ impl Client {
             topology,
             reply_key,
             consumer,
+            publish_timeout: Duration::from_millis(settings.publish_timeout_ms),
         })
     }
 
@@ -255,20 +262,40 @@ impl Client {
         props: BasicProperties,
         unroutable: impl FnOnce() -> String,
     ) -> Result<(), ClientError> {
-        let confirm = self
-            .channel
-            .basic_publish(
-                exchange.into(),
-                routing_key.into(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..Default::default()
+        // A dropped connection (a broker restart) is waited out, bounded,
+        // and the message sent again: jobs and control requests carry their
+        // ids, so a copy that did reach the broker runs once.
+        let deadline = tokio::time::Instant::now() + self.publish_timeout;
+        let confirm = loop {
+            let sent = self
+                .channel
+                .basic_publish(
+                    exchange.into(),
+                    routing_key.into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..Default::default()
+                    },
+                    body,
+                    props.clone(),
+                )
+                .await;
+            let error = match sent {
+                Ok(confirm) => match confirm.await {
+                    Ok(c) => break c,
+                    Err(e) => e,
                 },
-                body,
-                props,
-            )
-            .await?
-            .await?;
+                Err(e) => e,
+            };
+            match tokio::time::timeout_at(deadline, self.channel.wait_for_recovery(error)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(e.into()),
+                Err(_) => {
+                    let timeout_ms = self.publish_timeout.as_millis() as u64;
+                    return Err(ClientError::Unreachable { timeout_ms });
+                }
+            }
+        };
         match confirm {
             Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
             Confirmation::Ack(Some(_)) => Err(ClientError::Unroutable(unroutable())),
@@ -334,6 +361,12 @@ impl Client {
 
     /// Closes the connection (the reply queue goes with it).
     pub async fn close(self) {
+        self.close_shared().await;
+    }
+
+    /// [`Client::close`] for a client shared behind an `Arc` (a service's
+    /// long-lived publisher); later publishes fail.
+    pub async fn close_shared(&self) {
         let _ = self.channel.close(200, "client done".into()).await;
         let _ = self.conn.close(200, "client done".into()).await;
     }

@@ -275,6 +275,9 @@ pub struct SessionRecord {
     /// cache tokens), and the model's window.
     pub context_tokens: Option<i64>,
     pub context_window: Option<i64>,
+    /// A reset is pending: jobs accepted after this order start a new
+    /// Claude session (`reset_session`).
+    pub reset_after_job_order: Option<i64>,
 }
 
 /// Proof of holding a session's lease. `epoch` only grows; every fenced
@@ -578,6 +581,18 @@ pub trait SessionStore: SessionLifecycle + Send + Sync + 'static {
         mode: Option<PermissionMode>,
         now_ms: i64,
     ) -> Result<bool, StoreError>;
+
+    /// Marks a reset pending: the session's jobs accepted from now on start
+    /// a new Claude session, until one of them completes a turn. `false`
+    /// if the key is unknown.
+    async fn request_session_reset(
+        &self,
+        session_key: &str,
+        now_ms: i64,
+    ) -> Result<bool, StoreError>;
+
+    /// The session's jobs that are queued, and those running.
+    async fn count_open_jobs(&self, session_key: &str) -> Result<(i64, i64), StoreError>;
 }
 
 /// Opens the store named by `url` (`sqlite:` or `postgres://`). Does not

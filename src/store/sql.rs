@@ -263,11 +263,14 @@ macro_rules! session_store_impl {
                 .execute(&mut *tx)
                 .await?;
                 if let Some(u) = &finish.session_update {
+                    // A turn of a job accepted after a reset consumes it.
                     sqlx::query(
                         "UPDATE sessions SET claude_session_id = $1, cwd = $2, model = $3, turns = turns + 1, \
                            input_tokens = input_tokens + $4, output_tokens = output_tokens + $5, \
                            context_tokens = COALESCE($6, context_tokens), \
-                           context_window = COALESCE($7, context_window) \
+                           context_window = COALESCE($7, context_window), \
+                           reset_after_job_order = CASE WHEN reset_after_job_order < \
+                             (SELECT job_order FROM jobs WHERE job_id = $9) THEN NULL ELSE reset_after_job_order END \
                          WHERE session_key = $8",
                     )
                     .bind(&u.claude_session_id)
@@ -278,6 +281,7 @@ macro_rules! session_store_impl {
                     .bind(u.context_tokens)
                     .bind(u.context_window)
                     .bind(&lease.session_key)
+                    .bind(&finish.job_id)
                     .execute(&mut *tx)
                     .await?;
                 }
@@ -486,6 +490,32 @@ macro_rules! session_store_impl {
                 .execute(&self.pool)
                 .await?;
                 Ok(done.rows_affected() > 0)
+            }
+
+            async fn request_session_reset(&self, session_key: &str, now_ms: i64) -> Result<bool, StoreError> {
+                let done = sqlx::query(
+                    "UPDATE sessions SET updated_at_ms = $1, reset_after_job_order = \
+                       (SELECT COALESCE(MAX(job_order), 0) FROM jobs WHERE session_key = $2) \
+                     WHERE session_key = $2",
+                )
+                .bind(now_ms)
+                .bind(session_key)
+                .execute(&self.pool)
+                .await?;
+                Ok(done.rows_affected() > 0)
+            }
+
+            async fn count_open_jobs(&self, session_key: &str) -> Result<(i64, i64), StoreError> {
+                let (queued, running): (i64, i64) = sqlx::query_as(
+                    "SELECT \
+                       COALESCE(SUM(CASE WHEN status = 'queued' THEN 1 ELSE 0 END), 0), \
+                       COALESCE(SUM(CASE WHEN status = 'running' THEN 1 ELSE 0 END), 0) \
+                     FROM jobs WHERE session_key = $1 AND status IN ('queued', 'running')",
+                )
+                .bind(session_key)
+                .fetch_one(&self.pool)
+                .await?;
+                Ok((queued, running))
             }
         }
     };

@@ -58,8 +58,9 @@ struct State {
     messages: Vec<Msg>,
     /// REST calls to answer with this status (5xx) before one passes.
     fail_next: Vec<u16>,
-    /// Edits to answer 429 (with this `retry_after`, seconds) before one passes.
-    edit_429: Vec<f64>,
+    /// Edits to answer 429 (with this `retry_after`, seconds, and this
+    /// shape) before one passes.
+    edit_429: Vec<(f64, Limit)>,
     identifies: u32,
     /// The token of each IDENTIFY.
     tokens: Vec<String>,
@@ -300,13 +301,19 @@ impl FakeDiscord {
         token
     }
 
-    /// The next `n` edits of channel messages answer 429 with `retry_after`.
+    /// The next `n` edits of channel messages answer 429 with `retry_after`
+    /// (in the body and the headers).
     pub fn rate_limit_edits(&self, n: usize, retry_after: f64) {
+        self.rate_limit_edits_as(n, retry_after, Limit::Headers);
+    }
+
+    /// The next `n` edits answer a 429 of this shape.
+    pub fn rate_limit_edits_as(&self, n: usize, retry_after: f64, shape: Limit) {
         self.state
             .lock()
             .unwrap()
             .edit_429
-            .extend(std::iter::repeat_n(retry_after, n));
+            .extend(std::iter::repeat_n((retry_after, shape), n));
     }
 
     /// Closes the gateway session with `code` (the relay's shard
@@ -620,8 +627,8 @@ fn create_message(s: &mut State, channel: u64, body: &Value) -> Response {
 
 fn edit_message(s: &mut State, channel: u64, mid: u64, body: &Value) -> Response {
     if !s.edit_429.is_empty() {
-        let retry_after = s.edit_429.remove(0);
-        return rate_limited(retry_after);
+        let (retry_after, shape) = s.edit_429.remove(0);
+        return rate_limited(retry_after, shape);
     }
     let content = body["content"].as_str().unwrap_or("").to_string();
     let Some(msg) = s.messages.iter_mut().find(|x| x.id == mid) else {
@@ -659,17 +666,39 @@ fn set_commands(body: &Value) -> Response {
     ok(Value::Array(cmds))
 }
 
-/// A 429 as Discord sends it: `retry_after` in the body and the headers.
-fn rate_limited(retry_after: f64) -> Response {
+/// The shapes of a 429 Discord sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    /// A route's bucket: `retry_after` in the body and the headers.
+    Headers,
+    /// `retry_after` in the JSON body only (no rate-limit headers).
+    BodyOnly,
+    /// The global limit: every route must wait.
+    Global,
+}
+
+/// A 429 as Discord sends it.
+fn rate_limited(retry_after: f64, shape: Limit) -> Response {
     let mut h = HeaderMap::new();
     let secs = format!("{retry_after:.3}");
-    h.insert("x-ratelimit-scope", "user".parse().unwrap());
-    h.insert("x-ratelimit-bucket", "edit-bucket".parse().unwrap());
-    h.insert("x-ratelimit-limit", "5".parse().unwrap());
-    h.insert("x-ratelimit-remaining", "0".parse().unwrap());
-    h.insert("x-ratelimit-reset-after", secs.parse().unwrap());
-    h.insert("retry-after", secs.parse().unwrap());
-    let body = json!({"message": "You are being rate limited.", "retry_after": retry_after, "global": false});
+    match shape {
+        Limit::Headers => {
+            h.insert("x-ratelimit-scope", "user".parse().unwrap());
+            h.insert("x-ratelimit-bucket", "edit-bucket".parse().unwrap());
+            h.insert("x-ratelimit-limit", "5".parse().unwrap());
+            h.insert("x-ratelimit-remaining", "0".parse().unwrap());
+            h.insert("x-ratelimit-reset-after", secs.parse().unwrap());
+            h.insert("retry-after", secs.parse().unwrap());
+        }
+        Limit::BodyOnly => {}
+        Limit::Global => {
+            h.insert("x-ratelimit-global", "true".parse().unwrap());
+            h.insert("x-ratelimit-scope", "global".parse().unwrap());
+            h.insert("retry-after", secs.parse().unwrap());
+        }
+    }
+    let global = shape == Limit::Global;
+    let body = json!({"message": "You are being rate limited.", "retry_after": retry_after, "global": global});
     (StatusCode::TOO_MANY_REQUESTS, h, axum::Json(body)).into_response()
 }
 

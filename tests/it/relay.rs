@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use claude_worker::config::{DiscordSettings, Secret};
+use claude_worker::config::{AmqpSettings, DiscordSettings, Secret};
 use claude_worker::protocol::{EventBody, EventV1};
 use claude_worker::relay::discord::Relay;
 use claude_worker::worker::Worker;
@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 
 use claude_worker::relay::discord::render;
 
-use crate::common::fake_discord::{FakeDiscord, Msg, GUILD};
+use crate::common::fake_discord::{FakeDiscord, Limit, Msg, GUILD};
 use crate::common::world::{self, Reply};
 use crate::harness::{Backend, TestEnv, WAIT};
 use crate::mock_api::Behavior;
@@ -38,6 +38,8 @@ struct World {
     /// Events read, by job id.
     events: HashMap<String, Vec<EventV1>>,
     queue: QueueGuard,
+    /// The broker the relay uses (the shared one, or a test's own node).
+    amqp: AmqpSettings,
 }
 
 async fn world(tweak: impl FnOnce(&mut DiscordSettings)) -> World {
@@ -53,9 +55,28 @@ async fn world_without_relay() -> World {
 
 /// A world whose worker starts now, or later (`World::start_worker`).
 async fn world_with(start_worker: bool, tweak: impl FnOnce(&mut DiscordSettings)) -> World {
+    world_on(None, start_worker, tweak).await
+}
+
+/// A world whose worker and relay use the broker at `amqp_url` (a node of
+/// the test's own), or the shared one. (The event observer stays on the
+/// shared broker: on another, read what Discord shows instead.)
+async fn world_on(
+    amqp_url: Option<&str>,
+    start_worker: bool,
+    tweak: impl FnOnce(&mut DiscordSettings),
+) -> World {
     let env = TestEnv::new(Backend::Sqlite).await;
+    let mut amqp = env.settings().amqp;
+    if let Some(url) = amqp_url {
+        amqp.url = Secret::new(url);
+        // A restart of the node (slow on a loaded machine) stays within
+        // the publish timeout: turns in flight wait for it, not retry.
+        amqp.publish_timeout_ms = 30_000;
+    }
     let worker = if start_worker {
-        Some(env.start_worker().await)
+        let a = amqp.clone();
+        Some(env.start_worker_with(|s| s.amqp = a).await)
     } else {
         None
     };
@@ -80,6 +101,7 @@ async fn world_with(start_worker: bool, tweak: impl FnOnce(&mut DiscordSettings)
         settings,
         observed,
         events: HashMap::new(),
+        amqp,
     };
     w.start_relay().await;
     w
@@ -89,7 +111,7 @@ impl World {
     async fn start_relay(&mut self) {
         let n = self.fake.calls_to("PUT", "/commands").len();
         let sessions = self.fake.sessions();
-        let amqp = self.env.settings().amqp;
+        let amqp = self.amqp.clone();
         let relay = Relay::start(amqp, self.settings.clone(), Secret::new("test-token"))
             .await
             .expect("relay starts");
@@ -1167,4 +1189,271 @@ async fn a_users_budget_follows_them_across_channels() {
     let d3 = w.terminal(&job_of(m3)).await;
     assert!(matches!(d3.body, EventBody::Completed { .. }), "{d3:?}");
     w.cleanup().await;
+}
+
+fn session_of(e: &EventV1) -> String {
+    match &e.body {
+        EventBody::Completed {
+            claude_session_id: Some(sid),
+            ..
+        } => sid.clone(),
+        other => panic!("not completed with a session: {other:?}"),
+    }
+}
+
+fn resumed_of(w: &World, job_id: &str) -> Option<bool> {
+    w.events[job_id].iter().find_map(|e| match &e.body {
+        EventBody::Started { resumed, .. } => Some(*resumed),
+        _ => None,
+    })
+}
+
+async fn restart_relay(w: &mut World) {
+    w.kill_relay().await;
+    w.start_relay().await;
+}
+
+#[tokio::test]
+async fn status_and_a_pending_reset_survive_a_relay_restart() {
+    let mut w = world(|_| {}).await;
+    let m1 = w.fake.user_says(CHAN, ALICE, "first", true);
+    let first = w.terminal(&job_of(m1)).await;
+    let sid1 = session_of(&first);
+    let EventBody::Completed {
+        session_cost_usd: Some(cost1),
+        ..
+    } = first.body
+    else {
+        panic!("{first:?}")
+    };
+    restart_relay(&mut w).await;
+    // The totals come from the workers' store, not the relay's memory.
+    let status = slash(&w, "status", json!([])).await;
+    assert!(status.contains(&format!("Session `{sid1}`")), "{status}");
+    assert!(
+        status.contains(&format!(
+            "Turns: 1 · Cost: ${cost1:.4} · Profile: `discord`"
+        )),
+        "{status}"
+    );
+    assert!(status.contains("Queued: 0 · Running: 0"), "{status}");
+
+    let reset = slash(&w, "reset", json!([])).await;
+    assert!(reset.contains("new conversation"), "{reset}");
+    restart_relay(&mut w).await;
+    let status = slash(&w, "status", json!([])).await;
+    assert!(
+        status.starts_with("Your next message starts a new conversation."),
+        "{status}"
+    );
+    // The reset survived the restart: the next message starts afresh...
+    let m2 = w.fake.user_says(CHAN, ALICE, "fresh", true);
+    let second = w.terminal(&job_of(m2)).await;
+    let sid2 = session_of(&second);
+    assert_ne!(sid2, sid1);
+    assert_eq!(resumed_of(&w, &job_of(m2)), Some(false));
+    // ...and only that one: the one after continues the new session.
+    let m3 = w.fake.user_says(CHAN, ALICE, "again", true);
+    let third = w.terminal(&job_of(m3)).await;
+    assert_eq!(session_of(&third), sid2);
+    assert_eq!(resumed_of(&w, &job_of(m3)), Some(true));
+    w.shows(w.placeholder(CHAN, m3).await.id, "echo: again")
+        .await;
+
+    // Queued and running jobs, as the store counts them, after a restart.
+    w.env
+        .mock
+        .push_behavior_for("q", Behavior::hold("held for the count"));
+    let m4 = w.fake.user_says(CHAN, ALICE, "[[mock:q]] one", true);
+    w.env.mock.wait_for_held(1, WAIT).await;
+    let m5 = w.fake.user_says(CHAN, ALICE, "two", true);
+    let store = claude_worker::store::connect(&w.env.settings().database.url, 1)
+        .await
+        .unwrap();
+    world::wait_until_async("the second job accepted", || async {
+        let job = store.get_job(&job_of(m5)).await.unwrap();
+        job.is_some()
+    })
+    .await;
+    restart_relay(&mut w).await;
+    let status = slash(&w, "status", json!([])).await;
+    assert!(status.contains(&format!("Session `{sid2}`")), "{status}");
+    assert!(status.contains("Turns: 3"), "{status}");
+    assert!(status.contains("Queued: 1 · Running: 1"), "{status}");
+    w.env.mock.release_held();
+    w.terminal(&job_of(m4)).await;
+    w.terminal(&job_of(m5)).await;
+    w.cleanup().await;
+}
+
+/// A 429 with `retry_after` only in its JSON body (no rate-limit headers):
+/// the relay waits it out itself; nothing reaches the route meanwhile.
+#[tokio::test]
+async fn a_429_with_retry_after_only_in_its_body_holds_the_route() {
+    let mut w = world(|_| {}).await;
+    w.fake.rate_limit_edits_as(1, 1.0, Limit::BodyOnly);
+    let msg = w.fake.user_says(CHAN, ALICE, "rate me", true);
+    let done = w.terminal(&job_of(msg)).await;
+    let ph = w.placeholder(CHAN, msg).await;
+    w.shows(ph.id, &result_of(&done)).await;
+    let edits = w.fake.calls_to("PATCH", &format!("/messages/{}", ph.id));
+    assert_eq!(edits[0].status, 429);
+    // The next request to the route came after the wait, and passed.
+    let waited = edits[1].at - edits[0].at;
+    assert!(
+        waited >= Duration::from_millis(1000),
+        "retried after {waited:?}"
+    );
+    assert_eq!(edits[1].status, 200);
+    assert_eq!(edits.iter().filter(|c| c.status == 429).count(), 1);
+    w.cleanup().await;
+}
+
+/// A global 429: no request to any route until it has passed, another
+/// conversation's included; then both answers arrive.
+#[tokio::test]
+async fn a_global_429_holds_every_request_until_it_passes() {
+    let mut w = world(|_| {}).await;
+    let wait = Duration::from_millis(1500);
+    w.fake
+        .rate_limit_edits_as(1, wait.as_secs_f64(), Limit::Global);
+    let m1 = w.fake.user_says(CHAN, ALICE, "rate me", true);
+    let limited = w
+        .fake
+        .wait_for("the global 429", |v| {
+            v.calls().iter().find(|c| c.status == 429).cloned()
+        })
+        .await;
+    let m2 = w.fake.user_says(CHAN, BOB, "me too", true);
+    let (d1, d2) = (w.terminal(&job_of(m1)).await, w.terminal(&job_of(m2)).await);
+    w.shows(w.placeholder(CHAN, m1).await.id, &result_of(&d1))
+        .await;
+    let ph2 = w.placeholder(CHAN, m2).await;
+    w.shows(ph2.id, &result_of(&d2)).await;
+    let calls = w.fake.calls();
+    let during: Vec<_> = calls
+        .iter()
+        .filter(|c| c.at > limited.at && c.at < limited.at + wait)
+        .map(|c| (&c.method, &c.path))
+        .collect();
+    assert!(
+        during.is_empty(),
+        "requests during the global wait: {during:?}"
+    );
+    let posted = calls
+        .iter()
+        .find(|c| c.method == "POST" && c.at > limited.at)
+        .expect("a request after the wait");
+    assert!(posted.at >= limited.at + wait);
+    w.cleanup().await;
+}
+
+/// The client-provided names of the broker's connections (as listed by
+/// `rabbitmqctl`).
+async fn broker_connections() -> String {
+    let list = tokio::process::Command::new("rabbitmqctl")
+        .args(["list_connections", "-q", "client_properties"])
+        .output();
+    let out = tokio::time::timeout(WAIT, list)
+        .await
+        .expect("rabbitmqctl answers")
+        .expect("rabbitmqctl runs");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test]
+async fn stop_closes_the_relays_publishing_connection() {
+    let mut w = world(|_| {}).await;
+    let name = format!(
+        "\"{}\"",
+        claude_worker::relay::discord::publisher_name(&w.env.settings().amqp, &w.settings)
+    );
+    assert!(broker_connections().await.contains(&name), "{name} listed");
+    let relay = w.relay.take().expect("a relay runs");
+    relay.stop().await;
+    // Still in scope: stop itself closed it, not a drop.
+    world::wait_until_async("the publisher's connection closed", || async {
+        !broker_connections().await.contains(&name)
+    })
+    .await;
+    drop(relay);
+    w.cleanup().await;
+}
+
+/// Killed mid-answer, the relay's successor resumes the live view with the
+/// whole text so far (every event of the job is redelivered until its
+/// end), never with only what came after the restart.
+#[tokio::test]
+async fn a_restarted_relay_resumes_the_live_view_with_the_whole_text_so_far() {
+    let mut w = world(|_| {}).await;
+    let text = "The first half of this answer came before the restart, the rest after.";
+    let first = Behavior::hold_first_delta(text);
+    w.env.mock.push_behavior_for("m", Behavior::hold(text));
+    let msg = w.fake.user_says(CHAN, ALICE, "[[mock:m]] go", true);
+    let ph = w.placeholder(CHAN, msg).await;
+    w.env.mock.wait_for_held(1, WAIT).await;
+    w.shows(ph.id, &first).await;
+    w.kill_relay().await;
+    let restarted = std::time::Instant::now();
+    w.start_relay().await;
+    // Before the answer goes on, the new relay shows all of it so far.
+    let edit = format!("/messages/{}", ph.id);
+    w.fake
+        .wait_for("an edit after the restart", |v| {
+            v.calls()
+                .iter()
+                .find(|c| c.method == "PATCH" && c.path.contains(&edit) && c.at > restarted)
+                .cloned()
+        })
+        .await;
+    w.env.mock.release_held();
+    let done = w.terminal(&job_of(msg)).await;
+    assert_eq!(result_of(&done), text);
+    w.shows(ph.id, text).await;
+    let after: Vec<String> = w
+        .fake
+        .calls_to("PATCH", &edit)
+        .into_iter()
+        .filter(|c| c.at > restarted && c.status == 200)
+        .map(|c| c.body["content"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(after[0], first, "the first edit after the restart");
+    for content in &after {
+        assert!(content.starts_with(&first), "a truncated view: {content:?}");
+    }
+    assert_eq!(after.last().map(String::as_str), Some(text));
+    w.cleanup().await;
+}
+
+/// A RabbitMQ restart (a node of the test's own) while the relay streams an
+/// answer: the relay's consumer and publisher recover, the answer's final
+/// edit arrives, and a message sent after the restart is answered too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_restart_while_the_relay_streams_still_delivers_the_answer() {
+    let node = crate::common::broker_node::BrokerNode::start().await;
+    let w = world_on(Some(&node.url()), true, |_| {}).await;
+    let text = "Streamed across a broker restart, and delivered whole.";
+    w.env.mock.push_behavior_for("b", Behavior::hold(text));
+    let msg = w.fake.user_says(CHAN, ALICE, "[[mock:b]] go", true);
+    let ph = w.placeholder(CHAN, msg).await;
+    w.env.mock.wait_for_held(1, WAIT).await;
+    w.shows(ph.id, &Behavior::hold_first_delta(text)).await;
+
+    node.stop_app().await;
+    w.env.mock.release_held();
+    // The outage lasts a few seconds (the scenario, not a synchronisation).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    node.start_app().await;
+
+    w.shows(ph.id, text).await;
+    let after = w.fake.user_says(CHAN, ALICE, "after the restart", true);
+    let ph2 = w.placeholder(CHAN, after).await;
+    w.shows(ph2.id, "echo: after the restart").await;
+    assert_eq!(
+        w.fake.messages_in(CHAN).len(),
+        2,
+        "each answer edited into its own reply"
+    );
+    w.cleanup().await;
+    drop(node);
 }

@@ -145,6 +145,7 @@ store_tests!(
     lifecycle_events_are_claimed_by_one_publisher,
     prune_with_a_moved_clock_and_a_dry_run,
     maintenance_lease_has_one_holder,
+    reset_waits_for_a_later_jobs_turn_and_open_jobs_count,
 );
 
 // ---------------------------------------------------------------- helpers
@@ -1806,4 +1807,53 @@ async fn maintenance_lease_has_one_holder(ctx: Ctx) {
         .await
         .unwrap()
         .is_some());
+/// `reset_session`'s record: pending from the last accepted job on, kept
+/// through the turns of jobs accepted before it (and failed ones), consumed
+/// by a later job's completed turn. Open jobs counted by status.
+async fn reset_waits_for_a_later_jobs_turn_and_open_jobs_count(ctx: Ctx) {
+    let s = ctx.open().await;
+    assert_eq!(s.count_open_jobs("S").await.unwrap(), (0, 0));
+    for (i, id) in ["j1", "j2"].iter().enumerate() {
+        accept(&s, id, "S", 100 + i as i64).await;
+    }
+    let l = s
+        .claim_session("w1", 200, TTL, None)
+        .await
+        .unwrap()
+        .unwrap();
+    s.start_attempt(&l, "j1", 210).await.unwrap();
+    assert_eq!(s.count_open_jobs("S").await.unwrap(), (1, 1));
+    assert!(!s.request_session_reset("nobody", 220).await.unwrap());
+    assert!(s.request_session_reset("S", 220).await.unwrap());
+    let j2 = s.get_job("j2").await.unwrap().unwrap();
+    let pending = |s: Arc<dyn SessionStore>| async move {
+        let sess = s.get_session("S").await.unwrap().unwrap();
+        sess.reset_after_job_order
+    };
+    assert_eq!(pending(s.clone()).await, Some(j2.order));
+
+    // Jobs accepted before the reset keep it pending, a failed one too.
+    let mut f1 = finish("j1", JobStatus::Succeeded, 2, 230);
+    f1.session_update = Some(update("c-1", 1, 1));
+    s.finish_job(&l, &f1).await.unwrap();
+    assert_eq!(pending(s.clone()).await, Some(j2.order));
+    accept(&s, "j3", "S", 240).await;
+    accept(&s, "j4", "S", 241).await;
+    s.start_attempt(&l, "j2", 250).await.unwrap();
+    let mut f2 = finish("j2", JobStatus::Succeeded, 2, 260);
+    f2.session_update = Some(update("c-1", 1, 1));
+    s.finish_job(&l, &f2).await.unwrap();
+    s.start_attempt(&l, "j3", 270).await.unwrap();
+    s.finish_job(&l, &finish("j3", JobStatus::Failed, 1, 280))
+        .await
+        .unwrap();
+    assert_eq!(pending(s.clone()).await, Some(j2.order));
+    assert_eq!(s.count_open_jobs("S").await.unwrap(), (1, 0));
+    // The first completed turn after it consumes it.
+    s.start_attempt(&l, "j4", 290).await.unwrap();
+    let mut f4 = finish("j4", JobStatus::Succeeded, 2, 300);
+    f4.session_update = Some(update("c-2", 1, 1));
+    s.finish_job(&l, &f4).await.unwrap();
+    assert_eq!(pending(s.clone()).await, None);
+    assert_eq!(s.count_open_jobs("S").await.unwrap(), (0, 0));
 }

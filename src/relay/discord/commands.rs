@@ -15,7 +15,7 @@ use super::gateway::Me;
 use super::route::{self, Facts, TextCommand};
 use super::{lock, Shared};
 use crate::client::Client;
-use crate::protocol::{ControlBody, PermissionMode};
+use crate::protocol::{ControlBody, ControlOutcome, ControlResultV1, PermissionMode};
 
 /// How long /stop and /mode wait for a worker's answer.
 const CONTROL_WAIT: Duration = Duration::from_secs(5);
@@ -121,71 +121,97 @@ pub async fn on_interaction(shared: &Arc<Shared>, me: Me, i: Interaction) {
 }
 
 /// Runs a command for the session `key`; returns the answer to show.
+/// Each asks the workers (control messages): what a session is and
+/// whether it was reset lives in their store, not in the relay.
 pub async fn run_text(shared: &Shared, key: &str, cmd: TextCommand) -> String {
+    let session_key = key.to_string();
     match cmd {
         TextCommand::Reset => {
-            lock(&shared.sessions)
-                .entry(key.to_string())
-                .or_default()
-                .reset_next = true;
-            "🆕 Your next message starts a new conversation.".into()
+            let answer = ask(shared, ControlBody::ResetSession { session_key }).await;
+            in_words(answer, |_| {
+                "🆕 Your next message starts a new conversation.".into()
+            })
         }
-        TextCommand::Status => status(shared, key),
+        TextCommand::Status => {
+            // An unknown session is a status too: nothing yet.
+            let answer = ask(shared, ControlBody::SessionStatus { session_key })
+                .await
+                .map(|r| r.map(unknown_is_empty));
+            in_words(answer, |r| status(shared, r))
+        }
         TextCommand::Stop => {
             let body = ControlBody::Cancel {
                 job_id: None,
-                session_key: Some(key.to_string()),
+                session_key: Some(session_key),
                 reason: Some("stopped from Discord".into()),
             };
-            control(shared, body).await
+            in_words(ask(shared, body).await, |r| format!("✅ {}", r.message))
         }
         TextCommand::Mode(mode) => {
             let Ok(mode) = serde_json::from_value::<PermissionMode>(json!(mode)) else {
                 return "Modes: plan, dontAsk, default, acceptEdits, auto, bypassPermissions."
                     .into();
             };
-            let body = ControlBody::SetPermissionMode {
-                session_key: key.to_string(),
-                mode,
-            };
-            control(shared, body).await
+            let body = ControlBody::SetPermissionMode { session_key, mode };
+            in_words(ask(shared, body).await, |r| format!("✅ {}", r.message))
         }
     }
 }
 
-fn status(shared: &Shared, key: &str) -> String {
-    let sessions = lock(&shared.sessions);
-    let s = sessions.get(key).cloned().unwrap_or_default();
-    let session = s.claude_session_id.as_deref().unwrap_or("none yet");
-    let reset = if s.reset_next {
-        " (next message starts a new one)"
-    } else {
-        ""
+/// /status from the worker's answer (its store's view of the session).
+fn status(shared: &Shared, r: &ControlResultV1) -> String {
+    let profile = &shared.settings.profile;
+    let Some(s) = &r.status else {
+        return format!("No conversation yet · Profile: `{profile}`");
+    };
+    let session = match (&s.claude_session_id, s.reset_pending) {
+        (_, true) => "Your next message starts a new conversation.".to_string(),
+        (Some(id), false) => format!("Session `{id}`"),
+        (None, false) => "No conversation yet.".to_string(),
+    };
+    let context = match (s.context_tokens, s.context_window) {
+        (Some(used), Some(window)) if window > 0 => {
+            format!(" · Context: {used} of {window} tokens")
+        }
+        _ => String::new(),
     };
     format!(
-        "Session `{session}`{reset}\nTurns: {} · Cost: ${:.4} · Profile: `{}` · Queued or running: {}",
-        s.turns,
-        s.cost_usd,
-        shared.settings.profile,
-        s.open_jobs.len()
+        "{session}\nTurns: {} · Cost: ${:.4} · Profile: `{}` · Queued: {} · Running: {}{context}",
+        s.turns, s.cost_usd, s.profile, s.queued_jobs, s.running_jobs
     )
 }
 
-/// Sends a control message and returns the worker's answer, in words.
-async fn control(shared: &Shared, body: ControlBody) -> String {
-    let work = async {
-        // A short-lived client: its private queue receives the one answer.
-        let mut client = Client::connect(&shared.amqp, "claude-worker discord control").await?;
-        let id = client.publish_control(body).await?;
-        let result = client.wait_control_result(&id, CONTROL_WAIT).await;
-        client.close().await;
-        result
+/// `session_status` of a key the workers never saw: an empty status.
+fn unknown_is_empty(mut r: ControlResultV1) -> ControlResultV1 {
+    r.ok |= r.outcome == ControlOutcome::Unknown;
+    r
+}
+
+/// Sends a control message and waits (bounded) for the worker's answer.
+async fn ask(
+    shared: &Shared,
+    body: ControlBody,
+) -> Result<Option<ControlResultV1>, crate::client::ClientError> {
+    // A short-lived client: its private queue receives the one answer.
+    let mut client = Client::connect(&shared.amqp, "claude-worker discord control").await?;
+    let sent = client.publish_control(body).await;
+    let result = match sent {
+        Ok(id) => client.wait_control_result(&id, CONTROL_WAIT).await,
+        Err(e) => Err(e),
     };
-    match work.await {
-        Ok(Some(r)) => {
-            let mark = if r.ok { "✅" } else { "⚠️" };
-            format!("{mark} {}", r.message)
-        }
+    client.close().await;
+    result
+}
+
+/// The answer to show: `done` of a successful result, else the worker's
+/// refusal or why no worker answered.
+fn in_words(
+    answer: Result<Option<ControlResultV1>, crate::client::ClientError>,
+    done: impl FnOnce(&ControlResultV1) -> String,
+) -> String {
+    match answer {
+        Ok(Some(r)) if r.ok => done(&r),
+        Ok(Some(r)) => format!("⚠️ {}", r.message),
         Ok(None) => "⚠️ No worker answered; try again.".into(),
         Err(e) => {
             tracing::warn!(error = %e, "a control message failed");

@@ -214,22 +214,15 @@ async fn reply_channel(shared: &Shared, msg: &Message, prompt: &str, in_thread: 
     }
 }
 
-/// The session's state for a new message: whether it waits behind
-/// another job of the session (or for any worker at all), and whether a
-/// /reset asked for a new session.
-async fn prepare(shared: &Shared, key: &str) -> (bool, SessionMode) {
-    let (busy, mode) = {
-        let mut sessions = lock(&shared.sessions);
-        let s = sessions.entry(key.to_string()).or_default();
-        let mode = if std::mem::take(&mut s.reset_next) {
-            SessionMode::New
-        } else {
-            SessionMode::Continue
-        };
-        (!s.open_jobs.is_empty(), mode)
-    };
+/// Whether a new message waits behind another job of its session (or for
+/// any worker at all). A pending /reset is the workers' business: the
+/// job goes as `continue` and the store decides.
+async fn waiting(shared: &Shared, key: &str) -> bool {
+    let busy = lock(&shared.sessions)
+        .get(key)
+        .is_some_and(|s| !s.open_jobs.is_empty());
     let no_worker = shared.publisher.jobs_consumer_count().await.unwrap_or(1) == 0;
-    (busy || no_worker, mode)
+    busy || no_worker
 }
 
 fn job(
@@ -237,7 +230,6 @@ fn job(
     job_id: &str,
     key: String,
     prompt: String,
-    mode: SessionMode,
     meta: &ReplyMeta,
     images: Vec<AttachmentV1>,
 ) -> JobV1 {
@@ -247,7 +239,7 @@ fn job(
         session_key: key,
         prompt,
         session: SessionSpec {
-            mode,
+            mode: SessionMode::Continue,
             ..Default::default()
         },
         profile: Some(shared.settings.profile.clone()),
@@ -275,7 +267,7 @@ async fn submit(
         channel,
         facts.author_id,
     );
-    let (waiting, mode) = prepare(shared, &key).await;
+    let waiting = waiting(shared, &key).await;
     let files = shared
         .downloader
         .collect(&msg.attachments, prompt.len())
@@ -308,15 +300,7 @@ async fn submit(
     };
     // The message id makes the job id: a message seen twice runs once.
     let job_id = format!("discord-{}", msg.id);
-    let job = job(
-        shared,
-        &job_id,
-        key.clone(),
-        prompt,
-        mode,
-        &meta,
-        files.images,
-    );
+    let job = job(shared, &job_id, key.clone(), prompt, &meta, files.images);
     lock(&shared.sessions)
         .entry(key.clone())
         .or_default()

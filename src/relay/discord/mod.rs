@@ -7,8 +7,9 @@
 //! durable reply queue, routed to one `reply` task per job). Nothing the
 //! relay must remember lives only in memory: the job's `metadata` says
 //! where its reply is, so a restarted relay finishes what another began.
-//! What is in memory (sessions' totals for /status, a pending /reset) is a
-//! convenience that a restart forgets.
+//! /status and a pending /reset are the workers' (control messages answered
+//! from their store); what is in memory (whether a session is busy) is a
+//! hint that a restart forgets.
 
 pub mod attach;
 pub mod commands;
@@ -28,7 +29,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::client::{Client, ClientError, Incoming, ReplyConsumer};
 use crate::config::{AmqpSettings, DiscordSettings, Secret};
-use crate::protocol::{EventBody, EventV1};
+use crate::protocol::EventV1;
 use rest::Rest;
 use route::ReplyMeta;
 
@@ -59,16 +60,13 @@ pub fn load_token(s: &DiscordSettings) -> Result<Secret, RelayError> {
     }
 }
 
-/// What one conversation's jobs taught the relay (for /status).
+/// The relay's view of one conversation: only a hint (whether a new
+/// message waits behind another), which a restart forgets. What /status
+/// shows and a pending /reset live in the workers' store.
 #[derive(Debug, Clone, Default)]
 pub struct SessionInfo {
-    pub claude_session_id: Option<String>,
-    pub turns: u64,
-    pub cost_usd: f64,
     /// Jobs published and not yet ended.
     pub open_jobs: HashSet<String>,
-    /// /reset was asked: the next job starts a new session.
-    pub reset_next: bool,
 }
 
 /// Finished job ids remembered, so a republished terminal event does
@@ -132,27 +130,12 @@ impl Shared {
         lock(&self.finished).iter().any(|j| j == job_id)
     }
 
-    /// Keeps /status's view of the event's session.
+    /// A job that ended no longer makes its session busy.
     fn note_event(&self, ev: &EventV1) {
-        let mut sessions = lock(&self.sessions);
-        let s = sessions.entry(ev.session_key.clone()).or_default();
-        match &ev.body {
-            EventBody::Started {
-                claude_session_id, ..
-            } => s.claude_session_id.clone_from(claude_session_id),
-            EventBody::Completed {
-                claude_session_id,
-                num_turns,
-                total_cost_usd,
-                ..
-            } => {
-                s.claude_session_id.clone_from(claude_session_id);
-                s.turns += u64::from(*num_turns);
-                s.cost_usd += total_cost_usd;
-            }
-            _ => {}
+        if !ev.body.is_terminal() {
+            return;
         }
-        if ev.body.is_terminal() {
+        if let Some(s) = lock(&self.sessions).get_mut(&ev.session_key) {
             s.open_jobs.remove(&ev.job_id);
         }
     }
@@ -172,9 +155,12 @@ impl Relay {
         settings: DiscordSettings,
         token: Secret,
     ) -> Result<Relay, RelayError> {
-        let publisher = Client::connect(&amqp, "claude-worker discord").await?;
+        let publisher = Client::connect(&amqp, &publisher_name(&amqp, &settings)).await?;
+        // No prefetch limit: the events of running jobs are held unacked
+        // until each job ends (see `consume`); a limit could fill with them
+        // and hold back the terminal events that would release them.
         let consumer =
-            ReplyConsumer::connect(&amqp, &settings.queue_name, &settings.reply_key(), 64).await?;
+            ReplyConsumer::connect(&amqp, &settings.queue_name, &settings.reply_key(), 0).await?;
         let shared = Arc::new(Shared {
             rest: Rest::new(&settings, &token),
             downloader: attach::Downloader::new(Duration::from_millis(settings.request_timeout_ms)),
@@ -223,12 +209,23 @@ impl Relay {
     }
 
     /// Stops at once: replies in progress are left to the events (unacked
-    /// ones come again to the next relay). Bounded.
+    /// ones come again to the next relay). The consumer's connection closes
+    /// with its task, the publisher's here. Bounded.
     pub async fn stop(&self) {
         self.shared.shutdown.cancel();
         self.shared.tasks.close();
         let _ = tokio::time::timeout(Duration::from_secs(10), self.shared.tasks.wait()).await;
+        let close = self.shared.publisher.close_shared();
+        let _ = tokio::time::timeout(Duration::from_secs(5), close).await;
     }
+}
+
+/// The publisher connection's name on the broker: which relay it is.
+pub fn publisher_name(amqp: &AmqpSettings, settings: &DiscordSettings) -> String {
+    format!(
+        "claude-worker discord ({}.{})",
+        amqp.prefix, settings.queue_name
+    )
 }
 
 /// Runs a long-lived task; its end (or panic) is reported on `ended`.
@@ -277,20 +274,17 @@ async fn consume(shared: Arc<Shared>, mut consumer: ReplyConsumer) -> Result<(),
             let _ = ack.ack().await;
             continue;
         };
-        // Only a terminal event is held unacked until it is shown: the
-        // others matter for the live view alone, and holding them would let
-        // one slow (rate-limited) reply fill the prefetch window of all.
-        let ack = if event.body.is_terminal() {
-            Some(ack)
-        } else {
-            let _ = ack.ack().await;
-            None
-        };
+        // Every event of a job stays unacked until its terminal event is
+        // shown (the reply task acks them then): a relay restarted
+        // mid-answer is sent the whole answer so far again, and its live
+        // view resumes with all of it, not a tail. (The queue is read
+        // without a prefetch limit, so held events never stop the
+        // terminal events that release them.)
         let tx = shared.reply_task(&event.job_id, &meta);
         let input = reply::Input {
             event,
             lease_epoch,
-            ack,
+            ack: Some(ack),
         };
         // A reply task that ended drops its input unacked; it comes again.
         let _ = tx.send(input);

@@ -49,6 +49,9 @@ struct Reply {
     talking: bool,
     /// Discord refused this reply for good: nothing more to show.
     gone: bool,
+    /// The acks of the events applied so far, sent once the job's terminal
+    /// event is shown: until then a restarted relay gets them all again.
+    held: Vec<Ack>,
 }
 
 /// Follows one job until its terminal event (or shutdown, which leaves
@@ -76,6 +79,7 @@ pub async fn run(
         shown: String::new(),
         talking: false,
         gone: false,
+        held: Vec::new(),
     };
     let typing_until = Instant::now() + TYPING_MAX;
     let mut typing =
@@ -87,14 +91,15 @@ pub async fn run(
         tokio::select! {
             _ = shared.shutdown.cancelled() => return,
             input = tokio::time::timeout(IDLE, rx.recv()) => {
-                let Ok(Some(input)) = input else { return };
+                let Ok(Some(input)) = input else {
+                    // Abandoned (idle for long): its events need not come again.
+                    r.ack_held().await;
+                    return;
+                };
                 let done = r.apply(&shared, input.event, input.lease_epoch).await;
-                if let Some(ack) = input.ack {
-                    if let Err(e) = ack.ack().await {
-                        tracing::warn!(job_id = %r.job_id, error = %e, "could not ack a reply event; it will come again");
-                    }
-                }
+                r.held.extend(input.ack);
                 if done {
+                    r.ack_held().await;
                     shared.finished(&r.job_id);
                     return;
                 }
@@ -111,6 +116,16 @@ pub async fn run(
 }
 
 impl Reply {
+    /// Acks the events held so far.
+    async fn ack_held(&mut self) {
+        for ack in std::mem::take(&mut self.held) {
+            if let Err(e) = ack.ack().await {
+                tracing::warn!(job_id = %self.job_id, error = %e, "could not ack a reply event; it will come again");
+                return;
+            }
+        }
+    }
+
     /// Applies one event; true once the job's terminal event is shown.
     async fn apply(&mut self, shared: &Shared, ev: EventV1, epoch: Option<i64>) -> bool {
         let step = self.tracker.accept(&ev, epoch);

@@ -1,7 +1,7 @@
 //! The one `control_result` a control message gets.
 
 use crate::broker::publish::PublishError;
-use crate::protocol::{ControlOutcome, ControlResultV1, PROTOCOL_VERSION};
+use crate::protocol::{ControlOutcome, ControlResultV1, SessionStatusV1, PROTOCOL_VERSION};
 use crate::worker::context::Context;
 
 pub(super) struct Answer<'a> {
@@ -19,10 +19,7 @@ impl Answer<'_> {
         job_id: Option<String>,
         session_key: Option<String>,
     ) -> Result<(), PublishError> {
-        let Some(reply_to) = self.reply_to else {
-            return Ok(());
-        };
-        let result = ControlResultV1 {
+        self.publish(ControlResultV1 {
             v: PROTOCOL_VERSION,
             kind: "control_result".into(),
             request_id: self.request_id.to_string(),
@@ -31,6 +28,34 @@ impl Answer<'_> {
             message,
             job_id,
             session_key,
+            status: None,
+        })
+        .await
+    }
+
+    /// The answer to `session_status`.
+    pub(super) async fn send_status(
+        &self,
+        session_key: String,
+        status: SessionStatusV1,
+    ) -> Result<(), PublishError> {
+        self.publish(ControlResultV1 {
+            v: PROTOCOL_VERSION,
+            kind: "control_result".into(),
+            request_id: self.request_id.to_string(),
+            ok: true,
+            outcome: ControlOutcome::Reported,
+            message: format!("session {session_key}"),
+            job_id: None,
+            session_key: Some(session_key),
+            status: Some(status),
+        })
+        .await
+    }
+
+    async fn publish(&self, result: ControlResultV1) -> Result<(), PublishError> {
+        let Some(reply_to) = self.reply_to else {
+            return Ok(());
         };
         let bytes = serde_json::to_vec(&result).expect("results serialise");
         self.ctx

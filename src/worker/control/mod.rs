@@ -1,5 +1,6 @@
-//! Control messages: cancel (the SDK's `interrupt()`) and runtime
-//! permission-mode changes (`setPermissionMode()`), one file per kind.
+//! Control messages: cancel (the SDK's `interrupt()`), runtime
+//! permission-mode changes (`setPermissionMode()`), a session's status and
+//! its reset, one file per kind.
 //!
 //! Control messages go to a fanout exchange, so every worker sees each one.
 //! Each worker acts on its own running turns (interrupting them, or
@@ -12,6 +13,8 @@
 
 mod answer;
 mod cancel;
+mod reset_session;
+mod session_status;
 mod set_permission_mode;
 
 use lapin::message::Delivery;
@@ -100,6 +103,10 @@ pub async fn handle(ctx: &Context, delivery: &Delivery) -> Result<(), EndError> 
         ControlBody::SetPermissionMode { session_key, mode } => {
             set_permission_mode::apply(&req, session_key, mode).await
         }
+        ControlBody::SessionStatus { session_key } => {
+            session_status::report(&req, session_key).await
+        }
+        ControlBody::ResetSession { session_key } => reset_session::apply(&req, session_key).await,
     }
 }
 

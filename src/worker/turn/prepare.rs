@@ -147,7 +147,12 @@ fn turn_request(
 ) -> TurnRequest {
     let spec = &job.spec;
     let known_id = session.and_then(|s| s.claude_session_id.clone());
+    // A `reset_session` before this job was accepted: start afresh.
+    let reset = session
+        .and_then(|s| s.reset_after_job_order)
+        .is_some_and(|after| job.order > after);
     let (resume, fork) = match spec.mode {
+        SessionMode::Continue if reset => (None, false),
         SessionMode::Continue => (known_id, false),
         SessionMode::New => (None, false),
         SessionMode::Resume => (spec.claude_session_id.clone(), false),
