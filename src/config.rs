@@ -298,6 +298,30 @@ pub struct Profile {
     /// budget, per-identity budget over a window.
     #[serde(default)]
     pub budget: BudgetSettings,
+    /// Whether a tool call that needs approval goes to a person
+    /// (`ask`: a `permission_request` event, answered by a
+    /// `permission_response` control message) or is denied at once
+    /// (`deny`, the CLI's own behaviour without a prompt tool).
+    #[serde(default)]
+    pub permission_prompts: PermissionPrompts,
+    /// How long a person has to answer a prompt; then it is denied.
+    #[serde(default = "default_permission_timeout_secs")]
+    pub permission_timeout_secs: u64,
+}
+
+/// Who answers a tool call that needs approval.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PermissionPrompts {
+    /// Denied without asking anyone.
+    #[default]
+    Deny,
+    /// Asked through the queue.
+    Ask,
+}
+
+fn default_permission_timeout_secs() -> u64 {
+    300
 }
 
 /// A profile's budgets, in USD. Unset: no limit.
@@ -607,6 +631,12 @@ impl Settings {
                 ));
             }
             p.budget.validate(name)?;
+            if !(5..=86_400).contains(&p.permission_timeout_secs) {
+                return Err(ConfigError::Invalid(format!(
+                    "profiles.{name}.permission_timeout_secs must be 5-86400 (got {})",
+                    p.permission_timeout_secs
+                )));
+            }
             if let Some(f) = &p.fallback_model {
                 if f.is_empty() || f.starts_with('-') || p.model.as_ref() == Some(f) {
                     return bad(format!(

@@ -12,6 +12,7 @@
 
 mod answer;
 mod cancel;
+mod permission_response;
 mod set_permission_mode;
 
 use lapin::message::Delivery;
@@ -100,6 +101,7 @@ pub async fn handle(ctx: &Context, delivery: &Delivery) -> Result<(), EndError> 
         ControlBody::SetPermissionMode { session_key, mode } => {
             set_permission_mode::apply(&req, session_key, mode).await
         }
+        ControlBody::PermissionResponse(answer) => permission_response::apply(&req, answer).await,
     }
 }
 

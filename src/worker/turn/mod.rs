@@ -18,6 +18,7 @@ mod cli_run;
 mod events;
 mod outcome;
 mod prepare;
+mod prompt;
 pub(crate) mod retry;
 mod spoken;
 
