@@ -208,3 +208,358 @@ async fn an_interrupt_cancels_a_pending_prompt() {
     assert!(!home.path().join("x").exists());
     cli.close().await;
 }
+
+// ------------------------------------------------------------ the worker
+
+use claude_worker::config::PermissionPrompts;
+use claude_worker::protocol::{
+    ControlOutcome, EventBody, EventV1, PermissionBehavior, PromptQuestion, ResolvedBy,
+};
+
+use crate::harness::{Backend, TestEnv};
+use crate::pipeline::{assert_contiguous, completed};
+
+/// A worker whose profiles ask a person, who has `timeout_secs`.
+async fn asking_worker(env: &TestEnv, timeout_secs: u64) -> claude_worker::worker::Worker {
+    env.start_worker_with(|s| {
+        for p in s.profiles.values_mut() {
+            p.permission_prompts = PermissionPrompts::Ask;
+            p.permission_timeout_secs = timeout_secs;
+        }
+    })
+    .await
+}
+
+/// A prompt as the tests look at it.
+#[derive(Debug)]
+struct Prompt {
+    request_id: String,
+    tool_name: String,
+    summary: String,
+    questions: Option<Vec<PromptQuestion>>,
+    expires_at_ms: i64,
+}
+
+/// Reads `job`'s events up to its next `permission_request`.
+async fn next_prompt(env: &mut TestEnv, job: &str, seen: &mut Vec<EventV1>) -> Prompt {
+    loop {
+        let (_, e) = env.next_event(job).await;
+        seen.push(e.clone());
+        match e.body {
+            EventBody::PermissionRequest {
+                request_id,
+                tool_name,
+                summary,
+                questions,
+                expires_at_ms,
+                ..
+            } => {
+                return Prompt {
+                    request_id,
+                    tool_name,
+                    summary,
+                    questions,
+                    expires_at_ms,
+                }
+            }
+            b if b.is_terminal() => panic!("{job} ended without a prompt: {seen:#?}"),
+            _ => {}
+        }
+    }
+}
+
+/// The rest of `job`'s events, appended to `seen`.
+async fn finish(env: &mut TestEnv, job: &str, mut seen: Vec<EventV1>) -> Vec<EventV1> {
+    seen.extend(env.events_until_terminal(job).await);
+    assert_contiguous(&seen);
+    seen
+}
+
+fn resolved(events: &[EventV1]) -> Vec<(String, PermissionBehavior, ResolvedBy, Option<String>)> {
+    events
+        .iter()
+        .filter_map(|e| match &e.body {
+            EventBody::PermissionResolved {
+                request_id,
+                behavior,
+                by,
+                message,
+            } => Some((request_id.clone(), *behavior, *by, message.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+fn answer(job: &str, request_id: &str, behavior: &str) -> Value {
+    json!({"v": 1, "type": "permission_response", "job_id": job,
+        "request_id": request_id, "behavior": behavior})
+}
+
+/// Allow: the tool runs (the file appears) and the turn completes; an
+/// unknown request id is refused while the prompt waits. Deny: the tool
+/// result is an error carrying the message, and a second answer to the
+/// same prompt is refused as already settled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_person_allows_or_denies_a_tool_call() {
+    let mut env = TestEnv::new(Backend::Sqlite).await;
+    let worker = asking_worker(&env, 120).await;
+    let workdir = env.settings().profiles["default"].workdir.clone();
+
+    let cwd = claude_worker::session_dir(&workdir, "ask:allow");
+    let file = cwd.join("made.txt");
+    let path = file.display().to_string();
+    env.mock.push_behavior_for(
+        "allow",
+        Behavior::tool_use(
+            "Write",
+            json!({"file_path": path, "content": "one\ntwo\n"}),
+        ),
+    );
+    let job = env
+        .publish_job("ask:allow", "[[mock:allow]] write it", json!({}))
+        .await;
+    let mut seen = Vec::new();
+    let prompt = next_prompt(&mut env, &job, &mut seen).await;
+    assert_eq!(prompt.tool_name, "Write");
+    assert_eq!(prompt.summary, format!("{path}: write 2 line(s)"));
+    let now = claude_worker::store::now_ms();
+    assert!(
+        prompt.expires_at_ms > now + 100_000 && prompt.expires_at_ms <= now + 120_000,
+        "{prompt:?}"
+    );
+    assert!(!file.exists(), "nothing runs before the answer");
+
+    // An answer for a prompt the job does not have is refused.
+    env.publish_control(answer(&job, "no-such-prompt", "allow"))
+        .await;
+    let r = env.next_control_result().await;
+    assert_eq!((r.ok, r.outcome), (false, ControlOutcome::Unknown), "{r:?}");
+    assert!(!file.exists());
+
+    env.publish_control(answer(&job, &prompt.request_id, "allow"))
+        .await;
+    let r = env.next_control_result().await;
+    assert_eq!((r.ok, r.outcome), (true, ControlOutcome::Answered), "{r:?}");
+    let ev = finish(&mut env, &job, seen).await;
+    assert_eq!(
+        resolved(&ev),
+        vec![(
+            prompt.request_id.clone(),
+            PermissionBehavior::Allow,
+            ResolvedBy::Person,
+            None
+        )]
+    );
+    assert_eq!(completed(&ev).0, "echo: [[mock:allow]] write it");
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "one\ntwo\n");
+    // Answering a finished job's prompt again: refused.
+    env.publish_control(answer(&job, &prompt.request_id, "deny"))
+        .await;
+    let r = env.next_control_result().await;
+    assert_eq!(
+        (r.ok, r.outcome),
+        (false, ControlOutcome::AlreadyFinished),
+        "{r:?}"
+    );
+
+    // Deny, with the follow-up held so the turn is still running when the
+    // same prompt is answered again.
+    let cwd = claude_worker::session_dir(&workdir, "ask:deny");
+    let refused = cwd.join("refused.txt");
+    env.mock.push_behavior_for(
+        "deny",
+        Behavior::tool_use(
+            "Bash",
+            json!({"command": format!("echo no > {}", refused.display())}),
+        ),
+    );
+    env.mock
+        .push_behavior_for("deny", Behavior::hold("understood, not running it"));
+    let job = env
+        .publish_job("ask:deny", "[[mock:deny]] run it", json!({}))
+        .await;
+    let mut seen = Vec::new();
+    let prompt = next_prompt(&mut env, &job, &mut seen).await;
+    assert_eq!(prompt.tool_name, "Bash");
+    assert_eq!(
+        prompt.summary,
+        format!("echo no > {}", refused.display()),
+        "the whole command"
+    );
+    let mut deny = answer(&job, &prompt.request_id, "deny");
+    deny["message"] = json!("a person said no");
+    env.publish_control(deny.clone()).await;
+    let r = env.next_control_result().await;
+    assert_eq!((r.ok, r.outcome), (true, ControlOutcome::Answered), "{r:?}");
+    env.mock.wait_for_held(1, WAIT).await;
+    env.publish_control(answer(&job, &prompt.request_id, "allow"))
+        .await;
+    let r = env.next_control_result().await;
+    assert_eq!((r.ok, r.outcome), (false, ControlOutcome::Refused), "{r:?}");
+    env.mock.release_held();
+    let ev = finish(&mut env, &job, seen).await;
+    assert_eq!(
+        resolved(&ev),
+        vec![(
+            prompt.request_id.clone(),
+            PermissionBehavior::Deny,
+            ResolvedBy::Person,
+            Some("a person said no".into())
+        )]
+    );
+    assert_eq!(completed(&ev).0, "understood, not running it");
+    assert!(!refused.exists(), "a denied command never runs");
+    let results = env.mock.requests_for("deny").last().unwrap().tool_results();
+    assert_eq!(results.len(), 1, "{results:?}");
+    assert_eq!(results[0]["is_error"], true, "{results:?}");
+    assert!(
+        results[0].to_string().contains("a person said no"),
+        "{results:?}"
+    );
+
+    worker.shutdown();
+    worker.wait().await.unwrap();
+    env.cleanup().await;
+}
+
+/// Nobody answers: the call is denied with a message once the profile's
+/// timeout passes, and the wait (longer than the turn timeout) does not
+/// time the turn out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unanswered_prompt_is_denied_after_the_timeout() {
+    let mut env = TestEnv::new(Backend::Sqlite).await;
+    let worker = env
+        .start_worker_with(|s| {
+            s.claude.turn_timeout_secs = 8;
+            for p in s.profiles.values_mut() {
+                p.permission_prompts = PermissionPrompts::Ask;
+                p.permission_timeout_secs = 10;
+            }
+        })
+        .await;
+    env.mock.push_behavior_for(
+        "late",
+        Behavior::tool_use("Bash", json!({"command": "touch late"})),
+    );
+    let job = env
+        .publish_job("ask:late", "[[mock:late]] run it", json!({}))
+        .await;
+    let mut seen = Vec::new();
+    let prompt = next_prompt(&mut env, &job, &mut seen).await;
+    let asked = std::time::Instant::now();
+    let ev = finish(&mut env, &job, seen).await;
+    let waited = asked.elapsed();
+    let message = "nobody answered the permission prompt within 10 s".to_string();
+    assert_eq!(
+        resolved(&ev),
+        vec![(
+            prompt.request_id,
+            PermissionBehavior::Deny,
+            ResolvedBy::Timeout,
+            Some(message.clone())
+        )]
+    );
+    assert!(waited >= Duration::from_secs(9), "{waited:?}");
+    assert_eq!(completed(&ev).0, "echo: [[mock:late]] run it");
+    let results = env.mock.requests_for("late").last().unwrap().tool_results();
+    assert_eq!(results[0]["is_error"], true, "{results:?}");
+    assert!(results[0].to_string().contains(&message), "{results:?}");
+
+    worker.shutdown();
+    worker.wait().await.unwrap();
+    env.cleanup().await;
+}
+
+/// A cancel while a prompt waits: the prompt is resolved as cancelled,
+/// then the job ends `cancelled`; a late answer is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_while_waiting_resolves_the_prompt() {
+    let mut env = TestEnv::new(Backend::Sqlite).await;
+    let worker = asking_worker(&env, 120).await;
+    env.mock.push_behavior_for(
+        "stop",
+        Behavior::tool_use("Bash", json!({"command": "touch never"})),
+    );
+    let job = env
+        .publish_job("ask:stop", "[[mock:stop]] run it", json!({}))
+        .await;
+    let mut seen = Vec::new();
+    let prompt = next_prompt(&mut env, &job, &mut seen).await;
+    env.publish_control(json!({"v": 1, "type": "cancel", "job_id": job}))
+        .await;
+    let r = env.next_control_result().await;
+    assert_eq!((r.ok, r.outcome), (true, ControlOutcome::Cancelled), "{r:?}");
+    let ev = finish(&mut env, &job, seen).await;
+    assert_eq!(
+        resolved(&ev),
+        vec![(
+            prompt.request_id.clone(),
+            PermissionBehavior::Deny,
+            ResolvedBy::Cancel,
+            Some("the turn was cancelled".into())
+        )]
+    );
+    assert!(
+        matches!(ev.last().unwrap().body, EventBody::Cancelled { .. }),
+        "{ev:#?}"
+    );
+    env.publish_control(answer(&job, &prompt.request_id, "allow"))
+        .await;
+    let r = env.next_control_result().await;
+    assert!(!r.ok, "{r:?}");
+    assert!(
+        matches!(
+            r.outcome,
+            ControlOutcome::AlreadyFinished | ControlOutcome::Refused
+        ),
+        "{r:?}"
+    );
+
+    worker.shutdown();
+    worker.wait().await.unwrap();
+    env.cleanup().await;
+}
+
+/// `AskUserQuestion`: the questions and options reach the front-end; the
+/// person's choice reaches Claude.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_question_is_asked_and_answered_through_the_queue() {
+    let mut env = TestEnv::new(Backend::Sqlite).await;
+    let worker = asking_worker(&env, 120).await;
+    let questions = json!([{
+        "question": "Which colour?", "header": "Colour", "multiSelect": false,
+        "options": [{"label": "Red", "description": "warm"}, {"label": "Blue", "description": "cool"}]
+    }]);
+    env.mock.push_behavior_for(
+        "quiz",
+        Behavior::tool_use("AskUserQuestion", json!({"questions": questions})),
+    );
+    let job = env
+        .publish_job("ask:quiz", "[[mock:quiz]] pick one", json!({}))
+        .await;
+    let mut seen = Vec::new();
+    let prompt = next_prompt(&mut env, &job, &mut seen).await;
+    assert_eq!(prompt.tool_name, "AskUserQuestion");
+    assert_eq!(prompt.summary, "Which colour?");
+    let qs = prompt.questions.expect("questions");
+    assert_eq!(qs.len(), 1);
+    assert_eq!(qs[0].question, "Which colour?");
+    let labels: Vec<&str> = qs[0].options.iter().map(|o| o.label.as_str()).collect();
+    assert_eq!(labels, ["Red", "Blue"]);
+    let mut a = answer(&job, &prompt.request_id, "allow");
+    a["answers"] = json!({"Which colour?": "Blue"});
+    env.publish_control(a).await;
+    let r = env.next_control_result().await;
+    assert_eq!((r.ok, r.outcome), (true, ControlOutcome::Answered), "{r:?}");
+    let ev = finish(&mut env, &job, seen).await;
+    assert_eq!(completed(&ev).0, "echo: [[mock:quiz]] pick one");
+    let results = env.mock.requests_for("quiz").last().unwrap().tool_results();
+    assert!(
+        results[0].to_string().contains("\\\"Which colour?\\\"=\\\"Blue\\\""),
+        "{results:?}"
+    );
+
+    worker.shutdown();
+    worker.wait().await.unwrap();
+    env.cleanup().await;
+}
