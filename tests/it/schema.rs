@@ -116,7 +116,7 @@ fn every_protocol_example_validates_and_decodes() {
             serde_json::from_value::<ControlResultV1>(ex.clone())
                 .unwrap_or_else(|e| panic!("control_result example does not decode: {e}\n{ex}"));
             results += 1;
-        } else if kind == "cancel" || kind == "set_permission_mode" {
+        } else if kind == "cancel" || kind == "set_permission_mode" || kind == "permission_response" {
             assert_valid(control(), "control example", ex);
             decode_control(&bytes)
                 .unwrap_or_else(|e| panic!("control example does not decode: {e}\n{ex}"));
@@ -184,5 +184,23 @@ fn schemas_reject_what_the_decoder_rejects() {
                "outcome": "done", "message": ""}),
     ] {
         assert!(!control().is_valid(&bad), "control schema accepts {bad}");
+    }
+    // permission_response: the decoder and the schema refuse the same.
+    for bad in [
+        json!({"v": 1, "type": "permission_response", "job_id": "j", "request_id": "r"}),
+        json!({"v": 1, "type": "permission_response", "job_id": "j", "request_id": "r",
+               "behavior": "maybe"}),
+        json!({"v": 1, "type": "permission_response", "job_id": "has space", "request_id": "r",
+               "behavior": "allow"}),
+        json!({"v": 1, "type": "permission_response", "job_id": "j", "request_id": "",
+               "behavior": "allow"}),
+        json!({"v": 1, "type": "permission_response", "job_id": "j", "request_id": "r",
+               "behavior": "allow", "updated_input": "rm -rf /"}),
+    ] {
+        assert!(!control().is_valid(&bad), "control schema accepts {bad}");
+        assert!(
+            decode_control(&serde_json::to_vec(&bad).unwrap()).is_err(),
+            "decoder accepts {bad}"
+        );
     }
 }
