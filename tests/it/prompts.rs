@@ -27,8 +27,15 @@ struct Interactive {
 
 impl Interactive {
     async fn start(mock: &MockApi, home: &Path, prompt: &str) -> Interactive {
-        let args = ["--permission-prompt-tool", "stdio", "--permission-mode", "default"];
-        let mut child = cli_command(mock, home, &args).spawn().expect("spawn the CLI");
+        let args = [
+            "--permission-prompt-tool",
+            "stdio",
+            "--permission-mode",
+            "default",
+        ];
+        let mut child = cli_command(mock, home, &args)
+            .spawn()
+            .expect("spawn the CLI");
         let mut stdin = child.stdin.take().expect("piped stdin");
         let lines = BufReader::new(child.stdout.take().expect("piped stdout")).lines();
         stdin
@@ -179,7 +186,10 @@ async fn the_cli_asks_a_question_over_stdio() {
     assert_eq!(result["result"], "blue it is", "{result}");
     let tool_results = mock.requests().last().unwrap().tool_results();
     eprintln!("question tool_result: {tool_results:?}");
-    assert!(tool_results[0].to_string().contains("Blue"), "{tool_results:?}");
+    assert!(
+        tool_results[0].to_string().contains("Blue"),
+        "{tool_results:?}"
+    );
     assert_ne!(tool_results[0]["is_error"], true, "{tool_results:?}");
     cli.close().await;
 }
@@ -310,10 +320,7 @@ async fn a_person_allows_or_denies_a_tool_call() {
     let path = file.display().to_string();
     env.mock.push_behavior_for(
         "allow",
-        Behavior::tool_use(
-            "Write",
-            json!({"file_path": path, "content": "one\ntwo\n"}),
-        ),
+        Behavior::tool_use("Write", json!({"file_path": path, "content": "one\ntwo\n"})),
     );
     let job = env
         .publish_job("ask:allow", "[[mock:allow]] write it", json!({}))
@@ -488,7 +495,11 @@ async fn a_cancel_while_waiting_resolves_the_prompt() {
     env.publish_control(json!({"v": 1, "type": "cancel", "job_id": job}))
         .await;
     let r = env.next_control_result().await;
-    assert_eq!((r.ok, r.outcome), (true, ControlOutcome::Cancelled), "{r:?}");
+    assert_eq!(
+        (r.ok, r.outcome),
+        (true, ControlOutcome::Cancelled),
+        "{r:?}"
+    );
     let ev = finish(&mut env, &job, seen).await;
     assert_eq!(
         resolved(&ev),
@@ -555,7 +566,105 @@ async fn a_question_is_asked_and_answered_through_the_queue() {
     assert_eq!(completed(&ev).0, "echo: [[mock:quiz]] pick one");
     let results = env.mock.requests_for("quiz").last().unwrap().tool_results();
     assert!(
-        results[0].to_string().contains("\\\"Which colour?\\\"=\\\"Blue\\\""),
+        results[0]
+            .to_string()
+            .contains("\\\"Which colour?\\\"=\\\"Blue\\\""),
+        "{results:?}"
+    );
+
+    worker.shutdown();
+    worker.wait().await.unwrap();
+    env.cleanup().await;
+}
+
+/// `submit` without a terminal: `--allow-tools` approves (the file
+/// appears; `--json` passes the prompt events through), any other tool
+/// call that asks is denied and the turn still completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_answers_prompts_without_a_terminal() {
+    let env = TestEnv::new(Backend::Sqlite).await;
+    let worker = asking_worker(&env, 120).await;
+    let workdir = env.settings().profiles["default"].workdir.clone();
+
+    let file = claude_worker::session_dir(&workdir, "ask:cli1").join("yes.txt");
+    env.mock.push_behavior_for(
+        "cli1",
+        Behavior::tool_use(
+            "Write",
+            json!({"file_path": file.display().to_string(), "content": "approved\n"}),
+        ),
+    );
+    let out = crate::submit::run(
+        &env,
+        &[
+            "submit",
+            "--session",
+            "ask:cli1",
+            "--json",
+            "--allow-tools",
+            "Read,Write",
+            "[[mock:cli1]] write",
+        ],
+    )
+    .await;
+    assert_eq!(out.code, 0, "{out:?}");
+    let events: Vec<EventV1> = out
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let types: Vec<&str> = events.iter().map(|e| e.body.type_name()).collect();
+    assert!(
+        types
+            .windows(2)
+            .any(|w| w == ["permission_request", "permission_resolved"]),
+        "{types:?}"
+    );
+    let r = resolved(&events);
+    assert_eq!(
+        (r[0].1, r[0].2),
+        (PermissionBehavior::Allow, ResolvedBy::Person)
+    );
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "approved\n");
+    assert!(
+        out.stderr.contains("[allowed Write (--allow-tools)"),
+        "{out:?}"
+    );
+
+    let file = claude_worker::session_dir(&workdir, "ask:cli2").join("no.txt");
+    env.mock.push_behavior_for(
+        "cli2",
+        Behavior::tool_use(
+            "Write",
+            json!({"file_path": file.display().to_string(), "content": "refused\n"}),
+        ),
+    );
+    let out = crate::submit::run(
+        &env,
+        &[
+            "submit",
+            "--session",
+            "ask:cli2",
+            "--allow-tools",
+            "Read",
+            "[[mock:cli2]] write",
+        ],
+    )
+    .await;
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(
+        out.stdout.ends_with("\necho: [[mock:cli2]] write\n"),
+        "{out:?}"
+    );
+    assert!(
+        out.stderr.contains("[denied Write: not a terminal"),
+        "{out:?}"
+    );
+    assert!(!file.exists());
+    let results = env.mock.requests_for("cli2").last().unwrap().tool_results();
+    assert_eq!(results[0]["is_error"], true, "{results:?}");
+    assert!(
+        results[0].to_string().contains("nobody at the terminal"),
         "{results:?}"
     );
 

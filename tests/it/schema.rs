@@ -116,7 +116,8 @@ fn every_protocol_example_validates_and_decodes() {
             serde_json::from_value::<ControlResultV1>(ex.clone())
                 .unwrap_or_else(|e| panic!("control_result example does not decode: {e}\n{ex}"));
             results += 1;
-        } else if kind == "cancel" || kind == "set_permission_mode" || kind == "permission_response" {
+        } else if kind == "cancel" || kind == "set_permission_mode" || kind == "permission_response"
+        {
             assert_valid(control(), "control example", ex);
             decode_control(&bytes)
                 .unwrap_or_else(|e| panic!("control example does not decode: {e}\n{ex}"));

@@ -17,9 +17,7 @@ use super::{TurnAbort, EXIT_GRACE, INTERRUPT_GRACE, STOP_GRACE};
 use crate::claude::warm::WARM_RESPONSE_TIMEOUT;
 use crate::claude::{self, CliMessage, CliProcess, ToolPermissionRequest, TurnResult};
 use crate::config::PermissionPrompts;
-use crate::protocol::{
-    ErrorKind, EventBody, PermissionBehavior, PermissionResponseV1, ResolvedBy,
-};
+use crate::protocol::{ErrorKind, EventBody, PermissionBehavior, PermissionResponseV1, ResolvedBy};
 use crate::store::now_ms;
 use crate::worker::context::Context;
 
@@ -259,7 +257,9 @@ impl CliRun {
                 debug!(cli_attempt = attempt, ?error_status, %error, "the CLI is retrying an API call");
                 Ok(())
             }
-            CliMessage::CanUseTool(request) => self.on_can_use_tool(prepared, events, request).await,
+            CliMessage::CanUseTool(request) => {
+                self.on_can_use_tool(prepared, events, request).await
+            }
             CliMessage::ControlCancel { request_id } => {
                 self.on_withdrawn(events, &request_id).await
             }

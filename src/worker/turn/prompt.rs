@@ -102,8 +102,10 @@ impl PendingPrompt {
             })
             .collect();
         if rules.is_empty() {
-            rules.push(json!({"type": "addRules", "behavior": "allow", "destination": "session",
-                "rules": [{"toolName": self.cli.tool_name}]}));
+            rules.push(
+                json!({"type": "addRules", "behavior": "allow", "destination": "session",
+                "rules": [{"toolName": self.cli.tool_name}]}),
+            );
         }
         rules
     }
@@ -146,14 +148,12 @@ pub fn summary(tool_name: &str, input: &Value) -> String {
             input["edits"].as_array().map_or(0, Vec::len)
         )),
         ("Write", Some(path)) => Some(format!("{path}: write {} line(s)", lines("content"))),
-        (ASK_USER_QUESTION, _) => input["questions"]
-            .as_array()
-            .map(|q| {
-                q.iter()
-                    .filter_map(|q| q["question"].as_str())
-                    .collect::<Vec<_>>()
-                    .join(" / ")
-            }),
+        (ASK_USER_QUESTION, _) => input["questions"].as_array().map(|q| {
+            q.iter()
+                .filter_map(|q| q["question"].as_str())
+                .collect::<Vec<_>>()
+                .join(" / ")
+        }),
         _ => None,
     };
     let text = text.unwrap_or_else(|| summarize_tool_input(input));
@@ -236,7 +236,10 @@ mod tests {
             "/w/a.rs: replace 2 line(s) with 1 line(s)"
         );
         assert_eq!(
-            summary("Write", &json!({"file_path": "/w/n.txt", "content": "1\n2\n3\n"})),
+            summary(
+                "Write",
+                &json!({"file_path": "/w/n.txt", "content": "1\n2\n3\n"})
+            ),
             "/w/n.txt: write 3 line(s)"
         );
         let long = summary("Bash", &json!({"command": "y".repeat(9000)}));
@@ -247,7 +250,10 @@ mod tests {
     fn answers_become_the_clis_shapes() {
         let p = request("Write", json!({"file_path": "/a"}), vec![]);
         let deny = p.cli_answer(&response(PermissionBehavior::Deny));
-        assert_eq!(deny, json!({"behavior": "deny", "message": "denied by a person"}));
+        assert_eq!(
+            deny,
+            json!({"behavior": "deny", "message": "denied by a person"})
+        );
         let mut allow = response(PermissionBehavior::Allow);
         assert_eq!(
             p.cli_answer(&allow),
