@@ -672,3 +672,81 @@ async fn submit_answers_prompts_without_a_terminal() {
     worker.wait().await.unwrap();
     env.cleanup().await;
 }
+
+/// A worker (process) SIGKILLed while its prompt waits: the job is retried
+/// on another worker and asks again under a new request id; an answer to
+/// the old prompt is refused and never reaches the new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_while_waiting_retries_and_asks_again() {
+    let mut env = TestEnv::new(Backend::Sqlite).await;
+    let vars = [
+        ("PROFILES__DEFAULT__PERMISSION_PROMPTS", "ask".to_string()),
+        ("WORKER__LEASE_TTL_SECS", "3".to_string()),
+    ];
+    let victim = crate::fleet::spawn_worker_logging(&env, 0, &vars, "warn");
+    crate::fleet::wait_for_consumers(&env, 1).await;
+    // The killed attempt's tool call, then the retry's.
+    let input = |dir: &std::path::Path| {
+        let file = claude_worker::session_dir(dir, "ask:crash").join("after.txt");
+        (
+            file.clone(),
+            json!({"file_path": file.display().to_string(), "content": "x\n"}),
+        )
+    };
+    let (_, first_input) = input(&env.dir.path().join("worker0/work/default"));
+    env.mock
+        .push_behavior_for("crash", Behavior::tool_use("Write", first_input));
+    let job = env
+        .publish_job("ask:crash", "[[mock:crash]] write", json!({}))
+        .await;
+    let mut seen = Vec::new();
+    let first = next_prompt(&mut env, &job, &mut seen).await;
+    assert_eq!(seen.last().unwrap().attempt, 1);
+    drop(victim); // SIGKILL; its CLI dies with it.
+
+    let worker = env
+        .start_worker_with(|s| {
+            s.worker.lease_ttl_secs = 3;
+            for p in s.profiles.values_mut() {
+                p.permission_prompts = PermissionPrompts::Ask;
+            }
+        })
+        .await;
+    let workdir = env.settings().profiles["default"].workdir.clone();
+    let (file, second_input) = input(&workdir);
+    env.mock
+        .push_behavior_for("crash", Behavior::tool_use("Write", second_input));
+    let second = next_prompt(&mut env, &job, &mut seen).await;
+    assert_ne!(second.request_id, first.request_id);
+    assert!(
+        seen.iter()
+            .any(|e| matches!(e.body, EventBody::Retrying { .. })),
+        "{seen:#?}"
+    );
+    assert_eq!(seen.last().unwrap().attempt, 2, "{seen:#?}");
+
+    // The old prompt's answer is refused, and does not settle the new one.
+    env.publish_control(answer(&job, &first.request_id, "allow"))
+        .await;
+    let r = env.next_control_result().await;
+    assert_eq!((r.ok, r.outcome), (false, ControlOutcome::Unknown), "{r:?}");
+    assert!(!file.exists());
+    env.publish_control(answer(&job, &second.request_id, "allow"))
+        .await;
+    let r = env.next_control_result().await;
+    assert_eq!((r.ok, r.outcome), (true, ControlOutcome::Answered), "{r:?}");
+    // A job taken over from a dead worker may skip seqs (blocks are
+    // reserved per worker); they still only grow.
+    seen.extend(env.events_until_terminal(&job).await);
+    assert!(seen.windows(2).all(|w| w[0].seq < w[1].seq), "{seen:#?}");
+    assert_eq!(
+        seen.last().unwrap().body.type_name(),
+        "completed",
+        "{seen:#?}"
+    );
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "x\n");
+
+    worker.shutdown();
+    worker.wait().await.unwrap();
+    env.cleanup().await;
+}
