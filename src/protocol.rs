@@ -48,6 +48,11 @@ pub struct JobV1 {
     /// profile's per-identity budget. Set by the producer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identity: Option<String>,
+    /// AMQP users (the broker-verified `user_id` property of a
+    /// `permission_response`) who may answer the job's permission prompts.
+    /// Unset: the user the job was published as, if it carried one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_answerers: Option<Vec<String>>,
 }
 
 /// At most this many attachments per job.
@@ -321,6 +326,14 @@ pub fn decode_job(body: &[u8]) -> Result<JobV1, DecodeError> {
         if id.trim().is_empty() || id.len() > 255 {
             return Err(DecodeError(
                 "`identity` must be 1-255 bytes and not blank".into(),
+            ));
+        }
+    }
+    if let Some(list) = &job.prompt_answerers {
+        if list.len() > 32 || list.iter().any(|u| u.trim().is_empty() || u.len() > 255) {
+            return Err(DecodeError(
+                "`prompt_answerers` holds at most 32 AMQP user ids of 1-255 bytes, not blank"
+                    .into(),
             ));
         }
     }

@@ -119,6 +119,10 @@ pub struct JobSpec {
     /// Whose budget the job spends (the job's `identity`), if set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identity: Option<String>,
+    /// AMQP users who may answer the job's permission prompts (empty:
+    /// anyone who may publish control messages).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub prompt_answerers: Vec<String>,
 }
 
 impl JobSpec {

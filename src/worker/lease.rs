@@ -209,6 +209,7 @@ mod tests {
             attachments: Vec::new(),
             max_budget_usd: None,
             identity: None,
+            prompt_answerers: Vec::new(),
         };
         let job = NewJob {
             job_id: "j".into(),

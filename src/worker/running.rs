@@ -35,6 +35,8 @@ struct TurnHandle {
 pub struct PromptBook {
     open: HashSet<String>,
     settled: VecDeque<String>,
+    /// AMQP users who may answer (empty: anyone).
+    answerers: Vec<String>,
 }
 
 /// How many settled prompt ids a turn remembers.
@@ -64,6 +66,8 @@ pub enum AnswerDelivery {
     AlreadySettled,
     /// The job runs here but has no such prompt.
     Unknown,
+    /// The answer's AMQP user may not answer this job's prompts.
+    NotAllowed,
 }
 
 /// A running job's side of the registry; unregisters on drop.
@@ -91,6 +95,12 @@ pub struct CancelReason {
 impl TurnRegistration {
     fn book(&self) -> std::sync::MutexGuard<'_, PromptBook> {
         self.prompts.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Only these AMQP users may answer the job's prompts (empty: anyone).
+    pub fn answered_by(self, answerers: Vec<String>) -> Self {
+        self.book().answerers = answerers;
+        self
     }
 
     /// A prompt is published: answers for `id` may now reach the turn.
@@ -158,12 +168,22 @@ impl RunningTurns {
     /// Hands a person's answer to the job's open prompt, if the job runs
     /// here. The prompt is settled under the same lock, so two answers
     /// (or an answer and the timeout) never both count.
-    pub fn answer_prompt(&self, answer: PermissionResponseV1) -> AnswerDelivery {
+    /// `user` is the answer's broker-verified AMQP `user_id`.
+    pub fn answer_prompt(
+        &self,
+        answer: PermissionResponseV1,
+        user: Option<&str>,
+    ) -> AnswerDelivery {
         let map = self.lock();
         let Some(h) = map.get(&answer.job_id) else {
             return AnswerDelivery::NotHere;
         };
         let mut book = h.prompts.lock().unwrap_or_else(|p| p.into_inner());
+        let allowed = book.answerers.is_empty()
+            || user.is_some_and(|u| book.answerers.iter().any(|a| a == u));
+        if !allowed {
+            return AnswerDelivery::NotAllowed;
+        }
         if book.settled.contains(&answer.request_id) {
             return AnswerDelivery::AlreadySettled;
         }

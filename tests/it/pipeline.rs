@@ -569,6 +569,7 @@ async fn a_dead_workers_job_is_picked_up_after_its_lease_expires() {
         attachments: Vec::new(),
         max_budget_usd: None,
         identity: None,
+        prompt_answerers: Vec::new(),
     };
     store
         .accept_job(

@@ -750,3 +750,63 @@ async fn a_worker_killed_while_waiting_retries_and_asks_again() {
     worker.wait().await.unwrap();
     env.cleanup().await;
 }
+
+/// Who may answer: a job published as an AMQP user takes answers from that
+/// user only (the broker verifies `user_id`); a job's `prompt_answerers`
+/// names them explicitly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_jobs_answerers_may_answer() {
+    let mut env = TestEnv::new(Backend::Sqlite).await;
+    let worker = asking_worker(&env, 120).await;
+    for (key, answerers) in [("who1", None), ("who2", Some(json!(["operator"])))] {
+        env.mock.push_behavior_for(
+            key,
+            Behavior::tool_use("Bash", json!({"command": "touch answered"})),
+        );
+        let job = uuid::Uuid::new_v4().to_string();
+        let mut body = json!({"v": 1, "job_id": job, "session_key": format!("ask:{key}"),
+            "prompt": format!("[[mock:{key}]] run it")});
+        if let Some(a) = answerers.clone() {
+            body["prompt_answerers"] = a;
+        }
+        let props = env.bus.job_props().with_user_id("guest".into());
+        env.bus
+            .publish_with(body.to_string().as_bytes(), props)
+            .await;
+        let mut seen = Vec::new();
+        let prompt = next_prompt(&mut env, &job, &mut seen).await;
+        // No user_id: refused.
+        env.publish_control(answer(&job, &prompt.request_id, "allow"))
+            .await;
+        let r = env.next_control_result().await;
+        assert_eq!((r.ok, r.outcome), (false, ControlOutcome::Refused), "{r:?}");
+        assert!(r.message.contains("without a user_id"), "{r:?}");
+        env.bus
+            .publish_control_as(answer(&job, &prompt.request_id, "allow"), Some("guest"))
+            .await;
+        let r = env.next_control_result().await;
+        if answerers.is_none() {
+            // The publisher answers.
+            assert_eq!((r.ok, r.outcome), (true, ControlOutcome::Answered), "{r:?}");
+        } else {
+            // Only `operator` may; nobody answers, so it is cancelled.
+            assert_eq!((r.ok, r.outcome), (false, ControlOutcome::Refused), "{r:?}");
+            assert!(r.message.contains("as `guest`"), "{r:?}");
+            env.publish_control(json!({"v": 1, "type": "cancel", "job_id": job}))
+                .await;
+            let r = env.next_control_result().await;
+            assert_eq!(r.outcome, ControlOutcome::Cancelled, "{r:?}");
+        }
+        let ev = finish(&mut env, &job, seen).await;
+        let by = resolved(&ev)[0].2;
+        let end = ev.last().unwrap().body.type_name();
+        match answerers {
+            None => assert_eq!((by, end), (ResolvedBy::Person, "completed")),
+            Some(_) => assert_eq!((by, end), (ResolvedBy::Cancel, "cancelled")),
+        }
+    }
+
+    worker.shutdown();
+    worker.wait().await.unwrap();
+    env.cleanup().await;
+}

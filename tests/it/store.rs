@@ -159,6 +159,7 @@ fn spec(prompt: &str) -> JobSpec {
         attachments: Vec::new(),
         max_budget_usd: None,
         identity: None,
+        prompt_answerers: Vec::new(),
     }
 }
 

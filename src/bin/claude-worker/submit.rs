@@ -156,6 +156,7 @@ pub async fn run(settings: Settings, args: Args) -> anyhow::Result<u8> {
         reply_to: None,
         attachments: None,
         identity: args.identity.clone(),
+        prompt_answerers: None,
     };
     let body = serde_json::to_vec(&job)?;
     if let Err(e) = claude_worker::protocol::decode_job(&body) {

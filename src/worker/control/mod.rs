@@ -35,6 +35,9 @@ struct Request<'a> {
     reply_to: Option<String>,
     /// The body as received, for re-broadcasting.
     data: &'a [u8],
+    /// The AMQP `user_id` property (RabbitMQ checks it against the
+    /// publishing connection's user).
+    user_id: Option<String>,
 }
 
 impl Request<'_> {
@@ -124,6 +127,7 @@ fn request_of<'a>(ctx: &'a Context, delivery: &'a Delivery) -> Request<'a> {
         id,
         reply_to,
         data: &delivery.data,
+        user_id: props.user_id().as_ref().map(|u| u.as_str().to_string()),
     }
 }
 

@@ -18,7 +18,7 @@ pub(super) async fn apply(req: &Request<'_>, answer: PermissionResponseV1) -> Re
     let job_id = answer.job_id.clone();
     let request_id = answer.request_id.clone();
     let behavior = answer.behavior;
-    let (ok, outcome, message) = match ctx.running.answer_prompt(answer) {
+    let (ok, outcome, message) = match ctx.running.answer_prompt(answer, req.user_id.as_deref()) {
         AnswerDelivery::Delivered => (
             true,
             ControlOutcome::Answered,
@@ -28,6 +28,17 @@ pub(super) async fn apply(req: &Request<'_>, answer: PermissionResponseV1) -> Re
             false,
             ControlOutcome::Refused,
             format!("prompt {request_id} was already settled (answered, timed out or cancelled)"),
+        ),
+        AnswerDelivery::NotAllowed => (
+            false,
+            ControlOutcome::Refused,
+            format!(
+                "job {job_id}'s prompts may be answered only by its prompt_answerers; this \
+                 answer was published {}",
+                req.user_id
+                    .as_deref()
+                    .map_or("without a user_id property".into(), |u| format!("as `{u}`"))
+            ),
         ),
         AnswerDelivery::Unknown => (
             false,
