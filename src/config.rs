@@ -853,4 +853,32 @@ mod tests {
         let err = Settings::from_toml_overrides("[retry]\nmax_attempts = 0").unwrap_err();
         assert!(err.to_string().contains("retry.max_attempts"), "{err}");
     }
+
+    #[test]
+    fn permission_prompts_default_to_deny_and_are_checked() {
+        let s = Settings::from_toml_overrides("").unwrap();
+        let p = &s.profiles["default"];
+        assert_eq!(p.permission_prompts, PermissionPrompts::Deny);
+        assert_eq!(p.permission_timeout_secs, 300);
+        let s = Settings::from_toml_overrides(
+            "[profiles.default]\npermission_prompts = \"ask\"\npermission_timeout_secs = 60",
+        )
+        .unwrap();
+        assert_eq!(
+            s.profiles["default"].permission_prompts,
+            PermissionPrompts::Ask
+        );
+        let err = Settings::from_toml_overrides("[profiles.default]\npermission_timeout_secs = 1")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("permission_timeout_secs must be 5-86400"),
+            "{err}"
+        );
+        let err =
+            Settings::from_toml_overrides("[profiles.default]\npermission_prompts = \"maybe\"")
+                .unwrap_err()
+                .to_string();
+        assert!(err.contains("maybe"), "{err}");
+    }
 }
