@@ -154,15 +154,6 @@ impl CliProcess {
         request_id
     }
 
-    /// Answers a control request of the CLI (e.g. `can_use_tool`).
-    pub fn send_control_response(&mut self, request_id: &str, response: Value) {
-        let mut line = json!({"type": "control_response", "response": {
-            "subtype": "success", "request_id": request_id, "response": response}})
-        .to_string();
-        line.push('\n');
-        self.write_stdin(&line);
-    }
-
     /// Queues a line for the CLI's stdin; never waits. A CLI that died
     /// shows up as a missing result, so a failed write is not reported here
     /// (see [`try_send_user_message`](Self::try_send_user_message)).

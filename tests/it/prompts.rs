@@ -359,13 +359,17 @@ async fn a_person_allows_or_denies_a_tool_call() {
     );
     assert_eq!(completed(&ev).0, "echo: [[mock:allow]] write it");
     assert_eq!(std::fs::read_to_string(&file).unwrap(), "one\ntwo\n");
-    // Answering a finished job's prompt again: refused.
+    // Answering a finished job's prompt again: refused (as settled, if the
+    // worker has not yet let go of the job after its terminal event).
     env.publish_control(answer(&job, &prompt.request_id, "deny"))
         .await;
     let r = env.next_control_result().await;
-    assert_eq!(
-        (r.ok, r.outcome),
-        (false, ControlOutcome::AlreadyFinished),
+    assert!(!r.ok, "{r:?}");
+    assert!(
+        matches!(
+            r.outcome,
+            ControlOutcome::AlreadyFinished | ControlOutcome::Refused
+        ),
         "{r:?}"
     );
 

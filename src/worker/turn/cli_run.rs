@@ -10,15 +10,13 @@ use tracing::debug;
 use super::attempt::{AttemptEnd, InitInfo, RunEnd};
 use super::events::JobEvents;
 use super::prepare::Prepared;
-use super::prompt::{self, PendingPrompt};
+use super::prompt::Prompts;
 use super::retry::AttemptFailure;
 use super::spoken::Spoken;
 use super::{TurnAbort, EXIT_GRACE, INTERRUPT_GRACE, STOP_GRACE};
 use crate::claude::warm::WARM_RESPONSE_TIMEOUT;
-use crate::claude::{self, CliMessage, CliProcess, ToolPermissionRequest, TurnResult};
-use crate::config::PermissionPrompts;
-use crate::protocol::{ErrorKind, EventBody, PermissionBehavior, PermissionResponseV1, ResolvedBy};
-use crate::store::now_ms;
+use crate::claude::{self, CliMessage, CliProcess, TurnResult};
+use crate::protocol::{ErrorKind, EventBody, PermissionResponseV1};
 use crate::worker::context::Context;
 
 pub(super) struct CliRun {
@@ -34,15 +32,8 @@ pub(super) struct CliRun {
     /// The text published so far, to restate after a cut stream.
     spoken: Spoken,
     /// Permission prompts waiting for a person.
-    prompts: Vec<PendingPrompt>,
-    /// Since when a prompt has been waiting: that time is added to the
-    /// turn's deadline once none waits.
-    waiting_since: Option<Instant>,
+    prompts: Prompts,
 }
-
-/// While a prompt waits, the run wakes this often to keep the lease
-/// (the CLI is silent meanwhile).
-const PROMPT_TICK: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// What the run waits for, whichever comes first.
 enum Input {
@@ -71,8 +62,7 @@ impl CliRun {
             init: None,
             streamed: HashSet::new(),
             spoken: Spoken::default(),
-            prompts: Vec::new(),
-            waiting_since: None,
+            prompts: Prompts::default(),
         }
     }
 
@@ -98,7 +88,7 @@ impl CliRun {
                     return Err(TurnAbort::Shutdown);
                 }
                 Input::Cancel => {
-                    self.cancel_prompts(events).await?;
+                    self.prompts.cancel_all(events).await?;
                     let graceful = self.proc.interrupt(INTERRUPT_GRACE).await;
                     events.spent_usd += self.proc.take_cost();
                     debug!(graceful, "turn interrupted");
@@ -114,12 +104,14 @@ impl CliRun {
                     continue;
                 }
                 Input::PromptAnswer(answer) => {
-                    self.on_answer(events, answer).await?;
+                    let proc = &mut self.proc;
+                    self.prompts.on_answer(proc, events, answer).await?;
                     continue;
                 }
                 Input::PromptTick => {
                     events.stop.progressed();
-                    self.expire_prompts(prepared, events).await?;
+                    let (proc, profile) = (&mut self.proc, &prepared.profile);
+                    self.prompts.expire(proc, profile, events).await?;
                     continue;
                 }
             };
@@ -138,16 +130,14 @@ impl CliRun {
     }
 
     async fn next_input(&mut self, events: &mut JobEvents<'_>) -> Input {
-        let until = match self.warm_deadline {
-            Some(w) if self.init.is_none() => w.min(self.deadline),
-            _ => self.deadline,
-        };
         // A person's time does not count against the turn's deadline.
-        let asking = !self.prompts.is_empty();
-        let until = match self.prompts.iter().map(|p| p.expires).min() {
-            Some(expires) => expires.min(Instant::now() + PROMPT_TICK),
-            None => until,
+        let deadline = self.deadline + self.prompts.waited();
+        let until = match self.warm_deadline {
+            Some(w) if self.init.is_none() => w.min(deadline),
+            _ => deadline,
         };
+        let asking = self.prompts.next_wake();
+        let until = asking.unwrap_or(until);
         let stop = events.stop;
         let flush_at = events.flush_at();
         let turn = &mut events.turn;
@@ -155,7 +145,7 @@ impl CliRun {
             _ = tokio::time::sleep_until(flush_at.unwrap_or(until)), if flush_at.is_some() => Input::FlushText,
             m = timeout_at(until, self.proc.next_message()) => match m {
                 Ok(m) => Input::Message(m),
-                Err(_) if asking => Input::PromptTick,
+                Err(_) if asking.is_some() => Input::PromptTick,
                 Err(_) => Input::TimedOut,
             },
             _ = stop.lease_lost.cancelled() => Input::LeaseLost,
@@ -258,145 +248,16 @@ impl CliRun {
                 Ok(())
             }
             CliMessage::CanUseTool(request) => {
-                self.on_can_use_tool(prepared, events, request).await
+                let (proc, profile) = (&mut self.proc, &prepared.profile);
+                self.prompts.ask(proc, profile, events, request).await
             }
             CliMessage::ControlCancel { request_id } => {
-                self.on_withdrawn(events, &request_id).await
+                self.prompts.withdrawn(events, &request_id).await
             }
             CliMessage::Result(_) | CliMessage::Other | CliMessage::ControlResponse { .. } => {
                 Ok(())
             }
         }
-    }
-
-    /// The CLI asks whether a tool call may run: publish the prompt and
-    /// wait (the run loop goes on; the answer comes as an input).
-    async fn on_can_use_tool(
-        &mut self,
-        prepared: &Prepared,
-        events: &mut JobEvents<'_>,
-        request: ToolPermissionRequest,
-    ) -> Result<(), TurnAbort> {
-        if prepared.profile.permission_prompts != PermissionPrompts::Ask {
-            // Not asked for (the flag is only passed with `ask`): refuse.
-            let answer = prompt::deny("this profile does not ask for permission".into());
-            self.proc.send_control_response(&request.request_id, answer);
-            return Ok(());
-        }
-        let secs = prepared.profile.permission_timeout_secs;
-        let wait = std::time::Duration::from_secs(secs);
-        let pending = PendingPrompt::new(request, Instant::now() + wait);
-        events.turn.open_prompt(&pending.id);
-        debug!(tool = %pending.cli.tool_name, request_id = %pending.id, "asking a person");
-        let event = pending.event(now_ms() + wait.as_millis() as i64);
-        if self.prompts.is_empty() {
-            self.waiting_since = Some(Instant::now());
-        }
-        self.prompts.push(pending);
-        events.emit(event).await
-    }
-
-    /// Removes a settled prompt; once none waits, the wait is added to
-    /// the turn's deadline.
-    fn take_prompt(&mut self, id: &str) -> Option<PendingPrompt> {
-        let i = self.prompts.iter().position(|p| p.id == id)?;
-        let p = self.prompts.remove(i);
-        if self.prompts.is_empty() {
-            if let Some(since) = self.waiting_since.take() {
-                self.deadline += since.elapsed();
-            }
-        }
-        Some(p)
-    }
-
-    async fn on_answer(
-        &mut self,
-        events: &mut JobEvents<'_>,
-        answer: PermissionResponseV1,
-    ) -> Result<(), TurnAbort> {
-        // Settled in the registry already; a stale one matches no prompt.
-        let Some(p) = self.take_prompt(&answer.request_id) else {
-            return Ok(());
-        };
-        self.proc
-            .send_control_response(&p.cli.request_id, p.cli_answer(&answer));
-        events
-            .emit(p.resolved(answer.behavior, ResolvedBy::Person, answer.message))
-            .await
-    }
-
-    /// Denies the prompts nobody answered in time.
-    async fn expire_prompts(
-        &mut self,
-        prepared: &Prepared,
-        events: &mut JobEvents<'_>,
-    ) -> Result<(), TurnAbort> {
-        let now = Instant::now();
-        let due: Vec<String> = self
-            .prompts
-            .iter()
-            .filter(|p| p.expires <= now)
-            .map(|p| p.id.clone())
-            .collect();
-        for id in due {
-            if !events.turn.settle_prompt(&id) {
-                // An answer got there first: it is on its way as an input.
-                if let Some(p) = self.prompts.iter_mut().find(|p| p.id == id) {
-                    p.expires = now + PROMPT_TICK;
-                }
-                continue;
-            }
-            let Some(p) = self.take_prompt(&id) else {
-                continue;
-            };
-            let secs = prepared.profile.permission_timeout_secs;
-            let message = format!("nobody answered the permission prompt within {secs} s");
-            self.proc
-                .send_control_response(&p.cli.request_id, prompt::deny(message.clone()));
-            events
-                .emit(p.resolved(PermissionBehavior::Deny, ResolvedBy::Timeout, Some(message)))
-                .await?;
-        }
-        Ok(())
-    }
-
-    /// The turn is cancelled: its prompts are settled as such.
-    async fn cancel_prompts(&mut self, events: &mut JobEvents<'_>) -> Result<(), TurnAbort> {
-        let ids: Vec<String> = self.prompts.iter().map(|p| p.id.clone()).collect();
-        for id in ids {
-            events.turn.settle_prompt(&id);
-            if let Some(p) = self.take_prompt(&id) {
-                let message = Some("the turn was cancelled".to_string());
-                events
-                    .emit(p.resolved(PermissionBehavior::Deny, ResolvedBy::Cancel, message))
-                    .await?;
-            }
-        }
-        Ok(())
-    }
-
-    /// The CLI withdrew a request (`control_cancel_request`).
-    async fn on_withdrawn(
-        &mut self,
-        events: &mut JobEvents<'_>,
-        cli_request_id: &str,
-    ) -> Result<(), TurnAbort> {
-        let Some(id) = self
-            .prompts
-            .iter()
-            .find(|p| p.cli.request_id == cli_request_id)
-            .map(|p| p.id.clone())
-        else {
-            return Ok(());
-        };
-        events.turn.settle_prompt(&id);
-        if let Some(p) = self.take_prompt(&id) {
-            let message = Some("the CLI withdrew the request".to_string());
-            events
-                .emit(p.resolved(PermissionBehavior::Deny, ResolvedBy::Cancel, message))
-                .await?;
-        }
-        Ok(())
     }
 
     async fn on_assistant(

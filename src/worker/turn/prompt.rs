@@ -8,13 +8,24 @@
 //! asks again under a new id, so an answer to the old prompt cannot reach
 //! the new one.
 
+use std::time::Duration;
+
 use serde_json::{json, Value};
 use tokio::time::Instant;
+use tracing::debug;
 
-use crate::claude::{summarize_tool_input, ToolPermissionRequest};
+use super::events::JobEvents;
+use super::TurnAbort;
+use crate::claude::{summarize_tool_input, CliProcess, ToolPermissionRequest};
+use crate::config::{PermissionPrompts, Profile};
 use crate::protocol::{
     EventBody, PermissionBehavior, PermissionResponseV1, PromptOption, PromptQuestion, ResolvedBy,
 };
+use crate::store::now_ms;
+
+/// While a prompt waits, the run wakes this often to keep the lease
+/// (the CLI is silent meanwhile).
+const PROMPT_TICK: Duration = Duration::from_secs(5);
 
 /// Longest summary of a tool call in a `permission_request`.
 const SUMMARY_MAX_CHARS: usize = 4000;
@@ -23,6 +34,176 @@ const SUGGESTIONS_MAX: usize = 8;
 
 /// The tool Claude uses to ask the user a multiple-choice question.
 pub const ASK_USER_QUESTION: &str = "AskUserQuestion";
+
+/// A CLI run's open prompts, and how long they have kept it waiting.
+#[derive(Default)]
+pub(super) struct Prompts {
+    list: Vec<PendingPrompt>,
+    /// Since when a prompt has been waiting (none settled since).
+    waiting_since: Option<Instant>,
+    /// Earlier waits, added to the turn's deadline.
+    waited: Duration,
+}
+
+impl Prompts {
+    /// How long prompts have kept the turn waiting (added to its deadline).
+    pub fn waited(&self) -> Duration {
+        self.waited + self.waiting_since.map_or(Duration::ZERO, |s| s.elapsed())
+    }
+
+    /// When the run must look at its prompts again, if any waits.
+    pub fn next_wake(&self) -> Option<Instant> {
+        let expires = self.list.iter().map(|p| p.expires).min()?;
+        Some(expires.min(Instant::now() + PROMPT_TICK))
+    }
+
+    /// The CLI asks whether a tool call may run: publish the prompt (the
+    /// answer comes later as an input of the run).
+    pub async fn ask(
+        &mut self,
+        proc: &mut CliProcess,
+        profile: &Profile,
+        events: &mut JobEvents<'_>,
+        request: ToolPermissionRequest,
+    ) -> Result<(), TurnAbort> {
+        if profile.permission_prompts != PermissionPrompts::Ask {
+            // Not asked for (the flag is only passed with `ask`): refuse.
+            let answer = deny("this profile does not ask for permission".into());
+            proc.write_stdin(&response_line(&request.request_id, answer));
+            return Ok(());
+        }
+        let wait = Duration::from_secs(profile.permission_timeout_secs);
+        let pending = PendingPrompt::new(request, Instant::now() + wait);
+        events.turn.open_prompt(&pending.id);
+        debug!(tool = %pending.cli.tool_name, request_id = %pending.id, "asking a person");
+        let event = pending.event(now_ms() + wait.as_millis() as i64);
+        if self.list.is_empty() {
+            self.waiting_since = Some(Instant::now());
+        }
+        self.list.push(pending);
+        events.emit(event).await
+    }
+
+    /// Removes a settled prompt; once none waits, the wait is banked.
+    fn take(&mut self, id: &str) -> Option<PendingPrompt> {
+        let i = self.list.iter().position(|p| p.id == id)?;
+        let p = self.list.remove(i);
+        if self.list.is_empty() {
+            if let Some(since) = self.waiting_since.take() {
+                self.waited += since.elapsed();
+            }
+        }
+        Some(p)
+    }
+
+    /// A person's answer (already settled in the registry; a stale one
+    /// matches no prompt and is dropped).
+    pub async fn on_answer(
+        &mut self,
+        proc: &mut CliProcess,
+        events: &mut JobEvents<'_>,
+        answer: PermissionResponseV1,
+    ) -> Result<(), TurnAbort> {
+        let Some(p) = self.take(&answer.request_id) else {
+            return Ok(());
+        };
+        proc.write_stdin(&response_line(&p.cli.request_id, p.cli_answer(&answer)));
+        events
+            .emit(p.resolved(answer.behavior, ResolvedBy::Person, answer.message))
+            .await
+    }
+
+    /// Denies the prompts nobody answered in time.
+    pub async fn expire(
+        &mut self,
+        proc: &mut CliProcess,
+        profile: &Profile,
+        events: &mut JobEvents<'_>,
+    ) -> Result<(), TurnAbort> {
+        let now = Instant::now();
+        let due: Vec<String> = self
+            .list
+            .iter()
+            .filter(|p| p.expires <= now)
+            .map(|p| p.id.clone())
+            .collect();
+        for id in due {
+            if !events.turn.settle_prompt(&id) {
+                // An answer got there first: it is on its way as an input.
+                if let Some(p) = self.list.iter_mut().find(|p| p.id == id) {
+                    p.expires = now + PROMPT_TICK;
+                }
+                continue;
+            }
+            let Some(p) = self.take(&id) else {
+                continue;
+            };
+            let secs = profile.permission_timeout_secs;
+            let message = format!("nobody answered the permission prompt within {secs} s");
+            proc.write_stdin(&response_line(&p.cli.request_id, deny(message.clone())));
+            let by = ResolvedBy::Timeout;
+            events
+                .emit(p.resolved(PermissionBehavior::Deny, by, Some(message)))
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// The turn is cancelled: its prompts are settled as such.
+    pub async fn cancel_all(&mut self, events: &mut JobEvents<'_>) -> Result<(), TurnAbort> {
+        let ids: Vec<String> = self.list.iter().map(|p| p.id.clone()).collect();
+        for id in ids {
+            self.settle_as_cancelled(events, &id, "the turn was cancelled")
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// The CLI withdrew a request (`control_cancel_request`).
+    pub async fn withdrawn(
+        &mut self,
+        events: &mut JobEvents<'_>,
+        cli_request_id: &str,
+    ) -> Result<(), TurnAbort> {
+        let id = self
+            .list
+            .iter()
+            .find(|p| p.cli.request_id == cli_request_id)
+            .map(|p| p.id.clone());
+        match id {
+            Some(id) => {
+                self.settle_as_cancelled(events, &id, "the CLI withdrew the request")
+                    .await
+            }
+            None => Ok(()),
+        }
+    }
+
+    async fn settle_as_cancelled(
+        &mut self,
+        events: &mut JobEvents<'_>,
+        id: &str,
+        why: &str,
+    ) -> Result<(), TurnAbort> {
+        events.turn.settle_prompt(id);
+        let Some(p) = self.take(id) else {
+            return Ok(());
+        };
+        let message = Some(why.to_string());
+        events
+            .emit(p.resolved(PermissionBehavior::Deny, ResolvedBy::Cancel, message))
+            .await
+    }
+}
+
+/// A control response line for the CLI's stdin.
+fn response_line(request_id: &str, response: Value) -> String {
+    let mut line = json!({"type": "control_response", "response": {
+        "subtype": "success", "request_id": request_id, "response": response}})
+    .to_string();
+    line.push('\n');
+    line
+}
 
 /// A prompt published and not yet settled.
 pub(super) struct PendingPrompt {
