@@ -327,6 +327,15 @@ pub struct Profile {
     /// is forgotten (`session.ended`, reason `expired`).
     #[serde(default = "default_retention_secs")]
     pub retention_secs: u64,
+    /// Whether a tool call that needs approval goes to a person
+    /// (`ask`: a `permission_request` event, answered by a
+    /// `permission_response` control message) or is denied at once
+    /// (`deny`, the CLI's own behaviour without a prompt tool).
+    #[serde(default)]
+    pub permission_prompts: PermissionPrompts,
+    /// How long a person has to answer a prompt; then it is denied.
+    #[serde(default = "default_permission_timeout_secs")]
+    pub permission_timeout_secs: u64,
 }
 
 fn default_idle_ttl_secs() -> u64 {
@@ -335,6 +344,21 @@ fn default_idle_ttl_secs() -> u64 {
 
 fn default_retention_secs() -> u64 {
     30 * 86_400
+}
+
+/// Who answers a tool call that needs approval.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PermissionPrompts {
+    /// Denied without asking anyone.
+    #[default]
+    Deny,
+    /// Asked through the queue.
+    Ask,
+}
+
+fn default_permission_timeout_secs() -> u64 {
+    300
 }
 
 /// A profile's budgets, in USD. Unset: no limit.
@@ -665,6 +689,12 @@ impl Settings {
                     ));
                 }
             }
+            if !(5..=86_400).contains(&p.permission_timeout_secs) {
+                return Err(ConfigError::Invalid(format!(
+                    "profiles.{name}.permission_timeout_secs must be 5-86400 (got {})",
+                    p.permission_timeout_secs
+                )));
+            }
             if let Some(f) = &p.fallback_model {
                 if f.is_empty() || f.starts_with('-') || p.model.as_ref() == Some(f) {
                     return bad(format!(
@@ -880,5 +910,33 @@ mod tests {
     fn invalid_settings_say_what_to_fix() {
         let err = Settings::from_toml_overrides("[retry]\nmax_attempts = 0").unwrap_err();
         assert!(err.to_string().contains("retry.max_attempts"), "{err}");
+    }
+
+    #[test]
+    fn permission_prompts_default_to_deny_and_are_checked() {
+        let s = Settings::from_toml_overrides("").unwrap();
+        let p = &s.profiles["default"];
+        assert_eq!(p.permission_prompts, PermissionPrompts::Deny);
+        assert_eq!(p.permission_timeout_secs, 300);
+        let s = Settings::from_toml_overrides(
+            "[profiles.default]\npermission_prompts = \"ask\"\npermission_timeout_secs = 60",
+        )
+        .unwrap();
+        assert_eq!(
+            s.profiles["default"].permission_prompts,
+            PermissionPrompts::Ask
+        );
+        let err = Settings::from_toml_overrides("[profiles.default]\npermission_timeout_secs = 1")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("permission_timeout_secs must be 5-86400"),
+            "{err}"
+        );
+        let err =
+            Settings::from_toml_overrides("[profiles.default]\npermission_prompts = \"maybe\"")
+                .unwrap_err()
+                .to_string();
+        assert!(err.contains("maybe"), "{err}");
     }
 }

@@ -48,6 +48,11 @@ pub struct JobV1 {
     /// profile's per-identity budget. Set by the producer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identity: Option<String>,
+    /// AMQP users (the broker-verified `user_id` property of a
+    /// `permission_response`) who may answer the job's permission prompts.
+    /// Unset: the user the job was published as, if it carried one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_answerers: Option<Vec<String>>,
 }
 
 /// At most this many attachments per job.
@@ -328,6 +333,14 @@ pub fn decode_job(body: &[u8]) -> Result<JobV1, DecodeError> {
             ));
         }
     }
+    if let Some(list) = &job.prompt_answerers {
+        if list.len() > 32 || list.iter().any(|u| u.trim().is_empty() || u.len() > 255) {
+            return Err(DecodeError(
+                "`prompt_answerers` holds at most 32 AMQP user ids of 1-255 bytes, not blank"
+                    .into(),
+            ));
+        }
+    }
     if let Some(m) = &job.metadata {
         if !m.is_object() {
             return Err(DecodeError("`metadata` must be a JSON object".into()));
@@ -565,6 +578,114 @@ pub enum ControlBody {
     /// The session's next job (accepted after this) starts a new Claude
     /// session, even with `session.mode` `continue`.
     ResetSession { session_key: String },
+    /// A person's answer to a `permission_request` event.
+    PermissionResponse(PermissionResponseV1),
+}
+
+/// A person's answer to a `permission_request` (allow or deny one tool
+/// call, or answer Claude's question).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+pub struct PermissionResponseV1 {
+    pub job_id: String,
+    /// The `request_id` of the `permission_request` event.
+    pub request_id: String,
+    pub behavior: PermissionBehavior,
+    /// Shown to Claude with a deny (default: "denied by a person").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// An edited tool input to run instead (allow only); default: the
+    /// input as asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub updated_input: Option<Value>,
+    /// Allow this and like calls for the rest of the Claude session (a
+    /// session-scoped rule, from the CLI's suggestions).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_for_session: bool,
+    /// For `AskUserQuestion`: question text → the chosen option's label
+    /// (several labels comma-separated, or free text).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answers: Option<std::collections::BTreeMap<String, String>>,
+}
+
+/// Largest `updated_input` of a `permission_response`, in bytes of JSON.
+pub const MAX_UPDATED_INPUT_BYTES: usize = 256 * 1024;
+
+impl PermissionResponseV1 {
+    fn validate(&self) -> Result<(), DecodeError> {
+        validate_job_id(&self.job_id)?;
+        if self.request_id.is_empty() || self.request_id.len() > 128 {
+            return Err(DecodeError("`request_id` must be 1-128 bytes".into()));
+        }
+        if self.message.as_ref().is_some_and(|m| m.len() > 4000) {
+            return Err(DecodeError("`message` is longer than 4000 bytes".into()));
+        }
+        if let Some(input) = &self.updated_input {
+            if !input.is_object() {
+                return Err(DecodeError("`updated_input` must be a JSON object".into()));
+            }
+            let size = serde_json::to_vec(input).map_or(usize::MAX, |v| v.len());
+            if size > MAX_UPDATED_INPUT_BYTES {
+                return Err(DecodeError(format!(
+                    "`updated_input` is {size} bytes of JSON; the limit is {MAX_UPDATED_INPUT_BYTES}"
+                )));
+            }
+        }
+        if let Some(a) = &self.answers {
+            if a.len() > 16 || a.iter().any(|(q, v)| q.len() > 4000 || v.len() > 4000) {
+                return Err(DecodeError(
+                    "`answers` holds at most 16 entries of at most 4000 bytes each".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Allow or deny a tool call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PermissionBehavior {
+    Allow,
+    Deny,
+}
+
+impl PermissionBehavior {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PermissionBehavior::Allow => "allow",
+            PermissionBehavior::Deny => "deny",
+        }
+    }
+}
+
+/// Who or what settled a permission prompt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResolvedBy {
+    /// A `permission_response` control message.
+    Person,
+    /// Nobody answered within the profile's `permission_timeout_secs`.
+    Timeout,
+    /// The turn was cancelled (or the CLI withdrew the request).
+    Cancel,
+}
+
+/// A question of Claude's `AskUserQuestion` tool, as a front-end shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+pub struct PromptQuestion {
+    pub question: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header: Option<String>,
+    pub options: Vec<PromptOption>,
+    #[serde(default)]
+    pub multi_select: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+pub struct PromptOption {
+    pub label: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
 }
 
 /// Decodes a control body (strict JSON, as for jobs).
@@ -586,6 +707,9 @@ pub fn decode_control(body: &[u8]) -> Result<ControlV1, DecodeError> {
     } = msg.body
     {
         return Err(DecodeError("cancel needs `job_id` or `session_key`".into()));
+    }
+    if let ControlBody::PermissionResponse(r) = &msg.body {
+        r.validate()?;
     }
     Ok(msg)
 }
@@ -677,6 +801,35 @@ pub enum EventBody {
     Cancelled {
         reason: String,
     },
+    /// A tool call waits for a person's approval (or Claude asks a
+    /// question): answer with a `permission_response` control message.
+    PermissionRequest {
+        /// Names this prompt in the answer; new for every prompt.
+        request_id: String,
+        tool_name: String,
+        /// What the call would do, bounded: the full command for Bash,
+        /// the path and a line count for edits.
+        summary: String,
+        /// The CLI's reason for asking, when it gives one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+        /// The CLI's suggested rules ("allow for this session" uses them).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        suggestions: Vec<Value>,
+        /// For `AskUserQuestion`: the questions and their options.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        questions: Option<Vec<PromptQuestion>>,
+        /// When the prompt is denied if nobody answers (Unix ms).
+        expires_at_ms: i64,
+    },
+    /// A prompt is settled: front-ends showing it can update it.
+    PermissionResolved {
+        request_id: String,
+        behavior: PermissionBehavior,
+        by: ResolvedBy,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        message: Option<String>,
+    },
 }
 
 impl EventBody {
@@ -698,6 +851,8 @@ impl EventBody {
             EventBody::Completed { .. } => "completed",
             EventBody::Failed { .. } => "failed",
             EventBody::Cancelled { .. } => "cancelled",
+            EventBody::PermissionRequest { .. } => "permission_request",
+            EventBody::PermissionResolved { .. } => "permission_resolved",
         }
     }
 }
@@ -811,6 +966,8 @@ pub enum ControlOutcome {
     Invalid,
     /// `session_status` answered: see `status`.
     Reported,
+    /// A `permission_response` reached its prompt.
+    Answered,
 }
 
 /// A session lifecycle event (`session.started`, `session.idle`,

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use serde_json::json;
 
-use crate::config::{ClaudeSettings, EffectiveOptions, Profile};
+use crate::config::{ClaudeSettings, EffectiveOptions, PermissionPrompts, Profile};
 
 /// What one turn asks of the CLI.
 #[derive(Debug, Clone)]
@@ -79,6 +79,11 @@ pub fn cli_args(req: &TurnRequest, profile: &Profile) -> Vec<String> {
     }
     args.push(format!("--max-turns={}", req.options.max_turns));
     args.push(format!("--permission-mode={}", req.options.permission_mode));
+    if profile.permission_prompts == PermissionPrompts::Ask {
+        // Tool calls that need approval come to the worker as
+        // `can_use_tool` control requests (see `worker::turn::prompt`).
+        args.push("--permission-prompt-tool=stdio".into());
+    }
     if let Some(usd) = req.options.max_budget_usd {
         // Counted by the CLI per process: a capped turn never runs warm.
         args.push(format!("--max-budget-usd={usd}"));

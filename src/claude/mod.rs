@@ -18,5 +18,5 @@ pub(crate) use command::{cli_args, cli_env, version, TurnRequest};
 pub use paths::session_dir;
 pub(crate) use paths::{config_dir, project_dir_name};
 pub(crate) use process::CliProcess;
-pub(crate) use stream::{summarize_tool_input, CliMessage, TurnResult};
+pub(crate) use stream::{summarize_tool_input, CliMessage, ToolPermissionRequest, TurnResult};
 pub use warm::WarmStats;

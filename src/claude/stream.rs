@@ -55,8 +55,26 @@ pub enum CliMessage {
         request_id: String,
         error: Option<String>,
     },
+    /// The CLI asks whether a tool call may run (`can_use_tool`, with
+    /// `--permission-prompt-tool stdio`); answered with a control response.
+    CanUseTool(ToolPermissionRequest),
+    /// The CLI withdrew a request it sent (e.g. after an interrupt).
+    ControlCancel { request_id: String },
     /// Anything else (valid JSON the worker does not use).
     Other,
+}
+
+/// A `can_use_tool` control request of the CLI.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ToolPermissionRequest {
+    /// The CLI's id for the request (the answer carries it).
+    pub request_id: String,
+    pub tool_name: String,
+    pub input: Value,
+    /// Rules the CLI suggests for "always allow".
+    pub suggestions: Vec<Value>,
+    /// Why the CLI asks (`decision_reason`, else `title`).
+    pub reason: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -135,6 +153,11 @@ pub fn parse_value(v: &Value) -> CliMessage {
         Some("stream_event") if top_level() => stream_event(v),
         Some("assistant") if top_level() => assistant(v),
         Some("control_response") => control_response(v),
+        Some("control_request") => control_request(v),
+        Some("control_cancel_request") => match str_of(v, "request_id") {
+            Some(request_id) => CliMessage::ControlCancel { request_id },
+            None => CliMessage::Other,
+        },
         Some("result") => CliMessage::Result(result(v)),
         _ => CliMessage::Other,
     }
@@ -239,6 +262,31 @@ fn control_response(v: &Value) -> CliMessage {
         },
         None => CliMessage::Other,
     }
+}
+
+fn control_request(v: &Value) -> CliMessage {
+    let r = &v["request"];
+    let (Some(request_id), Some("can_use_tool"), Some(tool_name)) = (
+        str_of(v, "request_id"),
+        r["subtype"].as_str(),
+        str_of(r, "tool_name"),
+    ) else {
+        return CliMessage::Other;
+    };
+    let reason = ["decision_reason", "title"]
+        .iter()
+        .find_map(|k| r.get(*k).and_then(Value::as_str))
+        .map(|s| truncate_chars(s, 500));
+    CliMessage::CanUseTool(ToolPermissionRequest {
+        request_id,
+        tool_name,
+        input: r.get("input").cloned().unwrap_or(Value::Null),
+        suggestions: r["permission_suggestions"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default(),
+        reason,
+    })
 }
 
 fn result(v: &Value) -> TurnResult {

@@ -132,6 +132,10 @@ pub struct JobSpec {
     /// Compact the session's context before the turn (`options.compact`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub compact: bool,
+    /// AMQP users who may answer the job's permission prompts (empty:
+    /// anyone who may publish control messages).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub prompt_answerers: Vec<String>,
 }
 
 impl JobSpec {

@@ -105,7 +105,13 @@ pub async fn accept(ctx: &Context, delivery: &Delivery) -> Result<Accepted, Acce
     let new = NewJob {
         job_id: job_id.clone(),
         session_key: job.session_key.clone(),
-        spec: spec_of(&job, profile_name, options, reply_to.clone()),
+        spec: spec_of(
+            &job,
+            profile_name,
+            options,
+            reply_to.clone(),
+            delivery.properties.user_id().as_ref().map(|u| u.as_str()),
+        ),
     };
     match ctx.store.accept_job(&new, now_ms()).await? {
         AcceptOutcome::Inserted => {
@@ -249,6 +255,7 @@ fn spec_of(
     profile: String,
     options: crate::config::EffectiveOptions,
     reply_to: Option<String>,
+    published_as: Option<&str>,
 ) -> JobSpec {
     JobSpec {
         prompt: job.prompt.clone(),
@@ -268,6 +275,11 @@ fn spec_of(
         max_budget_usd: options.max_budget_usd,
         identity: job.identity.clone(),
         compact: job.options.compact.unwrap_or(false),
+        // Unset: whoever published the job (broker-verified) answers.
+        prompt_answerers: job
+            .prompt_answerers
+            .clone()
+            .unwrap_or_else(|| published_as.map(str::to_string).into_iter().collect()),
     }
 }
 

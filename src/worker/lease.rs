@@ -210,6 +210,7 @@ mod tests {
             max_budget_usd: None,
             identity: None,
             compact: false,
+            prompt_answerers: Vec::new(),
         };
         let job = NewJob {
             job_id: "j".into(),

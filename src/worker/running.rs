@@ -4,12 +4,14 @@
 //! `Context` that holds it and the `control` handlers that use it do not
 //! depend on each other.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+
+use crate::protocol::PermissionResponseV1;
 
 /// Turns running on this worker, by job id.
 #[derive(Default)]
@@ -22,6 +24,50 @@ struct TurnHandle {
     cancel: CancellationToken,
     reason: Arc<Mutex<Option<CancelReason>>>,
     cli: mpsc::UnboundedSender<Value>,
+    prompts: Arc<Mutex<PromptBook>>,
+    answers: mpsc::UnboundedSender<PermissionResponseV1>,
+}
+
+/// A turn's permission prompts: the open ones, and the last settled ones
+/// (so a late answer is told "already settled", not "unknown"). An answer
+/// reaches the turn only while its prompt is open, once.
+#[derive(Default)]
+pub struct PromptBook {
+    open: HashSet<String>,
+    settled: VecDeque<String>,
+    /// AMQP users who may answer (empty: anyone).
+    answerers: Vec<String>,
+}
+
+/// How many settled prompt ids a turn remembers.
+const SETTLED_KEEP: usize = 64;
+
+impl PromptBook {
+    fn settle(&mut self, id: &str) -> bool {
+        let was_open = self.open.remove(id);
+        if was_open {
+            self.settled.push_back(id.to_string());
+            if self.settled.len() > SETTLED_KEEP {
+                self.settled.pop_front();
+            }
+        }
+        was_open
+    }
+}
+
+/// What became of a `permission_response` on this worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AnswerDelivery {
+    /// The job does not run here.
+    NotHere,
+    /// It reached its open prompt.
+    Delivered,
+    /// The prompt was already answered, timed out or cancelled.
+    AlreadySettled,
+    /// The job runs here but has no such prompt.
+    Unknown,
+    /// The answer's AMQP user may not answer this job's prompts.
+    NotAllowed,
 }
 
 /// A running job's side of the registry; unregisters on drop.
@@ -33,6 +79,9 @@ pub struct TurnRegistration {
     reason: Arc<Mutex<Option<CancelReason>>>,
     /// Control requests for the job's CLI (e.g. `set_permission_mode`).
     pub cli_requests: mpsc::UnboundedReceiver<Value>,
+    prompts: Arc<Mutex<PromptBook>>,
+    /// Answers to the job's open permission prompts.
+    pub prompt_answers: mpsc::UnboundedReceiver<PermissionResponseV1>,
 }
 
 /// Why a turn is being cancelled.
@@ -44,6 +93,27 @@ pub struct CancelReason {
 }
 
 impl TurnRegistration {
+    fn book(&self) -> std::sync::MutexGuard<'_, PromptBook> {
+        self.prompts.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Only these AMQP users may answer the job's prompts (empty: anyone).
+    pub fn answered_by(self, answerers: Vec<String>) -> Self {
+        self.book().answerers = answerers;
+        self
+    }
+
+    /// A prompt is published: answers for `id` may now reach the turn.
+    pub fn open_prompt(&self, id: &str) {
+        self.book().open.insert(id.to_string());
+    }
+
+    /// Settles a prompt (timed out, cancelled, or answered); true if it
+    /// was still open, i.e. this call settled it.
+    pub fn settle_prompt(&self, id: &str) -> bool {
+        self.book().settle(id)
+    }
+
     pub fn cancel_reason(&self) -> CancelReason {
         self.reason
             .lock()
@@ -71,6 +141,8 @@ impl RunningTurns {
         let cancel = CancellationToken::new();
         let reason = Arc::new(Mutex::new(None));
         let (tx, rx) = mpsc::unbounded_channel();
+        let (answers, prompt_answers) = mpsc::unbounded_channel();
+        let prompts = Arc::new(Mutex::new(PromptBook::default()));
         self.lock().insert(
             job_id.to_string(),
             TurnHandle {
@@ -78,6 +150,8 @@ impl RunningTurns {
                 cancel: cancel.clone(),
                 reason: Arc::clone(&reason),
                 cli: tx,
+                prompts: Arc::clone(&prompts),
+                answers,
             },
         );
         TurnRegistration {
@@ -86,7 +160,40 @@ impl RunningTurns {
             cancel,
             reason,
             cli_requests: rx,
+            prompts,
+            prompt_answers,
         }
+    }
+
+    /// Hands a person's answer to the job's open prompt, if the job runs
+    /// here. The prompt is settled under the same lock, so two answers
+    /// (or an answer and the timeout) never both count.
+    /// `user` is the answer's broker-verified AMQP `user_id`.
+    pub fn answer_prompt(
+        &self,
+        answer: PermissionResponseV1,
+        user: Option<&str>,
+    ) -> AnswerDelivery {
+        let map = self.lock();
+        let Some(h) = map.get(&answer.job_id) else {
+            return AnswerDelivery::NotHere;
+        };
+        let mut book = h.prompts.lock().unwrap_or_else(|p| p.into_inner());
+        let allowed = book.answerers.is_empty()
+            || user.is_some_and(|u| book.answerers.iter().any(|a| a == u));
+        if !allowed {
+            return AnswerDelivery::NotAllowed;
+        }
+        if book.settled.contains(&answer.request_id) {
+            return AnswerDelivery::AlreadySettled;
+        }
+        if !book.open.contains(&answer.request_id) {
+            return AnswerDelivery::Unknown;
+        }
+        book.settle(&answer.request_id);
+        // The turn still holds its receiver while it is registered.
+        let _ = h.answers.send(answer);
+        AnswerDelivery::Delivered
     }
 
     /// Cancels the job if it runs here; true if it did.

@@ -170,11 +170,20 @@ impl Bus {
     /// Publishes a control message (reply_to = this world's key) to every
     /// worker; returns its request id.
     pub async fn publish_control(&self, body: Value) -> String {
+        self.publish_control_as(body, None).await
+    }
+
+    /// [`Bus::publish_control`] with the AMQP `user_id` property (RabbitMQ
+    /// refuses one other than the connection's user, `guest`).
+    pub async fn publish_control_as(&self, body: Value, user: Option<&str>) -> String {
         let request_id = uuid::Uuid::new_v4().to_string();
-        let props = BasicProperties::default()
+        let mut props = BasicProperties::default()
             .with_content_type("application/json".into())
             .with_message_id(request_id.as_str().into())
             .with_reply_to(self.reply_key.as_str().into());
+        if let Some(u) = user {
+            props = props.with_user_id(u.into());
+        }
         self.channel
             .basic_publish(
                 self.topology.control_exchange.as_str().into(),

@@ -435,6 +435,7 @@ async fn lifecycle_events_recorded_while_the_broker_is_down_go_out_when_it_retur
             max_budget_usd: None,
             identity: None,
             compact: false,
+            prompt_answerers: Vec::new(),
         },
     };
     let now = store::now_ms();

@@ -24,6 +24,7 @@ mod pg_restart;
 mod pipeline;
 mod producers;
 mod profile_limits;
+mod prompts;
 mod relay;
 mod schema;
 mod secrets;

@@ -570,6 +570,7 @@ async fn a_dead_workers_job_is_picked_up_after_its_lease_expires() {
         max_budget_usd: None,
         identity: None,
         compact: false,
+        prompt_answerers: Vec::new(),
     };
     store
         .accept_job(

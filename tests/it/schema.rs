@@ -138,7 +138,11 @@ fn every_protocol_example_validates_and_decodes() {
             results += 1;
         } else if matches!(
             kind,
-            "cancel" | "set_permission_mode" | "session_status" | "reset_session"
+            "cancel"
+                | "set_permission_mode"
+                | "session_status"
+                | "reset_session"
+                | "permission_response"
         ) {
             assert_valid(control(), "control example", ex);
             decode_control(&bytes)
@@ -214,5 +218,23 @@ fn schemas_reject_what_the_decoder_rejects() {
                "outcome": "done", "message": ""}),
     ] {
         assert!(!control().is_valid(&bad), "control schema accepts {bad}");
+    }
+    // permission_response: the decoder and the schema refuse the same.
+    for bad in [
+        json!({"v": 1, "type": "permission_response", "job_id": "j", "request_id": "r"}),
+        json!({"v": 1, "type": "permission_response", "job_id": "j", "request_id": "r",
+               "behavior": "maybe"}),
+        json!({"v": 1, "type": "permission_response", "job_id": "has space", "request_id": "r",
+               "behavior": "allow"}),
+        json!({"v": 1, "type": "permission_response", "job_id": "j", "request_id": "",
+               "behavior": "allow"}),
+        json!({"v": 1, "type": "permission_response", "job_id": "j", "request_id": "r",
+               "behavior": "allow", "updated_input": "rm -rf /"}),
+    ] {
+        assert!(!control().is_valid(&bad), "control schema accepts {bad}");
+        assert!(
+            decode_control(&serde_json::to_vec(&bad).unwrap()).is_err(),
+            "decoder accepts {bad}"
+        );
     }
 }

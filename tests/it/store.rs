@@ -166,6 +166,7 @@ fn spec(prompt: &str) -> JobSpec {
         max_budget_usd: None,
         identity: None,
         compact: false,
+        prompt_answerers: Vec::new(),
     }
 }
 
@@ -1807,6 +1808,8 @@ async fn maintenance_lease_has_one_holder(ctx: Ctx) {
         .await
         .unwrap()
         .is_some());
+}
+
 /// `reset_session`'s record: pending from the last accepted job on, kept
 /// through the turns of jobs accepted before it (and failed ones), consumed
 /// by a later job's completed turn. Open jobs counted by status.

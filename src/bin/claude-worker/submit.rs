@@ -6,7 +6,9 @@
 //! attempt's output is held back and written once the job completes, so a
 //! pipe gets exactly the final answer and never the partial text of an
 //! attempt that was retried. `--json` writes every event, as received, one
-//! per line.
+//! per line. Permission prompts (a profile with `permission_prompts =
+//! "ask"`) are answered as `ask` says: on a terminal the person decides;
+//! otherwise `--allow-tools` approves, and everything else is denied.
 
 use std::io::{IsTerminal, Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,6 +23,7 @@ use claude_worker::protocol::{
     SessionSpec, PROTOCOL_VERSION,
 };
 
+use crate::ask::{Asker, PromptView};
 use crate::exit;
 
 #[derive(clap::Args, Debug)]
@@ -68,6 +71,11 @@ pub struct Args {
     /// Print the events as JSON lines, exactly as received.
     #[arg(long)]
     json: bool,
+    /// Tools approved without asking when Claude asks for permission
+    /// (comma-separated or repeated; `*` for every tool). Without a
+    /// terminal, any other tool call that asks is denied.
+    #[arg(long = "allow-tools", value_name = "TOOLS")]
+    allow_tools: Vec<String>,
     /// Seconds to wait for the first event before giving up (exit 4).
     #[arg(long, value_name = "SECS", default_value_t = 60)]
     timeout: u64,
@@ -152,6 +160,7 @@ pub async fn run(settings: Settings, args: Args) -> anyhow::Result<u8> {
         reply_to: None,
         attachments: None,
         identity: args.identity.clone(),
+        prompt_answerers: None,
     };
     let body = serde_json::to_vec(&job)?;
     if let Err(e) = claude_worker::protocol::decode_job(&body) {
@@ -183,6 +192,7 @@ async fn stream(
 ) -> anyhow::Result<u8> {
     let mut tracker = JobTracker::new(job_id);
     let mut out = Renderer::new(args.json);
+    let asker = Arc::new(Asker::new(&args.allow_tools));
     let spinner = Spinner::start();
     let first_deadline = tokio::time::Instant::now() + Duration::from_secs(args.timeout);
     let mut got_first = false;
@@ -223,13 +233,19 @@ async fn stream(
             }
             return Ok(exit::NO_ANSWER);
         };
-        let Incoming::Event {
-            raw,
-            event,
-            lease_epoch,
-        } = incoming
-        else {
-            continue;
+        let (raw, event, lease_epoch) = match incoming {
+            Incoming::Event {
+                raw,
+                event,
+                lease_epoch,
+            } => (raw, event, lease_epoch),
+            Incoming::ControlResult { result, .. } => {
+                if !result.ok {
+                    eprintln!("[answer not taken: {}]", result.message);
+                }
+                continue;
+            }
+            _ => continue,
         };
         let step = tracker.accept(&event, lease_epoch);
         if step == Step::Skip {
@@ -243,6 +259,47 @@ async fn stream(
         if step == Step::Terminal {
             return Ok(finish(&event, &mut out, start));
         }
+        if let EventBody::PermissionRequest { .. } = &event.body {
+            out.break_line();
+            answer_prompt(client, &asker, &event).await;
+        }
+    }
+}
+
+/// Answers a `permission_request` (asking on the terminal, if there is one).
+async fn answer_prompt(client: &Client, asker: &Arc<Asker>, event: &EventV1) {
+    let EventBody::PermissionRequest {
+        request_id,
+        tool_name,
+        summary,
+        questions,
+        ..
+    } = &event.body
+    else {
+        return;
+    };
+    let (asker, job_id) = (Arc::clone(asker), event.job_id.clone());
+    let (request_id, tool_name) = (request_id.clone(), tool_name.clone());
+    let (summary, questions) = (summary.clone(), questions.clone());
+    // Reading the terminal blocks: off the async threads.
+    let answer = tokio::task::spawn_blocking(move || {
+        asker.answer(&PromptView {
+            job_id: &job_id,
+            request_id: &request_id,
+            tool_name: &tool_name,
+            summary: &summary,
+            questions: questions.as_deref(),
+        })
+    })
+    .await;
+    let Ok(answer) = answer else {
+        return;
+    };
+    if let Err(e) = client
+        .publish_control(ControlBody::PermissionResponse(answer))
+        .await
+    {
+        eprintln!("claude-worker submit: could not send the answer: {e}");
     }
 }
 
@@ -474,6 +531,13 @@ impl Renderer {
                 }
                 let why = format!("{trigger:?}").to_lowercase();
                 eprintln!("[context compacted ({why}): {pre_tokens} → {post_tokens} tokens]");
+            }
+            EventBody::PermissionResolved {
+                by: claude_worker::protocol::ResolvedBy::Timeout,
+                ..
+            } => {
+                self.break_line();
+                eprintln!("[the permission prompt expired: denied]");
             }
             EventBody::Failed { .. } | EventBody::Cancelled { .. } => {
                 // What the failed attempt said is not an answer.

@@ -249,6 +249,7 @@ fn job(
         attachments: (!images.is_empty()).then_some(images),
         // Per-user budgets (the profile's `identity` budget) follow the user.
         identity: Some(format!("discord:user:{}", meta.user_id)),
+        prompt_answerers: None,
     }
 }
 

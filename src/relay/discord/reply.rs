@@ -182,7 +182,10 @@ impl Reply {
                 let text = render::cancelled(self.tracker.text());
                 self.finish(shared, &[text]).await;
             }
-            EventBody::Started { .. } => {}
+            // Prompts are not shown in Discord yet (issue 12's buttons).
+            EventBody::Started { .. }
+            | EventBody::PermissionRequest { .. }
+            | EventBody::PermissionResolved { .. } => {}
         }
         step == Step::Terminal
     }

@@ -13,6 +13,7 @@
 
 mod answer;
 mod cancel;
+mod permission_response;
 mod reset_session;
 mod session_status;
 mod set_permission_mode;
@@ -37,6 +38,9 @@ struct Request<'a> {
     reply_to: Option<String>,
     /// The body as received, for re-broadcasting.
     data: &'a [u8],
+    /// The AMQP `user_id` property (RabbitMQ checks it against the
+    /// publishing connection's user).
+    user_id: Option<String>,
 }
 
 impl Request<'_> {
@@ -107,6 +111,7 @@ pub async fn handle(ctx: &Context, delivery: &Delivery) -> Result<(), EndError> 
             session_status::report(&req, session_key).await
         }
         ControlBody::ResetSession { session_key } => reset_session::apply(&req, session_key).await,
+        ControlBody::PermissionResponse(answer) => permission_response::apply(&req, answer).await,
     }
 }
 
@@ -129,6 +134,7 @@ fn request_of<'a>(ctx: &'a Context, delivery: &'a Delivery) -> Request<'a> {
         id,
         reply_to,
         data: &delivery.data,
+        user_id: props.user_id().as_ref().map(|u| u.as_str().to_string()),
     }
 }
 

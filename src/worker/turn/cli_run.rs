@@ -10,12 +10,13 @@ use tracing::debug;
 use super::attempt::{AttemptEnd, InitInfo, RunEnd};
 use super::events::JobEvents;
 use super::prepare::Prepared;
+use super::prompt::Prompts;
 use super::retry::AttemptFailure;
 use super::spoken::Spoken;
 use super::{TurnAbort, EXIT_GRACE, INTERRUPT_GRACE, STOP_GRACE};
 use crate::claude::warm::WARM_RESPONSE_TIMEOUT;
 use crate::claude::{self, CliMessage, CliProcess, TurnResult};
-use crate::protocol::{CompactTrigger, ErrorKind, EventBody};
+use crate::protocol::{CompactTrigger, ErrorKind, EventBody, PermissionResponseV1};
 use crate::worker::context::Context;
 
 pub(super) struct CliRun {
@@ -30,6 +31,8 @@ pub(super) struct CliRun {
     streamed: HashSet<String>,
     /// The text published so far, to restate after a cut stream.
     spoken: Spoken,
+    /// Permission prompts waiting for a person.
+    prompts: Prompts,
 }
 
 /// What the run waits for, whichever comes first.
@@ -43,6 +46,10 @@ enum Input {
     ControlRequest(Value),
     /// Text held back to join deltas is due.
     FlushText,
+    /// A person answered a prompt.
+    PromptAnswer(PermissionResponseV1),
+    /// A prompt may have expired; the lease is kept meanwhile.
+    PromptTick,
 }
 
 impl CliRun {
@@ -55,6 +62,7 @@ impl CliRun {
             init: None,
             streamed: HashSet::new(),
             spoken: Spoken::default(),
+            prompts: Prompts::default(),
         }
     }
 
@@ -80,6 +88,7 @@ impl CliRun {
                     return Err(TurnAbort::Shutdown);
                 }
                 Input::Cancel => {
+                    self.prompts.cancel_all(events).await?;
                     let graceful = self.proc.interrupt(INTERRUPT_GRACE).await;
                     events.spent_usd += self.proc.take_cost();
                     debug!(graceful, "turn interrupted");
@@ -92,6 +101,17 @@ impl CliRun {
                 }
                 Input::FlushText => {
                     events.flush_text().await?;
+                    continue;
+                }
+                Input::PromptAnswer(answer) => {
+                    let proc = &mut self.proc;
+                    self.prompts.on_answer(proc, events, answer).await?;
+                    continue;
+                }
+                Input::PromptTick => {
+                    events.stop.progressed();
+                    let (proc, profile) = (&mut self.proc, &prepared.profile);
+                    self.prompts.expire(proc, profile, events).await?;
                     continue;
                 }
             };
@@ -110,10 +130,14 @@ impl CliRun {
     }
 
     async fn next_input(&mut self, events: &mut JobEvents<'_>) -> Input {
+        // A person's time does not count against the turn's deadline.
+        let deadline = self.deadline + self.prompts.waited();
         let until = match self.warm_deadline {
-            Some(w) if self.init.is_none() => w.min(self.deadline),
-            _ => self.deadline,
+            Some(w) if self.init.is_none() => w.min(deadline),
+            _ => deadline,
         };
+        let asking = self.prompts.next_wake();
+        let until = asking.unwrap_or(until);
         let stop = events.stop;
         let flush_at = events.flush_at();
         let turn = &mut events.turn;
@@ -121,12 +145,14 @@ impl CliRun {
             _ = tokio::time::sleep_until(flush_at.unwrap_or(until)), if flush_at.is_some() => Input::FlushText,
             m = timeout_at(until, self.proc.next_message()) => match m {
                 Ok(m) => Input::Message(m),
+                Err(_) if asking.is_some() => Input::PromptTick,
                 Err(_) => Input::TimedOut,
             },
             _ = stop.lease_lost.cancelled() => Input::LeaseLost,
             _ = stop.kill.cancelled() => Input::Kill,
             _ = turn.cancel.cancelled() => Input::Cancel,
             Some(request) = turn.cli_requests.recv() => Input::ControlRequest(request),
+            Some(answer) = turn.prompt_answers.recv() => Input::PromptAnswer(answer),
         }
     }
 
@@ -232,6 +258,13 @@ impl CliRun {
             } => {
                 debug!(cli_attempt = attempt, ?error_status, %error, "the CLI is retrying an API call");
                 Ok(())
+            }
+            CliMessage::CanUseTool(request) => {
+                let (proc, profile) = (&mut self.proc, &prepared.profile);
+                self.prompts.ask(proc, profile, events, request).await
+            }
+            CliMessage::ControlCancel { request_id } => {
+                self.prompts.withdrawn(events, &request_id).await
             }
             CliMessage::Result(_) | CliMessage::Other | CliMessage::ControlResponse { .. } => {
                 Ok(())

@@ -92,7 +92,10 @@ impl<'a> JobEvents<'a> {
             flush_at: None,
             last_text_at: None,
             attempt: job.attempts,
-            turn: ctx.running.register(&job.job_id, &job.session_key),
+            turn: ctx
+                .running
+                .register(&job.job_id, &job.session_key)
+                .answered_by(spec.prompt_answerers.clone()),
             spent_usd: 0.0,
             identity: spec.identity.clone(),
             profile: spec.profile.clone(),

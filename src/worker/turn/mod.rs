@@ -20,6 +20,7 @@ mod compact;
 mod events;
 mod outcome;
 mod prepare;
+mod prompt;
 pub(crate) mod retry;
 mod spoken;
 
