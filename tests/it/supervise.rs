@@ -58,8 +58,16 @@ async fn a_panic_in_a_turn_hands_the_session_back_and_the_job_completes() {
     }
     assert_eq!(kinds.last(), Some(&"completed"), "{kinds:?}");
     assert_eq!(events.iter().filter(|e| e.body.is_terminal()).count(), 1);
+    // Strictly increasing; the retry runs above the block of seqs the
+    // panicking run had reserved (docs/protocol.md: a gap between runs).
     let seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
-    assert_eq!(seqs, (0..events.len() as u64).collect::<Vec<_>>());
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+    let retried: Vec<u64> = seqs[1..].to_vec();
+    assert_eq!(
+        retried,
+        (seqs[1]..seqs[1] + retried.len() as u64).collect::<Vec<_>>(),
+        "one run's events are contiguous"
+    );
     assert_eq!(
         attempts.load(Ordering::SeqCst),
         2,
