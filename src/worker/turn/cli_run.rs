@@ -16,7 +16,7 @@ use super::spoken::Spoken;
 use super::{TurnAbort, EXIT_GRACE, INTERRUPT_GRACE, STOP_GRACE};
 use crate::claude::warm::WARM_RESPONSE_TIMEOUT;
 use crate::claude::{self, CliMessage, CliProcess, TurnResult};
-use crate::protocol::{CompactTrigger, ErrorKind, EventBody, PermissionResponseV1};
+use crate::protocol::{ErrorKind, EventBody, PermissionResponseV1};
 use crate::worker::context::Context;
 
 pub(super) struct CliRun {
@@ -200,25 +200,7 @@ impl CliRun {
                 model,
                 permission_mode,
             } => {
-                if self.init.is_some() {
-                    return Ok(());
-                }
-                if let Some(turns) = self.warm_turns {
-                    ctx.warm.record_hit(&events.session_key, turns + 1);
-                }
-                self.init = Some(InitInfo {
-                    session_id: session_id.clone(),
-                    model: model.clone(),
-                });
-                let request = &prepared.request;
-                events
-                    .emit(EventBody::Started {
-                        claude_session_id: Some(session_id),
-                        resumed: request.resume.is_some() && !request.fork,
-                        resume_failed: prepared.resume_failed.clone(),
-                        model,
-                        permission_mode,
-                    })
+                self.on_init(ctx, prepared, events, session_id, model, permission_mode)
                     .await
             }
             CliMessage::TextDelta {
@@ -248,7 +230,7 @@ impl CliRun {
                 post_tokens,
             } => {
                 events
-                    .emit(compacted(&trigger, pre_tokens, post_tokens))
+                    .emit(super::compact::from_cli(&trigger, pre_tokens, post_tokens))
                     .await
             }
             CliMessage::ApiRetry {
@@ -270,6 +252,38 @@ impl CliRun {
                 Ok(())
             }
         }
+    }
+
+    /// The first `init` of the run starts the job's `started` event.
+    async fn on_init(
+        &mut self,
+        ctx: &Context,
+        prepared: &Prepared,
+        events: &mut JobEvents<'_>,
+        session_id: String,
+        model: Option<String>,
+        permission_mode: Option<String>,
+    ) -> Result<(), TurnAbort> {
+        if self.init.is_some() {
+            return Ok(());
+        }
+        if let Some(turns) = self.warm_turns {
+            ctx.warm.record_hit(&events.session_key, turns + 1);
+        }
+        self.init = Some(InitInfo {
+            session_id: session_id.clone(),
+            model: model.clone(),
+        });
+        let request = &prepared.request;
+        events
+            .emit(EventBody::Started {
+                claude_session_id: Some(session_id),
+                resumed: request.resume.is_some() && !request.fork,
+                resume_failed: prepared.resume_failed.clone(),
+                model,
+                permission_mode,
+            })
+            .await
     }
 
     async fn on_assistant(
@@ -365,20 +379,6 @@ impl CliRun {
             msg,
             true,
         )))
-    }
-}
-
-/// The CLI's own compaction (its autocompact, or a prompt `/compact`):
-/// the same event as the worker's.
-fn compacted(trigger: &str, pre_tokens: u64, post_tokens: u64) -> EventBody {
-    let trigger = match trigger {
-        "manual" => CompactTrigger::Requested,
-        _ => CompactTrigger::Auto,
-    };
-    EventBody::Compacted {
-        trigger,
-        pre_tokens,
-        post_tokens,
     }
 }
 

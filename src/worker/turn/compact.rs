@@ -252,6 +252,20 @@ async fn run(
     }
 }
 
+/// The CLI's own compaction (its autocompact, or a prompt `/compact`):
+/// the same event as the worker's.
+pub(super) fn from_cli(trigger: &str, pre_tokens: u64, post_tokens: u64) -> EventBody {
+    let trigger = match trigger {
+        "manual" => CompactTrigger::Requested,
+        _ => CompactTrigger::Auto,
+    };
+    EventBody::Compacted {
+        trigger,
+        pre_tokens,
+        post_tokens,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
