@@ -312,6 +312,23 @@ async fn bench() {
     println!("load average at end: {}", load_average());
 }
 
+fn label_is_baseline(bin: &Path) -> bool {
+    std::env::var_os("FASTPATH_BASELINE_BIN").is_some_and(|b| Path::new(&b) == bin)
+}
+
+/// A baseline build predates the fast path's settings and refuses keys it
+/// does not know: leave them out of its config (it has their behaviour
+/// off anyway).
+fn drop_new_settings(config: &Path) {
+    const NEW: [&str; 3] = ["publish_channels", "max_unconfirmed_events", "text_coalesce_ms"];
+    let text = std::fs::read_to_string(config).unwrap();
+    let kept: Vec<&str> = text
+        .lines()
+        .filter(|l| !NEW.iter().any(|k| l.trim_start().starts_with(&format!("{k} ="))))
+        .collect();
+    std::fs::write(config, kept.join("\n") + "\n").unwrap();
+}
+
 fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .unwrap_or_default()
@@ -358,6 +375,9 @@ async fn run(load: &Load, bin: &Path, standin: &Path) -> Figures {
         s.worker.id = format!("fast-{w}");
         let config = dir.path().join(format!("worker-{w}.toml"));
         world::write_config(&s, &config);
+        if label_is_baseline(bin) {
+            drop_new_settings(&config);
+        }
         let mut std_cmd = std::process::Command::new(bin);
         std_cmd
             .arg("--config")

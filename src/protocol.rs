@@ -714,8 +714,10 @@ pub fn decode_control(body: &[u8]) -> Result<ControlV1, DecodeError> {
     Ok(msg)
 }
 
-/// One reply event. `seq` is contiguous per job, starting at 0; exactly one
-/// terminal event (`completed`, `failed`, `cancelled`) ends a job.
+/// One reply event. `seq` strictly increases per job, from 0, contiguous
+/// within one run of the job (a later run starts above the earlier run's
+/// reserved block: a gap); exactly one terminal event (`completed`,
+/// `failed`, `cancelled`) ends a job.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EventV1 {
     pub v: u32,
