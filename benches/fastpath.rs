@@ -320,11 +320,18 @@ fn label_is_baseline(bin: &Path) -> bool {
 /// does not know: leave them out of its config (it has their behaviour
 /// off anyway).
 fn drop_new_settings(config: &Path) {
-    const NEW: [&str; 3] = ["publish_channels", "max_unconfirmed_events", "text_coalesce_ms"];
+    const NEW: [&str; 3] = [
+        "publish_channels",
+        "max_unconfirmed_events",
+        "text_coalesce_ms",
+    ];
     let text = std::fs::read_to_string(config).unwrap();
     let kept: Vec<&str> = text
         .lines()
-        .filter(|l| !NEW.iter().any(|k| l.trim_start().starts_with(&format!("{k} ="))))
+        .filter(|l| {
+            !NEW.iter()
+                .any(|k| l.trim_start().starts_with(&format!("{k} =")))
+        })
         .collect();
     std::fs::write(config, kept.join("\n") + "\n").unwrap();
 }
