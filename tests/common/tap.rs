@@ -71,11 +71,6 @@ async fn tap_once(
         .await?;
     while let Some(d) = consumer.next().await {
         let d = d?;
-        // Session lifecycle events (`session.*`) are not job events.
-        if d.routing_key.as_str().starts_with("session.") {
-            d.ack(BasicAckOptions::default()).await?;
-            continue;
-        }
         let raw: Value = serde_json::from_slice(&d.data).expect("replies are JSON");
         let epoch = match d
             .properties

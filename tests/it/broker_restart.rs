@@ -52,6 +52,13 @@ impl Observed {
             self.control.push(raw);
             return;
         }
+        // Session lifecycle events (`session.*`) are not job events.
+        if raw["type"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("session."))
+        {
+            return;
+        }
         let ev: EventV1 = serde_json::from_value(raw).expect("an event");
         self.events
             .entry(ev.job_id.clone())
