@@ -504,8 +504,9 @@ pub trait SessionStore: SessionLifecycle + Send + Sync + 'static {
         reserve_seq_to: u64,
     ) -> Result<u32, StoreError>;
 
-    /// Records that events up to `next_seq - 1` are being published. Called
-    /// before each publish, so a fenced-out worker publishes nothing. Fenced.
+    /// Reserves seqs up to `next_seq - 1` for the job's events (a block at
+    /// a time), so a fenced-out worker can reserve, and publish, nothing
+    /// more. Fenced.
     async fn record_seq(
         &self,
         lease: &Lease,

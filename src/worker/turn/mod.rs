@@ -8,9 +8,10 @@
 //! run) → `Ended` → `outcome` (record the outcome, then publish the
 //! terminal event).
 //!
-//! Every event goes through `events`: its seq is recorded under the lease
-//! epoch before it is published, so a worker that lost the session
-//! publishes nothing.
+//! Every event goes through `events`: its seq comes from a block reserved
+//! under the lease epoch (one fenced write per block), and it is published
+//! only while the lease is surely held, so a worker that lost the session
+//! publishes nothing more.
 
 mod attempt;
 mod attempts;
