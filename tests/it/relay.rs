@@ -531,7 +531,7 @@ async fn slash_commands_reset_stop_status_and_mode() {
         .iter()
         .map(|c| c["name"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["reset", "stop", "status", "mode"]);
+    assert_eq!(names, ["reset", "stop", "status", "compact", "mode"]);
 
     let m1 = w.fake.user_says(CHAN, ALICE, "first", true);
     let first = w.terminal(&job_of(m1)).await;
@@ -792,6 +792,108 @@ async fn text_commands_work_where_slash_commands_are_not_registered() {
     let answer = w.placeholder(CHAN, cmd).await;
     assert!(answer.content.contains(sid.as_str()), "{}", answer.content);
     assert!(w.fake.calls_to("PUT", "/commands").is_empty());
+    assert!(
+        !w.events.contains_key(&job_of(cmd)),
+        "a command is not a prompt"
+    );
+    w.cleanup().await;
+}
+
+/// `(pre, post)` of a "🗜️ Compacted: 45,120 → 8,310 tokens." answer.
+fn compacted_figures(answer: &str) -> (u64, u64) {
+    let figures = answer
+        .strip_prefix("🗜️ Compacted: ")
+        .and_then(|a| a.strip_suffix(" tokens."))
+        .unwrap_or_else(|| panic!("not a compaction answer: {answer:?}"));
+    let (pre, post) = figures.split_once(" → ").expect("before → after");
+    let n = |s: &str| s.replace(',', "").parse::<u64>().expect("a number");
+    (n(pre), n(post))
+}
+
+/// /compact, as a slash command and as text: nothing to compact before
+/// the first message (and no job, no Claude session made for it); after
+/// it, one summary request, the figures of the `compacted` event in the
+/// answer, and the next message continues from the summary; a failed
+/// summary request is said as such. Never an empty answer.
+#[tokio::test]
+async fn compact_summarises_the_conversation_and_says_what_happened() {
+    let mut w = world(|_| {}).await;
+    let nothing = slash(&w, "compact", json!([])).await;
+    assert_eq!(
+        nothing,
+        claude_worker::relay::discord::commands::NOTHING_TO_COMPACT
+    );
+    assert!(w.env.mock.requests().is_empty(), "no job ran for it");
+    let key = format!("discord:{GUILD}:{CHAN}:{ALICE}");
+    let store = claude_worker::store::connect(&w.env.settings().database.url, 1)
+        .await
+        .unwrap();
+    assert!(store.get_session(&key).await.unwrap().is_none());
+
+    w.env.mock.set_usage(crate::mock_api::Usage {
+        input_tokens: 45_000,
+        output_tokens: 5,
+        cache_creation_input_tokens: 0,
+        cache_read_input_tokens: 0,
+    });
+    let m1 = w.fake.user_says(CHAN, ALICE, "the first question", true);
+    w.terminal(&job_of(m1)).await;
+    let answer = slash(&w, "compact", json!([])).await;
+    let (pre, post) = compacted_figures(&answer);
+    assert!(pre >= 45_000 && post < 10_000, "{answer}");
+    let summaries = w.env.mock.compaction_requests();
+    assert_eq!(summaries.len(), 1);
+    assert!(summaries[0].carries("the first question"));
+    let jobs = store.list_jobs(&key, 10).await.unwrap();
+    let job = jobs
+        .iter()
+        .find(|j| j.spec.prompt == "/compact")
+        .expect("the compaction job");
+    assert_eq!(
+        job.spec.identity.as_deref(),
+        Some("discord:user:11"),
+        "budgets follow the user"
+    );
+
+    let m2 = w.fake.user_says(CHAN, ALICE, "the second question", true);
+    assert_eq!(
+        result_of(&w.terminal(&job_of(m2)).await),
+        "echo: the second question"
+    );
+    let turn = w
+        .env
+        .mock
+        .requests()
+        .into_iter()
+        .rev()
+        .find(|r| !r.is_compaction())
+        .unwrap();
+    assert!(
+        turn.carries(crate::mock_api::MOCK_SUMMARY) && !turn.carries("the first question"),
+        "the conversation continued from the summary"
+    );
+
+    // The text form, with the summary request failing.
+    w.env
+        .mock
+        .push_compaction_behavior(Behavior::status(500, "api_error", "summary refused"));
+    let cmd = w.fake.user_says(CHAN, ALICE, "/compact", true);
+    let failed = w
+        .fake
+        .wait_for("the /compact answer", |v| {
+            v.messages_in(CHAN)
+                .into_iter()
+                .find(|m| m.reply_to == Some(cmd) && m.content != render::PLACEHOLDER)
+                .cloned()
+        })
+        .await;
+    assert!(
+        failed.content.starts_with("⚠️ Not compacted")
+            && failed.content.contains("summary refused"),
+        "{}",
+        failed.content
+    );
+    assert_eq!(w.env.mock.compaction_requests().len(), 2);
     assert!(
         !w.events.contains_key(&job_of(cmd)),
         "a command is not a prompt"

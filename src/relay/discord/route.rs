@@ -34,6 +34,11 @@ pub enum TextCommand {
     Stop,
     Status,
     Mode(String),
+    /// Compact the conversation; `user` (the author) is the job's identity,
+    /// so a compaction counts against their budget like their prompts.
+    Compact {
+        user: u64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,7 +82,7 @@ pub fn judge(s: &DiscordSettings, bot_id: u64, f: &Facts<'_>) -> Verdict {
             Verdict::Ignore
         };
     }
-    match text_command(&text) {
+    match text_command(&text, f.author_id) {
         Some(cmd) => Verdict::Command(cmd),
         None => Verdict::Prompt(text),
     }
@@ -92,16 +97,22 @@ pub fn strip_mention(content: &str, bot_id: u64) -> String {
         .to_string()
 }
 
-fn text_command(text: &str) -> Option<TextCommand> {
+fn text_command(text: &str, author: u64) -> Option<TextCommand> {
     let mut words = text.split_whitespace();
     let cmd = match words.next()? {
         "/reset" => TextCommand::Reset,
+        "/compact" => TextCommand::Compact { user: author },
         "/stop" => TextCommand::Stop,
         "/status" => TextCommand::Status,
         "/mode" => TextCommand::Mode(words.next().unwrap_or("").to_string()),
         _ => return None,
     };
     Some(cmd)
+}
+
+/// The job identity of a Discord user (per-user budgets key on it).
+pub fn identity(user: u64) -> String {
+    format!("discord:user:{user}")
 }
 
 /// The session key of a conversation, by the configured scope.
@@ -253,7 +264,15 @@ mod tests {
             v("<@99> /mode plan"),
             Verdict::Command(TextCommand::Mode("plan".into()))
         );
+        assert_eq!(
+            v("<@99> /compact"),
+            Verdict::Command(TextCommand::Compact { user: 7 })
+        );
         assert_eq!(v("<@99> /resetting"), Verdict::Prompt("/resetting".into()));
+        assert_eq!(
+            v("<@99> /compacting"),
+            Verdict::Prompt("/compacting".into())
+        );
     }
 
     #[test]
