@@ -318,6 +318,11 @@ pub struct Profile {
     /// CLI's own autocompact and jobs that ask (`options.compact`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compact_at_percent: Option<u8>,
+    /// After a failed compaction, threshold compaction of that session
+    /// waits this long (or until its context grew by a tenth of the
+    /// window): each try is a summary request of the whole context.
+    #[serde(default = "default_compact_retry_secs")]
+    pub compact_retry_secs: u64,
     /// A session with no activity this long is marked idle
     /// (`session.idle`, its warm CLI process closed); it stays resumable.
     #[serde(default = "default_idle_ttl_secs")]
@@ -336,6 +341,10 @@ pub struct Profile {
     /// How long a person has to answer a prompt; then it is denied.
     #[serde(default = "default_permission_timeout_secs")]
     pub permission_timeout_secs: u64,
+}
+
+fn default_compact_retry_secs() -> u64 {
+    900
 }
 
 fn default_idle_ttl_secs() -> u64 {

@@ -48,6 +48,10 @@ pub enum CliMessage {
         pre_tokens: u64,
         post_tokens: u64,
     },
+    /// `system/status` with `compact_result: "failed"`: the CLI could not
+    /// compact (its summary request failed); the session is unchanged and
+    /// the `result` that follows is a `success` whose text is `error`.
+    CompactFailed { error: String },
     /// The turn's result.
     Result(TurnResult),
     /// The answer to a control request: `error` is `None` on success.
@@ -186,6 +190,9 @@ fn system(v: &Value) -> CliMessage {
                 post_tokens: n("post_tokens"),
             }
         }
+        Some("status") if v["compact_result"] == "failed" => CliMessage::CompactFailed {
+            error: str_of(v, "compact_error").unwrap_or_default(),
+        },
         Some("api_retry") => CliMessage::ApiRetry {
             attempt: v.get("attempt").and_then(Value::as_u64).unwrap_or(0),
             error_status: v.get("error_status").and_then(Value::as_u64),
@@ -426,6 +433,18 @@ mod tests {
                 post_tokens: 2_539
             }
         );
+        // As 2.1.330 prints it when the summary request of a `/compact`
+        // fails (then a `success` result carrying the same text).
+        let failed = r#"{"type":"system","subtype":"status","status":null,"compact_result":"failed","compact_error":"Error during compaction: API Error: 500 boom.","session_id":"s"}"#;
+        assert_eq!(
+            parse_line(failed).unwrap(),
+            CliMessage::CompactFailed {
+                error: "Error during compaction: API Error: 500 boom.".into()
+            }
+        );
+        let compacting =
+            r#"{"type":"system","subtype":"status","status":"compacting","session_id":"s"}"#;
+        assert_eq!(parse_line(compacting).unwrap(), CliMessage::Other);
         let res = r#"{"type":"result","subtype":"success","is_error":true,"api_error_status":529,"result":"API Error: 529","num_turns":1}"#;
         match parse_line(res).unwrap() {
             CliMessage::Result(r) => {

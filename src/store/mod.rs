@@ -282,6 +282,9 @@ pub struct SessionRecord {
     /// A reset is pending: jobs accepted after this order start a new
     /// Claude session (`reset_session`).
     pub reset_after_job_order: Option<i64>,
+    /// The last failed compaction, `(at_ms, context_tokens)`, until one
+    /// succeeds (threshold compaction backs off from it).
+    pub compact_failed: Option<(i64, i64)>,
 }
 
 /// Proof of holding a session's lease. `epoch` only grows; every fenced
@@ -520,6 +523,15 @@ pub trait SessionStore: SessionLifecycle + Send + Sync + 'static {
     /// transaction. Fenced. `TranscriptChanged` (nothing written) when a
     /// transcript append no longer fits the stored transcript.
     async fn finish_job(&self, lease: &Lease, finish: &JobFinish) -> Result<(), StoreError>;
+
+    /// Records a failed compaction of the lease's session, `(at_ms,
+    /// context_tokens)`, or clears the record (`None`: one succeeded).
+    /// Fenced.
+    async fn set_compaction_failure(
+        &self,
+        lease: &Lease,
+        failure: Option<(i64, i64)>,
+    ) -> Result<(), StoreError>;
 
     /// What the jobs of `identity` that finished at or after `since_ms`
     /// cost, in USD (per-identity budgets).

@@ -10,7 +10,7 @@ pub(crate) const JOB_COLUMNS: &str = "job_id, session_key, job_order, status, at
 pub(crate) const SESSION_COLUMNS: &str = "session_key, claude_session_id, profile, status, cwd, \
      model, created_at_ms, updated_at_ms, last_job_id, turns, input_tokens, output_tokens, \
      cost_usd, lease_owner, lease_epoch, lease_expires_at_ms, permission_mode, context_tokens, \
-     context_window, reset_after_job_order";
+     context_window, reset_after_job_order, compact_failed_at_ms, compact_failed_tokens";
 
 #[derive(sqlx::FromRow)]
 pub(crate) struct JobRow {
@@ -81,6 +81,8 @@ pub(crate) struct SessionRow {
     context_tokens: Option<i64>,
     context_window: Option<i64>,
     reset_after_job_order: Option<i64>,
+    compact_failed_at_ms: Option<i64>,
+    compact_failed_tokens: Option<i64>,
 }
 
 impl TryFrom<SessionRow> for SessionRecord {
@@ -107,6 +109,7 @@ impl TryFrom<SessionRow> for SessionRecord {
             context_tokens: r.context_tokens,
             context_window: r.context_window,
             reset_after_job_order: r.reset_after_job_order,
+            compact_failed: r.compact_failed_at_ms.zip(r.compact_failed_tokens),
             permission_mode: r
                 .permission_mode
                 .map(|m| {

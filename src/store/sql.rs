@@ -138,6 +138,25 @@ macro_rules! session_store_impl {
                 Ok(())
             }
 
+            async fn set_compaction_failure(
+                &self,
+                lease: &Lease,
+                failure: Option<(i64, i64)>,
+            ) -> Result<(), StoreError> {
+                let mut tx = self.fenced(lease).await?;
+                sqlx::query(
+                    "UPDATE sessions SET compact_failed_at_ms = $1, compact_failed_tokens = $2 \
+                     WHERE session_key = $3",
+                )
+                .bind(failure.map(|f| f.0))
+                .bind(failure.map(|f| f.1))
+                .bind(&lease.session_key)
+                .execute(&mut *tx)
+                .await?;
+                tx.commit().await?;
+                Ok(())
+            }
+
             async fn abandon_lease(&self, lease: &Lease, now_ms: i64) -> Result<(), StoreError> {
                 let mut tx = self.fenced(lease).await?;
                 sqlx::query(
@@ -269,6 +288,8 @@ macro_rules! session_store_impl {
                            input_tokens = input_tokens + $4, output_tokens = output_tokens + $5, \
                            context_tokens = COALESCE($6, context_tokens), \
                            context_window = COALESCE($7, context_window), \
+                           compact_failed_at_ms = CASE WHEN claude_session_id = $1 THEN compact_failed_at_ms END, \
+                           compact_failed_tokens = CASE WHEN claude_session_id = $1 THEN compact_failed_tokens END, \
                            reset_after_job_order = CASE WHEN reset_after_job_order < \
                              (SELECT job_order FROM jobs WHERE job_id = $9) THEN NULL ELSE reset_after_job_order END \
                          WHERE session_key = $8",

@@ -14,6 +14,30 @@ use crate::harness::{cli_pids, Backend, TestEnv};
 use crate::mock_api::{Behavior, MockApi, Usage, MOCK_SUMMARY};
 use crate::support::{cli_command, user_line};
 
+/// Generates a `sqlite` and a `postgres` test for each scenario: the
+/// ones whose state lives in the store (stored context, transcripts, the
+/// compaction backoff); the others run on SQLite only, for CI's time.
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            use super::*;
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                super::$name(Backend::Sqlite).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                super::$name(Backend::Postgres).await
+            }
+        }
+    )*};
+}
+
+on_both_backends!(
+    a_session_past_the_threshold_is_compacted_before_its_next_job,
+    a_failed_compaction_is_not_retried_before_every_job,
+);
+
 /// A model with a 200k window, so the mock's usage can fill it.
 const MODEL: &str = "claude-sonnet-4-5";
 const WINDOW: u64 = 200_000;
@@ -266,9 +290,8 @@ async fn session_context(env: &TestEnv, key: &str) -> (Option<i64>, Option<i64>)
 /// summary, the stored context drops, the next job does not compact, and
 /// after a worker restart a cold resume continues the compacted session
 /// from the stored transcript.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_session_past_the_threshold_is_compacted_before_its_next_job() {
-    let mut env = TestEnv::new(Backend::Sqlite).await;
+async fn a_session_past_the_threshold_is_compacted_before_its_next_job(backend: Backend) {
+    let mut env = TestEnv::new(backend).await;
     let at_50 = |s: &mut claude_worker::config::Settings| {
         for p in s.profiles.values_mut() {
             p.compact_at_percent = Some(50);
@@ -391,8 +414,8 @@ async fn compaction_on_demand_and_the_clis_own_are_published() {
 
 /// The warm CLI is SIGKILLed while it compacts (its summary request held):
 /// the job still runs, cold, on the uncompacted session, and completes;
-/// nothing is published for the failed compaction, and the next job
-/// compacts again.
+/// nothing is published for the failed compaction; the next job does not
+/// try again at the same context, and the one after it grew does.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cli_that_dies_while_compacting_loses_nothing() {
     let mut env = TestEnv::new(Backend::Sqlite).await;
@@ -425,13 +448,21 @@ async fn a_cli_that_dies_while_compacting_loses_nothing() {
         "the turn ran on the whole conversation"
     );
 
+    // The failure is waited out: the next job does not try again at the
+    // same context, and one after the context grew by a tenth does.
+    env.mock.set_usage(usage(170_000));
     let third = run(&mut env, key, "the third question", sonnet()).await;
-    let c = compactions(&third);
-    assert_eq!(c.len(), 1, "{third:#?}");
-    assert_eq!(c[0].0, CompactTrigger::Threshold);
+    assert!(compactions(&third).is_empty(), "{third:#?}");
     assert_eq!(completed(&third).0, "echo: the third question");
+    assert_eq!(env.mock.compaction_requests().len(), 1);
+    let fourth = run(&mut env, key, "the fourth question", sonnet()).await;
+    let c = compactions(&fourth);
+    assert_eq!(c.len(), 1, "{fourth:#?}");
+    assert_eq!(c[0].0, CompactTrigger::Threshold);
+    assert_eq!(completed(&fourth).0, "echo: the fourth question");
     let turn = last_turn_request(&env.mock);
-    assert!(turn.carries(MOCK_SUMMARY) && turn.carries("the third question"));
+    assert!(turn.carries(MOCK_SUMMARY) && turn.carries("the fourth question"));
+    assert_eq!(env.mock.compaction_requests().len(), 2);
     w.shutdown();
     w.wait().await.unwrap();
     env.cleanup().await;
@@ -478,6 +509,113 @@ async fn a_worker_stopped_while_compacting_hands_the_job_on() {
     assert_eq!(env.mock.compaction_requests().len(), 2);
     let turn = last_turn_request(&env.mock);
     assert!(turn.carries(MOCK_SUMMARY) && !turn.carries("the first question"));
+    w.shutdown();
+    w.wait().await.unwrap();
+    env.cleanup().await;
+}
+
+/// Moves the session's recorded compaction failure `ms` into the past, as
+/// if that much time had gone by (the worker reads the real clock).
+async fn age_compaction_failure(env: &TestEnv, key: &str, ms: i64) {
+    use sqlx::Connection;
+    let url = env.settings().database.url.expose().to_string();
+    let sql = "UPDATE sessions SET compact_failed_at_ms = compact_failed_at_ms - $1 \
+               WHERE session_key = $2";
+    let done = if url.starts_with("sqlite:") {
+        let mut c = sqlx::SqliteConnection::connect(&url).await.unwrap();
+        sqlx::query(sql)
+            .bind(ms)
+            .bind(key)
+            .execute(&mut c)
+            .await
+            .unwrap()
+            .rows_affected()
+    } else {
+        let mut c = sqlx::PgConnection::connect(&url).await.unwrap();
+        sqlx::query(sql)
+            .bind(ms)
+            .bind(key)
+            .execute(&mut c)
+            .await
+            .unwrap()
+            .rows_affected()
+    };
+    assert_eq!(done, 1);
+}
+
+async fn compact_failed(env: &TestEnv, key: &str) -> Option<(i64, i64)> {
+    let store = claude_worker::store::connect(&env.settings().database.url, 1)
+        .await
+        .unwrap();
+    store
+        .get_session(key)
+        .await
+        .unwrap()
+        .unwrap()
+        .compact_failed
+}
+
+/// The summary request of a threshold compaction fails (the CLI answers
+/// `compact_result: failed` and a `success` result): the job still runs
+/// and completes on the uncompacted session, and the failure is stored
+/// with the session. The next job at the same context makes no summary
+/// request (the mock's count stays at 1), on a restarted worker too; once
+/// `compact_retry_secs` have passed (the record moved back in time), the
+/// next job compacts again, and that success clears the record.
+async fn a_failed_compaction_is_not_retried_before_every_job(backend: Backend) {
+    let mut env = TestEnv::new(backend).await;
+    let settings = |s: &mut claude_worker::config::Settings| {
+        for p in s.profiles.values_mut() {
+            p.compact_at_percent = Some(50);
+            p.compact_retry_secs = 3_600;
+        }
+    };
+    let w = env.start_worker_with(settings).await;
+    let key = "ctx:backoff";
+    env.mock.set_usage(usage(150_000));
+    run(&mut env, key, "the first question", sonnet()).await;
+    assert_eq!(compact_failed(&env, key).await, None);
+
+    env.mock
+        .push_compaction_behavior(Behavior::status(500, "api_error", "the summary failed"));
+    let second = run(&mut env, key, "the second question", sonnet()).await;
+    assert!(compactions(&second).is_empty(), "{second:#?}");
+    assert_eq!(completed(&second).0, "echo: the second question");
+    assert_eq!(
+        env.mock.compaction_requests().len(),
+        1,
+        "compaction was tried"
+    );
+    let turn = last_turn_request(&env.mock);
+    assert!(turn.carries("the first question") && !turn.carries(MOCK_SUMMARY));
+    let (_, tokens) = compact_failed(&env, key)
+        .await
+        .expect("the failure is stored");
+    assert_eq!(tokens, 150_000);
+
+    let third = run(&mut env, key, "the third question", sonnet()).await;
+    assert!(compactions(&third).is_empty(), "{third:#?}");
+    assert_eq!(completed(&third).0, "echo: the third question");
+    assert_eq!(env.mock.compaction_requests().len(), 1, "not tried again");
+    // The record is the store's: another worker waits it out too.
+    w.shutdown();
+    w.wait().await.unwrap();
+    let w = env.start_worker_with(settings).await;
+    let fourth = run(&mut env, key, "the fourth question", sonnet()).await;
+    assert!(compactions(&fourth).is_empty(), "{fourth:#?}");
+    assert_eq!(env.mock.compaction_requests().len(), 1, "not tried again");
+
+    age_compaction_failure(&env, key, 3_600_000).await;
+    env.mock.set_usage(usage(10));
+    let fifth = run(&mut env, key, "the fifth question", sonnet()).await;
+    let c = compactions(&fifth);
+    assert_eq!(c.len(), 1, "{fifth:#?}");
+    assert_eq!(c[0].0, CompactTrigger::Threshold);
+    assert_eq!(completed(&fifth).0, "echo: the fifth question");
+    assert_eq!(env.mock.compaction_requests().len(), 2);
+    let turn = last_turn_request(&env.mock);
+    assert!(turn.carries(MOCK_SUMMARY) && !turn.carries("the first question"));
+    assert_eq!(compact_failed(&env, key).await, None, "a success clears it");
     w.shutdown();
     w.wait().await.unwrap();
     env.cleanup().await;

@@ -248,9 +248,12 @@ impl CliRun {
             CliMessage::ControlCancel { request_id } => {
                 self.prompts.withdrawn(events, &request_id).await
             }
-            CliMessage::Result(_) | CliMessage::Other | CliMessage::ControlResponse { .. } => {
-                Ok(())
-            }
+            // A `/compact` prompt's or the CLI's own failed compaction: the
+            // CLI says so in the turn's text; the turn goes on.
+            CliMessage::Result(_)
+            | CliMessage::Other
+            | CliMessage::ControlResponse { .. }
+            | CliMessage::CompactFailed { .. } => Ok(()),
         }
     }
 

@@ -25,26 +25,51 @@ use super::{TurnAbort, EXIT_GRACE, STOP_GRACE};
 use crate::claude::warm::{WarmProcess, CLOSE_GRACE};
 use crate::claude::{CliMessage, CliProcess, TurnRequest};
 use crate::protocol::{CompactTrigger, EventBody};
-use crate::store::{JobRecord, Lease};
+use crate::store::{now_ms, JobRecord, Lease};
 use crate::worker::context::Context;
 use crate::worker::transcript;
 
 /// The user message that makes the CLI compact its session.
 const COMPACT_PROMPT: &str = "/compact";
 
+/// A failed compaction of the session to wait out: threshold compaction
+/// is tried again once `retry_ms` have passed since it, or once the
+/// context grew by a tenth of the window since (each try is a summary
+/// request of the whole context, so it is not made before every job).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Backoff {
+    /// `(at_ms, context_tokens)` of the last failure.
+    pub failed: Option<(i64, u64)>,
+    pub now_ms: i64,
+    pub retry_ms: i64,
+}
+
+impl Backoff {
+    fn allows(&self, used: u64, window: u64) -> bool {
+        let Some((at_ms, tokens)) = self.failed else {
+            return true;
+        };
+        self.now_ms.saturating_sub(at_ms) >= self.retry_ms
+            || used >= tokens.saturating_add(window / 10)
+    }
+}
+
 /// Why this job's session should be compacted first, if it should.
 pub(crate) fn trigger(
     asked: bool,
     compact_at_percent: Option<u8>,
     context: Option<(u64, u64)>,
+    backoff: Backoff,
 ) -> Option<CompactTrigger> {
     if asked {
         return Some(CompactTrigger::Requested);
     }
     let threshold = u64::from(compact_at_percent?);
     let (used, window) = context?;
-    (window > 0 && used.saturating_mul(100) >= threshold.saturating_mul(window))
-        .then_some(CompactTrigger::Threshold)
+    (window > 0
+        && used.saturating_mul(100) >= threshold.saturating_mul(window)
+        && backoff.allows(used, window))
+    .then_some(CompactTrigger::Threshold)
 }
 
 /// How a compaction ended.
@@ -53,6 +78,9 @@ enum Outcome {
     Compacted { pre_tokens: u64, post_tokens: u64 },
     /// The CLI answered without compacting (e.g. nothing to compact).
     Skipped,
+    /// The CLI could not compact (its summary request failed); the
+    /// process and the session are as they were.
+    Refused(String),
     /// The CLI died, erred or hung; `why` is for the log.
     Failed(String),
     /// The job was cancelled meanwhile: the attempts stage ends it.
@@ -100,10 +128,21 @@ pub(super) async fn before_turn(
     prepared: &mut Prepared,
     events: &mut JobEvents<'_>,
 ) -> Result<(), TurnAbort> {
+    if job.spec.prompt == COMPACT_PROMPT {
+        // The turn itself is the CLI's compaction.
+        return Ok(());
+    }
+    let backoff = Backoff {
+        failed: prepared.compact_failed,
+        now_ms: now_ms(),
+        retry_ms: i64::try_from(prepared.profile.compact_retry_secs.saturating_mul(1000))
+            .unwrap_or(i64::MAX),
+    };
     let Some(trigger) = trigger(
         job.spec.compact,
         prepared.profile.compact_at_percent,
         prepared.context,
+        backoff,
     ) else {
         return Ok(());
     };
@@ -129,7 +168,37 @@ pub(super) async fn before_turn(
     let cost = compactor.proc().take_cost();
     events.spent_usd += cost;
     prepared.compaction_cost_usd += cost;
-    match outcome? {
+    let done = Done {
+        trigger,
+        session_id,
+        compactor,
+    };
+    settle(ctx, lease, prepared, events, done, outcome?).await
+}
+
+/// A compaction that ran: why, on which Claude session, on which CLI.
+struct Done {
+    trigger: CompactTrigger,
+    session_id: String,
+    compactor: Compactor,
+}
+
+/// What follows a compaction's outcome: the event, the transcript and
+/// the process kept, or the failure recorded for the backoff.
+async fn settle(
+    ctx: &Context,
+    lease: &Lease,
+    prepared: &mut Prepared,
+    events: &mut JobEvents<'_>,
+    done: Done,
+    outcome: Outcome,
+) -> Result<(), TurnAbort> {
+    let Done {
+        trigger,
+        session_id,
+        mut compactor,
+    } = done;
+    match outcome {
         Outcome::Compacted {
             pre_tokens,
             post_tokens,
@@ -140,6 +209,9 @@ pub(super) async fn before_turn(
             );
             compactor.keep(prepared).await;
             transcript::save(ctx, lease, &prepared.profile, &prepared.cwd, &session_id).await?;
+            if prepared.compact_failed.take().is_some() {
+                ctx.store.set_compaction_failure(lease, None).await?;
+            }
             events
                 .emit(EventBody::Compacted {
                     trigger,
@@ -157,15 +229,34 @@ pub(super) async fn before_turn(
             compactor.proc().terminate(STOP_GRACE).await;
             Ok(())
         }
+        Outcome::Refused(why) => {
+            warn!(reason = %why, "the CLI could not compact; the turn runs on the uncompacted session");
+            compactor.keep(prepared).await;
+            record_failure(ctx, lease, prepared).await
+        }
         Outcome::Failed(why) => {
             warn!(reason = %why, "compaction failed; the turn runs on the uncompacted session");
             compactor.proc().terminate(STOP_GRACE).await;
             // The local transcript may be a dead process's: keep it only if
             // it is the stored one.
             transcript::materialise(ctx, &prepared.profile, &prepared.cwd, &session_id).await;
-            Ok(())
+            record_failure(ctx, lease, prepared).await
         }
     }
+}
+
+/// Notes the failure on the session, so threshold compaction backs off.
+async fn record_failure(
+    ctx: &Context,
+    lease: &Lease,
+    prepared: &Prepared,
+) -> Result<(), TurnAbort> {
+    let tokens = prepared.context.map_or(0, |(used, _)| used);
+    let failure = (now_ms(), i64::try_from(tokens).unwrap_or(i64::MAX));
+    ctx.store
+        .set_compaction_failure(lease, Some(failure))
+        .await?;
+    Ok(())
 }
 
 /// The session's warm process with `/compact` written to it, else a new
@@ -207,6 +298,7 @@ async fn run(
 ) -> Result<Outcome, TurnAbort> {
     let deadline = Instant::now() + ctx.settings.turn_timeout();
     let mut boundary = None;
+    let mut refused = None;
     loop {
         let stop = events.stop;
         let msg = tokio::select! {
@@ -232,6 +324,7 @@ async fn run(
                 post_tokens,
                 ..
             }) => boundary = Some((pre_tokens, post_tokens)),
+            Some(CliMessage::CompactFailed { error }) => refused = Some(error),
             Some(CliMessage::Result(r)) if r.is_error || r.subtype != "success" => {
                 return Ok(Outcome::Failed(format!(
                     "the CLI's result was {}",
@@ -239,12 +332,13 @@ async fn run(
                 )))
             }
             Some(CliMessage::Result(_)) => {
-                return Ok(match boundary {
-                    Some((pre_tokens, post_tokens)) => Outcome::Compacted {
+                return Ok(match (boundary, refused) {
+                    (Some((pre_tokens, post_tokens)), _) => Outcome::Compacted {
                         pre_tokens,
                         post_tokens,
                     },
-                    None => Outcome::Skipped,
+                    (None, Some(why)) => Outcome::Refused(why),
+                    (None, None) => Outcome::Skipped,
                 })
             }
             Some(_) => {}
@@ -272,7 +366,7 @@ mod tests {
 
     #[test]
     fn compaction_is_asked_for_or_due_at_the_threshold() {
-        let t = |asked, pct, ctx| trigger(asked, pct, ctx);
+        let t = |asked, pct, ctx| trigger(asked, pct, ctx, Backoff::default());
         assert_eq!(t(true, None, None), Some(CompactTrigger::Requested));
         assert_eq!(t(false, None, Some((990, 1000))), None, "no threshold set");
         assert_eq!(t(false, Some(50), None), None, "context unknown");
@@ -286,6 +380,33 @@ mod tests {
             t(true, Some(50), Some((900, 1000))),
             Some(CompactTrigger::Requested),
             "asked wins"
+        );
+    }
+
+    #[test]
+    fn a_failed_compaction_is_waited_out_by_time_or_growth() {
+        let backoff = |now_ms| Backoff {
+            failed: Some((1_000, 150_000)),
+            now_ms,
+            retry_ms: 900_000,
+        };
+        let t = |ctx, now| trigger(false, Some(50), Some(ctx), backoff(now));
+        assert_eq!(t((150_000, 200_000), 2_000), None, "just failed");
+        assert_eq!(t((169_999, 200_000), 900_999), None, "grew, not enough");
+        assert_eq!(
+            t((170_000, 200_000), 2_000),
+            Some(CompactTrigger::Threshold),
+            "grew by a tenth of the window"
+        );
+        assert_eq!(
+            t((150_000, 200_000), 901_000),
+            Some(CompactTrigger::Threshold),
+            "the backoff passed"
+        );
+        assert_eq!(
+            trigger(true, Some(50), Some((150_000, 200_000)), backoff(2_000)),
+            Some(CompactTrigger::Requested),
+            "a job that asks is not held back"
         );
     }
 }

@@ -35,6 +35,8 @@ pub(super) struct Prepared {
     pub context: Option<(u64, u64)>,
     /// What compacting the session before the turn cost (see `compact`).
     pub compaction_cost_usd: f64,
+    /// The session's last failed compaction, `(at_ms, context_tokens)`.
+    pub compact_failed: Option<(i64, u64)>,
 }
 
 /// `None` when the job already has its outcome (its profile is gone, or
@@ -65,6 +67,10 @@ pub(super) async fn prepare(
         let window = u64::try_from(s.context_window?).ok()?;
         Some((used, window))
     });
+    let compact_failed = session
+        .as_ref()
+        .and_then(|s| s.compact_failed)
+        .map(|(at, tokens)| (at, u64::try_from(tokens).unwrap_or(0)));
     let view = session.map(|s| SessionView {
         claude_session_id: s.claude_session_id,
         last_job_id: s.last_job_id,
@@ -94,6 +100,7 @@ pub(super) async fn prepare(
         session_cost_usd,
         context,
         compaction_cost_usd: 0.0,
+        compact_failed,
     }))
 }
 
