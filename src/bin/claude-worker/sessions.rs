@@ -202,6 +202,7 @@ fn session_json(s: &SessionRecord) -> Value {
         "cost_usd": s.cost_usd,
         "context_tokens": s.context_tokens,
         "context_window": s.context_window,
+        "compact_failed_at_ms": s.compact_failed.map(|f| f.0),
         "created_at_ms": s.created_at_ms,
         "updated_at_ms": s.updated_at_ms,
         "last_job_id": s.last_job_id,
@@ -289,6 +290,10 @@ fn print_session(s: &SessionRecord, jobs: &[JobRecord]) {
             ),
             None => println!("context            {tokens} tokens"),
         }
+    }
+    if let Some((at, tokens)) = s.compact_failed {
+        // Threshold compaction waits this out (`compact_retry_secs`).
+        println!("compaction failed  {} at {tokens} tokens", fmt_time(at));
     }
     println!("created            {}", fmt_time(s.created_at_ms));
     println!("last activity      {}", fmt_time(s.updated_at_ms));

@@ -308,8 +308,11 @@ fn compaction_in_words(c: &Compaction) -> String {
             if said.is_empty() || said.contains("No messages to compact") {
                 NOTHING_TO_COMPACT.into()
             } else {
-                // The CLI says why (e.g. the summary request failed).
-                let said: String = said.chars().take(300).collect();
+                // The CLI says why (e.g. the summary request failed) in
+                // its first sentence; the rest is advice for an operator
+                // (it can name the API's address).
+                let first = said.split_inclusive(". ").next().unwrap_or(said);
+                let said: String = first.trim_end().chars().take(300).collect();
                 format!("⚠️ Not compacted; the conversation goes on as it was. {said}")
             }
         }
@@ -440,6 +443,9 @@ mod tests {
         );
         let failed = words(None, "Error during compaction: boom", Some(completed()));
         assert!(failed.starts_with("⚠️ Not compacted") && failed.ends_with("boom"));
+        let said = "Error during compaction: API Error: 500 boom. If it persists, check 10.0.0.1.";
+        let failed = words(None, said, Some(completed()));
+        assert!(failed.ends_with("500 boom."), "{failed}");
         let failed = EventBody::Failed {
             error: ErrorKind::BudgetExceeded,
             message: "m".into(),
