@@ -427,6 +427,12 @@ impl MockApi {
         self.shared.lock().compaction.push_back(b);
     }
 
+    /// Forgets the compaction behaviours not used yet (later compaction
+    /// requests get the default summary).
+    pub fn clear_compaction_behaviors(&self) {
+        self.shared.lock().compaction.clear();
+    }
+
     /// The compaction requests so far.
     pub fn compaction_requests(&self) -> Vec<RecordedRequest> {
         self.requests()

@@ -576,16 +576,17 @@ async fn a_failed_compaction_is_not_retried_before_every_job(backend: Backend) {
     run(&mut env, key, "the first question", sonnet()).await;
     assert_eq!(compact_failed(&env, key).await, None);
 
-    env.mock
-        .push_compaction_behavior(Behavior::status(500, "api_error", "the summary failed"));
+    // Every summary request fails (the CLI may ask again by itself at once).
+    for _ in 0..4 {
+        let failing = Behavior::status(500, "api_error", "the summary failed");
+        env.mock.push_compaction_behavior(failing);
+    }
     let second = run(&mut env, key, "the second question", sonnet()).await;
     assert!(compactions(&second).is_empty(), "{second:#?}");
     assert_eq!(completed(&second).0, "echo: the second question");
-    assert_eq!(
-        env.mock.compaction_requests().len(),
-        1,
-        "compaction was tried"
-    );
+    let tried = env.mock.compaction_requests().len();
+    assert!((1..4).contains(&tried), "compaction was tried: {tried}");
+    env.mock.clear_compaction_behaviors();
     let turn = last_turn_request(&env.mock);
     assert!(turn.carries("the first question") && !turn.carries(MOCK_SUMMARY));
     let (_, tokens) = compact_failed(&env, key)
@@ -596,14 +597,22 @@ async fn a_failed_compaction_is_not_retried_before_every_job(backend: Backend) {
     let third = run(&mut env, key, "the third question", sonnet()).await;
     assert!(compactions(&third).is_empty(), "{third:#?}");
     assert_eq!(completed(&third).0, "echo: the third question");
-    assert_eq!(env.mock.compaction_requests().len(), 1, "not tried again");
+    assert_eq!(
+        env.mock.compaction_requests().len(),
+        tried,
+        "not tried again"
+    );
     // The record is the store's: another worker waits it out too.
     w.shutdown();
     w.wait().await.unwrap();
     let w = env.start_worker_with(settings).await;
     let fourth = run(&mut env, key, "the fourth question", sonnet()).await;
     assert!(compactions(&fourth).is_empty(), "{fourth:#?}");
-    assert_eq!(env.mock.compaction_requests().len(), 1, "not tried again");
+    assert_eq!(
+        env.mock.compaction_requests().len(),
+        tried,
+        "not tried again"
+    );
 
     age_compaction_failure(&env, key, 3_600_000).await;
     env.mock.set_usage(usage(10));
@@ -612,7 +621,7 @@ async fn a_failed_compaction_is_not_retried_before_every_job(backend: Backend) {
     assert_eq!(c.len(), 1, "{fifth:#?}");
     assert_eq!(c[0].0, CompactTrigger::Threshold);
     assert_eq!(completed(&fifth).0, "echo: the fifth question");
-    assert_eq!(env.mock.compaction_requests().len(), 2);
+    assert_eq!(env.mock.compaction_requests().len(), tried + 1);
     let turn = last_turn_request(&env.mock);
     assert!(turn.carries(MOCK_SUMMARY) && !turn.carries("the first question"));
     assert_eq!(compact_failed(&env, key).await, None, "a success clears it");

@@ -873,10 +873,12 @@ async fn compact_summarises_the_conversation_and_says_what_happened() {
         "the conversation continued from the summary"
     );
 
-    // The text form, with the summary request failing.
-    w.env
-        .mock
-        .push_compaction_behavior(Behavior::status(500, "api_error", "summary refused"));
+    // The text form, with the summary request failing (the CLI may ask
+    // again by itself at once: each of its tries fails).
+    for _ in 0..4 {
+        let refused = Behavior::status(500, "api_error", "summary refused");
+        w.env.mock.push_compaction_behavior(refused);
+    }
     let cmd = w.fake.user_says(CHAN, ALICE, "/compact", true);
     let failed = w
         .fake
@@ -893,7 +895,7 @@ async fn compact_summarises_the_conversation_and_says_what_happened() {
         "{}",
         failed.content
     );
-    assert_eq!(w.env.mock.compaction_requests().len(), 2);
+    assert!(w.env.mock.compaction_requests().len() >= 2);
     assert!(
         !w.events.contains_key(&job_of(cmd)),
         "a command is not a prompt"
