@@ -2,9 +2,13 @@
 //! that speaks the real protocol (HELLO op 10, IDENTIFY op 2, READY with
 //! `resume_gateway_url`, heartbeat op 1 / ACK op 11, RESUME op 6, and the
 //! MESSAGE_CREATE and INTERACTION_CREATE dispatches a test sends), and the
-//! REST routes the relay uses (messages, typing, threads, commands,
-//! interaction callbacks and `@original` edits), every call recorded. An
-//! edit can be answered 429 with `retry_after` and rate-limit headers.
+//! REST routes the relay uses (messages with their components, listing a
+//! channel's messages, typing, threads, commands, interaction callbacks,
+//! follow-ups and `@original` edits), every call recorded. A test clicks a
+//! button or menu of a message as a MESSAGE_COMPONENT interaction
+//! (`click`) and reads the callbacks the relay sent (`callbacks`,
+//! `followups`). An edit can be answered 429 with `retry_after` and
+//! rate-limit headers.
 //! Real twilight talks to it: the gateway through `proxy_url`, REST
 //! through the client's plain-HTTP proxy setting.
 

@@ -609,16 +609,21 @@ impl JobPrompts {
         }
     }
 
-    /// The job ended: prompts still shown as open are closed.
-    pub async fn close(&mut self, shared: &Shared) {
+    /// Prompts still shown as open are closed, saying `line`: the job
+    /// ended, or its attempt was retried (which asks again, anew).
+    pub async fn close(&mut self, shared: &Shared, line: &str) {
         let ids: Vec<String> = self.open.keys().cloned().collect();
         for id in ids {
-            self.settle(shared, &id, "-# No longer open: the answer ended.")
-                .await;
+            self.settle(shared, &id, line).await;
             shared.prompts.forget(&id);
         }
     }
 }
+
+/// What a prompt left open says when its job ends.
+pub const ENDED: &str = "-# No longer open: the answer ended.";
+/// What a prompt left open says when its attempt is retried.
+pub const RETRIED: &str = "-# No longer open: the answer was retried.";
 
 /// Every `custom_id` in Discord component JSON.
 fn ids_in(v: &Value) -> Vec<String> {

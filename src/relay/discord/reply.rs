@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 use tokio::time::{sleep_until, Instant};
 use twilight_model::id::Id;
 
-use super::prompt::JobPrompts;
+use super::prompt::{self, JobPrompts};
 use super::render::{self, Throttle};
 use super::rest::{ChannelId, MessageId, RestError};
 use super::route::ReplyMeta;
@@ -157,6 +157,10 @@ impl Reply {
             EventBody::Retrying { .. } => {
                 self.tool = Some(render::RETRYING.to_string());
                 self.dirty = true;
+                // A retried attempt asks again under new ids.
+                if let Some(p) = &mut self.prompts {
+                    p.close(shared, prompt::RETRIED).await;
+                }
             }
             EventBody::Completed {
                 result,
@@ -195,7 +199,7 @@ impl Reply {
         }
         if step == Step::Terminal {
             if let Some(p) = &mut self.prompts {
-                p.close(shared).await;
+                p.close(shared, prompt::ENDED).await;
             }
         }
         step == Step::Terminal
