@@ -324,6 +324,58 @@ async fn a_question_is_answered_with_an_option_button() {
     );
     assert_ne!(results[0]["is_error"], true, "{results:?}");
     settled(&w, p.id, &format!("✅ Answered “Blue” by <@{CAROL}>")).await;
+
+    // Several may be picked: a menu; the picks reach the CLI together.
+    // (Bob's conversation: the mock takes the first marker of a request,
+    // and Alice's would carry her first one.)
+    let questions = json!([{
+        "question": "Which toppings?", "header": "Toppings", "multiSelect": true,
+        "options": [{"label": "Cheese", "description": "melted"},
+                    {"label": "Olives", "description": "black"},
+                    {"label": "Basil", "description": "fresh"}]
+    }]);
+    w.env.mock.push_behavior_for(
+        "menu",
+        Behavior::tool_use("AskUserQuestion", json!({"questions": questions})),
+    );
+    let msg = w.fake.user_says(CHAN, BOB, "[[mock:menu]] pick some", true);
+    let m = w
+        .fake
+        .wait_for("the menu prompt", |v| {
+            v.messages_in(CHAN)
+                .into_iter()
+                .find(|m| m.id != p.id && !m.custom_ids().is_empty())
+                .cloned()
+        })
+        .await;
+    let menu = m.items()[0].clone();
+    assert_eq!(menu["type"], 3, "{menu}");
+    assert_eq!(menu["max_values"], 3, "{menu}");
+    assert_eq!(labels(&m), ["<menu>", "Don't answer"]);
+    let id = menu["custom_id"].as_str().unwrap();
+    let token = w.fake.click(m.id, BOB, &[], id, &["0", "2"]);
+    let done = w.terminal(&job_of(msg)).await;
+    assert_eq!(result_of(&done), "echo: [[mock:menu]] pick some");
+    assert_eq!(callbacks(&w, &token, 1).await[0].kind, 6);
+    let results = w
+        .env
+        .mock
+        .requests_for("menu")
+        .last()
+        .unwrap()
+        .tool_results();
+    assert!(
+        results[0]
+            .to_string()
+            .contains("\\\"Which toppings?\\\"=\\\"Cheese, Basil\\\""),
+        "{results:?}"
+    );
+    settled(
+        &w,
+        m.id,
+        &format!("✅ Answered “Cheese, Basil” by <@{BOB}>"),
+    )
+    .await;
     w.cleanup().await;
 }
 
