@@ -430,3 +430,92 @@ async fn a_prompt_survives_a_relay_restart() {
     assert_eq!(prompts.len(), 1, "{prompts:#?}");
     w.cleanup().await;
 }
+
+/// Several questions: a menu each, whose picks the message keeps (each
+/// pick is an UPDATE_MESSAGE) until Submit; Submit before every question
+/// has a pick is refused; the answers reach the CLI together.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_questions_are_answered_with_menus_then_submit() {
+    let mut w = asking_world(120).await;
+    let questions = json!([
+        {"question": "Which colour?", "header": "Colour", "multiSelect": false,
+         "options": [{"label": "Red", "description": "warm"}, {"label": "Blue", "description": "cool"}]},
+        {"question": "Which size?", "header": "Size", "multiSelect": false,
+         "options": [{"label": "Small", "description": "s"}, {"label": "Large", "description": "l"}]}
+    ]);
+    w.env.mock.push_behavior_for(
+        "two",
+        Behavior::tool_use("AskUserQuestion", json!({"questions": questions})),
+    );
+    let msg = w.fake.user_says(CHAN, ALICE, "[[mock:two]] pick", true);
+    let p = prompt_message(&w).await;
+    assert_eq!(labels(&p), ["<menu>", "<menu>", "Submit", "Don't answer"]);
+    let menu = |m: &Msg, i: usize| m.items()[i]["custom_id"].as_str().unwrap().to_string();
+    let picked = |m: &Msg, i: usize| -> Vec<String> {
+        m.items()[i]["options"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|o| o["default"] == true)
+            .map(|o| o["label"].as_str().unwrap().to_string())
+            .collect()
+    };
+
+    let t = w.fake.click(p.id, ALICE, &[], &menu(&p, 0), &["1"]);
+    let cb = callbacks(&w, &t, 1).await;
+    assert_eq!(cb[0].kind, 7, "the pick updates the message: {cb:?}");
+    let m = w
+        .fake
+        .wait_for("the first pick kept", |v| {
+            v.message(p.id)
+                .filter(|m| picked(m, 0) == ["Blue"])
+                .cloned()
+        })
+        .await;
+    assert!(picked(&m, 1).is_empty());
+    assert_eq!(m.content, p.content, "the text stays");
+
+    let early = w.fake.click(p.id, ALICE, &[], &m.button("Submit"), &[]);
+    let cb = callbacks(&w, &early, 1).await;
+    assert_eq!(
+        (cb[0].kind, &cb[0].data["flags"]),
+        (4, &json!(64)),
+        "{cb:?}"
+    );
+    assert_eq!(cb[0].data["content"], "Answer every question first.");
+
+    let t = w.fake.click(p.id, ALICE, &[], &menu(&m, 1), &["0"]);
+    assert_eq!(callbacks(&w, &t, 1).await[0].kind, 7);
+    let m = w
+        .fake
+        .wait_for("both picks kept", |v| {
+            v.message(p.id)
+                .filter(|m| picked(m, 0) == ["Blue"] && picked(m, 1) == ["Small"])
+                .cloned()
+        })
+        .await;
+    let t = w.fake.click(p.id, ALICE, &[], &m.button("Submit"), &[]);
+    let done = w.terminal(&job_of(msg)).await;
+    assert_eq!(result_of(&done), "echo: [[mock:two]] pick");
+    assert_eq!(callbacks(&w, &t, 1).await[0].kind, 6);
+    let results = w
+        .env
+        .mock
+        .requests_for("two")
+        .last()
+        .unwrap()
+        .tool_results();
+    let text = results[0].to_string();
+    assert!(
+        text.contains("\\\"Which colour?\\\"=\\\"Blue\\\""),
+        "{text}"
+    );
+    assert!(text.contains("\\\"Which size?\\\"=\\\"Small\\\""), "{text}");
+    settled(
+        &w,
+        p.id,
+        &format!("✅ Answered “Blue; Small” by <@{ALICE}>"),
+    )
+    .await;
+    w.cleanup().await;
+}

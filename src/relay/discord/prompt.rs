@@ -63,6 +63,13 @@ pub enum Choice {
     Menu {
         question: u8,
     },
+    /// A pick in question `question`'s menu of a prompt of several
+    /// questions: kept in the message until Submit.
+    Pick {
+        question: u8,
+    },
+    /// Sends the picks of a prompt of several questions.
+    Submit,
 }
 
 impl Choice {
@@ -73,6 +80,8 @@ impl Choice {
             Choice::Deny => "d".into(),
             Choice::Option { question, option } => format!("o{question}.{option}"),
             Choice::Menu { question } => format!("m{question}"),
+            Choice::Pick { question } => format!("p{question}"),
+            Choice::Submit => "t".into(),
         }
     }
 
@@ -81,9 +90,14 @@ impl Choice {
             "a" => Choice::Allow,
             "s" => Choice::AllowSession,
             "d" => Choice::Deny,
+            "t" => Choice::Submit,
             _ => {
                 if let Some(q) = code.strip_prefix('m') {
                     Choice::Menu {
+                        question: q.parse().ok()?,
+                    }
+                } else if let Some(q) = code.strip_prefix('p') {
+                    Choice::Pick {
                         question: q.parse().ok()?,
                     }
                 } else {
@@ -257,13 +271,22 @@ pub fn render(a: &Asked<'_>) -> Rendered {
                     );
                 }
             }
-            if qs.len() == 1 {
-                rows = question_rows(&qs[0], &click);
-            } else {
-                head += "\n-# Several questions: answer them from another client; here you can only decline.";
-            }
             let deny = button(4, "Don't answer", &click(Choice::Deny));
-            rows.extend(rows_of(deny.into_iter().collect()));
+            match qs.len() {
+                1 => {
+                    rows = question_rows(&qs[0], &click);
+                    rows.extend(rows_of(deny.into_iter().collect()));
+                }
+                2..=4 => {
+                    rows = pick_rows(qs, &click);
+                    let submit = button(3, "Submit", &click(Choice::Submit));
+                    rows.extend(rows_of(submit.into_iter().chain(deny).collect()));
+                }
+                _ => {
+                    head += "\n-# More than four questions: answer them from another client; here you can only decline.";
+                    rows.extend(rows_of(deny.into_iter().collect()));
+                }
+            }
         }
         None => {
             let tool = escape(&cut(a.tool_name, 60));
@@ -303,6 +326,43 @@ pub fn render(a: &Asked<'_>) -> Rendered {
     }
 }
 
+/// The options of a question as a menu's options (value: the index).
+fn menu_options(q: &PromptQuestion) -> Vec<Value> {
+    q.options
+        .iter()
+        .take(25)
+        .enumerate()
+        .map(|(i, o)| {
+            let mut v = json!({"label": cut(&o.label, 100), "value": i.to_string()});
+            if let Some(d) = &o.description {
+                v["description"] = json!(cut(d, 100));
+            }
+            v
+        })
+        .collect()
+}
+
+/// A prompt of several questions: a menu per question, whose picks the
+/// message itself keeps (each pick updates it) until Submit.
+fn pick_rows(qs: &[PromptQuestion], click: &impl Fn(Choice) -> Click) -> Vec<Value> {
+    qs.iter()
+        .enumerate()
+        .filter_map(|(i, q)| {
+            let id = click(Choice::Pick { question: i as u8 }).custom_id()?;
+            let options = menu_options(q);
+            let max = if q.multi_select {
+                options.len().max(1)
+            } else {
+                1
+            };
+            let name = q.header.as_deref().unwrap_or(&q.question);
+            let menu = json!({"type": 3, "custom_id": id, "options": options, "min_values": 1,
+                "max_values": max, "placeholder": cut(name, 150)});
+            Some(json!({"type": 1, "components": [menu]}))
+        })
+        .collect()
+}
+
 /// One question's components: a button per option, or a menu when
 /// several may be picked.
 fn question_rows(q: &PromptQuestion, click: &impl Fn(Choice) -> Click) -> Vec<Value> {
@@ -310,19 +370,7 @@ fn question_rows(q: &PromptQuestion, click: &impl Fn(Choice) -> Click) -> Vec<Va
         let Some(id) = click(Choice::Menu { question: 0 }).custom_id() else {
             return Vec::new();
         };
-        let options: Vec<Value> = q
-            .options
-            .iter()
-            .take(25)
-            .enumerate()
-            .map(|(i, o)| {
-                let mut v = json!({"label": cut(&o.label, 100), "value": i.to_string()});
-                if let Some(d) = &o.description {
-                    v["description"] = json!(cut(d, 100));
-                }
-                v
-            })
-            .collect();
+        let options = menu_options(q);
         let n = options.len().max(1);
         let menu = json!({"type": 3, "custom_id": id, "options": options, "min_values": 1,
             "max_values": n, "placeholder": "Choose one or more…"});
@@ -657,6 +705,8 @@ enum Refusal {
     NotLoaded,
     #[error("That option is not in the question.")]
     NoSuchOption,
+    #[error("Answer every question first.")]
+    Unanswered,
 }
 
 /// The answer a click gives, and the words for who gave it.
@@ -664,6 +714,7 @@ fn answer_of(
     shared: &Shared,
     click: &Click,
     values: &[String],
+    message: &Value,
 ) -> Result<(PermissionResponseV1, String), Refusal> {
     let mut r = PermissionResponseV1 {
         job_id: click.job_id.clone(),
@@ -721,6 +772,29 @@ fn answer_of(
             r.answers = Some(BTreeMap::from([(q.question.clone(), joined.clone())]));
             format!("Answered “{}”", escape(&cut(&joined, 200)))
         }
+        Choice::Submit => {
+            let qs = shared
+                .prompts
+                .questions(&click.request_id)
+                .ok_or(Refusal::NotLoaded)?;
+            let picks = picks_in(message);
+            let mut answers = BTreeMap::new();
+            for (i, q) in qs.iter().enumerate() {
+                let chosen = picks.get(&i).filter(|p| !p.is_empty());
+                let labels: Vec<&str> = chosen
+                    .ok_or(Refusal::Unanswered)?
+                    .iter()
+                    .map(|&o| q.options.get(o).map(|o| o.label.as_str()))
+                    .collect::<Option<_>>()
+                    .ok_or(Refusal::NoSuchOption)?;
+                answers.insert(q.question.clone(), labels.join(", "));
+            }
+            let said = answers.values().cloned().collect::<Vec<_>>().join("; ");
+            r.answers = Some(answers);
+            format!("Answered “{}”", escape(&cut(&said, 200)))
+        }
+        // A pick is kept in the message (`keep_pick`), not sent.
+        Choice::Pick { .. } => return Err(Refusal::NoSuchOption),
     };
     Ok((r, said))
 }
@@ -731,6 +805,74 @@ fn ephemeral(content: &str) -> InteractionResponseData {
         flags: Some(MessageFlags::EPHEMERAL),
         allowed_mentions: Some(AllowedMentions::default()),
         ..Default::default()
+    }
+}
+
+/// The picks a message's menus keep (the options marked `default`), by
+/// question.
+fn picks_in(rows: &Value) -> BTreeMap<usize, Vec<usize>> {
+    let mut out = BTreeMap::new();
+    for row in rows.as_array().into_iter().flatten() {
+        for c in row["components"].as_array().into_iter().flatten() {
+            let id = c["custom_id"].as_str().and_then(Click::parse);
+            let Some(Choice::Pick { question }) = id.map(|c| c.choice) else {
+                continue;
+            };
+            let chosen = c["options"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|o| o["default"] == true)
+                .filter_map(|o| o["value"].as_str()?.parse().ok())
+                .collect();
+            out.insert(question as usize, chosen);
+        }
+    }
+    out
+}
+
+/// `rows` with question `question`'s menu showing `values` as picked.
+pub fn with_pick(rows: &Value, question: u8, values: &[String]) -> Value {
+    let mut rows = rows.clone();
+    for row in rows.as_array_mut().into_iter().flatten() {
+        for c in row["components"].as_array_mut().into_iter().flatten() {
+            let id = c["custom_id"].as_str().and_then(Click::parse);
+            if id.map(|c| c.choice) != Some(Choice::Pick { question }) {
+                continue;
+            }
+            for o in c["options"].as_array_mut().into_iter().flatten() {
+                let picked = o["value"]
+                    .as_str()
+                    .is_some_and(|v| values.iter().any(|x| x == v));
+                o["default"] = json!(picked);
+            }
+        }
+    }
+    rows
+}
+
+/// A pick in a menu of a prompt of several questions: the message keeps
+/// it (an UPDATE_MESSAGE with the option marked), nothing is sent yet.
+async fn keep_pick(
+    shared: &Shared,
+    me: Me,
+    i: &Interaction,
+    rows: &Value,
+    question: u8,
+    values: &[String],
+) {
+    let rows = with_pick(rows, question, values);
+    let data = InteractionResponseData {
+        components: Some(components(rows.as_array().map_or(&[][..], Vec::as_slice))),
+        ..Default::default()
+    };
+    let kind = InteractionResponseType::UpdateMessage;
+    if let Err(e) = shared
+        .rest
+        .respond(me.app, i.id, &i.token, kind, Some(data))
+        .await
+    {
+        tracing::warn!(error = %e, "could not keep a pick in a prompt");
     }
 }
 
@@ -751,8 +893,17 @@ pub async fn on_component(shared: &Arc<Shared>, me: Me, i: Interaction) {
         .as_ref()
         .map(|m| m.roles.iter().map(|r| r.get()).collect())
         .unwrap_or_default();
-    let answer = if may_answer(&shared.settings.prompt_roles, &click, clicker, &roles) {
-        answer_of(shared, &click, &data.values)
+    let rows = i
+        .message
+        .as_ref()
+        .and_then(|m| serde_json::to_value(&m.components).ok())
+        .unwrap_or(Value::Null);
+    let allowed = may_answer(&shared.settings.prompt_roles, &click, clicker, &roles);
+    if let (true, Choice::Pick { question }) = (allowed, click.choice) {
+        return keep_pick(shared, me, &i, &rows, question, &data.values).await;
+    }
+    let answer = if allowed {
+        answer_of(shared, &click, &data.values, &rows)
     } else {
         Err(Refusal::NotYours(click.user))
     };
@@ -874,6 +1025,8 @@ mod tests {
                 option: 19,
             },
             Choice::Menu { question: 0 },
+            Choice::Pick { question: 3 },
+            Choice::Submit,
         ] {
             let c = Click {
                 choice,
