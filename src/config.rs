@@ -902,6 +902,18 @@ mod tests {
     }
 
     #[test]
+    fn discord_prompt_roles_default_empty_and_are_validated() {
+        let s = Settings::from_toml_overrides("").unwrap();
+        assert!(s.discord.prompt_roles.is_empty());
+        let s = Settings::from_toml_overrides("[discord]\nprompt_roles = [5, 6]").unwrap();
+        assert_eq!(s.discord.prompt_roles, [5, 6]);
+        let err = Settings::from_toml_overrides("[discord]\nprompt_roles = [0]")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("discord.prompt_roles"), "{err}");
+    }
+
+    #[test]
     fn the_admin_port_is_off_by_default_and_validated() {
         let s = Settings::from_toml_overrides("").unwrap();
         assert_eq!(s.ops_listen(), Ok(None));

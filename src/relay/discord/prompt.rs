@@ -1149,6 +1149,47 @@ mod tests {
     }
 
     #[test]
+    fn several_questions_keep_their_picks_in_the_message() {
+        let q = |name: &str| PromptQuestion {
+            question: format!("{name}?"),
+            header: None,
+            options: vec![
+                PromptOption {
+                    label: "A".into(),
+                    description: None,
+                },
+                PromptOption {
+                    label: "B".into(),
+                    description: None,
+                },
+            ],
+            multi_select: false,
+        };
+        let qs = [q("one"), q("two")];
+        let r = render(&asked(Some(&qs)));
+        assert_eq!(r.rows.len(), 3, "a menu each, then Submit and Don't answer");
+        assert_eq!(r.rows[2]["components"][0]["label"], "Submit");
+        assert_eq!(components(&r.rows).len(), 3, "twilight takes them");
+        let rows = Value::Array(r.rows);
+        assert!(picks_in(&rows).values().all(Vec::is_empty));
+        let rows = with_pick(&rows, 1, &["1".to_string()]);
+        let rows = with_pick(&rows, 0, &["0".to_string()]);
+        let rows = with_pick(&rows, 1, &["0".to_string()]);
+        assert_eq!(
+            picks_in(&rows),
+            BTreeMap::from([(0, vec![0]), (1, vec![0])])
+        );
+        let five: Vec<PromptQuestion> = (0..5).map(|i| q(&i.to_string())).collect();
+        let r = render(&asked(Some(&five)));
+        assert_eq!(r.rows.len(), 1, "only Don't answer");
+        assert!(
+            r.content.contains("More than four questions"),
+            "{}",
+            r.content
+        );
+    }
+
+    #[test]
     fn settled_lines_say_who_or_what() {
         use PermissionBehavior::*;
         let who = Answerer {
