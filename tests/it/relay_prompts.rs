@@ -9,6 +9,7 @@ use claude_worker::protocol::{EventBody, EventV1, PermissionBehavior, Permission
 use serde_json::{json, Value};
 
 use crate::common::fake_discord::{Msg, GUILD};
+use crate::harness::WAIT;
 use crate::mock_api::Behavior;
 use crate::relay::{job_of, result_of, world_with, World, ALICE, BOB, CHAN};
 
@@ -517,5 +518,77 @@ async fn several_questions_are_answered_with_menus_then_submit() {
         &format!("✅ Answered “Blue; Small” by <@{ALICE}>"),
     )
     .await;
+    w.cleanup().await;
+}
+
+/// A relay restarted after a prompt was settled (the job still running):
+/// the replayed events find the settled message and leave it as it is,
+/// so it still says who allowed it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_settled_prompt_keeps_its_words_across_a_relay_restart() {
+    let mut w = asking_world(120).await;
+    let file = alice_dir(&w).join("kept.txt");
+    let path = file.display().to_string();
+    w.env.mock.push_behavior_for(
+        "kept",
+        Behavior::tool_use("Write", json!({"file_path": path, "content": "kept\n"})),
+    );
+    w.env
+        .mock
+        .push_behavior_for("kept", Behavior::hold("written, all done"));
+    let msg = w
+        .fake
+        .user_says(CHAN, ALICE, "[[mock:kept]] write it", true);
+    let ph = w.placeholder(CHAN, msg).await;
+    let p = prompt_message(&w).await;
+    w.fake.click(p.id, ALICE, &[], &p.button("Allow"), &[]);
+    let line = format!("✅ Allowed by <@{ALICE}>");
+    settled(&w, p.id, &line).await;
+    w.env.mock.wait_for_held(1, WAIT).await;
+
+    w.kill_relay().await;
+    let edits_before = w
+        .fake
+        .calls_to("PATCH", &format!("/messages/{}", p.id))
+        .len();
+    let lookups = w
+        .fake
+        .calls_to("GET", &format!("/channels/{CHAN}/messages"))
+        .len();
+    w.start_relay().await;
+    w.fake
+        .wait_for("the restarted relay looking for the prompt", |v| {
+            let path = format!("/channels/{CHAN}/messages");
+            let n = v
+                .calls()
+                .iter()
+                .filter(|c| c.method == "GET" && c.path == path)
+                .count();
+            (n > lookups).then_some(())
+        })
+        .await;
+    w.env.mock.release_held();
+    let done = w.terminal(&job_of(msg)).await;
+    assert_eq!(result_of(&done), "written, all done");
+    // Shown in order: once the answer is, the replayed prompt events were too.
+    w.shows(ph.id, "written, all done").await;
+    let edits_after = w
+        .fake
+        .calls_to("PATCH", &format!("/messages/{}", p.id))
+        .len();
+    assert_eq!(
+        edits_after, edits_before,
+        "the settled prompt is left alone"
+    );
+    let m = settled(&w, p.id, &line).await;
+    assert_eq!(
+        w.fake
+            .contents(CHAN)
+            .iter()
+            .filter(|c| c.contains("Claude asks"))
+            .count(),
+        1
+    );
+    assert!(m.content.starts_with("🔐 **Claude asks to use Write**"));
     w.cleanup().await;
 }

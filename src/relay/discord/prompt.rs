@@ -632,8 +632,12 @@ impl JobPrompts {
                 .iter()
                 .filter_map(|id| Click::parse(id))
                 .any(|c| c.request_id == request_id && c.job_id == self.job_id);
-            let settled = !v.to_string().contains("\"disabled\":false")
-                && v.to_string().contains("\"disabled\":true");
+            let items: Vec<&Value> = v
+                .as_array()?
+                .iter()
+                .flat_map(|row| row["components"].as_array().into_iter().flatten())
+                .collect();
+            let settled = !items.is_empty() && items.iter().all(|c| c["disabled"] == true);
             ours.then_some((m.id, settled))
         })
     }
