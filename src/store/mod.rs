@@ -321,7 +321,7 @@ pub enum YieldOutcome {
     /// Another session waits for a worker: the lease was given up.
     HandedBack,
     /// The lease is kept; the session's next job, if it has one.
-    Kept(Option<NextJob>),
+    Kept(Option<Box<NextJob>>),
 }
 
 /// Which runnable job `yield_or_next` prefers when both exist.

@@ -278,7 +278,7 @@ macro_rules! session_store_impl {
                 if order == YieldOrder::OwnFirst {
                     if let Some(next) = $crate::store::sql::next_turn_in!(tx, lease).await? {
                         tx.commit().await?;
-                        return Ok(YieldOutcome::Kept(Some(next)));
+                        return Ok(YieldOutcome::Kept(Some(Box::new(next))));
                     }
                 }
                 let waiting: Option<i32> = sqlx::query_scalar($crate::store::sql::OTHERS_WAITING)
@@ -300,7 +300,7 @@ macro_rules! session_store_impl {
                     YieldOrder::OwnFirst => None,
                 };
                 tx.commit().await?;
-                Ok(YieldOutcome::Kept(next))
+                Ok(YieldOutcome::Kept(next.map(Box::new)))
             }
 
             async fn put_transcript(

@@ -157,20 +157,20 @@ async fn session_loop(
 ) -> Result<(), TurnAbort> {
     // Before the first look, so an accept in between is not missed.
     let accepts = ctx.watch_accepts(&lease.session_key);
-    let mut next = ctx.store.next_turn(lease).await?;
+    let mut next = ctx.store.next_turn(lease).await?.map(Box::new);
     loop {
         if signals.shutdown.is_cancelled() {
             return Err(TurnAbort::Shutdown);
         }
         let job = match next.take() {
-            Some(job) => Box::new(job),
+            Some(job) => job,
             None => match keep_warm_session(ctx, lease, signals, &accepts.notify).await? {
                 Affinity::JobArrived(job) => job,
                 Affinity::Yielded => return Ok(()),
                 Affinity::Over => match ctx.store.release_lease(lease, now_ms()).await? {
                     ReleaseOutcome::Released => return Ok(()),
                     ReleaseOutcome::MoreWork => {
-                        next = ctx.store.next_turn(lease).await?;
+                        next = ctx.store.next_turn(lease).await?.map(Box::new);
                         continue;
                     }
                 },
@@ -227,7 +227,7 @@ async fn keep_warm_session(
                 .yield_or_next(lease, now_ms(), YieldOrder::OwnFirst)
                 .await?
             {
-                YieldOutcome::Kept(Some(job)) => return Ok(Affinity::JobArrived(Box::new(job))),
+                YieldOutcome::Kept(Some(job)) => return Ok(Affinity::JobArrived(job)),
                 // Handed back: another session needs the slot.
                 YieldOutcome::HandedBack => return Ok(Affinity::Yielded),
                 YieldOutcome::Kept(None) => {}
