@@ -73,6 +73,8 @@ pub(super) async fn run(
         };
         events.attempt = attempt;
         events.stop.progressed();
+        // Prompts an earlier attempt left open (it died or its CLI exited).
+        super::superseded::resolve_left_open(events, Some(attempt)).await?;
         if ctx
             .store
             .begin_conversation(lease, &job.job_id, job.spec.mode, now_ms())

@@ -24,6 +24,7 @@ mod prepare;
 mod prompt;
 pub(crate) mod retry;
 mod spoken;
+mod superseded;
 
 use std::time::Duration;
 
