@@ -13,3 +13,13 @@ CREATE TABLE permission_prompts (
     resolved_by  TEXT
 );
 CREATE INDEX permission_prompts_job ON permission_prompts (job_id);
+
+-- "Allow for this session" answers, as CLI rules (`Tool` or
+-- `Tool(content)`) of the Claude session they were given in. The CLI keeps
+-- session rules only in its memory; a cold resume of the session passes
+-- them as allowed tools.
+CREATE TABLE session_grants (
+    claude_session_id TEXT NOT NULL,
+    rule              TEXT NOT NULL,
+    PRIMARY KEY (claude_session_id, rule)
+);

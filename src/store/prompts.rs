@@ -46,6 +46,16 @@ pub trait PromptStore: Send + Sync + 'static {
     async fn open_prompts(&self, job_id: &str) -> Result<Vec<PromptRecord>, StoreError>;
 
     async fn get_prompt(&self, request_id: &str) -> Result<Option<PromptRecord>, StoreError>;
+
+    /// Records rules a person allowed for the rest of a Claude session.
+    async fn add_session_grants(
+        &self,
+        claude_session_id: &str,
+        rules: &[String],
+    ) -> Result<(), StoreError>;
+
+    /// The rules allowed for the rest of a Claude session, in order.
+    async fn session_grants(&self, claude_session_id: &str) -> Result<Vec<String>, StoreError>;
 }
 
 type PromptRow = (String, String, i64, i64, Option<String>);
@@ -136,6 +146,38 @@ macro_rules! prompt_store_impl {
                     .fetch_optional(&self.pool)
                     .await?;
                 row.map(p::from_row).transpose()
+            }
+
+            async fn add_session_grants(
+                &self,
+                claude_session_id: &str,
+                rules: &[String],
+            ) -> Result<(), StoreError> {
+                let mut tx = self.pool.begin().await?;
+                for rule in rules {
+                    sqlx::query(
+                        "INSERT INTO session_grants (claude_session_id, rule) VALUES ($1, $2) \
+                         ON CONFLICT (claude_session_id, rule) DO NOTHING",
+                    )
+                    .bind(claude_session_id)
+                    .bind(rule)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                tx.commit().await?;
+                Ok(())
+            }
+
+            async fn session_grants(
+                &self,
+                claude_session_id: &str,
+            ) -> Result<Vec<String>, StoreError> {
+                Ok(sqlx::query_scalar(
+                    "SELECT rule FROM session_grants WHERE claude_session_id = $1 ORDER BY rule",
+                )
+                .bind(claude_session_id)
+                .fetch_all(&self.pool)
+                .await?)
             }
         }
     };

@@ -221,23 +221,56 @@ async fn an_interrupt_cancels_a_pending_prompt() {
 
 // ------------------------------------------------------------ the worker
 
+use std::path::PathBuf;
+
 use claude_worker::config::PermissionPrompts;
 use claude_worker::protocol::{
-    ControlOutcome, EventBody, EventV1, PermissionBehavior, PromptQuestion, ResolvedBy,
+    ControlOutcome, ControlResultV1, EventBody, EventV1, PermissionBehavior, PromptQuestion,
+    ResolvedBy,
 };
+use claude_worker::worker::Worker;
 
 use crate::harness::{Backend, TestEnv};
 use crate::pipeline::{assert_contiguous, completed};
 
-/// A worker whose profiles ask a person, who has `timeout_secs`.
-async fn asking_worker(env: &TestEnv, timeout_secs: u64) -> claude_worker::worker::Worker {
-    env.start_worker_with(|s| {
-        for p in s.profiles.values_mut() {
-            p.permission_prompts = PermissionPrompts::Ask;
-            p.permission_timeout_secs = timeout_secs;
+/// Generates a `sqlite` and a `postgres` test for each scenario.
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            use super::*;
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                super::$name(Backend::Sqlite).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                super::$name(Backend::Postgres).await
+            }
         }
-    })
-    .await
+    )*};
+}
+
+on_both_backends!(
+    a_person_allows_or_denies_a_tool_call,
+    a_worker_killed_while_waiting_retries_and_asks_again,
+);
+
+/// A worker whose profiles ask a person, who has `timeout_secs`.
+async fn asking_worker(env: &TestEnv, timeout_secs: u64) -> Worker {
+    env.start_worker_with(|s| asking(s, timeout_secs)).await
+}
+
+fn asking(s: &mut claude_worker::config::Settings, timeout_secs: u64) {
+    for p in s.profiles.values_mut() {
+        p.permission_prompts = PermissionPrompts::Ask;
+        p.permission_timeout_secs = timeout_secs;
+    }
+}
+
+async fn stop(env: TestEnv, worker: Worker) {
+    worker.shutdown();
+    worker.wait().await.unwrap();
+    env.cleanup().await;
 }
 
 /// A prompt as the tests look at it.
@@ -278,6 +311,51 @@ async fn next_prompt(env: &mut TestEnv, job: &str, seen: &mut Vec<EventV1>) -> P
     }
 }
 
+/// A job waiting on its first prompt, and its events so far.
+struct Asked {
+    job: String,
+    seen: Vec<EventV1>,
+    prompt: Prompt,
+}
+
+/// The prompt of every test job: `[[mock:KEY]] go`, in session `ask:KEY`.
+fn prompt_of(key: &str) -> String {
+    format!("[[mock:{key}]] go")
+}
+
+/// Publishes a job in session `ask:KEY` whose turn calls `tool` with
+/// `input`, and reads its events up to the prompt.
+async fn ask(env: &mut TestEnv, key: &str, tool: &str, input: Value) -> Asked {
+    ask_then(env, key, tool, input, None).await
+}
+
+/// [`ask`], with what the mock answers once the tool ran (else it echoes).
+async fn ask_then(
+    env: &mut TestEnv,
+    key: &str,
+    tool: &str,
+    input: Value,
+    then: Option<Behavior>,
+) -> Asked {
+    env.mock
+        .push_behavior_for(key, Behavior::tool_use(tool, input));
+    if let Some(b) = then {
+        env.mock.push_behavior_for(key, b);
+    }
+    let job = env
+        .publish_job(&format!("ask:{key}"), &prompt_of(key), json!({}))
+        .await;
+    let mut seen = Vec::new();
+    let prompt = next_prompt(env, &job, &mut seen).await;
+    Asked { job, seen, prompt }
+}
+
+/// A file in the working directory of session `ask:KEY`.
+fn in_session(env: &TestEnv, key: &str, name: &str) -> PathBuf {
+    let workdir = env.settings().profiles["default"].workdir.clone();
+    claude_worker::session_dir(&workdir, &format!("ask:{key}")).join(name)
+}
+
 /// The rest of `job`'s events, appended to `seen`.
 async fn finish(env: &mut TestEnv, job: &str, mut seen: Vec<EventV1>) -> Vec<EventV1> {
     seen.extend(env.events_until_terminal(job).await);
@@ -285,7 +363,9 @@ async fn finish(env: &mut TestEnv, job: &str, mut seen: Vec<EventV1>) -> Vec<Eve
     seen
 }
 
-fn resolved(events: &[EventV1]) -> Vec<(String, PermissionBehavior, ResolvedBy, Option<String>)> {
+type Resolution = (String, PermissionBehavior, ResolvedBy, Option<String>);
+
+fn resolved(events: &[EventV1]) -> Vec<Resolution> {
     events
         .iter()
         .filter_map(|e| match &e.body {
@@ -305,132 +385,199 @@ fn answer(job: &str, request_id: &str, behavior: &str) -> Value {
         "request_id": request_id, "behavior": behavior})
 }
 
+/// Publishes a control message and returns its result.
+async fn control(env: &mut TestEnv, body: Value) -> ControlResultV1 {
+    env.publish_control(body).await;
+    env.next_control_result().await
+}
+
+fn outcome(r: &ControlResultV1) -> (bool, ControlOutcome) {
+    (r.ok, r.outcome)
+}
+
+/// The last tool result the mock saw for `key`'s requests.
+fn last_tool_result(env: &TestEnv, key: &str) -> Value {
+    let reqs = env.mock.requests_for(key);
+    let results = reqs.last().expect("a request").tool_results();
+    results.last().cloned().expect("a tool result")
+}
+
+const ANSWERED: (bool, ControlOutcome) = (true, ControlOutcome::Answered);
+
 /// Allow: the tool runs (the file appears) and the turn completes; an
 /// unknown request id is refused while the prompt waits. Deny: the tool
 /// result is an error carrying the message, and a second answer to the
 /// same prompt is refused as already settled.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_person_allows_or_denies_a_tool_call() {
-    let mut env = TestEnv::new(Backend::Sqlite).await;
+async fn a_person_allows_or_denies_a_tool_call(backend: Backend) {
+    let mut env = TestEnv::new(backend).await;
     let worker = asking_worker(&env, 120).await;
-    let workdir = env.settings().profiles["default"].workdir.clone();
 
-    let cwd = claude_worker::session_dir(&workdir, "ask:allow");
-    let file = cwd.join("made.txt");
+    let file = in_session(&env, "allow", "made.txt");
     let path = file.display().to_string();
-    env.mock.push_behavior_for(
-        "allow",
-        Behavior::tool_use("Write", json!({"file_path": path, "content": "one\ntwo\n"})),
-    );
-    let job = env
-        .publish_job("ask:allow", "[[mock:allow]] write it", json!({}))
-        .await;
-    let mut seen = Vec::new();
-    let prompt = next_prompt(&mut env, &job, &mut seen).await;
-    assert_eq!(prompt.tool_name, "Write");
-    assert_eq!(prompt.summary, format!("{path}: write 2 line(s)"));
+    let input = json!({"file_path": path, "content": "one\ntwo\n"});
+    let a = ask(&mut env, "allow", "Write", input).await;
+    assert_eq!(a.prompt.tool_name, "Write");
+    assert_eq!(a.prompt.summary, format!("{path}: write 2 line(s)"));
     let now = claude_worker::store::now_ms();
+    let expires = a.prompt.expires_at_ms;
     assert!(
-        prompt.expires_at_ms > now + 100_000 && prompt.expires_at_ms <= now + 120_000,
-        "{prompt:?}"
+        expires > now + 100_000 && expires <= now + 120_000,
+        "{expires}"
     );
     assert!(!file.exists(), "nothing runs before the answer");
 
     // An answer for a prompt the job does not have is refused.
-    env.publish_control(answer(&job, "no-such-prompt", "allow"))
-        .await;
-    let r = env.next_control_result().await;
-    assert_eq!((r.ok, r.outcome), (false, ControlOutcome::Unknown), "{r:?}");
+    let r = control(&mut env, answer(&a.job, "no-such-prompt", "allow")).await;
+    assert_eq!(outcome(&r), (false, ControlOutcome::Unknown), "{r:?}");
     assert!(!file.exists());
 
-    env.publish_control(answer(&job, &prompt.request_id, "allow"))
-        .await;
-    let r = env.next_control_result().await;
-    assert_eq!((r.ok, r.outcome), (true, ControlOutcome::Answered), "{r:?}");
-    let ev = finish(&mut env, &job, seen).await;
-    assert_eq!(
-        resolved(&ev),
-        vec![(
-            prompt.request_id.clone(),
-            PermissionBehavior::Allow,
-            ResolvedBy::Person,
-            None
-        )]
-    );
-    assert_eq!(completed(&ev).0, "echo: [[mock:allow]] write it");
+    let r = control(&mut env, answer(&a.job, &a.prompt.request_id, "allow")).await;
+    assert_eq!(outcome(&r), ANSWERED, "{r:?}");
+    let ev = finish(&mut env, &a.job, a.seen).await;
+    let by_person = (PermissionBehavior::Allow, ResolvedBy::Person);
+    let want = (a.prompt.request_id.clone(), by_person.0, by_person.1, None);
+    assert_eq!(resolved(&ev), vec![want]);
+    assert_eq!(completed(&ev).0, "echo: [[mock:allow]] go");
     assert_eq!(std::fs::read_to_string(&file).unwrap(), "one\ntwo\n");
-    // Answering a finished job's prompt again: refused (as settled, if the
-    // worker has not yet let go of the job after its terminal event).
-    env.publish_control(answer(&job, &prompt.request_id, "deny"))
-        .await;
-    let r = env.next_control_result().await;
+    // Answering a finished job's prompt again: refused.
+    let r = control(&mut env, answer(&a.job, &a.prompt.request_id, "deny")).await;
     assert!(!r.ok, "{r:?}");
-    assert!(
-        matches!(
-            r.outcome,
-            ControlOutcome::AlreadyFinished | ControlOutcome::Refused
-        ),
-        "{r:?}"
-    );
+    let late = [ControlOutcome::AlreadyFinished, ControlOutcome::Refused];
+    assert!(late.contains(&r.outcome), "{r:?}");
 
     // Deny, with the follow-up held so the turn is still running when the
     // same prompt is answered again.
-    let cwd = claude_worker::session_dir(&workdir, "ask:deny");
-    let refused = cwd.join("refused.txt");
-    env.mock.push_behavior_for(
-        "deny",
-        Behavior::tool_use(
-            "Bash",
-            json!({"command": format!("echo no > {}", refused.display())}),
-        ),
-    );
-    env.mock
-        .push_behavior_for("deny", Behavior::hold("understood, not running it"));
-    let job = env
-        .publish_job("ask:deny", "[[mock:deny]] run it", json!({}))
-        .await;
-    let mut seen = Vec::new();
-    let prompt = next_prompt(&mut env, &job, &mut seen).await;
-    assert_eq!(prompt.tool_name, "Bash");
-    assert_eq!(
-        prompt.summary,
-        format!("echo no > {}", refused.display()),
-        "the whole command"
-    );
-    let mut deny = answer(&job, &prompt.request_id, "deny");
+    let refused = in_session(&env, "deny", "refused.txt");
+    let command = format!("echo no > {}", refused.display());
+    let held = Some(Behavior::hold("understood, not running it"));
+    let a = ask_then(&mut env, "deny", "Bash", json!({"command": command}), held).await;
+    assert_eq!(a.prompt.tool_name, "Bash");
+    assert_eq!(a.prompt.summary, command, "the whole command");
+    let mut deny = answer(&a.job, &a.prompt.request_id, "deny");
     deny["message"] = json!("a person said no");
-    env.publish_control(deny.clone()).await;
-    let r = env.next_control_result().await;
-    assert_eq!((r.ok, r.outcome), (true, ControlOutcome::Answered), "{r:?}");
+    let r = control(&mut env, deny).await;
+    assert_eq!(outcome(&r), ANSWERED, "{r:?}");
     env.mock.wait_for_held(1, WAIT).await;
-    env.publish_control(answer(&job, &prompt.request_id, "allow"))
-        .await;
-    let r = env.next_control_result().await;
-    assert_eq!((r.ok, r.outcome), (false, ControlOutcome::Refused), "{r:?}");
+    let r = control(&mut env, answer(&a.job, &a.prompt.request_id, "allow")).await;
+    assert_eq!(outcome(&r), (false, ControlOutcome::Refused), "{r:?}");
     env.mock.release_held();
-    let ev = finish(&mut env, &job, seen).await;
-    assert_eq!(
-        resolved(&ev),
-        vec![(
-            prompt.request_id.clone(),
-            PermissionBehavior::Deny,
-            ResolvedBy::Person,
-            Some("a person said no".into())
-        )]
+    let ev = finish(&mut env, &a.job, a.seen).await;
+    let said = Some("a person said no".to_string());
+    let want = (
+        a.prompt.request_id.clone(),
+        PermissionBehavior::Deny,
+        ResolvedBy::Person,
+        said,
     );
+    assert_eq!(resolved(&ev), vec![want]);
     assert_eq!(completed(&ev).0, "understood, not running it");
     assert!(!refused.exists(), "a denied command never runs");
-    let results = env.mock.requests_for("deny").last().unwrap().tool_results();
-    assert_eq!(results.len(), 1, "{results:?}");
-    assert_eq!(results[0]["is_error"], true, "{results:?}");
-    assert!(
-        results[0].to_string().contains("a person said no"),
-        "{results:?}"
-    );
+    let result = last_tool_result(&env, "deny");
+    assert_eq!(result["is_error"], true, "{result}");
+    assert!(result.to_string().contains("a person said no"), "{result}");
 
-    worker.shutdown();
-    worker.wait().await.unwrap();
-    env.cleanup().await;
+    stop(env, worker).await;
+}
+
+/// An edited input (`updated_input`) is what the tool runs with: the file
+/// gets the edited content, and the command that ran is the edited one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edited_input_is_what_runs() {
+    let mut env = TestEnv::new(Backend::Sqlite).await;
+    let worker = asking_worker(&env, 120).await;
+
+    let file = in_session(&env, "edit", "notes.txt");
+    let path = file.display().to_string();
+    let input = json!({"file_path": path, "content": "as Claude wrote it\n"});
+    let a = ask(&mut env, "edit", "Write", input).await;
+    let mut body = answer(&a.job, &a.prompt.request_id, "allow");
+    body["updated_input"] = json!({"file_path": path, "content": "as a person edited it\n"});
+    assert_eq!(outcome(&control(&mut env, body).await), ANSWERED);
+    let ev = finish(&mut env, &a.job, a.seen).await;
+    assert_eq!(completed(&ev).0, "echo: [[mock:edit]] go");
+    let written = std::fs::read_to_string(&file).unwrap();
+    assert_eq!(written, "as a person edited it\n");
+
+    // Bash: the command Claude asked for never runs; the edited one does,
+    // and its output is what the mock got back as the tool result.
+    // (Commands that write a file: a plain `echo` runs without asking.)
+    let asked = in_session(&env, "cmd", "a.txt");
+    let edited = in_session(&env, "cmd", "b.txt");
+    let command = format!("echo claude-wrote-this > {}", asked.display());
+    let a = ask(&mut env, "cmd", "Bash", json!({"command": command})).await;
+    assert_eq!(a.prompt.summary, command);
+    let mut body = answer(&a.job, &a.prompt.request_id, "allow");
+    let command = format!("echo a-person-edited-this | tee {}", edited.display());
+    body["updated_input"] = json!({"command": command});
+    assert_eq!(outcome(&control(&mut env, body).await), ANSWERED);
+    let ev = finish(&mut env, &a.job, a.seen).await;
+    assert_eq!(completed(&ev).0, "echo: [[mock:cmd]] go");
+    let result = last_tool_result(&env, "cmd");
+    let text = result.to_string();
+    assert_ne!(result["is_error"], true, "{result}");
+    assert!(text.contains("a-person-edited-this"), "{result}");
+    assert!(!text.contains("claude-wrote-this"), "{result}");
+    assert!(!asked.exists(), "the command Claude asked for never ran");
+    let written = std::fs::read_to_string(&edited).unwrap();
+    assert_eq!(written, "a-person-edited-this\n");
+
+    stop(env, worker).await;
+}
+
+/// "Allow for this session": the same tool call in the session's next
+/// turns does not ask again — on the warm process, and after a cold
+/// resume on a new worker. (The test removes the file the call makes
+/// before each turn, to see that the call ran.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allow_for_session_holds_warm_and_after_a_cold_resume() {
+    let mut env = TestEnv::new(Backend::Sqlite).await;
+    let worker = asking_worker(&env, 120).await;
+    let file = in_session(&env, "grant", "made");
+    let call = json!({"command": format!("touch {}", file.display())});
+    let a = ask(&mut env, "grant", "Bash", call.clone()).await;
+    let mut body = answer(&a.job, &a.prompt.request_id, "allow");
+    body["allow_for_session"] = json!(true);
+    assert_eq!(outcome(&control(&mut env, body).await), ANSWERED);
+    let ev = finish(&mut env, &a.job, a.seen).await;
+    assert_eq!(completed(&ev).0, "echo: [[mock:grant]] go");
+    assert!(file.exists());
+
+    // The next turn, on the session's warm process, then after a cold
+    // resume on a new worker: the call runs without a prompt.
+    let mut worker = worker;
+    for cold in [false, true] {
+        if cold {
+            worker.shutdown();
+            worker.wait().await.unwrap();
+            worker = asking_worker(&env, 120).await;
+        }
+        std::fs::remove_file(&file).unwrap();
+        env.mock
+            .push_behavior_for("grant", Behavior::tool_use("Bash", call.clone()));
+        let job = env
+            .publish_job("ask:grant", &prompt_of("grant"), json!({}))
+            .await;
+        let mut ev = Vec::new();
+        loop {
+            let (_, e) = env.next_event(&job).await;
+            let asked = matches!(e.body, EventBody::PermissionRequest { .. });
+            assert!(!asked, "asked again (cold: {cold}): {ev:#?} {e:#?}");
+            let end = e.body.is_terminal();
+            ev.push(e);
+            if end {
+                break;
+            }
+        }
+        assert_eq!(completed(&ev).0, "echo: [[mock:grant]] go");
+        assert!(file.exists(), "the call ran (cold: {cold})");
+        let resumed = |e: &EventV1| matches!(e.body, EventBody::Started { resumed: true, .. });
+        assert!(ev.iter().any(resumed), "{ev:#?}");
+        let warm = worker.context.warm.stats();
+        let want = if cold { (1, 0) } else { (1, 1) };
+        assert_eq!((warm.spawns, warm.hits), want, "cold: {cold}: {warm:?}");
+    }
+
+    stop(env, worker).await;
 }
 
 /// Nobody answers: the call is denied with a message once the profile's
@@ -442,43 +589,24 @@ async fn an_unanswered_prompt_is_denied_after_the_timeout() {
     let worker = env
         .start_worker_with(|s| {
             s.claude.turn_timeout_secs = 8;
-            for p in s.profiles.values_mut() {
-                p.permission_prompts = PermissionPrompts::Ask;
-                p.permission_timeout_secs = 10;
-            }
+            asking(s, 10);
         })
         .await;
-    env.mock.push_behavior_for(
-        "late",
-        Behavior::tool_use("Bash", json!({"command": "touch late"})),
-    );
-    let job = env
-        .publish_job("ask:late", "[[mock:late]] run it", json!({}))
-        .await;
-    let mut seen = Vec::new();
-    let prompt = next_prompt(&mut env, &job, &mut seen).await;
+    let a = ask(&mut env, "late", "Bash", json!({"command": "touch late"})).await;
     let asked = std::time::Instant::now();
-    let ev = finish(&mut env, &job, seen).await;
+    let ev = finish(&mut env, &a.job, a.seen).await;
     let waited = asked.elapsed();
     let message = "nobody answered the permission prompt within 10 s".to_string();
-    assert_eq!(
-        resolved(&ev),
-        vec![(
-            prompt.request_id,
-            PermissionBehavior::Deny,
-            ResolvedBy::Timeout,
-            Some(message.clone())
-        )]
-    );
+    let by = (PermissionBehavior::Deny, ResolvedBy::Timeout);
+    let want = (a.prompt.request_id, by.0, by.1, Some(message.clone()));
+    assert_eq!(resolved(&ev), vec![want]);
     assert!(waited >= Duration::from_secs(9), "{waited:?}");
-    assert_eq!(completed(&ev).0, "echo: [[mock:late]] run it");
-    let results = env.mock.requests_for("late").last().unwrap().tool_results();
-    assert_eq!(results[0]["is_error"], true, "{results:?}");
-    assert!(results[0].to_string().contains(&message), "{results:?}");
+    assert_eq!(completed(&ev).0, "echo: [[mock:late]] go");
+    let result = last_tool_result(&env, "late");
+    assert_eq!(result["is_error"], true, "{result}");
+    assert!(result.to_string().contains(&message), "{result}");
 
-    worker.shutdown();
-    worker.wait().await.unwrap();
-    env.cleanup().await;
+    stop(env, worker).await;
 }
 
 /// A cancel while a prompt waits: the prompt is resolved as cancelled,
@@ -487,52 +615,26 @@ async fn an_unanswered_prompt_is_denied_after_the_timeout() {
 async fn a_cancel_while_waiting_resolves_the_prompt() {
     let mut env = TestEnv::new(Backend::Sqlite).await;
     let worker = asking_worker(&env, 120).await;
-    env.mock.push_behavior_for(
-        "stop",
-        Behavior::tool_use("Bash", json!({"command": "touch never"})),
+    let a = ask(&mut env, "stop", "Bash", json!({"command": "touch never"})).await;
+    let r = control(&mut env, json!({"v": 1, "type": "cancel", "job_id": a.job})).await;
+    assert_eq!(outcome(&r), (true, ControlOutcome::Cancelled), "{r:?}");
+    let ev = finish(&mut env, &a.job, a.seen).await;
+    let why = Some("the turn was cancelled".to_string());
+    let want = (
+        a.prompt.request_id.clone(),
+        PermissionBehavior::Deny,
+        ResolvedBy::Cancel,
+        why,
     );
-    let job = env
-        .publish_job("ask:stop", "[[mock:stop]] run it", json!({}))
-        .await;
-    let mut seen = Vec::new();
-    let prompt = next_prompt(&mut env, &job, &mut seen).await;
-    env.publish_control(json!({"v": 1, "type": "cancel", "job_id": job}))
-        .await;
-    let r = env.next_control_result().await;
-    assert_eq!(
-        (r.ok, r.outcome),
-        (true, ControlOutcome::Cancelled),
-        "{r:?}"
-    );
-    let ev = finish(&mut env, &job, seen).await;
-    assert_eq!(
-        resolved(&ev),
-        vec![(
-            prompt.request_id.clone(),
-            PermissionBehavior::Deny,
-            ResolvedBy::Cancel,
-            Some("the turn was cancelled".into())
-        )]
-    );
-    assert!(
-        matches!(ev.last().unwrap().body, EventBody::Cancelled { .. }),
-        "{ev:#?}"
-    );
-    env.publish_control(answer(&job, &prompt.request_id, "allow"))
-        .await;
-    let r = env.next_control_result().await;
+    assert_eq!(resolved(&ev), vec![want]);
+    let last = &ev.last().unwrap().body;
+    assert!(matches!(last, EventBody::Cancelled { .. }), "{ev:#?}");
+    let r = control(&mut env, answer(&a.job, &a.prompt.request_id, "allow")).await;
     assert!(!r.ok, "{r:?}");
-    assert!(
-        matches!(
-            r.outcome,
-            ControlOutcome::AlreadyFinished | ControlOutcome::Refused
-        ),
-        "{r:?}"
-    );
+    let late = [ControlOutcome::AlreadyFinished, ControlOutcome::Refused];
+    assert!(late.contains(&r.outcome), "{r:?}");
 
-    worker.shutdown();
-    worker.wait().await.unwrap();
-    env.cleanup().await;
+    stop(env, worker).await;
 }
 
 /// `AskUserQuestion`: the questions and options reach the front-end; the
@@ -541,44 +643,33 @@ async fn a_cancel_while_waiting_resolves_the_prompt() {
 async fn a_question_is_asked_and_answered_through_the_queue() {
     let mut env = TestEnv::new(Backend::Sqlite).await;
     let worker = asking_worker(&env, 120).await;
-    let questions = json!([{
-        "question": "Which colour?", "header": "Colour", "multiSelect": false,
-        "options": [{"label": "Red", "description": "warm"}, {"label": "Blue", "description": "cool"}]
-    }]);
-    env.mock.push_behavior_for(
-        "quiz",
-        Behavior::tool_use("AskUserQuestion", json!({"questions": questions})),
-    );
-    let job = env
-        .publish_job("ask:quiz", "[[mock:quiz]] pick one", json!({}))
-        .await;
-    let mut seen = Vec::new();
-    let prompt = next_prompt(&mut env, &job, &mut seen).await;
-    assert_eq!(prompt.tool_name, "AskUserQuestion");
-    assert_eq!(prompt.summary, "Which colour?");
-    let qs = prompt.questions.expect("questions");
+    let a = ask(&mut env, "quiz", "AskUserQuestion", colour_question()).await;
+    assert_eq!(a.prompt.tool_name, "AskUserQuestion");
+    assert_eq!(a.prompt.summary, "Which colour?");
+    let qs = a.prompt.questions.expect("questions");
     assert_eq!(qs.len(), 1);
     assert_eq!(qs[0].question, "Which colour?");
     let labels: Vec<&str> = qs[0].options.iter().map(|o| o.label.as_str()).collect();
     assert_eq!(labels, ["Red", "Blue"]);
-    let mut a = answer(&job, &prompt.request_id, "allow");
-    a["answers"] = json!({"Which colour?": "Blue"});
-    env.publish_control(a).await;
-    let r = env.next_control_result().await;
-    assert_eq!((r.ok, r.outcome), (true, ControlOutcome::Answered), "{r:?}");
-    let ev = finish(&mut env, &job, seen).await;
-    assert_eq!(completed(&ev).0, "echo: [[mock:quiz]] pick one");
-    let results = env.mock.requests_for("quiz").last().unwrap().tool_results();
+    let mut body = answer(&a.job, &a.prompt.request_id, "allow");
+    body["answers"] = json!({"Which colour?": "Blue"});
+    assert_eq!(outcome(&control(&mut env, body).await), ANSWERED);
+    let ev = finish(&mut env, &a.job, a.seen).await;
+    assert_eq!(completed(&ev).0, "echo: [[mock:quiz]] go");
+    let result = last_tool_result(&env, "quiz").to_string();
     assert!(
-        results[0]
-            .to_string()
-            .contains("\\\"Which colour?\\\"=\\\"Blue\\\""),
-        "{results:?}"
+        result.contains("\\\"Which colour?\\\"=\\\"Blue\\\""),
+        "{result}"
     );
 
-    worker.shutdown();
-    worker.wait().await.unwrap();
-    env.cleanup().await;
+    stop(env, worker).await;
+}
+
+fn colour_question() -> Value {
+    json!({"questions": [{
+        "question": "Which colour?", "header": "Colour", "multiSelect": false,
+        "options": [{"label": "Red", "description": "warm"}, {"label": "Blue", "description": "cool"}]
+    }]})
 }
 
 /// `submit` without a terminal: `--allow-tools` approves (the file
@@ -588,29 +679,25 @@ async fn a_question_is_asked_and_answered_through_the_queue() {
 async fn submit_answers_prompts_without_a_terminal() {
     let env = TestEnv::new(Backend::Sqlite).await;
     let worker = asking_worker(&env, 120).await;
-    let workdir = env.settings().profiles["default"].workdir.clone();
 
-    let file = claude_worker::session_dir(&workdir, "ask:cli1").join("yes.txt");
-    env.mock.push_behavior_for(
-        "cli1",
+    let file = in_session(&env, "cli1", "yes.txt");
+    let write = |file: &PathBuf, content: &str| {
         Behavior::tool_use(
             "Write",
-            json!({"file_path": file.display().to_string(), "content": "approved\n"}),
-        ),
-    );
-    let out = crate::submit::run(
-        &env,
-        &[
-            "submit",
-            "--session",
-            "ask:cli1",
-            "--json",
-            "--allow-tools",
-            "Read,Write",
-            "[[mock:cli1]] write",
-        ],
-    )
-    .await;
+            json!({"file_path": file.display().to_string(), "content": content}),
+        )
+    };
+    env.mock
+        .push_behavior_for("cli1", write(&file, "approved\n"));
+    let args = [
+        "submit",
+        "--session",
+        "ask:cli1",
+        "--json",
+        "--allow-tools",
+        "Read,Write",
+    ];
+    let out = crate::submit::run(&env, &[&args[..], &["[[mock:cli1]] write"]].concat()).await;
     assert_eq!(out.code, 0, "{out:?}");
     let events: Vec<EventV1> = out
         .stdout
@@ -618,43 +705,22 @@ async fn submit_answers_prompts_without_a_terminal() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     let types: Vec<&str> = events.iter().map(|e| e.body.type_name()).collect();
-    assert!(
-        types
-            .windows(2)
-            .any(|w| w == ["permission_request", "permission_resolved"]),
-        "{types:?}"
-    );
+    let pair = ["permission_request", "permission_resolved"];
+    assert!(types.windows(2).any(|w| w == pair), "{types:?}");
     let r = resolved(&events);
-    assert_eq!(
-        (r[0].1, r[0].2),
-        (PermissionBehavior::Allow, ResolvedBy::Person)
-    );
+    let allowed = (PermissionBehavior::Allow, ResolvedBy::Person);
+    assert_eq!((r[0].1, r[0].2), allowed);
     assert_eq!(std::fs::read_to_string(&file).unwrap(), "approved\n");
     assert!(
         out.stderr.contains("[allowed Write (--allow-tools)"),
         "{out:?}"
     );
 
-    let file = claude_worker::session_dir(&workdir, "ask:cli2").join("no.txt");
-    env.mock.push_behavior_for(
-        "cli2",
-        Behavior::tool_use(
-            "Write",
-            json!({"file_path": file.display().to_string(), "content": "refused\n"}),
-        ),
-    );
-    let out = crate::submit::run(
-        &env,
-        &[
-            "submit",
-            "--session",
-            "ask:cli2",
-            "--allow-tools",
-            "Read",
-            "[[mock:cli2]] write",
-        ],
-    )
-    .await;
+    let file = in_session(&env, "cli2", "no.txt");
+    env.mock
+        .push_behavior_for("cli2", write(&file, "refused\n"));
+    let args = ["submit", "--session", "ask:cli2", "--allow-tools", "Read"];
+    let out = crate::submit::run(&env, &[&args[..], &["[[mock:cli2]] write"]].concat()).await;
     assert_eq!(out.code, 0, "{out:?}");
     assert!(
         out.stdout.ends_with("\necho: [[mock:cli2]] write\n"),
@@ -665,24 +731,22 @@ async fn submit_answers_prompts_without_a_terminal() {
         "{out:?}"
     );
     assert!(!file.exists());
-    let results = env.mock.requests_for("cli2").last().unwrap().tool_results();
-    assert_eq!(results[0]["is_error"], true, "{results:?}");
+    let result = last_tool_result(&env, "cli2");
+    assert_eq!(result["is_error"], true, "{result}");
     assert!(
-        results[0].to_string().contains("nobody at the terminal"),
-        "{results:?}"
+        result.to_string().contains("nobody at the terminal"),
+        "{result}"
     );
 
-    worker.shutdown();
-    worker.wait().await.unwrap();
-    env.cleanup().await;
+    stop(env, worker).await;
 }
 
 /// A worker (process) SIGKILLed while its prompt waits: the job is retried
-/// on another worker and asks again under a new request id; an answer to
-/// the old prompt is refused and never reaches the new one.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_worker_killed_while_waiting_retries_and_asks_again() {
-    let mut env = TestEnv::new(Backend::Sqlite).await;
+/// on another worker, whose attempt first resolves the dead attempt's
+/// prompt (`superseded`) and then asks again under a new request id; an
+/// answer to the old prompt is refused and never reaches the new one.
+async fn a_worker_killed_while_waiting_retries_and_asks_again(backend: Backend) {
+    let mut env = TestEnv::new(backend).await;
     let vars = [
         ("PROFILES__DEFAULT__PERMISSION_PROMPTS", "ask".to_string()),
         ("WORKER__LEASE_TTL_SECS", "3".to_string()),
@@ -692,67 +756,72 @@ async fn a_worker_killed_while_waiting_retries_and_asks_again() {
     // The killed attempt's tool call, then the retry's.
     let input = |dir: &std::path::Path| {
         let file = claude_worker::session_dir(dir, "ask:crash").join("after.txt");
-        (
-            file.clone(),
-            json!({"file_path": file.display().to_string(), "content": "x\n"}),
-        )
+        let input = json!({"file_path": file.display().to_string(), "content": "x\n"});
+        (file, input)
     };
     let (_, first_input) = input(&env.dir.path().join("worker0/work/default"));
-    env.mock
-        .push_behavior_for("crash", Behavior::tool_use("Write", first_input));
-    let job = env
-        .publish_job("ask:crash", "[[mock:crash]] write", json!({}))
-        .await;
-    let mut seen = Vec::new();
-    let first = next_prompt(&mut env, &job, &mut seen).await;
+    let first = ask(&mut env, "crash", "Write", first_input).await;
+    let mut seen = first.seen;
     assert_eq!(seen.last().unwrap().attempt, 1);
     drop(victim); // SIGKILL; its CLI dies with it.
 
     let worker = env
         .start_worker_with(|s| {
             s.worker.lease_ttl_secs = 3;
-            for p in s.profiles.values_mut() {
-                p.permission_prompts = PermissionPrompts::Ask;
-            }
+            asking(s, 120);
         })
         .await;
-    let workdir = env.settings().profiles["default"].workdir.clone();
-    let (file, second_input) = input(&workdir);
+    let (file, second_input) = input(&env.settings().profiles["default"].workdir);
     env.mock
         .push_behavior_for("crash", Behavior::tool_use("Write", second_input));
-    let second = next_prompt(&mut env, &job, &mut seen).await;
-    assert_ne!(second.request_id, first.request_id);
-    assert!(
-        seen.iter()
-            .any(|e| matches!(e.body, EventBody::Retrying { .. })),
-        "{seen:#?}"
-    );
+    let second = next_prompt(&mut env, &first.job, &mut seen).await;
+    assert_ne!(second.request_id, first.prompt.request_id);
+    let retried = |e: &EventV1| matches!(e.body, EventBody::Retrying { .. });
+    assert!(seen.iter().any(retried), "{seen:#?}");
     assert_eq!(seen.last().unwrap().attempt, 2, "{seen:#?}");
+    // The dead attempt's prompt was resolved before the new one was asked.
+    let message = "the attempt that asked ended without an answer; the job's next attempt \
+                   asks again under a new request id if it needs to";
+    let by = (PermissionBehavior::Deny, ResolvedBy::Superseded);
+    let old = first.prompt.request_id.clone();
+    assert_eq!(
+        resolved(&seen),
+        vec![(old.clone(), by.0, by.1, Some(message.into()))]
+    );
+    let at = |id: &str| {
+        seen.iter().position(|e| match &e.body {
+            EventBody::PermissionRequest { request_id, .. }
+            | EventBody::PermissionResolved { request_id, .. } => request_id == id,
+            _ => false,
+        })
+    };
+    assert!(at(&old) < at(&second.request_id), "{seen:#?}");
 
     // The old prompt's answer is refused, and does not settle the new one.
-    env.publish_control(answer(&job, &first.request_id, "allow"))
-        .await;
-    let r = env.next_control_result().await;
-    assert_eq!((r.ok, r.outcome), (false, ControlOutcome::Unknown), "{r:?}");
+    let r = control(&mut env, answer(&first.job, &old, "allow")).await;
+    assert_eq!(outcome(&r), (false, ControlOutcome::Refused), "{r:?}");
+    assert!(r.message.contains("already settled (superseded)"), "{r:?}");
     assert!(!file.exists());
-    env.publish_control(answer(&job, &second.request_id, "allow"))
-        .await;
-    let r = env.next_control_result().await;
-    assert_eq!((r.ok, r.outcome), (true, ControlOutcome::Answered), "{r:?}");
+    let r = control(&mut env, answer(&first.job, &second.request_id, "allow")).await;
+    assert_eq!(outcome(&r), ANSWERED, "{r:?}");
     // A job taken over from a dead worker may skip seqs (blocks are
     // reserved per worker); they still only grow.
-    seen.extend(env.events_until_terminal(&job).await);
+    seen.extend(env.events_until_terminal(&first.job).await);
     assert!(seen.windows(2).all(|w| w[0].seq < w[1].seq), "{seen:#?}");
     assert_eq!(
         seen.last().unwrap().body.type_name(),
         "completed",
         "{seen:#?}"
     );
+    // Every request was followed by its resolution, each exactly once.
+    let mut ids: Vec<String> = resolved(&seen).into_iter().map(|r| r.0).collect();
+    ids.sort();
+    let mut want = vec![old, second.request_id];
+    want.sort();
+    assert_eq!(ids, want);
     assert_eq!(std::fs::read_to_string(&file).unwrap(), "x\n");
 
-    worker.shutdown();
-    worker.wait().await.unwrap();
-    env.cleanup().await;
+    stop(env, worker).await;
 }
 
 /// Who may answer: a job published as an AMQP user takes answers from that
@@ -769,7 +838,7 @@ async fn only_the_jobs_answerers_may_answer() {
         );
         let job = uuid::Uuid::new_v4().to_string();
         let mut body = json!({"v": 1, "job_id": job, "session_key": format!("ask:{key}"),
-            "prompt": format!("[[mock:{key}]] run it")});
+            "prompt": prompt_of(key)});
         if let Some(a) = answerers.clone() {
             body["prompt_answerers"] = a;
         }
@@ -780,10 +849,8 @@ async fn only_the_jobs_answerers_may_answer() {
         let mut seen = Vec::new();
         let prompt = next_prompt(&mut env, &job, &mut seen).await;
         // No user_id: refused.
-        env.publish_control(answer(&job, &prompt.request_id, "allow"))
-            .await;
-        let r = env.next_control_result().await;
-        assert_eq!((r.ok, r.outcome), (false, ControlOutcome::Refused), "{r:?}");
+        let r = control(&mut env, answer(&job, &prompt.request_id, "allow")).await;
+        assert_eq!(outcome(&r), (false, ControlOutcome::Refused), "{r:?}");
         assert!(r.message.contains("without a user_id"), "{r:?}");
         env.bus
             .publish_control_as(answer(&job, &prompt.request_id, "allow"), Some("guest"))
@@ -791,14 +858,12 @@ async fn only_the_jobs_answerers_may_answer() {
         let r = env.next_control_result().await;
         if answerers.is_none() {
             // The publisher answers.
-            assert_eq!((r.ok, r.outcome), (true, ControlOutcome::Answered), "{r:?}");
+            assert_eq!(outcome(&r), ANSWERED, "{r:?}");
         } else {
             // Only `operator` may; nobody answers, so it is cancelled.
-            assert_eq!((r.ok, r.outcome), (false, ControlOutcome::Refused), "{r:?}");
+            assert_eq!(outcome(&r), (false, ControlOutcome::Refused), "{r:?}");
             assert!(r.message.contains("as `guest`"), "{r:?}");
-            env.publish_control(json!({"v": 1, "type": "cancel", "job_id": job}))
-                .await;
-            let r = env.next_control_result().await;
+            let r = control(&mut env, json!({"v": 1, "type": "cancel", "job_id": job})).await;
             assert_eq!(r.outcome, ControlOutcome::Cancelled, "{r:?}");
         }
         let ev = finish(&mut env, &job, seen).await;
@@ -810,7 +875,5 @@ async fn only_the_jobs_answerers_may_answer() {
         }
     }
 
-    worker.shutdown();
-    worker.wait().await.unwrap();
-    env.cleanup().await;
+    stop(env, worker).await;
 }

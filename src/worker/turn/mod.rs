@@ -19,6 +19,7 @@ mod budget;
 mod cli_run;
 mod compact;
 mod events;
+mod grants;
 mod outcome;
 mod prepare;
 mod prompt;

@@ -58,7 +58,10 @@ pub(super) async fn prepare(
         return Ok(None);
     }
     let session = ctx.store.get_session(&job.session_key).await?;
-    let request = turn_request(job, &profile, session.as_ref());
+    let mut request = turn_request(job, &profile, session.as_ref());
+    if let Some(id) = &request.resume {
+        request.session_grants = ctx.store.session_grants(id).await?;
+    }
     let session_cost_usd = session.as_ref().map_or(0.0, |s| s.cost_usd);
     let context = session.as_ref().and_then(|s| {
         let used = u64::try_from(s.context_tokens?).ok()?;
@@ -170,6 +173,7 @@ fn turn_request(
         resume,
         fork,
         options,
+        session_grants: Vec::new(),
     }
 }
 

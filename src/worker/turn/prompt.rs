@@ -17,6 +17,7 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use super::events::JobEvents;
+use super::grants;
 use super::superseded::mark_resolved;
 use super::TurnAbort;
 use crate::claude::{summarize_tool_input, CliProcess, ToolPermissionRequest};
@@ -113,11 +114,15 @@ impl Prompts {
         proc: &mut CliProcess,
         events: &mut JobEvents<'_>,
         answer: PermissionResponseV1,
+        claude_session: Option<&str>,
     ) -> Result<(), TurnAbort> {
         let Some(p) = self.take(&answer.request_id) else {
             return Ok(());
         };
         proc.write_stdin(&response_line(&p.cli.request_id, p.cli_answer(&answer)));
+        if answer.allow_for_session && answer.behavior == PermissionBehavior::Allow {
+            grants::record(events, claude_session, &p.session_rules()).await;
+        }
         let by = ResolvedBy::Person;
         events
             .emit(p.resolved(answer.behavior, by, answer.message))
@@ -287,7 +292,7 @@ impl PendingPrompt {
 
     /// "Allow for this session": the CLI's suggestions scoped to the
     /// session, or a rule for the tool when it suggests none.
-    fn session_rules(&self) -> Vec<Value> {
+    pub fn session_rules(&self) -> Vec<Value> {
         let mut rules: Vec<Value> = self
             .cli
             .suggestions
