@@ -877,3 +877,295 @@ async fn only_the_jobs_answerers_may_answer() {
 
     stop(env, worker).await;
 }
+
+// ------------------------------------------------- a broker restart
+
+/// A prompt pending while RabbitMQ restarts (a broker node of the test's
+/// own): the worker keeps waiting, the answer published once the broker is
+/// back reaches it, and the turn completes with the allowed call run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prompt_waits_through_a_broker_restart() {
+    use crate::common::broker_node::BrokerNode;
+    use crate::common::tap::{producer, publish, tap};
+    use claude_worker::broker::Topology;
+    use claude_worker::config::Secret;
+
+    const REPLY_KEY: &str = "prompt.replies";
+    let node = BrokerNode::start().await;
+    let env = TestEnv::new(Backend::Sqlite).await;
+    let url = node.url();
+    let topo = Topology::from_prefix(&env.prefix, "prompt");
+    let mut rx = tap(url.clone(), topo.clone(), format!("{}.tap", env.prefix));
+    let mut s = env.settings();
+    s.amqp.url = Secret::new(url.as_str());
+    asking(&mut s, 120);
+    s.validate().unwrap();
+    let worker = Worker::start(s).await.expect("worker starts");
+
+    let file = in_session(&env, "bounce", "after.txt");
+    let input = json!({"file_path": file.display().to_string(), "content": "survived\n"});
+    env.mock
+        .push_behavior_for("bounce", Behavior::tool_use("Write", input));
+    let job = uuid::Uuid::new_v4().to_string();
+    let body =
+        json!({"v": 1, "job_id": job, "session_key": "ask:bounce", "prompt": prompt_of("bounce")});
+    let ch = producer(&url, &topo).await;
+    let (jobs, key) = (&topo.jobs_exchange, &topo.jobs_routing_key);
+    publish(&ch, jobs, key, REPLY_KEY, &body).await;
+    let mut seen: Vec<Value> = Vec::new();
+    let mut next = async || {
+        let got = tokio::time::timeout(WAIT, rx.recv()).await;
+        let (raw, _) = got.expect("no reply within WAIT").expect("the tap runs");
+        crate::schema::assert_valid_reply(&raw);
+        raw
+    };
+    let request_id = loop {
+        let raw = next().await;
+        seen.push(raw.clone());
+        if raw["type"] == "permission_request" {
+            break raw["request_id"].as_str().unwrap().to_string();
+        }
+    };
+
+    node.stop_app().await;
+    // The outage lasts a few seconds (the scenario, not a synchronisation).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    node.start_app().await;
+    assert!(!file.exists(), "nothing ran without an answer");
+    // A control message reaches the workers whose (exclusive) control
+    // queues are bound: wait for the worker's to be declared again.
+    let control_queue = format!("{}.private.", topo.control_exchange);
+    crate::common::world::wait_until_async("the worker's control queue is back", || async {
+        let queues = node.ctl(&["list_queues", "-q", "name", "consumers"]).await;
+        queues
+            .lines()
+            .any(|l| l.starts_with(&control_queue) && !l.ends_with("\t0"))
+    })
+    .await;
+
+    let ch = producer(&url, &topo).await;
+    let allow = answer(&job, &request_id, "allow");
+    publish(&ch, &topo.control_exchange, "", REPLY_KEY, &allow).await;
+    let mut result = None;
+    while result.is_none() || !seen.last().is_some_and(|e| e["type"] == "completed") {
+        let raw = next().await;
+        match raw["type"].as_str() {
+            Some("control_result") => result = Some(raw),
+            Some(t) if t.starts_with("session.") => {}
+            _ => seen.push(raw),
+        }
+    }
+    let result = result.unwrap();
+    assert_eq!(
+        (&result["ok"], &result["outcome"]),
+        (&json!(true), &json!("answered")),
+        "{result}"
+    );
+    let settled: Vec<&Value> = seen
+        .iter()
+        .filter(|e| e["type"] == "permission_resolved")
+        .collect();
+    assert_eq!(settled.len(), 1, "{seen:#?}");
+    assert_eq!(settled[0]["request_id"], request_id.as_str());
+    assert_eq!(
+        (&settled[0]["by"], &settled[0]["behavior"]),
+        (&json!("person"), &json!("allow"))
+    );
+    assert_eq!(seen.last().unwrap()["result"], "echo: [[mock:bounce]] go");
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "survived\n");
+
+    worker.shutdown();
+    tokio::time::timeout(WAIT, worker.wait())
+        .await
+        .expect("the worker stops")
+        .expect("cleanly");
+    drop(rx);
+    env.cleanup().await;
+    drop(node);
+}
+
+// ------------------------------------------- `submit` on a terminal
+
+/// A pseudo-terminal: `submit` gets its slave as stdin and stderr (where it
+/// asks), the test reads and types on the master.
+struct Tty {
+    master: std::fs::File,
+    slave: std::os::fd::OwnedFd,
+    /// What the terminal showed so far.
+    shown: String,
+    chunks: tokio::sync::mpsc::UnboundedReceiver<String>,
+}
+
+impl Tty {
+    fn open() -> Tty {
+        use std::os::fd::FromRawFd;
+        use std::ptr;
+        let (mut m, mut s) = (0, 0);
+        // SAFETY: openpty writes two new descriptors into m and s.
+        let rc =
+            unsafe { libc::openpty(&mut m, &mut s, ptr::null_mut(), ptr::null(), ptr::null()) };
+        assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
+        for fd in [m, s] {
+            // Not inherited by the CLIs other tests start meanwhile.
+            // SAFETY: fd is ours and open.
+            unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+        }
+        // SAFETY: both descriptors are open and owned by nobody else.
+        let (master, slave) = unsafe {
+            (
+                std::fs::File::from_raw_fd(m),
+                std::os::fd::OwnedFd::from_raw_fd(s),
+            )
+        };
+        let mut reader = master.try_clone().unwrap();
+        let (tx, chunks) = tokio::sync::mpsc::unbounded_channel();
+        std::thread::spawn(move || {
+            use std::io::Read;
+            let mut buf = [0u8; 4096];
+            // Ends with EIO once no process has the terminal open.
+            while let Ok(n @ 1..) = reader.read(&mut buf) {
+                if tx
+                    .send(String::from_utf8_lossy(&buf[..n]).into_owned())
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        });
+        Tty {
+            master,
+            slave,
+            shown: String::new(),
+            chunks,
+        }
+    }
+
+    /// Starts `claude-worker` with the terminal as its stdin and stderr.
+    fn spawn(&self, env: &TestEnv, args: &[&str]) -> tokio::process::Child {
+        let stdio = || std::process::Stdio::from(self.slave.try_clone().unwrap());
+        let mut cmd = crate::submit::command(env, args);
+        cmd.stdin(stdio()).stderr(stdio());
+        cmd.spawn().expect("spawn claude-worker")
+    }
+
+    /// Waits until the terminal shows `text` (after what was read before).
+    async fn expect(&mut self, text: &str) {
+        let from = self.shown.len();
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while !self.shown[from..].contains(text) {
+            match tokio::time::timeout_at(deadline, self.chunks.recv()).await {
+                Ok(Some(chunk)) => self.shown.push_str(&chunk),
+                _ => panic!(
+                    "the terminal never showed {text:?}; it showed:\n{}",
+                    self.shown
+                ),
+            }
+        }
+    }
+
+    fn type_line(&mut self, line: &str) {
+        use std::io::Write;
+        self.master
+            .write_all(format!("{line}\n").as_bytes())
+            .unwrap();
+    }
+}
+
+/// Runs `submit` in session `ask:KEY` on the terminal, answers its prompt
+/// (shown as `asks`) with `typed`, and returns its stdout.
+async fn submit_on_tty(env: &TestEnv, tty: &mut Tty, key: &str, asks: &str, typed: &str) -> String {
+    let session = format!("ask:{key}");
+    let child = tty.spawn(env, &["submit", "--session", &session, &prompt_of(key)]);
+    tty.expect(asks).await;
+    tty.type_line(typed);
+    let out = tokio::time::timeout(WAIT, child.wait_with_output())
+        .await
+        .expect("submit exits")
+        .unwrap();
+    assert!(out.status.success(), "{out:?}\n{}", tty.shown);
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// `submit` on a terminal asks y / n / a(lways), and shows a question's
+/// options to pick by number; each answer reaches the tool call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_asks_on_a_terminal() {
+    let env = TestEnv::new(Backend::Sqlite).await;
+    let worker = asking_worker(&env, 120).await;
+    let mut tty = Tty::open();
+    const ALLOW: &str = "allow? [y]es / [n]o / [a]lways this session: ";
+    let write = |key: &str, name: &str| {
+        let file = in_session(&env, key, name);
+        let input = json!({"file_path": file.display().to_string(), "content": "typed\n"});
+        env.mock
+            .push_behavior_for(key, Behavior::tool_use("Write", input));
+        file
+    };
+
+    // y: the call runs.
+    let file = write("tty-y", "yes.txt");
+    let out = submit_on_tty(&env, &mut tty, "tty-y", ALLOW, "y").await;
+    assert!(
+        tty.shown.contains("? Claude wants to use Write:"),
+        "{}",
+        tty.shown
+    );
+    assert!(out.ends_with("\necho: [[mock:tty-y]] go\n"), "{out}");
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "typed\n");
+
+    // n: it does not, and Claude is told so.
+    let file = write("tty-n", "no.txt");
+    let out = submit_on_tty(&env, &mut tty, "tty-n", ALLOW, "n").await;
+    assert!(out.ends_with("\necho: [[mock:tty-n]] go\n"), "{out}");
+    assert!(!file.exists());
+    let result = last_tool_result(&env, "tty-n");
+    assert_eq!(result["is_error"], true, "{result}");
+    assert!(
+        result.to_string().contains("denied at the terminal"),
+        "{result}"
+    );
+
+    // a: the call runs, and the session's next turn makes it again without
+    // asking (run without a terminal: a prompt would be denied).
+    let file = in_session(&env, "tty-a", "made");
+    let call = json!({"command": format!("touch {}", file.display())});
+    let touch = || Behavior::tool_use("Bash", call.clone());
+    env.mock.push_behavior_for("tty-a", touch());
+    submit_on_tty(&env, &mut tty, "tty-a", ALLOW, "a").await;
+    assert!(file.exists());
+    std::fs::remove_file(&file).unwrap();
+    env.mock.push_behavior_for("tty-a", touch());
+    let args = ["submit", "--session", "ask:tty-a", "[[mock:tty-a]] again"];
+    let out = crate::submit::run(&env, &args).await;
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(!out.stderr.contains("[denied"), "{out:?}");
+    assert!(file.exists(), "the call ran again without asking: {out:?}");
+
+    // A question: its options, picked by number.
+    env.mock.push_behavior_for(
+        "tty-q",
+        Behavior::tool_use("AskUserQuestion", colour_question()),
+    );
+    let out = submit_on_tty(
+        &env,
+        &mut tty,
+        "tty-q",
+        "a number or your own answer: ",
+        "2",
+    )
+    .await;
+    assert!(tty.shown.contains("? Which colour?"), "{}", tty.shown);
+    assert!(
+        tty.shown.contains("1. Red — warm") && tty.shown.contains("2. Blue — cool"),
+        "{}",
+        tty.shown
+    );
+    assert!(out.ends_with("\necho: [[mock:tty-q]] go\n"), "{out}");
+    let result = last_tool_result(&env, "tty-q").to_string();
+    assert!(
+        result.contains("\\\"Which colour?\\\"=\\\"Blue\\\""),
+        "{result}"
+    );
+
+    stop(env, worker).await;
+}
