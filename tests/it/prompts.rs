@@ -225,8 +225,8 @@ use std::path::PathBuf;
 
 use claude_worker::config::PermissionPrompts;
 use claude_worker::protocol::{
-    ControlOutcome, ControlResultV1, EventBody, EventV1, PermissionBehavior, PromptQuestion,
-    ResolvedBy,
+    ControlOutcome, ControlResultV1, ErrorKind, EventBody, EventV1, PermissionBehavior,
+    PromptQuestion, ResolvedBy,
 };
 use claude_worker::worker::Worker;
 
@@ -820,6 +820,60 @@ async fn a_worker_killed_while_waiting_retries_and_asks_again(backend: Backend) 
     want.sort();
     assert_eq!(ids, want);
     assert_eq!(std::fs::read_to_string(&file).unwrap(), "x\n");
+
+    stop(env, worker).await;
+}
+
+/// A worker stopped (gracefully) while its prompt waits hands the job
+/// back. When the job then ends without another attempt (here its
+/// attempts are used up), the prompt is resolved (`superseded`) before the
+/// terminal event, and a late answer to it is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_ending_after_its_worker_stopped_resolves_the_prompt() {
+    let mut env = TestEnv::new(Backend::Sqlite).await;
+    let worker = asking_worker(&env, 120).await;
+    let file = in_session(&env, "halt", "never");
+    let call = json!({"command": format!("touch {}", file.display())});
+    let a = ask(&mut env, "halt", "Bash", call).await;
+    worker.shutdown();
+    worker.wait().await.unwrap();
+
+    let worker = env
+        .start_worker_with(|s| {
+            asking(s, 120);
+            s.retry.max_attempts = 1;
+        })
+        .await;
+    let mut seen = a.seen;
+    seen.extend(env.events_until_terminal(&a.job).await);
+    assert!(seen.windows(2).all(|w| w[0].seq < w[1].seq), "{seen:#?}");
+    let message = "the attempt that asked ended without an answer, and so did the job";
+    let by = (PermissionBehavior::Deny, ResolvedBy::Superseded);
+    let want = (
+        a.prompt.request_id.clone(),
+        by.0,
+        by.1,
+        Some(message.into()),
+    );
+    assert_eq!(resolved(&seen), vec![want]);
+    let last = &seen.last().unwrap().body;
+    let lost = matches!(
+        last,
+        EventBody::Failed {
+            error: ErrorKind::WorkerLost,
+            ..
+        }
+    );
+    assert!(lost, "{seen:#?}");
+    let before_last = &seen[seen.len() - 2].body;
+    assert_eq!(before_last.type_name(), "permission_resolved", "{seen:#?}");
+    assert!(!file.exists());
+    let r = control(&mut env, answer(&a.job, &a.prompt.request_id, "allow")).await;
+    assert_eq!(
+        outcome(&r),
+        (false, ControlOutcome::AlreadyFinished),
+        "{r:?}"
+    );
 
     stop(env, worker).await;
 }

@@ -11,7 +11,7 @@ use super::events::JobEvents;
 use super::TurnAbort;
 use crate::claude::warm::{SessionView, WarmProcess};
 use crate::claude::{self, TurnRequest};
-use crate::config::Profile;
+use crate::config::{PermissionPrompts, Profile};
 use crate::protocol::{ErrorKind, EventBody, SessionMode};
 use crate::store::{now_ms, JobRecord, JobStatus, SessionRecord};
 use crate::worker::context::Context;
@@ -59,7 +59,8 @@ pub(super) async fn prepare(
     }
     let session = ctx.store.get_session(&job.session_key).await?;
     let mut request = turn_request(job, &profile, session.as_ref());
-    if let Some(id) = &request.resume {
+    if let (Some(id), PermissionPrompts::Ask) = (&request.resume, profile.permission_prompts) {
+        // "Allow for this session" answers, for a CLI that resumes cold.
         request.session_grants = ctx.store.session_grants(id).await?;
     }
     let session_cost_usd = session.as_ref().map_or(0.0, |s| s.cost_usd);
