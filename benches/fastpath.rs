@@ -87,8 +87,10 @@ mod standin {
             match v["type"].as_str() {
                 Some("user") => {
                     turn += 1;
-                    answer(&mut out, &session_id, turn, deltas);
+                    // Like the real CLI, the transcript is written before
+                    // the `result` the worker stores it after.
                     append_transcript(transcript.as_deref(), &line, turn, deltas);
+                    answer(&mut out, &session_id, turn, deltas);
                 }
                 Some("control_request") => {
                     let reply = json!({"type": "control_response", "response": {

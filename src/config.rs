@@ -207,6 +207,10 @@ pub struct DiscordSettings {
     pub allowed_channels: Vec<u64>,
     pub allowed_users: Vec<u64>,
     pub allowed_roles: Vec<u64>,
+    /// Members with one of these roles may answer anyone's permission
+    /// prompts (the conversation's user always may).
+    #[serde(default)]
+    pub prompt_roles: Vec<u64>,
     /// Answer direct messages (the user allow-list still applies).
     pub dms: bool,
     pub scope: DiscordScope,
@@ -260,6 +264,11 @@ impl DiscordSettings {
         }
         if self.request_timeout_ms == 0 {
             return Err("discord.request_timeout_ms must be at least 1".into());
+        }
+        if self.prompt_roles.len() > 100 || self.prompt_roles.contains(&0) {
+            return Err(
+                "discord.prompt_roles must be at most 100 role ids (Discord ids, not 0)".into(),
+            );
         }
         Ok(())
     }
@@ -548,7 +557,8 @@ impl Settings {
                 .with_list_parse_key("discord.allowed_guilds")
                 .with_list_parse_key("discord.allowed_channels")
                 .with_list_parse_key("discord.allowed_users")
-                .with_list_parse_key("discord.allowed_roles"),
+                .with_list_parse_key("discord.allowed_roles")
+                .with_list_parse_key("discord.prompt_roles"),
         );
         let settings: Settings = builder.build()?.try_deserialize()?;
         settings.validate()?;
@@ -889,6 +899,18 @@ mod tests {
             redact_url("amqp://guest:pw@host:5672/%2f"),
             "amqp://guest:***@host:5672/%2f"
         );
+    }
+
+    #[test]
+    fn discord_prompt_roles_default_empty_and_are_validated() {
+        let s = Settings::from_toml_overrides("").unwrap();
+        assert!(s.discord.prompt_roles.is_empty());
+        let s = Settings::from_toml_overrides("[discord]\nprompt_roles = [5, 6]").unwrap();
+        assert_eq!(s.discord.prompt_roles, [5, 6]);
+        let err = Settings::from_toml_overrides("[discord]\nprompt_roles = [0]")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("discord.prompt_roles"), "{err}");
     }
 
     #[test]

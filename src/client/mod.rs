@@ -147,6 +147,15 @@ pub struct Client {
     consumer: Consumer,
     /// How long a publish waits for a dropped connection to come back.
     publish_timeout: Duration,
+    /// The AMQP `user_id` property stamped on what this client publishes.
+    user_id: Option<String>,
+}
+
+/// The AMQP user the settings connect as (the URL's user, `guest` when it
+/// names none), which the broker verifies in a message's `user_id`.
+pub fn amqp_user(settings: &AmqpSettings) -> Option<String> {
+    let uri: lapin::uri::AMQPUri = settings.url.expose().parse().ok()?;
+    Some(uri.authority.userinfo.username)
 }
 
 impl Client {
@@ -169,7 +178,23 @@ impl Client {
             reply_key,
             consumer,
             publish_timeout: Duration::from_millis(settings.publish_timeout_ms),
+            user_id: None,
         })
+    }
+
+    /// Stamps every job and control message this client publishes with
+    /// the AMQP `user_id` property (the broker refuses a `user_id` other
+    /// than the connection's user, so it is broker-verified): what a job's
+    /// `prompt_answerers` names.
+    pub fn set_user_id(&mut self, user_id: Option<String>) {
+        self.user_id = user_id;
+    }
+
+    fn stamp(&self, props: BasicProperties) -> BasicProperties {
+        match &self.user_id {
+            Some(u) => props.with_user_id(u.as_str().into()),
+            None => props,
+        }
     }
 
     pub fn topology(&self) -> &Topology {
@@ -216,6 +241,7 @@ impl Client {
             .with_message_id(job_id.as_str().into())
             .with_reply_to(reply_key.into())
             .with_delivery_mode(2);
+        let props = self.stamp(props);
         let exchange = self.topology.jobs_exchange.clone();
         let routing_key = self.topology.jobs_routing_key.clone();
         self.publish(&exchange, &routing_key, &body, props, || {
@@ -243,6 +269,7 @@ impl Client {
             .with_message_id(request_id.as_str().into())
             .with_reply_to(self.reply_key.as_str().into())
             .with_type("control".into());
+        let props = self.stamp(props);
         let exchange = self.topology.control_exchange.clone();
         self.publish(&exchange, "", &bytes, props, || {
             format!(

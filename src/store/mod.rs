@@ -306,6 +306,43 @@ pub enum AcceptOutcome {
     },
 }
 
+/// A session's next job and its session row, read together by the lease
+/// holder (one transaction instead of two reads per turn).
+#[derive(Debug, Clone, PartialEq)]
+pub struct NextJob {
+    pub job: JobRecord,
+    pub session: SessionRecord,
+}
+
+/// What `yield_or_next` did between two jobs.
+#[derive(Debug, Clone, PartialEq)]
+pub enum YieldOutcome {
+    /// Another session waits for a worker: the lease was given up.
+    HandedBack,
+    /// The lease is kept; the session's next job, if it has one.
+    Kept(Option<NextJob>),
+}
+
+/// Which runnable job `yield_or_next` prefers when both exist.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum YieldOrder {
+    /// Right after a job: a waiting session goes first (fairness).
+    OthersFirst,
+    /// In the affinity window: this session's follow-up, if it came, runs
+    /// here warm; otherwise hand back to a waiting session.
+    OwnFirst,
+}
+
+/// An attempt started (see `start_attempt_reserving`), with what the
+/// session's lifecycle needs to know, read in the same transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StartedAttempt {
+    /// 1-based.
+    pub attempt: u32,
+    pub lifecycle_started_at_ms: Option<i64>,
+    pub lifecycle_job_id: Option<String>,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReleaseOutcome {
     Released,
@@ -449,7 +486,22 @@ pub trait SessionStore: SessionLifecycle + PromptStore + Send + Sync + 'static {
     /// is shared fairly; `Ok(true)` when given up. The session's queued jobs
     /// stay queued and it is claimed again in least-recently-served order.
     /// Fenced.
-    async fn yield_lease(&self, lease: &Lease, now_ms: i64) -> Result<bool, StoreError>;
+    async fn yield_lease(&self, lease: &Lease, now_ms: i64) -> Result<bool, StoreError> {
+        let outcome = self
+            .yield_or_next(lease, now_ms, YieldOrder::OthersFirst)
+            .await?;
+        Ok(outcome == YieldOutcome::HandedBack)
+    }
+
+    /// `yield_lease` and, when the lease is kept, `next_turn`, in one
+    /// transaction: the turn path's database work stays a handful of
+    /// commits per turn. Fenced.
+    async fn yield_or_next(
+        &self,
+        lease: &Lease,
+        now_ms: i64,
+        order: YieldOrder,
+    ) -> Result<YieldOutcome, StoreError>;
 
     /// Stores (replaces) a session's transcript, dropping its chunks.
     /// Fenced by `lease`, which must be the lease of
@@ -482,7 +534,12 @@ pub trait SessionStore: SessionLifecycle + PromptStore + Send + Sync + 'static {
 
     /// The session's next job to run: a `running` one left by a lost
     /// holder first, else the oldest `queued`. Fenced.
-    async fn next_job(&self, lease: &Lease) -> Result<Option<JobRecord>, StoreError>;
+    async fn next_job(&self, lease: &Lease) -> Result<Option<JobRecord>, StoreError> {
+        Ok(self.next_turn(lease).await?.map(|next| next.job))
+    }
+
+    /// `next_job` with the session's row, read in one transaction. Fenced.
+    async fn next_turn(&self, lease: &Lease) -> Result<Option<NextJob>, StoreError>;
 
     /// Marks the job running and counts the attempt; returns the attempt
     /// number (1-based). Sets the session `active`. Fenced.
@@ -492,19 +549,24 @@ pub trait SessionStore: SessionLifecycle + PromptStore + Send + Sync + 'static {
         job_id: &str,
         now_ms: i64,
     ) -> Result<u32, StoreError> {
-        self.start_attempt_reserving(lease, job_id, now_ms, 0).await
+        let started = self
+            .start_attempt_reserving(lease, job_id, now_ms, 0)
+            .await?;
+        Ok(started.attempt)
     }
 
     /// `start_attempt` that also raises the job's `next_seq` to at least
     /// `reserve_seq_to` in the same transaction (the attempt's first block
-    /// of seqs, see `record_seq`), saving a commit per turn.
+    /// of seqs, see `record_seq`), saving a commit per turn; it also
+    /// returns the session's lifecycle columns, so `begin_conversation` is
+    /// only called when a conversation begins.
     async fn start_attempt_reserving(
         &self,
         lease: &Lease,
         job_id: &str,
         now_ms: i64,
         reserve_seq_to: u64,
-    ) -> Result<u32, StoreError>;
+    ) -> Result<StartedAttempt, StoreError>;
 
     /// Reserves seqs up to `next_seq - 1` for the job's events (a block at
     /// a time), so a fenced-out worker can reserve, and publish, nothing

@@ -19,8 +19,9 @@ use super::rows::{
 };
 use super::sql::check_transcript_session;
 use super::{
-    AcceptOutcome, JobFinish, JobRecord, JobStatus, Lease, NewJob, ReleaseOutcome, SessionRecord,
-    SessionStore, StoreError, Transcript, TranscriptAppend, TranscriptWrite,
+    AcceptOutcome, JobFinish, JobRecord, JobStatus, Lease, NewJob, NextJob, ReleaseOutcome,
+    SessionRecord, SessionStore, StartedAttempt, StoreError, Transcript, TranscriptAppend,
+    TranscriptWrite, YieldOrder, YieldOutcome,
 };
 use crate::protocol::PermissionMode;
 
@@ -118,10 +119,8 @@ super::sql::session_store_impl!(PostgresStore, {
 
     async fn accept_job(&self, job: &NewJob, now_ms: i64) -> Result<AcceptOutcome, StoreError> {
         let spec = spec_json(&job.spec)?;
-        // Redeliveries are common; answer them without taking any lock.
-        if let Some(dup) = existing_job(&mut *self.pool.acquire().await?, &job.job_id).await? {
-            return Ok(dup);
-        }
+        // One transaction, no read before it: a redelivery (rare) finds its
+        // job id taken by the insert below and is answered from there.
         let mut tx = self.pool.begin().await?;
         sqlx::query(
             "INSERT INTO sessions (session_key, profile, status, created_at_ms, updated_at_ms) \
@@ -146,8 +145,9 @@ super::sql::session_store_impl!(PostgresStore, {
         .fetch_optional(&mut *tx)
         .await?;
         if inserted.is_none() {
-            // Lost a race with a concurrent accept of the same job_id (which
-            // has committed by now): report it and undo the session upsert.
+            // Known (a redelivery, or a concurrent accept of the same
+            // job_id that has committed by now): report it and undo the
+            // session upsert.
             let dup = existing_job(&mut tx, &job.job_id).await?;
             tx.rollback().await?;
             return dup.ok_or_else(|| {
@@ -259,45 +259,5 @@ super::sql::session_store_impl!(PostgresStore, {
             .await?;
         tx.commit().await?;
         Ok(ReleaseOutcome::Released)
-    }
-
-    async fn yield_lease(&self, lease: &Lease, now_ms: i64) -> Result<bool, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        check_fence(&mut tx, lease, true).await?;
-        let waiting: Option<i32> = sqlx::query_scalar(
-            "SELECT 1 FROM sessions s WHERE s.session_key <> $1 \
-               AND (s.lease_owner IS NULL OR s.lease_expires_at_ms IS NULL OR s.lease_expires_at_ms < $2) \
-               AND s.session_key IN (SELECT j.session_key FROM jobs j \
-                                     WHERE j.status IN ('queued', 'running')) LIMIT 1",
-        )
-        .bind(&lease.session_key)
-        .bind(now_ms)
-        .fetch_optional(&mut *tx)
-        .await?;
-        if waiting.is_none() {
-            tx.rollback().await?;
-            return Ok(false);
-        }
-        sqlx::query(super::sql::RELEASE_LEASE)
-            .bind(now_ms)
-            .bind(&lease.session_key)
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(true)
-    }
-
-    async fn next_job(&self, lease: &Lease) -> Result<Option<JobRecord>, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        check_fence(&mut tx, lease, false).await?;
-        let row: Option<JobRow> = sqlx::query_as(&format!(
-            "SELECT {JOB_COLUMNS} FROM jobs WHERE session_key = $1 AND status IN ('queued', 'running') \
-             ORDER BY CASE status WHEN 'running' THEN 0 ELSE 1 END, job_order LIMIT 1"
-        ))
-        .bind(&lease.session_key)
-        .fetch_optional(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        row.map(JobRecord::try_from).transpose()
     }
 });

@@ -16,6 +16,52 @@
 pub(crate) const RELEASE_LEASE: &str = "UPDATE sessions SET lease_owner = NULL, \
      lease_expires_at_ms = NULL, status = 'idle', updated_at_ms = $1 WHERE session_key = $2";
 
+/// Another session with runnable jobs waits for a worker (its lease free
+/// or expired): `$1` this session, `$2` now.
+pub(crate) const OTHERS_WAITING: &str = "SELECT 1 FROM sessions s WHERE s.session_key <> $1 \
+       AND (s.lease_owner IS NULL OR s.lease_expires_at_ms IS NULL OR s.lease_expires_at_ms < $2) \
+       AND s.session_key IN (SELECT j.session_key FROM jobs j \
+                             WHERE j.status IN ('queued', 'running')) LIMIT 1";
+
+/// The lease holder's read of its session row and the session's next
+/// runnable job (a `running` one left by a lost holder first, else the
+/// oldest `queued`), inside transaction `$tx`; `LeaseLost` unless the
+/// lease is still ours. Evaluates to `Result<Option<NextJob>, StoreError>`.
+macro_rules! next_turn_in {
+    ($tx:ident, $lease:expr) => {
+        async {
+            let lease: &Lease = $lease;
+            let session: Option<SessionRow> = sqlx::query_as(&format!(
+                "SELECT {SESSION_COLUMNS} FROM sessions \
+                 WHERE session_key = $1 AND lease_owner = $2 AND lease_epoch = $3"
+            ))
+            .bind(&lease.session_key)
+            .bind(&lease.owner)
+            .bind(lease.epoch)
+            .fetch_optional(&mut *$tx)
+            .await?;
+            let Some(session) = session else {
+                return Err(lease_lost(lease));
+            };
+            let row: Option<JobRow> = sqlx::query_as(&format!(
+                "SELECT {JOB_COLUMNS} FROM jobs WHERE session_key = $1 AND status IN ('queued', 'running') \
+                 ORDER BY CASE status WHEN 'running' THEN 0 ELSE 1 END, job_order LIMIT 1"
+            ))
+            .bind(&lease.session_key)
+            .fetch_optional(&mut *$tx)
+            .await?;
+            let Some(row) = row else {
+                return Ok(None);
+            };
+            Ok::<_, StoreError>(Some(NextJob {
+                job: JobRecord::try_from(row)?,
+                session: SessionRecord::try_from(session)?,
+            }))
+        }
+    };
+}
+pub(crate) use next_turn_in;
+
 /// The statements of a transcript write, inside the fenced transaction
 /// `$tx` (a macro, so both backends' transaction types take it). A full
 /// write replaces the base and drops the chunks; an append adds a chunk
@@ -161,7 +207,7 @@ macro_rules! session_store_impl {
                 job_id: &str,
                 now_ms: i64,
                 reserve_seq_to: u64,
-            ) -> Result<u32, StoreError> {
+            ) -> Result<StartedAttempt, StoreError> {
                 let reserve = seq_to_db(reserve_seq_to)?;
                 let mut tx = self.fenced(lease).await?;
                 let attempts: Option<i64> = sqlx::query_scalar(
@@ -180,16 +226,62 @@ macro_rules! session_store_impl {
                 let Some(attempts) = attempts else {
                     return Err(StoreError::NotRunnable(job_id.to_string()));
                 };
-                sqlx::query(
-                    "UPDATE sessions SET status = 'active', updated_at_ms = $1 WHERE session_key = $2",
-                )
-                .bind(now_ms)
-                .bind(&lease.session_key)
-                .execute(&mut *tx)
-                .await?;
+                let (lifecycle_started_at_ms, lifecycle_job_id): (Option<i64>, Option<String>) =
+                    sqlx::query_as(
+                        "UPDATE sessions SET status = 'active', updated_at_ms = $1 WHERE session_key = $2 \
+                         RETURNING lifecycle_started_at_ms, lifecycle_job_id",
+                    )
+                    .bind(now_ms)
+                    .bind(&lease.session_key)
+                    .fetch_one(&mut *tx)
+                    .await?;
                 tx.commit().await?;
-                u32::try_from(attempts)
-                    .map_err(|_| StoreError::Other(format!("job {job_id}: bad attempts {attempts}")))
+                let attempt = u32::try_from(attempts)
+                    .map_err(|_| StoreError::Other(format!("job {job_id}: bad attempts {attempts}")))?;
+                Ok(StartedAttempt { attempt, lifecycle_started_at_ms, lifecycle_job_id })
+            }
+
+            async fn next_turn(&self, lease: &Lease) -> Result<Option<NextJob>, StoreError> {
+                // A read (on SQLite a deferred transaction): one snapshot.
+                let mut tx = self.pool.begin().await?;
+                let next = $crate::store::sql::next_turn_in!(tx, lease).await?;
+                tx.commit().await?;
+                Ok(next)
+            }
+
+            async fn yield_or_next(
+                &self,
+                lease: &Lease,
+                now_ms: i64,
+                order: YieldOrder,
+            ) -> Result<YieldOutcome, StoreError> {
+                let mut tx = self.fenced(lease).await?;
+                if order == YieldOrder::OwnFirst {
+                    if let Some(next) = $crate::store::sql::next_turn_in!(tx, lease).await? {
+                        tx.commit().await?;
+                        return Ok(YieldOutcome::Kept(Some(next)));
+                    }
+                }
+                let waiting: Option<i32> = sqlx::query_scalar($crate::store::sql::OTHERS_WAITING)
+                    .bind(&lease.session_key)
+                    .bind(now_ms)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                if waiting.is_some() {
+                    sqlx::query($crate::store::sql::RELEASE_LEASE)
+                        .bind(now_ms)
+                        .bind(&lease.session_key)
+                        .execute(&mut *tx)
+                        .await?;
+                    tx.commit().await?;
+                    return Ok(YieldOutcome::HandedBack);
+                }
+                let next = match order {
+                    YieldOrder::OthersFirst => $crate::store::sql::next_turn_in!(tx, lease).await?,
+                    YieldOrder::OwnFirst => None,
+                };
+                tx.commit().await?;
+                Ok(YieldOutcome::Kept(next))
             }
 
             async fn put_transcript(

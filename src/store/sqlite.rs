@@ -18,8 +18,9 @@ use super::rows::{
 };
 use super::sql::check_transcript_session;
 use super::{
-    AcceptOutcome, JobFinish, JobRecord, JobStatus, Lease, NewJob, ReleaseOutcome, SessionRecord,
-    SessionStore, StoreError, Transcript, TranscriptAppend, TranscriptWrite,
+    AcceptOutcome, JobFinish, JobRecord, JobStatus, Lease, NewJob, NextJob, ReleaseOutcome,
+    SessionRecord, SessionStore, StartedAttempt, StoreError, Transcript, TranscriptAppend,
+    TranscriptWrite, YieldOrder, YieldOutcome,
 };
 use crate::protocol::PermissionMode;
 
@@ -262,45 +263,5 @@ super::sql::session_store_impl!(SqliteStore, {
             .await?;
         tx.commit().await?;
         Ok(ReleaseOutcome::Released)
-    }
-
-    async fn yield_lease(&self, lease: &Lease, now_ms: i64) -> Result<bool, StoreError> {
-        let mut tx = self.begin_immediate().await?;
-        check_fence(&mut tx, lease).await?;
-        let waiting: Option<i64> = sqlx::query_scalar(&format!(
-            "SELECT 1 FROM sessions s WHERE s.session_key <> ? AND {LEASE_FREE} \
-               AND s.session_key IN (SELECT j.session_key FROM jobs j \
-                                     WHERE j.status IN ('queued', 'running')) LIMIT 1"
-        ))
-        .bind(&lease.session_key)
-        .bind(now_ms)
-        .fetch_optional(&mut *tx)
-        .await?;
-        if waiting.is_none() {
-            tx.rollback().await?;
-            return Ok(false);
-        }
-        sqlx::query(super::sql::RELEASE_LEASE)
-            .bind(now_ms)
-            .bind(&lease.session_key)
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(true)
-    }
-
-    async fn next_job(&self, lease: &Lease) -> Result<Option<JobRecord>, StoreError> {
-        // A read: a deferred transaction gives one snapshot for both queries.
-        let mut tx = self.pool.begin().await?;
-        check_fence(&mut tx, lease).await?;
-        let row: Option<JobRow> = sqlx::query_as(&format!(
-            "SELECT {JOB_COLUMNS} FROM jobs WHERE session_key = ? AND status IN ('queued', 'running') \
-             ORDER BY CASE status WHEN 'running' THEN 0 ELSE 1 END, job_order LIMIT 1"
-        ))
-        .bind(&lease.session_key)
-        .fetch_optional(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        row.map(JobRecord::try_from).transpose()
     }
 });

@@ -15,7 +15,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, info_span, warn, Instrument};
 
 use crate::logging::session_ref;
-use crate::store::{now_ms, JobRecord, Lease, ReleaseOutcome};
+use crate::store::{now_ms, Lease, NextJob, ReleaseOutcome, YieldOrder, YieldOutcome};
 use crate::worker::context::Context;
 use crate::worker::lease::{self, Stop};
 use crate::worker::supervise::panic_message;
@@ -157,35 +157,49 @@ async fn session_loop(
 ) -> Result<(), TurnAbort> {
     // Before the first look, so an accept in between is not missed.
     let accepts = ctx.watch_accepts(&lease.session_key);
+    let mut next = ctx.store.next_turn(lease).await?;
     loop {
         if signals.shutdown.is_cancelled() {
             return Err(TurnAbort::Shutdown);
         }
-        let job = match ctx.store.next_job(lease).await? {
+        let job = match next.take() {
             Some(job) => Box::new(job),
             None => match keep_warm_session(ctx, lease, signals, &accepts.notify).await? {
                 Affinity::JobArrived(job) => job,
                 Affinity::Yielded => return Ok(()),
                 Affinity::Over => match ctx.store.release_lease(lease, now_ms()).await? {
                     ReleaseOutcome::Released => return Ok(()),
-                    ReleaseOutcome::MoreWork => continue,
+                    ReleaseOutcome::MoreWork => {
+                        next = ctx.store.next_turn(lease).await?;
+                        continue;
+                    }
                 },
             },
         };
         stop.progressed();
-        let span = info_span!("job", job_id = %job.job_id);
+        let span = info_span!("job", job_id = %job.job.job_id);
         run_job(ctx, lease, *job, stop).instrument(span).await?;
         // Fairness: another session waiting for a worker goes first; this
-        // one is claimed again in least-recently-served order.
-        if ctx.store.yield_lease(lease, now_ms()).await? {
-            return Ok(());
+        // one is claimed again in least-recently-served order. Otherwise
+        // the same transaction reads the next job.
+        match ctx
+            .store
+            .yield_or_next(lease, now_ms(), YieldOrder::OthersFirst)
+            .await?
+        {
+            YieldOutcome::HandedBack => return Ok(()),
+            YieldOutcome::Kept(job) => next = job,
         }
     }
 }
 
-/// How often a lease holder in its affinity window looks for a follow-up
-/// accepted by another worker (one accepted here wakes it at once).
-const AFFINITY_POLL: Duration = Duration::from_millis(100);
+/// How soon a lease holder in its affinity window first looks for a
+/// follow-up accepted by another worker (one accepted here wakes it at
+/// once); each look waits twice as long as the last, up to
+/// [`AFFINITY_POLL_MAX`], so a session left idle costs a few reads, not one
+/// per tick.
+const AFFINITY_POLL: Duration = Duration::from_millis(250);
+const AFFINITY_POLL_MAX: Duration = Duration::from_secs(1);
 
 /// Lease affinity: when this worker holds the session's CLI warm, keep the
 /// lease for `worker.warm_affinity_ms` after its last job, so a follow-up
@@ -205,14 +219,18 @@ async fn keep_warm_session(
     let deadline = tokio::time::Instant::now() + window;
     // The caller has just looked (and yielded if others waited).
     let mut look = false;
+    let mut poll = AFFINITY_POLL;
     loop {
         if look {
-            if let Some(job) = ctx.store.next_job(lease).await? {
-                return Ok(Affinity::JobArrived(Box::new(job)));
-            }
-            if ctx.store.yield_lease(lease, now_ms()).await? {
+            match ctx
+                .store
+                .yield_or_next(lease, now_ms(), YieldOrder::OwnFirst)
+                .await?
+            {
+                YieldOutcome::Kept(Some(job)) => return Ok(Affinity::JobArrived(Box::new(job))),
                 // Handed back: another session needs the slot.
-                return Ok(Affinity::Yielded);
+                YieldOutcome::HandedBack => return Ok(Affinity::Yielded),
+                YieldOutcome::Kept(None) => {}
             }
         }
         look = true;
@@ -225,7 +243,9 @@ async fn keep_warm_session(
         // seen at the next poll.
         tokio::select! {
             _ = accepted.notified() => {}
-            _ = tokio::time::sleep(AFFINITY_POLL.min(deadline - now)) => {}
+            _ = tokio::time::sleep(poll.min(deadline - now)) => {
+                poll = (poll * 2).min(AFFINITY_POLL_MAX);
+            }
             _ = signals.shutdown.cancelled() => return Ok(Affinity::Over),
         }
     }
@@ -233,7 +253,7 @@ async fn keep_warm_session(
 
 enum Affinity {
     /// The session's next job arrived within the window.
-    JobArrived(Box<JobRecord>),
+    JobArrived(Box<NextJob>),
     /// The lease was handed back to let another session run.
     Yielded,
     /// Nothing arrived (or affinity does not apply): release as usual.

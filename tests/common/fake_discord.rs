@@ -2,9 +2,13 @@
 //! that speaks the real protocol (HELLO op 10, IDENTIFY op 2, READY with
 //! `resume_gateway_url`, heartbeat op 1 / ACK op 11, RESUME op 6, and the
 //! MESSAGE_CREATE and INTERACTION_CREATE dispatches a test sends), and the
-//! REST routes the relay uses (messages, typing, threads, commands,
-//! interaction callbacks and `@original` edits), every call recorded. An
-//! edit can be answered 429 with `retry_after` and rate-limit headers.
+//! REST routes the relay uses (messages with their components, listing a
+//! channel's messages, typing, threads, commands, interaction callbacks,
+//! follow-ups and `@original` edits), every call recorded. A test clicks a
+//! button or menu of a message as a MESSAGE_COMPONENT interaction
+//! (`click`) and reads the callbacks the relay sent (`callbacks`,
+//! `followups`). An edit can be answered 429 with `retry_after` and
+//! rate-limit headers.
 //! Real twilight talks to it: the gateway through `proxy_url`, REST
 //! through the client's plain-HTTP proxy setting.
 
@@ -49,6 +53,44 @@ pub struct Msg {
     pub reply_to: Option<u64>,
     /// Files uploaded with it: (file name, bytes).
     pub files: Vec<(String, Vec<u8>)>,
+    /// Its components now (action rows, as Discord's JSON; `null`: none).
+    pub components: Value,
+}
+
+impl Msg {
+    /// The `custom_id`s of its buttons and menus, in order.
+    pub fn custom_ids(&self) -> Vec<String> {
+        self.items()
+            .iter()
+            .filter_map(|c| c["custom_id"].as_str().map(String::from))
+            .collect()
+    }
+
+    /// Its buttons and menus (the action rows flattened).
+    pub fn items(&self) -> Vec<Value> {
+        let rows = self.components.as_array().cloned().unwrap_or_default();
+        rows.iter()
+            .flat_map(|r| r["components"].as_array().cloned().unwrap_or_default())
+            .collect()
+    }
+
+    /// The `custom_id` of the button labelled `label`.
+    pub fn button(&self, label: &str) -> String {
+        self.items()
+            .iter()
+            .find(|c| c["label"] == label)
+            .and_then(|c| c["custom_id"].as_str().map(String::from))
+            .unwrap_or_else(|| panic!("no button {label:?} in {:#}", self.components))
+    }
+}
+
+/// An interaction callback the relay sent (`POST /interactions/…/callback`).
+#[derive(Debug, Clone)]
+pub struct Callback {
+    pub token: String,
+    /// The callback type (4 message, 6 deferred update, 7 update message…).
+    pub kind: u64,
+    pub data: Value,
 }
 
 #[derive(Default)]
@@ -77,6 +119,8 @@ struct State {
     forbidden: Vec<u64>,
     /// Files served at `/attachments/<name>`, as Discord's CDN would.
     files: HashMap<String, (String, Vec<u8>)>,
+    /// The message each component interaction (by token) was on.
+    clicked: HashMap<String, u64>,
 }
 
 /// The fake; dropping it stops its servers.
@@ -301,6 +345,75 @@ impl FakeDiscord {
         token
     }
 
+    /// A click on a component (`custom_id`) of the relay's message `msg`
+    /// by `author` with `roles` (a menu's picks in `values`), as a
+    /// MESSAGE_COMPONENT interaction; returns the interaction's token.
+    pub fn click(
+        &self,
+        msg: u64,
+        author: u64,
+        roles: &[u64],
+        custom_id: &str,
+        values: &[&str],
+    ) -> String {
+        let (message, channel) = {
+            let st = self.state.lock().unwrap();
+            let m = st
+                .messages
+                .iter()
+                .find(|m| m.id == msg)
+                .expect("a message to click on");
+            (stored_json(m), m.channel)
+        };
+        let id = self.new_id();
+        let token = format!("ctoken{id}");
+        self.state
+            .lock()
+            .unwrap()
+            .clicked
+            .insert(token.clone(), msg);
+        let kind = if values.is_empty() { 2 } else { 3 };
+        let d = json!({
+            "id": id.to_string(), "application_id": APP_ID.to_string(), "type": 3,
+            "token": token, "version": 1, "attachment_size_limit": 8388608,
+            "authorizing_integration_owners": {}, "entitlements": [],
+            "guild_id": GUILD.to_string(),
+            "channel": {"id": channel.to_string(), "type": 0},
+            "channel_id": channel.to_string(),
+            "member": {"user": user(author, false), "roles": roles.iter().map(|r| r.to_string()).collect::<Vec<_>>(),
+                       "joined_at": "2025-01-01T00:00:00.000000+00:00",
+                       "deaf": false, "mute": false, "flags": 0, "nick": null, "communication_disabled_until": null},
+            "message": message,
+            "data": {"custom_id": custom_id, "component_type": kind, "values": values},
+        });
+        self.dispatch("INTERACTION_CREATE", d);
+        token
+    }
+
+    /// The callbacks the relay sent for the interaction `token`, in order.
+    pub fn callbacks(&self, token: &str) -> Vec<Callback> {
+        self.calls()
+            .into_iter()
+            .filter(|c| c.method == "POST" && c.path.ends_with(&format!("/{token}/callback")))
+            .map(|c| Callback {
+                token: token.to_string(),
+                kind: c.body["type"].as_u64().unwrap_or(0),
+                data: c.body["data"].clone(),
+            })
+            .collect()
+    }
+
+    /// The follow-up messages the relay sent for the interaction `token`.
+    pub fn followups(&self, token: &str) -> Vec<Value> {
+        self.calls()
+            .into_iter()
+            .filter(|c| {
+                c.method == "POST" && c.path.ends_with(&format!("/webhooks/{APP_ID}/{token}"))
+            })
+            .map(|c| c.body)
+            .collect()
+    }
+
     /// The next `n` edits of channel messages answer 429 with `retry_after`
     /// (in the body and the headers).
     pub fn rate_limit_edits(&self, n: usize, retry_after: f64) {
@@ -506,8 +619,9 @@ fn rest(
     let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
     let mut s = st.lock().unwrap();
     s.upload = files;
+    let query = u.query().unwrap_or("").to_string();
     let resp = if s.fail_next.is_empty() {
-        route(&mut s, &m, &parts, &body)
+        route(&mut s, &m, &parts, &query, &body)
     } else {
         let status = StatusCode::from_u16(s.fail_next.remove(0)).unwrap();
         (
@@ -553,7 +667,7 @@ fn id(s: &str) -> u64 {
     s.parse().unwrap_or(0)
 }
 
-fn route(s: &mut State, m: &Method, parts: &[&str], body: &Value) -> Response {
+fn route(s: &mut State, m: &Method, parts: &[&str], query: &str, body: &Value) -> Response {
     if let ["channels", c, ..] = parts {
         if s.forbidden.contains(&id(c)) {
             let denied = json!({"message": "Missing Access", "code": 50001});
@@ -562,7 +676,7 @@ fn route(s: &mut State, m: &Method, parts: &[&str], body: &Value) -> Response {
     }
     match (m.as_str(), parts) {
         ("POST", ["channels", c, "messages"]) => create_message(s, id(c), body),
-        ("PATCH", ["channels", c, "messages", mid]) => edit_message(s, id(c), id(mid), body),
+        ("PATCH", ["channels", _, "messages", mid]) => edit_message(s, id(mid), body),
         ("POST", ["channels", _, "typing"]) => StatusCode::NO_CONTENT.into_response(),
         ("GET", ["attachments", name]) => match s.files.get(*name) {
             Some((content_type, bytes)) => {
@@ -588,8 +702,34 @@ fn route(s: &mut State, m: &Method, parts: &[&str], body: &Value) -> Response {
         }
         ("PUT", ["applications", _, "commands"])
         | ("PUT", ["applications", _, "guilds", _, "commands"]) => set_commands(body),
-        ("POST", ["interactions", _, _, "callback"]) => StatusCode::NO_CONTENT.into_response(),
-        ("PATCH", ["webhooks", _, _, "messages", "@original"]) => {
+        ("GET", ["channels", c, "messages"]) => list_messages(s, id(c), query),
+        ("POST", ["interactions", _, token, "callback"]) => {
+            // An UPDATE_MESSAGE (7) edits the message the component is on.
+            if body["type"] == 7 {
+                if let Some(mid) = s.clicked.get(*token).copied() {
+                    return edit_message(s, mid, &body["data"]);
+                }
+            }
+            StatusCode::NO_CONTENT.into_response()
+        }
+        ("POST", ["webhooks", _, _]) => {
+            let content = body["content"].as_str().unwrap_or("");
+            s.next_id += 1;
+            ok(message_json(
+                s.next_id,
+                1,
+                Some(GUILD),
+                BOT_ID,
+                content,
+                &[],
+                &[],
+            ))
+        }
+        ("PATCH", ["webhooks", _, token, "messages", "@original"]) => {
+            // A component's interaction edits the message it is on.
+            if let Some(mid) = s.clicked.get(*token).copied() {
+                return edit_message(s, mid, body);
+            }
             let content = body["content"].as_str().unwrap_or("");
             ok(message_json(1, 1, Some(GUILD), BOT_ID, content, &[], &[]))
         }
@@ -613,39 +753,58 @@ fn create_message(s: &mut State, channel: u64, body: &Value) -> Response {
         edits: vec![],
         reply_to,
         files,
+        components: body["components"].clone(),
     });
-    ok(message_json(
-        s.next_id,
-        channel,
-        Some(GUILD),
-        BOT_ID,
-        &content,
-        &[],
-        &[],
+    ok(stored_json(s.messages.last().unwrap()))
+}
+
+/// A stored message as Discord sends it, components included.
+fn stored_json(m: &Msg) -> Value {
+    let mut v = message_json(m.id, m.channel, Some(GUILD), BOT_ID, &m.content, &[], &[]);
+    if !m.components.is_null() {
+        v["components"] = m.components.clone();
+    }
+    v
+}
+
+/// `GET /channels/{c}/messages?after=&limit=`: newest first, as Discord.
+fn list_messages(s: &State, channel: u64, query: &str) -> Response {
+    let arg = |k: &str| {
+        query
+            .split('&')
+            .find_map(|kv| kv.strip_prefix(&format!("{k}=")))
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    let after = arg("after").unwrap_or(0);
+    let limit = arg("limit").unwrap_or(50) as usize;
+    let mut list: Vec<&Msg> = s
+        .messages
+        .iter()
+        .filter(|m| m.channel == channel && m.id > after)
+        .collect();
+    list.sort_by_key(|m| std::cmp::Reverse(m.id));
+    ok(Value::Array(
+        list.into_iter().take(limit).map(stored_json).collect(),
     ))
 }
 
-fn edit_message(s: &mut State, channel: u64, mid: u64, body: &Value) -> Response {
+fn edit_message(s: &mut State, mid: u64, body: &Value) -> Response {
     if !s.edit_429.is_empty() {
         let (retry_after, shape) = s.edit_429.remove(0);
         return rate_limited(retry_after, shape);
     }
-    let content = body["content"].as_str().unwrap_or("").to_string();
     let Some(msg) = s.messages.iter_mut().find(|x| x.id == mid) else {
         let unknown = json!({"message": "Unknown Message", "code": 10008});
         return (StatusCode::NOT_FOUND, axum::Json(unknown)).into_response();
     };
-    msg.content = content.clone();
-    msg.edits.push(content.clone());
-    ok(message_json(
-        mid,
-        channel,
-        Some(GUILD),
-        BOT_ID,
-        &content,
-        &[],
-        &[],
-    ))
+    if let Some(c) = body.get("content") {
+        msg.content = c.as_str().unwrap_or("").to_string();
+    }
+    if let Some(c) = body.get("components") {
+        msg.components = c.clone();
+    }
+    msg.edits.push(msg.content.clone());
+    ok(stored_json(msg))
 }
 
 /// A bulk overwrite answers the commands with ids, as Discord does.

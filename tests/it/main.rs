@@ -26,6 +26,7 @@ mod producers;
 mod profile_limits;
 mod prompts;
 mod relay;
+mod relay_prompts;
 mod schema;
 mod secrets;
 mod store;

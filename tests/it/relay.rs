@@ -23,20 +23,20 @@ use crate::common::world::{self, Reply};
 use crate::harness::{Backend, TestEnv, WAIT};
 use crate::mock_api::Behavior;
 
-const CHAN: u64 = 555;
-const ALICE: u64 = 11;
-const BOB: u64 = 12;
+pub(crate) const CHAN: u64 = 555;
+pub(crate) const ALICE: u64 = 11;
+pub(crate) const BOB: u64 = 12;
 
-struct World {
-    env: TestEnv,
-    fake: FakeDiscord,
+pub(crate) struct World {
+    pub(crate) env: TestEnv,
+    pub(crate) fake: FakeDiscord,
     worker: Option<Worker>,
     relay: Option<Relay>,
     settings: DiscordSettings,
     /// The relay's reply events, as the worker published them.
     observed: mpsc::UnboundedReceiver<Reply>,
     /// Events read, by job id.
-    events: HashMap<String, Vec<EventV1>>,
+    pub(crate) events: HashMap<String, Vec<EventV1>>,
     queue: QueueGuard,
     /// The broker the relay uses (the shared one, or a test's own node).
     amqp: AmqpSettings,
@@ -54,7 +54,10 @@ async fn world_without_relay() -> World {
 }
 
 /// A world whose worker starts now, or later (`World::start_worker`).
-async fn world_with(start_worker: bool, tweak: impl FnOnce(&mut DiscordSettings)) -> World {
+pub(crate) async fn world_with(
+    start_worker: bool,
+    tweak: impl FnOnce(&mut DiscordSettings),
+) -> World {
     world_on(None, start_worker, tweak).await
 }
 
@@ -108,7 +111,7 @@ async fn world_on(
 }
 
 impl World {
-    async fn start_relay(&mut self) {
+    pub(crate) async fn start_relay(&mut self) {
         let n = self.fake.calls_to("PUT", "/commands").len();
         let sessions = self.fake.sessions();
         let amqp = self.amqp.clone();
@@ -132,7 +135,7 @@ impl World {
         self.worker = Some(self.env.start_worker().await);
     }
 
-    async fn start_worker_with(
+    pub(crate) async fn start_worker_with(
         &mut self,
         tweak: impl FnOnce(&mut claude_worker::config::Settings),
     ) {
@@ -140,13 +143,13 @@ impl World {
     }
 
     /// Stops the relay at once, as a crash would: nothing more is acked.
-    async fn kill_relay(&mut self) {
+    pub(crate) async fn kill_relay(&mut self) {
         let relay = self.relay.take().expect("a relay runs");
         relay.stop().await;
     }
 
     /// The events of `job_id` until its terminal one.
-    async fn terminal(&mut self, job_id: &str) -> EventV1 {
+    pub(crate) async fn terminal(&mut self, job_id: &str) -> EventV1 {
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
             if let Some(t) = self
@@ -166,7 +169,7 @@ impl World {
     }
 
     /// Waits until the message `id` shows `content`.
-    async fn shows(&self, id: u64, content: &str) -> Msg {
+    pub(crate) async fn shows(&self, id: u64, content: &str) -> Msg {
         self.fake
             .wait_for(&format!("message {id} showing {content:?}"), |v| {
                 v.message(id).filter(|m| m.content == content).cloned()
@@ -175,7 +178,7 @@ impl World {
     }
 
     /// The placeholder the relay posted in `channel` replying to `msg`.
-    async fn placeholder(&self, channel: u64, msg: u64) -> Msg {
+    pub(crate) async fn placeholder(&self, channel: u64, msg: u64) -> Msg {
         self.fake
             .wait_for("the placeholder reply", |v| {
                 v.messages_in(channel)
@@ -186,7 +189,7 @@ impl World {
             .await
     }
 
-    async fn cleanup(mut self) {
+    pub(crate) async fn cleanup(mut self) {
         if let Some(r) = self.relay.take() {
             r.stop().await;
         }
@@ -239,14 +242,14 @@ impl Drop for QueueGuard {
     }
 }
 
-fn result_of(e: &EventV1) -> String {
+pub(crate) fn result_of(e: &EventV1) -> String {
     match &e.body {
         EventBody::Completed { result, .. } => result.clone(),
         other => panic!("not completed: {other:?}"),
     }
 }
 
-fn job_of(msg: u64) -> String {
+pub(crate) fn job_of(msg: u64) -> String {
     format!("discord-{msg}")
 }
 

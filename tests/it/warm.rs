@@ -7,7 +7,7 @@ use claude_worker::worker::Worker;
 use claude_worker::WarmStats;
 use serde_json::{json, Value};
 
-use crate::common::world::wait_until;
+use crate::common::world::{wait_until, wait_until_async};
 use crate::harness::{cli_pids, Backend, TestEnv};
 
 /// Runs one job to its terminal event; checks it completed with the echo
@@ -66,6 +66,22 @@ fn conversation_seen(env: &TestEnv, prompt: &str) -> (Vec<String>, Vec<String>) 
         .find(|r| r.last_user_text().as_deref() == Some(prompt))
         .unwrap_or_else(|| panic!("the mock saw no request for {prompt:?}"));
     (req.user_texts(), req.assistant_texts())
+}
+
+/// Whether no worker holds the session's lease (SQLite worlds).
+async fn lease_free(db_url: &str, key: &str) -> bool {
+    use sqlx::Connection;
+    let mut conn = sqlx::SqliteConnection::connect(db_url)
+        .await
+        .expect("open the test database");
+    let owner: Option<Option<String>> =
+        sqlx::query_scalar("SELECT lease_owner FROM sessions WHERE session_key = ?")
+            .bind(key)
+            .fetch_optional(&mut conn)
+            .await
+            .expect("read the session's lease");
+    let _ = conn.close().await;
+    owner.flatten().is_none()
 }
 
 fn stats(w: &Worker) -> WarmStats {
@@ -367,10 +383,17 @@ async fn a_turn_run_elsewhere_makes_the_warm_process_stale() {
         })
         .await;
     // Jobs go to whichever worker consumes them; publish until w2 ran one.
+    // Each waits for w1 to release the lease first: a job published while
+    // w1 still holds it is run by w1 whoever accepted it (under load that
+    // was every job, and w2 never got one).
     let mut n = 0;
     while stats(&w2).spawns == 0 {
         n += 1;
         assert!(n < 20, "w2 never got a job");
+        wait_until_async("the session's lease is released", || {
+            lease_free(&env.db_url, key)
+        })
+        .await;
         run_ok(&mut env, key, &format!("stale x{n}"), json!({})).await;
     }
     w2.shutdown();

@@ -7,12 +7,14 @@ use std::sync::{Arc, OnceLock};
 use twilight_gateway::{
     ConfigBuilder, Event, EventTypeFlags, Intents, Shard, ShardId, StreamExt as _,
 };
+use twilight_model::application::interaction::InteractionType;
 use twilight_model::channel::Message;
 use twilight_model::id::marker::ApplicationMarker;
 use twilight_model::id::Id;
 
 use super::route::{self, Facts, ReplyMeta, Verdict};
-use super::{commands, lock, render, RelayError, Shared};
+use super::{commands, lock, prompt, render, RelayError, Shared};
+use crate::client::amqp_user;
 use crate::config::Secret;
 use crate::protocol::{AttachmentV1, JobV1, SessionMode, SessionSpec, PROTOCOL_VERSION};
 
@@ -109,7 +111,12 @@ impl Gateway {
                     return;
                 };
                 let shared = Arc::clone(&self.shared);
-                tokio::spawn(async move { commands::on_interaction(&shared, me, (*i).0).await });
+                let i = (*i).0;
+                if i.kind == InteractionType::MessageComponent {
+                    tokio::spawn(async move { prompt::on_component(&shared, me, i).await });
+                } else {
+                    tokio::spawn(async move { commands::on_interaction(&shared, me, i).await });
+                }
             }
             _ => {}
         }
@@ -249,7 +256,9 @@ fn job(
         attachments: (!images.is_empty()).then_some(images),
         // Per-user budgets (the profile's `identity` budget) follow the user.
         identity: Some(format!("discord:user:{}", meta.user_id)),
-        prompt_answerers: None,
+        // Prompts are answered by the relay (as its AMQP user, which the
+        // broker verifies); the relay decides which Discord users may click.
+        prompt_answerers: amqp_user(&shared.amqp).map(|u| vec![u]),
     }
 }
 

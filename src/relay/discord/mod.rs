@@ -14,6 +14,7 @@
 pub mod attach;
 pub mod commands;
 pub mod gateway;
+pub mod prompt;
 pub mod render;
 pub mod reply;
 pub mod rest;
@@ -89,6 +90,8 @@ pub struct Shared {
     /// parent channel; anything else → `None`. Rebuilt from Discord after
     /// a restart (`gateway::own_thread`).
     pub threads: Mutex<HashMap<u64, Option<u64>>>,
+    /// Who clicked which prompt, and the questions asked (hints).
+    pub prompts: prompt::Book,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -173,6 +176,7 @@ impl Relay {
             finished: Mutex::new(VecDeque::new()),
             sessions: Mutex::new(HashMap::new()),
             threads: Mutex::new(HashMap::new()),
+            prompts: prompt::Book::default(),
         });
         let (tx, ended) = mpsc::channel(2);
         let gw = gateway::Gateway::new(Arc::clone(&shared), token);

@@ -10,6 +10,7 @@ use tokio::sync::mpsc;
 use tokio::time::{sleep_until, Instant};
 use twilight_model::id::Id;
 
+use super::prompt::{self, JobPrompts};
 use super::render::{self, Throttle};
 use super::rest::{ChannelId, MessageId, RestError};
 use super::route::ReplyMeta;
@@ -52,6 +53,8 @@ struct Reply {
     /// The acks of the events applied so far, sent once the job's terminal
     /// event is shown: until then a restarted relay gets them all again.
     held: Vec<Ack>,
+    /// Its permission prompts (messages of their own, after the reply).
+    prompts: Option<JobPrompts>,
 }
 
 /// Follows one job until its terminal event (or shutdown, which leaves
@@ -69,6 +72,7 @@ pub async fn run(
         return;
     };
     let mut r = Reply {
+        prompts: JobPrompts::new(&job_id, channel, &meta),
         tracker: JobTracker::new(job_id.clone()),
         job_id,
         channel,
@@ -153,6 +157,10 @@ impl Reply {
             EventBody::Retrying { .. } => {
                 self.tool = Some(render::RETRYING.to_string());
                 self.dirty = true;
+                // A retried attempt asks again under new ids.
+                if let Some(p) = &mut self.prompts {
+                    p.close(shared, prompt::RETRIED).await;
+                }
             }
             EventBody::Completed {
                 result,
@@ -182,10 +190,17 @@ impl Reply {
                 let text = render::cancelled(self.tracker.text());
                 self.finish(shared, &[text]).await;
             }
-            // Prompts are not shown in Discord yet (issue 12's buttons).
-            EventBody::Started { .. }
-            | EventBody::PermissionRequest { .. }
-            | EventBody::PermissionResolved { .. } => {}
+            EventBody::PermissionRequest { .. } | EventBody::PermissionResolved { .. } => {
+                if let Some(p) = &mut self.prompts {
+                    p.on_event(shared, &ev.body).await;
+                }
+            }
+            EventBody::Started { .. } => {}
+        }
+        if step == Step::Terminal {
+            if let Some(p) = &mut self.prompts {
+                p.close(shared, prompt::ENDED).await;
+            }
         }
         step == Step::Terminal
     }

@@ -28,9 +28,12 @@ use tokio::time::Instant;
 use twilight_http::request::{Request, TryIntoRequest};
 use twilight_http::Client as Http;
 use twilight_model::application::command::Command;
+use twilight_model::channel::message::{AllowedMentions, Component, MessageFlags};
 use twilight_model::channel::{Channel, Message};
 use twilight_model::http::attachment::Attachment;
-use twilight_model::http::interaction::{InteractionResponse, InteractionResponseType};
+use twilight_model::http::interaction::{
+    InteractionResponse, InteractionResponseData, InteractionResponseType,
+};
 use twilight_model::id::marker::{
     ApplicationMarker, ChannelMarker, InteractionMarker, MessageMarker,
 };
@@ -307,6 +310,90 @@ impl Rest {
     ) -> Result<(), RestError> {
         let client = self.builder.interaction(app);
         let req = client.update_response(token).content(Some(content));
+        self.send(req).await.map(drop)
+    }
+
+    /// Posts a message with components that mentions no one (its text
+    /// may hold user ids and Claude's words); returns its id.
+    pub async fn create_quiet(
+        &self,
+        channel: ChannelId,
+        content: &str,
+        components: &[Component],
+    ) -> Result<MessageId, RestError> {
+        let none = AllowedMentions::default();
+        let req = self
+            .builder
+            .create_message(channel)
+            .content(content)
+            .components(components)
+            .allowed_mentions(Some(&none));
+        Ok(self.model::<Message>(req).await?.id)
+    }
+
+    /// Replaces a message's content and components (an empty list removes
+    /// them), mentioning no one.
+    pub async fn edit_quiet(
+        &self,
+        channel: ChannelId,
+        message: MessageId,
+        content: &str,
+        components: &[Component],
+    ) -> Result<(), RestError> {
+        let none = AllowedMentions::default();
+        let req = self
+            .builder
+            .update_message(channel, message)
+            .content(Some(content))
+            .components(Some(components))
+            .allowed_mentions(Some(&none));
+        self.send(req).await.map(drop)
+    }
+
+    /// Up to 100 messages of `channel` posted after `after`, newest first.
+    pub async fn messages_after(
+        &self,
+        channel: ChannelId,
+        after: MessageId,
+    ) -> Result<Vec<Message>, RestError> {
+        let req = self
+            .builder
+            .channel_messages(channel)
+            .after(after)
+            .limit(100);
+        self.model(req).await
+    }
+
+    /// Answers an interaction at once: `kind` with `data` (e.g. an
+    /// ephemeral refusal, or a deferred update of a component's message).
+    pub async fn respond(
+        &self,
+        app: Id<ApplicationMarker>,
+        id: Id<InteractionMarker>,
+        token: &str,
+        kind: InteractionResponseType,
+        data: Option<InteractionResponseData>,
+    ) -> Result<(), RestError> {
+        let response = InteractionResponse { kind, data };
+        let client = self.builder.interaction(app);
+        let req = client.create_response(id, token, &response);
+        self.send(req).await.map(drop)
+    }
+
+    /// A follow-up only the interaction's user sees (ephemeral).
+    pub async fn followup_ephemeral(
+        &self,
+        app: Id<ApplicationMarker>,
+        token: &str,
+        content: &str,
+    ) -> Result<(), RestError> {
+        let none = AllowedMentions::default();
+        let client = self.builder.interaction(app);
+        let req = client
+            .create_followup(token)
+            .content(content)
+            .flags(MessageFlags::EPHEMERAL)
+            .allowed_mentions(Some(&none));
         self.send(req).await.map(drop)
     }
 

@@ -13,7 +13,8 @@ use super::retry::AttemptFailure;
 use super::TurnAbort;
 use crate::claude::{CliProcess, TurnResult};
 use crate::protocol::EventBody;
-use crate::store::{now_ms, JobRecord, Lease, StoreError};
+use crate::store::lifecycle::needs_begin;
+use crate::store::{now_ms, JobRecord, Lease, StartedAttempt, StoreError};
 use crate::worker::context::Context;
 
 /// How the attempts ended; `outcome` records it.
@@ -61,27 +62,22 @@ pub(super) async fn run(
             .store
             .start_attempt_reserving(lease, &job.job_id, now_ms(), reserve.unwrap_or(0))
             .await;
-        let attempt = match started {
-            Ok(a) => {
+        let started = match started {
+            Ok(started) => {
                 if let Some(upto) = reserve {
                     events.seqs_reserved(upto);
                 }
-                a
+                started
             }
             Err(StoreError::NotRunnable(_)) => return Ok(Ended::NotRunnable),
             Err(e) => return Err(e.into()),
         };
+        let attempt = started.attempt;
         events.attempt = attempt;
         events.stop.progressed();
         // Prompts an earlier attempt left open (it died or its CLI exited).
         super::superseded::resolve_left_open(events, Some(attempt)).await?;
-        if ctx
-            .store
-            .begin_conversation(lease, &job.job_id, job.spec.mode, now_ms())
-            .await?
-        {
-            ctx.note_lifecycle_recorded();
-        }
+        begin_conversation(ctx, lease, job, &started).await?;
         if let Some(hook) = &ctx.hooks.on_attempt {
             hook(job);
         }
@@ -155,4 +151,30 @@ async fn wait_before_retry(events: &JobEvents<'_>, delay: Duration) -> Result<bo
         _ = events.stop.lease_lost.cancelled() => Err(TurnAbort::LeaseLost),
         _ = events.stop.kill.cancelled() => Err(TurnAbort::Shutdown),
     }
+}
+
+/// Records `session.started` (and `session.ended` for a reset) when this
+/// attempt begins a conversation; most turns continue one, which the
+/// columns read by `start_attempt_reserving` tell without another read.
+async fn begin_conversation(
+    ctx: &Context,
+    lease: &Lease,
+    job: &JobRecord,
+    started: &StartedAttempt,
+) -> Result<(), TurnAbort> {
+    let begins = needs_begin(
+        started.lifecycle_started_at_ms,
+        started.lifecycle_job_id.as_deref(),
+        &job.job_id,
+        job.spec.mode,
+    );
+    if begins
+        && ctx
+            .store
+            .begin_conversation(lease, &job.job_id, job.spec.mode, now_ms())
+            .await?
+    {
+        ctx.note_lifecycle_recorded();
+    }
+    Ok(())
 }

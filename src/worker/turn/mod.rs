@@ -32,7 +32,7 @@ use std::time::Duration;
 use tracing::instrument;
 
 use crate::broker::publish::PublishError;
-use crate::store::{JobRecord, Lease, StoreError};
+use crate::store::{Lease, NextJob, StoreError};
 use crate::worker::context::Context;
 pub(crate) use crate::worker::lease::Stop;
 
@@ -75,11 +75,12 @@ impl From<StoreError> for TurnAbort {
 pub async fn run_job(
     ctx: &Context,
     lease: &Lease,
-    job: JobRecord,
+    next: NextJob,
     stop: &Stop,
 ) -> Result<(), TurnAbort> {
+    let NextJob { job, session } = next;
     let mut events = JobEvents::new(ctx, lease, stop, &job);
-    let Some(mut prepared) = prepare::prepare(ctx, &job, &mut events).await? else {
+    let Some(mut prepared) = prepare::prepare(ctx, &job, session, &mut events).await? else {
         return Ok(());
     };
     if !budget::admit(ctx, &job, &mut prepared, &mut events).await? {

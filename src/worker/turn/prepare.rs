@@ -43,6 +43,7 @@ pub(super) struct Prepared {
 pub(super) async fn prepare(
     ctx: &Context,
     job: &JobRecord,
+    session: SessionRecord,
     events: &mut JobEvents<'_>,
 ) -> Result<Option<Prepared>, TurnAbort> {
     let Some(profile) = ctx.settings.profiles.get(&job.spec.profile).cloned() else {
@@ -57,21 +58,21 @@ pub(super) async fn prepare(
     if !account_lost_attempts(ctx, job, events).await? {
         return Ok(None);
     }
-    let session = ctx.store.get_session(&job.session_key).await?;
-    let mut request = turn_request(job, &profile, session.as_ref());
+    // `session` was read with the job (`next_turn`), under the lease.
+    let mut request = turn_request(job, &profile, &session);
     if let (Some(id), PermissionPrompts::Ask) = (&request.resume, profile.permission_prompts) {
         // "Allow for this session" answers, for a CLI that resumes cold.
         request.session_grants = ctx.store.session_grants(id).await?;
     }
-    let session_cost_usd = session.as_ref().map_or(0.0, |s| s.cost_usd);
-    let context = session.as_ref().and_then(|s| {
-        let used = u64::try_from(s.context_tokens?).ok()?;
-        let window = u64::try_from(s.context_window?).ok()?;
+    let session_cost_usd = session.cost_usd;
+    let context = (|| {
+        let used = u64::try_from(session.context_tokens?).ok()?;
+        let window = u64::try_from(session.context_window?).ok()?;
         Some((used, window))
-    });
-    let view = session.map(|s| SessionView {
-        claude_session_id: s.claude_session_id,
-        last_job_id: s.last_job_id,
+    })();
+    let view = Some(SessionView {
+        claude_session_id: session.claude_session_id,
+        last_job_id: session.last_job_id,
     });
     let warm = ctx
         .warm
@@ -144,16 +145,12 @@ async fn account_lost_attempts(
 
 /// Which Claude session the turn continues, in which directory, with which
 /// options.
-fn turn_request(
-    job: &JobRecord,
-    profile: &Profile,
-    session: Option<&SessionRecord>,
-) -> TurnRequest {
+fn turn_request(job: &JobRecord, profile: &Profile, session: &SessionRecord) -> TurnRequest {
     let spec = &job.spec;
-    let known_id = session.and_then(|s| s.claude_session_id.clone());
+    let known_id = session.claude_session_id.clone();
     // A `reset_session` before this job was accepted: start afresh.
     let reset = session
-        .and_then(|s| s.reset_after_job_order)
+        .reset_after_job_order
         .is_some_and(|after| job.order > after);
     let (resume, fork) = match spec.mode {
         SessionMode::Continue if reset => (None, false),
@@ -164,7 +161,7 @@ fn turn_request(
     };
     let mut options = spec.options();
     // A mode set at runtime (set_permission_mode) holds for later turns.
-    if let Some(mode) = session.and_then(|s| s.permission_mode) {
+    if let Some(mode) = session.permission_mode {
         options.permission_mode = mode;
     }
     TurnRequest {
