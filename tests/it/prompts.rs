@@ -231,24 +231,7 @@ use claude_worker::protocol::{
 use claude_worker::worker::Worker;
 
 use crate::harness::{Backend, TestEnv};
-use crate::pipeline::{assert_contiguous, completed};
-
-/// Generates a `sqlite` and a `postgres` test for each scenario.
-macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            use super::*;
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn sqlite() {
-                super::$name(Backend::Sqlite).await
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn postgres() {
-                super::$name(Backend::Postgres).await
-            }
-        }
-    )*};
-}
+use crate::pipeline::{assert_contiguous, completed, on_both_backends};
 
 on_both_backends!(
     a_person_allows_or_denies_a_tool_call,
