@@ -668,6 +668,21 @@ pub enum ResolvedBy {
     Timeout,
     /// The turn was cancelled (or the CLI withdrew the request).
     Cancel,
+    /// The attempt that asked ended without settling it (its worker died
+    /// or stopped, or its CLI exited): resolved by the job's next attempt,
+    /// which asks again under a new request id, or by the job's ending.
+    Superseded,
+}
+
+impl ResolvedBy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResolvedBy::Person => "person",
+            ResolvedBy::Timeout => "timeout",
+            ResolvedBy::Cancel => "cancel",
+            ResolvedBy::Superseded => "superseded",
+        }
+    }
 }
 
 /// A question of Claude's `AskUserQuestion` tool, as a front-end shows it.

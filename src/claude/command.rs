@@ -21,6 +21,10 @@ pub struct TurnRequest {
     /// With `resume`: continue in a new session forked from it.
     pub fork: bool,
     pub options: EffectiveOptions,
+    /// Rules a person allowed "for this session" in the resumed Claude
+    /// session (`Tool` or `Tool(content)`): the CLI keeps such rules only in
+    /// its memory, so a cold resume passes them as allowed tools.
+    pub session_grants: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -96,9 +100,10 @@ pub fn cli_args(req: &TurnRequest, profile: &Profile) -> Vec<String> {
     }
     // Before the tool lists: those take every following word as a value.
     args.extend(profile.extra_args.iter().cloned());
-    if !profile.allowed_tools.is_empty() {
+    if !profile.allowed_tools.is_empty() || !req.session_grants.is_empty() {
         args.push("--allowed-tools".into());
         args.extend(profile.allowed_tools.iter().cloned());
+        args.extend(req.session_grants.iter().cloned());
     }
     if !profile.disallowed_tools.is_empty() {
         args.push("--disallowed-tools".into());
@@ -191,11 +196,14 @@ mod tests {
             resume: Some("0b5a3c1e-0000-4000-8000-000000000000".into()),
             fork: true,
             options: p.resolve("default", &Default::default()).unwrap(),
+            session_grants: vec!["Bash(touch /w/a)".into()],
         };
         let args = cli_args(&req, p);
         assert!(!args.iter().any(|a| a.contains("dangerously")));
         assert!(args.contains(&"--resume=0b5a3c1e-0000-4000-8000-000000000000".to_string()));
         assert!(args.contains(&"--fork-session".to_string()));
+        let allowed = args.iter().position(|a| a == "--allowed-tools").unwrap();
+        assert_eq!(args[allowed + 1..].last().unwrap(), "Bash(touch /w/a)");
         assert!(user_message_line(&req).ends_with('\n'));
     }
 
@@ -209,6 +217,7 @@ mod tests {
             cwd: "/tmp".into(),
             resume: None,
             fork: false,
+            session_grants: Vec::new(),
             options: p.resolve("default", &Default::default()).unwrap(),
         };
         let args = cli_args(&req, &p);

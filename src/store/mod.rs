@@ -19,6 +19,7 @@ use crate::protocol::{PermissionMode, SessionMode};
 
 pub mod lifecycle;
 mod postgres;
+pub mod prompts;
 mod rows;
 mod sql;
 mod sqlite;
@@ -28,6 +29,7 @@ pub use lifecycle::{
     StoredSessionEvent,
 };
 pub use postgres::PostgresStore;
+pub use prompts::{PromptRecord, PromptStore};
 pub use sqlite::SqliteStore;
 
 #[derive(Debug, thiserror::Error)]
@@ -445,7 +447,7 @@ pub struct JobFinish {
 }
 
 #[async_trait]
-pub trait SessionStore: SessionLifecycle + Send + Sync + 'static {
+pub trait SessionStore: SessionLifecycle + PromptStore + Send + Sync + 'static {
     /// Runs the embedded migrations for this backend.
     async fn migrate(&self) -> Result<(), StoreError>;
 

@@ -107,6 +107,8 @@ super::lifecycle::lifecycle_store_helpers!(PostgresStore, Postgres);
 
 super::lifecycle::lifecycle_store_impl!(PostgresStore);
 
+super::prompts::prompt_store_impl!(PostgresStore);
+
 super::sql::session_store_impl!(PostgresStore, {
     async fn migrate(&self) -> Result<(), StoreError> {
         sqlx::migrate!("./migrations/postgres")

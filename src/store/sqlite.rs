@@ -99,6 +99,8 @@ super::lifecycle::lifecycle_store_helpers!(SqliteStore, Sqlite);
 
 super::lifecycle::lifecycle_store_impl!(SqliteStore);
 
+super::prompts::prompt_store_impl!(SqliteStore);
+
 super::sql::session_store_impl!(SqliteStore, {
     async fn migrate(&self) -> Result<(), StoreError> {
         // Several workers sharing one file may start at once, and SQLite

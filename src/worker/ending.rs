@@ -2,7 +2,7 @@
 //! used by `accept`, the `control` handlers and the turn's outcome.
 
 use crate::broker::publish::{Attribution, PublishError};
-use crate::protocol::{EventBody, EventV1, PROTOCOL_VERSION};
+use crate::protocol::{EventBody, EventV1, PermissionBehavior, ResolvedBy, PROTOCOL_VERSION};
 use crate::store::{now_ms, JobRecord, JobStatus, StoreError};
 use crate::worker::context::Context;
 
@@ -74,27 +74,31 @@ pub async fn end_queued_job(
     error: Option<&str>,
     body: EventBody,
 ) -> Result<bool, EndError> {
-    let event = EventV1 {
+    // A job handed back by a worker that stopped while a prompt waited:
+    // its prompts are resolved before its terminal event.
+    let left_open = match job.attempts {
+        0 => Vec::new(),
+        _ => ctx.store.open_prompts(&job.job_id).await?,
+    };
+    let event_at = |seq: u64, body: EventBody| EventV1 {
         v: PROTOCOL_VERSION,
         job_id: job.job_id.clone(),
         session_key: job.session_key.clone(),
-        seq: job.next_seq,
+        seq,
         attempt: job.attempts,
         body,
         metadata: job.spec.metadata.clone(),
     };
+    let resolved: Vec<EventV1> = (job.next_seq..)
+        .zip(&left_open)
+        .map(|(seq, p)| event_at(seq, superseded(&p.request_id)))
+        .collect();
+    let event = event_at(job.next_seq + resolved.len() as u64, body);
     let bytes = serde_json::to_vec(&event).expect("events serialise");
     let text = String::from_utf8(bytes.clone()).expect("JSON is UTF-8");
     if !ctx
         .store
-        .finish_queued_job(
-            &job.job_id,
-            status,
-            error,
-            &text,
-            job.next_seq + 1,
-            now_ms(),
-        )
+        .finish_queued_job(&job.job_id, status, error, &text, event.seq + 1, now_ms())
         .await?
     {
         return Ok(false);
@@ -118,9 +122,28 @@ pub async fn end_queued_job(
         lease_epoch,
         fence: None,
     };
+    for e in &resolved {
+        let b = serde_json::to_vec(e).expect("events serialise");
+        ctx.sink.publish_event(&reply_to, e, &b, &from).await?;
+        if let EventBody::PermissionResolved { request_id, .. } = &e.body {
+            ctx.store
+                .resolve_prompt(request_id, ResolvedBy::Superseded.as_str())
+                .await?;
+        }
+    }
     ctx.sink
         .publish_event(&reply_to, &event, &bytes, &from)
         .await?;
     crate::worker::outbox::mark_published(ctx, &job.job_id).await;
     Ok(true)
+}
+
+/// The `permission_resolved` of a prompt its job ended without settling.
+fn superseded(request_id: &str) -> EventBody {
+    EventBody::PermissionResolved {
+        request_id: request_id.to_string(),
+        behavior: PermissionBehavior::Deny,
+        by: ResolvedBy::Superseded,
+        message: Some("the attempt that asked ended without an answer, and so did the job".into()),
+    }
 }

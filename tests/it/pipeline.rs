@@ -27,6 +27,8 @@ macro_rules! on_both_backends {
     )*};
 }
 
+pub(crate) use on_both_backends;
+
 on_both_backends!(
     session_modes_stream_and_resume,
     bad_input_is_dead_lettered_and_the_worker_goes_on,

@@ -128,6 +128,7 @@ store_tests!(
     per_session_order_across_interleaved_sessions,
     listing,
     wrong_job_is_an_error,
+    permission_prompts_and_grants,
     concurrent_claimers_one_wins,
     concurrent_claimers_share_sessions,
     release_and_accept_race_never_strands_a_job,
@@ -1859,4 +1860,62 @@ async fn reset_waits_for_a_later_jobs_turn_and_open_jobs_count(ctx: Ctx) {
     s.finish_job(&l, &f4).await.unwrap();
     assert_eq!(pending(s.clone()).await, None);
     assert_eq!(s.count_open_jobs("S").await.unwrap(), (0, 0));
+}
+
+/// Permission prompts: recorded fenced, listed while open, resolved once;
+/// "allow for this session" rules per Claude session.
+async fn permission_prompts_and_grants(ctx: Ctx) {
+    let s = ctx.open().await;
+    accept(&s, "j1", "S", 100).await;
+    let old = s
+        .claim_session("w1", 1_000, 100, None)
+        .await
+        .unwrap()
+        .unwrap();
+    s.start_attempt(&old, "j1", 1_001).await.unwrap();
+    s.open_prompt(&old, "j1", "p1", 1, 1_002).await.unwrap();
+    s.open_prompt(&old, "j1", "p2", 1, 1_003).await.unwrap();
+    let ids = |v: Vec<claude_worker::store::PromptRecord>| -> Vec<String> {
+        v.into_iter().map(|p| p.request_id).collect()
+    };
+    assert_eq!(ids(s.open_prompts("j1").await.unwrap()), ["p1", "p2"]);
+    assert!(s.resolve_prompt("p1", "person").await.unwrap());
+    assert!(
+        !s.resolve_prompt("p1", "timeout").await.unwrap(),
+        "resolved once"
+    );
+    let p1 = s.get_prompt("p1").await.unwrap().unwrap();
+    let got = (p1.job_id.as_str(), p1.attempt, p1.resolved_by.as_deref());
+    assert_eq!(got, ("j1", 1, Some("person")));
+    assert_eq!(ids(s.open_prompts("j1").await.unwrap()), ["p2"]);
+    assert_eq!(s.get_prompt("nope").await.unwrap(), None);
+
+    // A worker that lost the session records no prompt.
+    let new = s
+        .claim_session("w2", 2_000, 100, None)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_lease_lost(s.open_prompt(&old, "j1", "p3", 1, 2_001).await, &old);
+    assert_eq!(s.get_prompt("p3").await.unwrap(), None);
+    s.open_prompt(&new, "j1", "p4", 2, 2_002).await.unwrap();
+    let open = s.open_prompts("j1").await.unwrap();
+    let attempts: Vec<u32> = open.iter().map(|p| p.attempt).collect();
+    assert_eq!(
+        (ids(open), attempts),
+        (vec!["p2".into(), "p4".into()], vec![1, 2])
+    );
+
+    let rules = |r: &[&str]| r.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    s.add_session_grants("c1", &rules(&["Write", "Bash(make)"]))
+        .await
+        .unwrap();
+    s.add_session_grants("c1", &rules(&["Write"]))
+        .await
+        .unwrap();
+    assert_eq!(
+        s.session_grants("c1").await.unwrap(),
+        ["Bash(make)", "Write"]
+    );
+    assert!(s.session_grants("c2").await.unwrap().is_empty());
 }

@@ -347,12 +347,14 @@ mod tests {
             resume: None,
             fork: false,
             options: p.resolve("discord", &JobOptions::default()).unwrap(),
+            session_grants: Vec::new(),
         };
         let mut other = base.clone();
         other.prompt = "two".into();
         other.resume = Some("0b5a3c1e-0000-4000-8000-000000000000".into());
         other.options.model = Some("claude-haiku-4-5".into());
         other.options.permission_mode = PermissionMode::Plan;
+        other.session_grants = vec!["Bash(make)".into()];
         assert_eq!(fixed_args(&base, p), fixed_args(&other, p));
         let mut turns = base.clone();
         turns.options.max_turns = 3;

@@ -124,6 +124,8 @@ pub fn fixed_args(req: &TurnRequest, profile: &Profile) -> Vec<String> {
     r.fork = false;
     r.options.model = None;
     r.options.permission_mode = PermissionMode::Default;
+    // A session's warm process holds its grants in memory already.
+    r.session_grants.clear();
     claude::cli_args(&r, profile)
 }
 

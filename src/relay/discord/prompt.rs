@@ -432,6 +432,7 @@ pub fn settled_line(
     match (by, behavior, who) {
         (ResolvedBy::Timeout, ..) => "⌛ Expired — denied".into(),
         (ResolvedBy::Cancel, ..) => "🚫 Cancelled".into(),
+        (ResolvedBy::Superseded, ..) => "⌛ No longer pending".into(),
         (ResolvedBy::Person, _, Some(w)) if w.behavior == behavior => {
             let icon = match behavior {
                 PermissionBehavior::Allow => "✅",

@@ -75,6 +75,8 @@ pub(super) async fn run(
         let attempt = started.attempt;
         events.attempt = attempt;
         events.stop.progressed();
+        // Prompts an earlier attempt left open (it died or its CLI exited).
+        super::superseded::resolve_left_open(events, Some(attempt)).await?;
         begin_conversation(ctx, lease, job, &started).await?;
         if let Some(hook) = &ctx.hooks.on_attempt {
             hook(job);

@@ -104,8 +104,10 @@ impl CliRun {
                     continue;
                 }
                 Input::PromptAnswer(answer) => {
-                    let proc = &mut self.proc;
-                    self.prompts.on_answer(proc, events, answer).await?;
+                    let (proc, init) = (&mut self.proc, self.init.as_ref());
+                    let claude_session = init.map(|i| i.session_id.as_str());
+                    let answered = self.prompts.on_answer(proc, events, answer, claude_session);
+                    answered.await?;
                     continue;
                 }
                 Input::PromptTick => {

@@ -57,6 +57,9 @@ pub(super) struct JobEvents<'a> {
     pub turn: TurnRegistration,
     /// What the job's turns cost so far (every CLI result, every attempt).
     pub spent_usd: f64,
+    /// Whether the job may have recorded permission prompts: it ran before
+    /// (on a worker that may have died asking), or this run asked.
+    pub prompts_recorded: bool,
     identity: Option<String>,
     /// For the metrics: the job's profile, when it started here, whether
     /// it has spoken yet, and its place in `turns_running`.
@@ -97,6 +100,7 @@ impl<'a> JobEvents<'a> {
                 .register(&job.job_id, &job.session_key)
                 .answered_by(spec.prompt_answerers.clone()),
             spent_usd: 0.0,
+            prompts_recorded: job.attempts > 0,
             identity: spec.identity.clone(),
             profile: spec.profile.clone(),
             began: std::time::Instant::now(),
@@ -265,6 +269,8 @@ impl<'a> JobEvents<'a> {
         session_update: Option<SessionUpdate>,
         mut transcript: Option<Pending>,
     ) -> Result<(), TurnAbort> {
+        // No prompt outlives its job.
+        super::superseded::resolve_left_open(self, None).await?;
         self.settle().await?;
         if self.stop.lease_lost.is_cancelled() {
             return Err(TurnAbort::LeaseLost);

@@ -19,11 +19,13 @@ mod budget;
 mod cli_run;
 mod compact;
 mod events;
+mod grants;
 mod outcome;
 mod prepare;
 mod prompt;
 pub(crate) mod retry;
 mod spoken;
+mod superseded;
 
 use std::time::Duration;
 

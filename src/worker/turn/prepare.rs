@@ -11,7 +11,7 @@ use super::events::JobEvents;
 use super::TurnAbort;
 use crate::claude::warm::{SessionView, WarmProcess};
 use crate::claude::{self, TurnRequest};
-use crate::config::Profile;
+use crate::config::{PermissionPrompts, Profile};
 use crate::protocol::{ErrorKind, EventBody, SessionMode};
 use crate::store::{now_ms, JobRecord, JobStatus, SessionRecord};
 use crate::worker::context::Context;
@@ -61,7 +61,11 @@ pub(super) async fn prepare(
         return Ok(None);
     }
     // `session` was read with the job (`next_turn`), under the lease.
-    let request = turn_request(job, &profile, &session);
+    let mut request = turn_request(job, &profile, &session);
+    if let (Some(id), PermissionPrompts::Ask) = (&request.resume, profile.permission_prompts) {
+        // "Allow for this session" answers, for a CLI that resumes cold.
+        request.session_grants = ctx.store.session_grants(id).await?;
+    }
     let session_cost_usd = session.cost_usd;
     let context = (|| {
         let used = u64::try_from(session.context_tokens?).ok()?;
@@ -173,6 +177,7 @@ fn turn_request(job: &JobRecord, profile: &Profile, session: &SessionRecord) -> 
         resume,
         fork,
         options,
+        session_grants: Vec::new(),
     }
 }
 

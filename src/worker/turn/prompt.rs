@@ -6,7 +6,9 @@
 //!
 //! Each prompt gets a fresh id of ours, never the CLI's: a retried job
 //! asks again under a new id, so an answer to the old prompt cannot reach
-//! the new one.
+//! the new one. Each is recorded in the store before it is published and
+//! marked once resolved; what an attempt leaves open is resolved by the
+//! next one or the job's ending (`superseded`).
 
 use std::time::Duration;
 
@@ -15,6 +17,8 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use super::events::JobEvents;
+use super::grants;
+use super::superseded::mark_resolved;
 use super::TurnAbort;
 use crate::claude::{summarize_tool_input, CliProcess, ToolPermissionRequest};
 use crate::config::{PermissionPrompts, Profile};
@@ -74,6 +78,13 @@ impl Prompts {
         }
         let wait = Duration::from_secs(profile.permission_timeout_secs);
         let pending = PendingPrompt::new(request, Instant::now() + wait);
+        // Recorded before it goes out: whatever becomes of this attempt, a
+        // `permission_resolved` follows (see `superseded`).
+        let (store, attempt) = (&events.ctx.store, events.attempt);
+        store
+            .open_prompt(events.lease, &events.job_id, &pending.id, attempt, now_ms())
+            .await?;
+        events.prompts_recorded = true;
         events.turn.open_prompt(&pending.id);
         debug!(tool = %pending.cli.tool_name, request_id = %pending.id, "asking a person");
         let event = pending.event(now_ms() + wait.as_millis() as i64);
@@ -103,14 +114,21 @@ impl Prompts {
         proc: &mut CliProcess,
         events: &mut JobEvents<'_>,
         answer: PermissionResponseV1,
+        claude_session: Option<&str>,
     ) -> Result<(), TurnAbort> {
         let Some(p) = self.take(&answer.request_id) else {
             return Ok(());
         };
         proc.write_stdin(&response_line(&p.cli.request_id, p.cli_answer(&answer)));
+        if answer.allow_for_session && answer.behavior == PermissionBehavior::Allow {
+            grants::record(events, claude_session, &p.session_rules()).await;
+        }
+        let by = ResolvedBy::Person;
         events
-            .emit(p.resolved(answer.behavior, ResolvedBy::Person, answer.message))
-            .await
+            .emit(p.resolved(answer.behavior, by, answer.message))
+            .await?;
+        mark_resolved(events, &p.id, by).await;
+        Ok(())
     }
 
     /// Denies the prompts nobody answered in time.
@@ -145,6 +163,7 @@ impl Prompts {
             events
                 .emit(p.resolved(PermissionBehavior::Deny, by, Some(message)))
                 .await?;
+            mark_resolved(events, &p.id, by).await;
         }
         Ok(())
     }
@@ -190,9 +209,12 @@ impl Prompts {
             return Ok(());
         };
         let message = Some(why.to_string());
+        let by = ResolvedBy::Cancel;
         events
-            .emit(p.resolved(PermissionBehavior::Deny, ResolvedBy::Cancel, message))
-            .await
+            .emit(p.resolved(PermissionBehavior::Deny, by, message))
+            .await?;
+        mark_resolved(events, &p.id, by).await;
+        Ok(())
     }
 }
 
@@ -270,7 +292,7 @@ impl PendingPrompt {
 
     /// "Allow for this session": the CLI's suggestions scoped to the
     /// session, or a rule for the tool when it suggests none.
-    fn session_rules(&self) -> Vec<Value> {
+    pub fn session_rules(&self) -> Vec<Value> {
         let mut rules: Vec<Value> = self
             .cli
             .suggestions
