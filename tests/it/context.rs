@@ -14,25 +14,11 @@ use crate::harness::{cli_pids, Backend, TestEnv};
 use crate::mock_api::{Behavior, MockApi, Usage, MOCK_SUMMARY};
 use crate::support::{cli_command, user_line};
 
-/// Generates a `sqlite` and a `postgres` test for each scenario: the
-/// ones whose state lives in the store (stored context, transcripts, the
-/// compaction backoff); the others run on SQLite only, for CI's time.
-macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            use super::*;
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn sqlite() {
-                super::$name(Backend::Sqlite).await
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn postgres() {
-                super::$name(Backend::Postgres).await
-            }
-        }
-    )*};
-}
+use crate::pipeline::on_both_backends;
 
+// On both backends: the scenarios whose state lives in the store (stored
+// context, transcripts, the compaction backoff); the others run on SQLite
+// only, for CI's time.
 on_both_backends!(
     a_session_past_the_threshold_is_compacted_before_its_next_job,
     a_failed_compaction_is_not_retried_before_every_job,

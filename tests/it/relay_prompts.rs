@@ -38,6 +38,19 @@ fn alice_dir(w: &World) -> std::path::PathBuf {
     claude_worker::session_dir(workdir, &format!("discord:{GUILD}:{CHAN}:{ALICE}"))
 }
 
+/// Scripts the mock so that a job marked `[[mock:<marker>]]` asks to
+/// write `content` to `name` in Alice's conversation directory; returns
+/// the file's path.
+fn script_write(w: &World, marker: &str, name: &str, content: &str) -> std::path::PathBuf {
+    let file = alice_dir(w).join(name);
+    let path = file.display().to_string();
+    w.env.mock.push_behavior_for(
+        marker,
+        Behavior::tool_use("Write", json!({"file_path": path, "content": content})),
+    );
+    file
+}
+
 /// The prompt message the relay posted in CHAN (the one with buttons).
 async fn prompt_message(w: &World) -> Msg {
     w.fake
@@ -112,12 +125,7 @@ async fn followup(w: &World, token: &str) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_allow_click_by_the_user_runs_the_tool_and_settles_the_prompt() {
     let mut w = asking_world(120).await;
-    let file = alice_dir(&w).join("made.txt");
-    let path = file.display().to_string();
-    w.env.mock.push_behavior_for(
-        "allow",
-        Behavior::tool_use("Write", json!({"file_path": path, "content": "one\ntwo\n"})),
-    );
+    let file = script_write(&w, "allow", "made.txt", "one\ntwo\n");
     let msg = w
         .fake
         .user_says(CHAN, ALICE, "[[mock:allow]] write it", true);
@@ -131,7 +139,7 @@ async fn an_allow_click_by_the_user_runs_the_tool_and_settles_the_prompt() {
     );
     assert!(
         p.content
-            .contains(&format!("```\n{path}: write 2 line(s)\n```")),
+            .contains(&format!("```\n{}: write 2 line(s)\n```", file.display())),
         "{}",
         p.content
     );
@@ -386,12 +394,7 @@ async fn a_question_is_answered_with_an_option_button() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_prompt_survives_a_relay_restart() {
     let mut w = asking_world(120).await;
-    let file = alice_dir(&w).join("later.txt");
-    let path = file.display().to_string();
-    w.env.mock.push_behavior_for(
-        "restart",
-        Behavior::tool_use("Write", json!({"file_path": path, "content": "after\n"})),
-    );
+    let file = script_write(&w, "restart", "later.txt", "after\n");
     let msg = w
         .fake
         .user_says(CHAN, ALICE, "[[mock:restart]] write it", true);
@@ -527,12 +530,7 @@ async fn several_questions_are_answered_with_menus_then_submit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_settled_prompt_keeps_its_words_across_a_relay_restart() {
     let mut w = asking_world(120).await;
-    let file = alice_dir(&w).join("kept.txt");
-    let path = file.display().to_string();
-    w.env.mock.push_behavior_for(
-        "kept",
-        Behavior::tool_use("Write", json!({"file_path": path, "content": "kept\n"})),
-    );
+    script_write(&w, "kept", "kept.txt", "kept\n");
     w.env
         .mock
         .push_behavior_for("kept", Behavior::hold("written, all done"));
