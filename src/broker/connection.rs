@@ -176,6 +176,12 @@ pub enum AmqpError {
     Connect { url: String, reason: String },
     #[error("RabbitMQ error: {0}")]
     Broker(#[from] lapin::Error),
+    /// Opening channels, declaring the topology or starting the consumers
+    /// did not finish in time (a busy broker, or a stalled connection).
+    #[error(
+        "RabbitMQ did not finish setting up the worker's channels and consumers within {secs} s"
+    )]
+    SetupTimeout { secs: u64 },
 }
 
 impl AmqpError {
@@ -186,8 +192,12 @@ impl AmqpError {
     /// a declaration that contradicts the existing one (fix the config).
     pub fn is_transient(&self) -> bool {
         use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
-        let AmqpError::Broker(e) = self else {
-            return false;
+        let e = match self {
+            AmqpError::Broker(e) => e,
+            // A fresh connection may well do it: retried within start-up's
+            // bound like a broker's transient error.
+            AmqpError::SetupTimeout { .. } => return true,
+            AmqpError::Connect { .. } => return false,
         };
         match e.kind() {
             lapin::ErrorKind::ProtocolError(amqp) => !matches!(

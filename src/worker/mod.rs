@@ -163,6 +163,10 @@ impl Worker {
 /// How long start-up retries transient broker errors.
 const STARTUP_RETRY: Duration = Duration::from_secs(30);
 
+/// How long declaring the topology and starting the consumers may take on
+/// one connection.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(15);
+
 /// [`connect_broker`], retrying transient broker errors with backoff for
 /// up to [`STARTUP_RETRY`]: several workers starting at once on a fresh
 /// broker can make it fail one of them while they declare the topology. A
@@ -195,7 +199,14 @@ async fn connect_broker(
     id: &str,
 ) -> Result<(Broker, PublishChannels), AmqpError> {
     let conn = broker::connect(&settings.amqp, &format!("claude-worker {id}")).await?;
-    match set_up(&conn, settings, topology, id).await {
+    // Every step is an exchange with the broker; bounded as a whole so a
+    // stalled one fails (and is retried on a fresh connection) instead of
+    // hanging start-up.
+    let set_up = tokio::time::timeout(SETUP_TIMEOUT, set_up(&conn, settings, topology, id));
+    let set_up = set_up.await.unwrap_or(Err(AmqpError::SetupTimeout {
+        secs: SETUP_TIMEOUT.as_secs(),
+    }));
+    match set_up {
         Ok((publish_channel, jobs_channel, jobs, control_channel, control)) => {
             let broker = Broker {
                 conn,
