@@ -113,6 +113,10 @@ pub struct PruneReport {
     /// The CLI's own transcript files (counted by the caller, which owns
     /// the files: they are per host).
     pub cli_files: u64,
+    /// Recorded permission prompts of ended jobs (or settled).
+    pub permission_prompts: u64,
+    /// "Allow for this session" rules of Claude sessions nothing continues.
+    pub session_grants: u64,
 }
 
 impl PruneReport {
@@ -123,6 +127,8 @@ impl PruneReport {
             + self.session_events
             + self.sessions_expired
             + self.cli_files
+            + self.permission_prompts
+            + self.session_grants
     }
 
     pub fn add(&mut self, o: &PruneReport) {
@@ -132,10 +138,12 @@ impl PruneReport {
         self.session_events += o.session_events;
         self.sessions_expired += o.sessions_expired;
         self.cli_files += o.cli_files;
+        self.permission_prompts += o.permission_prompts;
+        self.session_grants += o.session_grants;
     }
 
     /// (kind, count) pairs, for logs and metrics.
-    pub fn kinds(&self) -> [(&'static str, u64); 6] {
+    pub fn kinds(&self) -> [(&'static str, u64); 8] {
         [
             ("jobs", self.jobs),
             ("transcripts", self.transcripts),
@@ -143,6 +151,8 @@ impl PruneReport {
             ("session_events", self.session_events),
             ("sessions_expired", self.sessions_expired),
             ("cli_files", self.cli_files),
+            ("permission_prompts", self.permission_prompts),
+            ("session_grants", self.session_grants),
         ]
     }
 }
@@ -324,6 +334,21 @@ pub(crate) const PRUNABLE_JOBS: &str = "SELECT j.job_order FROM jobs j \
 
 pub(crate) const PRUNABLE_CONTROL: &str =
     "SELECT request_id FROM control_requests WHERE created_at_ms < $1";
+
+/// Prompts opened before the cutoff ($1) that are settled or whose job no
+/// longer runs (nothing can answer or supersede them any more).
+pub(crate) const PRUNABLE_PROMPTS: &str = "SELECT p.request_id FROM permission_prompts p \
+     WHERE p.opened_at_ms < $1 AND (p.resolved_by IS NOT NULL OR NOT EXISTS \
+       (SELECT 1 FROM jobs j WHERE j.job_id = p.job_id AND j.status IN ('queued', 'running')))";
+
+/// Grants of Claude sessions neither a transcript written since the cutoff
+/// ($1) nor a session active since then continues (like transcripts, a
+/// session quiet longer expires in the same prune).
+pub(crate) const PRUNABLE_GRANTS: &str = "SELECT g.claude_session_id FROM session_grants g \
+     WHERE NOT EXISTS (SELECT 1 FROM transcripts t WHERE t.claude_session_id = g.claude_session_id \
+                       AND t.updated_at_ms >= $1) \
+       AND NOT EXISTS (SELECT 1 FROM sessions s WHERE s.claude_session_id = g.claude_session_id \
+                       AND s.updated_at_ms >= $1)";
 
 pub(crate) const PRUNABLE_EVENTS: &str =
     "SELECT event_id FROM session_events WHERE published_at_ms < $1";
@@ -615,6 +640,12 @@ macro_rules! lifecycle_store_impl {
                 .await?;
             report.session_events += self
                 .prune_rows("session_events", "event_id", lc::PRUNABLE_EVENTS, None, req.shared_before_ms, req)
+                .await?;
+            report.permission_prompts += self
+                .prune_rows("permission_prompts", "request_id", lc::PRUNABLE_PROMPTS, None, req.shared_before_ms, req)
+                .await?;
+            report.session_grants += self
+                .prune_rows("session_grants", "claude_session_id", lc::PRUNABLE_GRANTS, None, req.shared_before_ms, req)
                 .await?;
             Ok(report)
         }

@@ -1669,6 +1669,13 @@ async fn prune_with_a_moved_clock_and_a_dry_run(ctx: Ctx) {
         s.put_transcript(&l, &t).await.unwrap();
         let job = s.next_job(&l).await.unwrap().unwrap();
         s.start_attempt(&l, &job.job_id, at).await.unwrap();
+        // A prompt left open by a run that died, and a session grant.
+        s.open_prompt(&l, &job.job_id, &format!("p-{key}"), 1, at)
+            .await
+            .unwrap();
+        s.add_session_grants(cs, &["Bash".to_string(), "Write".to_string()])
+            .await
+            .unwrap();
         s.finish_job(&l, &finish(&job.job_id, JobStatus::Succeeded, 1, at))
             .await
             .unwrap();
@@ -1697,6 +1704,8 @@ async fn prune_with_a_moved_clock_and_a_dry_run(ctx: Ctx) {
         session_events: 1,
         sessions_expired: 1,
         cli_files: 0,
+        permission_prompts: 1,
+        session_grants: 2,
     };
     assert_eq!(dry, expected);
     // The dry run touched nothing.
@@ -1738,6 +1747,13 @@ async fn prune_with_a_moved_clock_and_a_dry_run(ctx: Ctx) {
     assert!(s.get_transcript("cs-new1").await.unwrap().is_some());
     let new = s.get_session("NEW").await.unwrap().unwrap();
     assert_eq!(new.claude_session_id.as_deref(), Some("cs-new1"));
+    assert!(s.get_prompt("p-OLD").await.unwrap().is_none());
+    assert!(s.get_prompt("p-NEW").await.unwrap().is_some());
+    assert!(s.session_grants("cs-old3").await.unwrap().is_empty());
+    assert_eq!(
+        s.session_grants("cs-new1").await.unwrap(),
+        ["Bash", "Write"]
+    );
     assert!(!s.claim_control("r-new", now).await.unwrap(), "r-new kept");
     assert!(s.claim_control("r-old", now).await.unwrap(), "r-old pruned");
     assert_eq!(
