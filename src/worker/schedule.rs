@@ -193,13 +193,12 @@ async fn session_loop(
     }
 }
 
-/// How soon a lease holder in its affinity window first looks for a
-/// follow-up accepted by another worker (one accepted here wakes it at
-/// once); each look waits twice as long as the last, up to
-/// [`AFFINITY_POLL_MAX`], so a session left idle costs a few reads, not one
-/// per tick.
-const AFFINITY_POLL: Duration = Duration::from_millis(250);
-const AFFINITY_POLL_MAX: Duration = Duration::from_secs(1);
+/// How often a lease holder in its affinity window looks for a follow-up
+/// accepted by another worker (one accepted here wakes it at once), and
+/// whether another session waits for its slot. Backing this off (tried:
+/// 250 ms doubling to 1 s) held slots idle while other sessions waited
+/// and slowed the fault storm past its deadline.
+const AFFINITY_POLL: Duration = Duration::from_millis(100);
 
 /// Lease affinity: when this worker holds the session's CLI warm, keep the
 /// lease for `worker.warm_affinity_ms` after its last job, so a follow-up
@@ -219,7 +218,6 @@ async fn keep_warm_session(
     let deadline = tokio::time::Instant::now() + window;
     // The caller has just looked (and yielded if others waited).
     let mut look = false;
-    let mut poll = AFFINITY_POLL;
     loop {
         if look {
             match ctx
@@ -243,9 +241,7 @@ async fn keep_warm_session(
         // seen at the next poll.
         tokio::select! {
             _ = accepted.notified() => {}
-            _ = tokio::time::sleep(poll.min(deadline - now)) => {
-                poll = (poll * 2).min(AFFINITY_POLL_MAX);
-            }
+            _ = tokio::time::sleep(AFFINITY_POLL.min(deadline - now)) => {}
             _ = signals.shutdown.cancelled() => return Ok(Affinity::Over),
         }
     }
