@@ -322,10 +322,12 @@ fn label_is_baseline(bin: &Path) -> bool {
 /// does not know: leave them out of its config (it has their behaviour
 /// off anyway).
 fn drop_new_settings(config: &Path) {
-    const NEW: [&str; 3] = [
+    const NEW: [&str; 5] = [
         "publish_channels",
         "max_unconfirmed_events",
         "text_coalesce_ms",
+        "compact_retry_secs",
+        "prompt_roles",
     ];
     let text = std::fs::read_to_string(config).unwrap();
     let kept: Vec<&str> = text
