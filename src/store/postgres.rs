@@ -119,8 +119,12 @@ super::sql::session_store_impl!(PostgresStore, {
 
     async fn accept_job(&self, job: &NewJob, now_ms: i64) -> Result<AcceptOutcome, StoreError> {
         let spec = spec_json(&job.spec)?;
-        // One transaction, no read before it: a redelivery (rare) finds its
-        // job id taken by the insert below and is answered from there.
+        // Redeliveries come in bursts (a broker restart): answer them
+        // without taking the session row's lock, which a slow or stopped
+        // lease holder may hold.
+        if let Some(dup) = existing_job(&mut *self.pool.acquire().await?, &job.job_id).await? {
+            return Ok(dup);
+        }
         let mut tx = self.pool.begin().await?;
         sqlx::query(
             "INSERT INTO sessions (session_key, profile, status, created_at_ms, updated_at_ms) \
