@@ -11,7 +11,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Sqlite, SqliteConnection, SqlitePool, Transaction};
+use sqlx::{Connection, Sqlite, SqliteConnection, SqlitePool, Transaction};
 
 use super::rows::{
     lease_lost, seq_to_db, spec_json, JobRow, SessionRow, JOB_COLUMNS, SESSION_COLUMNS,
@@ -45,6 +45,20 @@ impl SqliteStore {
             .foreign_keys(true);
         let pool = SqlitePoolOptions::new()
             .max_connections(max_connections.max(1))
+            // A `begin_with` cancelled (a timeout, a `select!`, a heartbeat
+            // dropped with its turn) after SQLite ran the BEGIN, while sqlx
+            // checks the handle, leaves the connection in a transaction no
+            // `Transaction` owns: with `BEGIN IMMEDIATE` it holds the write
+            // lock, every later `begin_with` on it fails, and every other
+            // writer waits out its busy timeout. sqlx 0.8.6 returns such a
+            // connection to the pool; close it instead. The ping first lets
+            // queued commands (a drop's rollback) run, so the depth is current.
+            .after_release(|conn, _meta| {
+                Box::pin(async move {
+                    conn.ping().await?;
+                    Ok(!conn.is_in_transaction())
+                })
+            })
             .connect_with(options)
             .await?;
         Ok(SqliteStore { pool })

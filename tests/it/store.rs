@@ -1935,3 +1935,91 @@ async fn permission_prompts_and_grants(ctx: Ctx) {
     );
     assert!(s.session_grants("c2").await.unwrap().is_empty());
 }
+
+/// A cancelled `begin` must not strand a SQLite connection inside a
+/// transaction. The window: SQLite ran the store's `BEGIN IMMEDIATE` (it
+/// waited for another writer's lock) and the future was dropped while sqlx
+/// checked the handle, before a `Transaction` existed — what a lease renewal
+/// dropped with its turn, or any timeout, can do. Before the fix the pool got
+/// the connection back still in that transaction: it held the write lock, and
+/// every later write on it failed with "attempted to call begin_with at
+/// non-zero transaction depth" (CI, warm tests, 2026-12-05).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_a_cancelled_begin_strands_no_transaction() {
+    use sqlx::sqlite::SqliteConnectOptions;
+    use std::str::FromStr;
+    use std::time::Duration;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("sqlite://{}", dir.path().join("store.db").display());
+    // One connection, so the next write is served by the one the drop returned.
+    let s = store::connect(&Secret::new(url.clone()), 1)
+        .await
+        .expect("connect");
+    s.migrate().await.expect("migrate");
+    let raw = |busy_ms: u64| {
+        SqliteConnectOptions::from_str(&url)
+            .unwrap()
+            .busy_timeout(Duration::from_millis(busy_ms))
+    };
+
+    // Another writer holds the lock, so the store's BEGIN IMMEDIATE waits.
+    let mut holder = sqlx::SqliteConnection::connect_with(&raw(5_000))
+        .await
+        .unwrap();
+    holder.execute("BEGIN IMMEDIATE").await.unwrap();
+    let cancelled = new_job("j-cancelled", "k");
+    let mut pending = Box::pin(s.accept_job(&cancelled, 1_000));
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), &mut pending)
+            .await
+            .is_err(),
+        "the accept waits for the write lock"
+    );
+    holder.execute("COMMIT").await.unwrap();
+
+    // Wait (bounded) until the store's connection has taken the lock: a
+    // probe that does not wait is then refused. The pending future is not
+    // polled, so sqlx's worker thread waits to hand it the BEGIN's answer.
+    let mut probe = sqlx::SqliteConnection::connect_with(&raw(0)).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while probe.execute("BEGIN IMMEDIATE").await.is_ok() {
+        probe.execute("ROLLBACK").await.unwrap();
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the store's BEGIN IMMEDIATE never took the lock"
+        );
+        // A poll interval, not synchronisation: the loop waits on the
+        // lock's state and is bounded by the deadline.
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // One more poll: the BEGIN's answer is read (depth 1), then sqlx waits
+    // for the connection's handle to check the transaction began; dropped
+    // there, no `Transaction` exists to roll it back.
+    let once = std::future::poll_fn(|cx| {
+        std::task::Poll::Ready(std::future::Future::poll(pending.as_mut(), cx))
+    })
+    .await;
+    assert!(once.is_pending(), "the accept cannot finish in one poll");
+    drop(pending);
+
+    // The next write works, and then nobody holds the lock.
+    let out = tokio::time::timeout(
+        Duration::from_secs(10),
+        s.accept_job(&new_job("j-next", "k"), 2_000),
+    )
+    .await
+    .expect("the next accept is not stuck behind a stranded lock")
+    .expect("the next accept succeeds");
+    assert_eq!(out, AcceptOutcome::Inserted);
+    let mut free = sqlx::SqliteConnection::connect_with(&raw(5_000))
+        .await
+        .unwrap();
+    free.execute("BEGIN IMMEDIATE").await.unwrap();
+    free.execute("ROLLBACK").await.unwrap();
+    assert_eq!(
+        s.get_job("j-cancelled").await.unwrap().map(|j| j.job_id),
+        None,
+        "the cancelled accept wrote nothing"
+    );
+}
