@@ -326,6 +326,17 @@ pub enum YieldOutcome {
     Kept(Option<Box<NextJob>>),
 }
 
+/// What `finish_job_and_look` saw once the job's outcome was written.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AfterFinish {
+    /// Another session waits for a worker. The lease is still held (the
+    /// terminal event goes out first); the caller hands it back with
+    /// `yield_or_next`.
+    OthersWaiting,
+    /// Nobody waits: the session's next job, if it has one.
+    Next(Option<Box<NextJob>>),
+}
+
 /// Which runnable job `yield_or_next` prefers when both exist.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum YieldOrder {
@@ -587,6 +598,17 @@ pub trait SessionStore: SessionLifecycle + PromptStore + Send + Sync + 'static {
     /// transaction. Fenced. `TranscriptChanged` (nothing written) when a
     /// transcript append no longer fits the stored transcript.
     async fn finish_job(&self, lease: &Lease, finish: &JobFinish) -> Result<(), StoreError>;
+
+    /// `finish_job` and, in the same transaction, the look that follows a
+    /// job: whether another session waits for a worker, else this session's
+    /// next job. The lease is never given up here, so no other worker runs
+    /// the session before the caller has published the terminal event: one
+    /// commit where `finish_job` + `yield_or_next` took two. Fenced.
+    async fn finish_job_and_look(
+        &self,
+        lease: &Lease,
+        finish: &JobFinish,
+    ) -> Result<AfterFinish, StoreError>;
 
     /// Records a failed compaction of the lease's session, `(at_ms,
     /// context_tokens)`, or clears the record (`None`: one succeeded).

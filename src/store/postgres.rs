@@ -19,9 +19,9 @@ use super::rows::{
 };
 use super::sql::check_transcript_session;
 use super::{
-    AcceptOutcome, JobFinish, JobRecord, JobStatus, Lease, NewJob, NextJob, ReleaseOutcome,
-    SessionRecord, SessionStore, StartedAttempt, StoreError, Transcript, TranscriptAppend,
-    TranscriptWrite, YieldOrder, YieldOutcome,
+    AcceptOutcome, AfterFinish, JobFinish, JobRecord, JobStatus, Lease, NewJob, NextJob,
+    ReleaseOutcome, SessionRecord, SessionStore, StartedAttempt, StoreError, Transcript,
+    TranscriptAppend, TranscriptWrite, YieldOrder, YieldOutcome,
 };
 use crate::protocol::PermissionMode;
 
@@ -119,47 +119,47 @@ super::sql::session_store_impl!(PostgresStore, {
 
     async fn accept_job(&self, job: &NewJob, now_ms: i64) -> Result<AcceptOutcome, StoreError> {
         let spec = spec_json(&job.spec)?;
-        // Redeliveries come in bursts (a broker restart): answer them
-        // without taking the session row's lock, which a slow or stopped
-        // lease holder may hold.
-        if let Some(dup) = existing_job(&mut *self.pool.acquire().await?, &job.job_id).await? {
-            return Ok(dup);
-        }
-        let mut tx = self.pool.begin().await?;
-        sqlx::query(
-            "INSERT INTO sessions (session_key, profile, status, created_at_ms, updated_at_ms) \
-             VALUES ($1, $2, 'idle', $3, $3) \
-             ON CONFLICT (session_key) DO UPDATE SET updated_at_ms = EXCLUDED.updated_at_ms, \
-               status = CASE WHEN sessions.status = 'closed' THEN 'idle' ELSE sessions.status END",
-        )
-        .bind(&job.session_key)
-        .bind(&job.spec.profile)
-        .bind(now_ms)
-        .execute(&mut *tx)
-        .await?;
-        let inserted: Option<i64> = sqlx::query_scalar(
-            "INSERT INTO jobs (job_id, session_key, status, attempts, next_seq, spec, created_at_ms) \
-             VALUES ($1, $2, 'queued', 0, 0, $3, $4) \
-             ON CONFLICT (job_id) DO NOTHING RETURNING job_order",
+        // One statement, so one commit per accepted job. A known job id
+        // (redeliveries come in bursts, e.g. after a broker restart) is
+        // answered from `known` without touching the session row, whose lock
+        // a slow or stopped lease holder may hold. For a new job the session
+        // upsert runs first (the insert reads its row), so the session's lock
+        // is taken before the job's `job_order` is drawn, as in a transaction
+        // of two statements: per session, commit order is `job_order` order.
+        let row: (Option<i64>, Option<String>, Option<String>) = sqlx::query_as(
+            "WITH known AS (SELECT status, terminal_event FROM jobs WHERE job_id = $1), \
+             s AS (INSERT INTO sessions (session_key, profile, status, created_at_ms, updated_at_ms) \
+                   SELECT $2, $3, 'idle', $4, $4 WHERE NOT EXISTS (SELECT 1 FROM known) \
+                   ON CONFLICT (session_key) DO UPDATE SET updated_at_ms = EXCLUDED.updated_at_ms, \
+                     status = CASE WHEN sessions.status = 'closed' THEN 'idle' ELSE sessions.status END \
+                   RETURNING session_key), \
+             j AS (INSERT INTO jobs (job_id, session_key, status, attempts, next_seq, spec, created_at_ms) \
+                   SELECT $1, s.session_key, 'queued', 0, 0, $5, $4 FROM s \
+                   ON CONFLICT (job_id) DO NOTHING RETURNING job_order) \
+             SELECT (SELECT job_order FROM j), (SELECT status FROM known), \
+                    (SELECT terminal_event FROM known)",
         )
         .bind(&job.job_id)
         .bind(&job.session_key)
-        .bind(spec)
+        .bind(&job.spec.profile)
         .bind(now_ms)
-        .fetch_optional(&mut *tx)
+        .bind(spec)
+        .fetch_one(&self.pool)
         .await?;
-        if inserted.is_none() {
-            // Known (a redelivery, or a concurrent accept of the same
-            // job_id that has committed by now): report it and undo the
-            // session upsert.
-            let dup = existing_job(&mut tx, &job.job_id).await?;
-            tx.rollback().await?;
-            return dup.ok_or_else(|| {
-                StoreError::Unavailable(format!("job {} vanished; retry", job.job_id))
-            });
+        match row {
+            (Some(_), _, _) => Ok(AcceptOutcome::Inserted),
+            (None, Some(status), terminal_event) => Ok(AcceptOutcome::Duplicate {
+                status: JobStatus::parse(&status)?,
+                terminal_event,
+            }),
+            // A concurrent accept of the same job id committed between our
+            // snapshot and our insert: it is known now.
+            (None, None, _) => existing_job(&mut *self.pool.acquire().await?, &job.job_id)
+                .await?
+                .ok_or_else(|| {
+                    StoreError::Unavailable(format!("job {} vanished; retry", job.job_id))
+                }),
         }
-        tx.commit().await?;
-        Ok(AcceptOutcome::Inserted)
     }
 
     async fn claim_session(

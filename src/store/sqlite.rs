@@ -18,9 +18,9 @@ use super::rows::{
 };
 use super::sql::check_transcript_session;
 use super::{
-    AcceptOutcome, JobFinish, JobRecord, JobStatus, Lease, NewJob, NextJob, ReleaseOutcome,
-    SessionRecord, SessionStore, StartedAttempt, StoreError, Transcript, TranscriptAppend,
-    TranscriptWrite, YieldOrder, YieldOutcome,
+    AcceptOutcome, AfterFinish, JobFinish, JobRecord, JobStatus, Lease, NewJob, NextJob,
+    ReleaseOutcome, SessionRecord, SessionStore, StartedAttempt, StoreError, Transcript,
+    TranscriptAppend, TranscriptWrite, YieldOrder, YieldOutcome,
 };
 use crate::protocol::PermissionMode;
 

@@ -15,7 +15,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, info_span, warn, Instrument};
 
 use crate::logging::session_ref;
-use crate::store::{now_ms, Lease, NextJob, ReleaseOutcome, YieldOrder, YieldOutcome};
+use crate::store::{now_ms, AfterFinish, Lease, NextJob, ReleaseOutcome, YieldOrder, YieldOutcome};
 use crate::worker::context::Context;
 use crate::worker::lease::{self, Stop};
 use crate::worker::supervise::panic_message;
@@ -178,17 +178,21 @@ async fn session_loop(
         };
         stop.progressed();
         let span = info_span!("job", job_id = %job.job.job_id);
-        run_job(ctx, lease, *job, stop).instrument(span).await?;
+        let after = run_job(ctx, lease, *job, stop).instrument(span).await?;
         // Fairness: another session waiting for a worker goes first; this
-        // one is claimed again in least-recently-served order. Otherwise
-        // the same transaction reads the next job.
-        match ctx
-            .store
-            .yield_or_next(lease, now_ms(), YieldOrder::OthersFirst)
-            .await?
-        {
-            YieldOutcome::HandedBack => return Ok(()),
-            YieldOutcome::Kept(job) => next = job,
+        // one is claimed again in least-recently-served order. The outcome's
+        // transaction looked already (nobody waited: its next job, if any);
+        // otherwise look now, handing the lease back if someone waits.
+        match after {
+            Some(AfterFinish::Next(job)) => next = job,
+            Some(AfterFinish::OthersWaiting) | None => match ctx
+                .store
+                .yield_or_next(lease, now_ms(), YieldOrder::OthersFirst)
+                .await?
+            {
+                YieldOutcome::HandedBack => return Ok(()),
+                YieldOutcome::Kept(job) => next = job,
+            },
         }
     }
 }

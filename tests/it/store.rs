@@ -10,7 +10,7 @@ use std::sync::Arc;
 use claude_worker::config::Secret;
 use claude_worker::protocol::{PermissionMode, SessionMode};
 use claude_worker::store::{
-    self, AcceptOutcome, JobFinish, JobSpec, JobStatus, Lease, NewJob, ReleaseOutcome,
+    self, AcceptOutcome, AfterFinish, JobFinish, JobSpec, JobStatus, Lease, NewJob, ReleaseOutcome,
     SessionStatus, SessionStore, SessionUpdate, StoreError, Transcript,
 };
 use sqlx::{Connection, Executor};
@@ -138,6 +138,7 @@ store_tests!(
     session_permission_mode_override,
     claims_go_least_recently_served_first,
     yield_hands_back_only_when_others_wait,
+    finish_looks_ahead_without_giving_the_lease_up,
     transcripts_are_fenced_and_replaced,
     transcripts_grow_by_chunks_with_the_outcome,
     claude_sessions_belong_to_their_key,
@@ -1142,6 +1143,83 @@ async fn yield_hands_back_only_when_others_wait(ctx: Ctx) {
     assert_eq!(sess.lease_owner, None);
     assert_eq!(
         s.get_job("a1").await.unwrap().unwrap().status,
+        JobStatus::Queued
+    );
+}
+
+/// The outcome's transaction also looks ahead: nobody waits → the next job
+/// (or none); someone waits → says so and keeps the lease (the terminal
+/// event goes out before anyone else runs the session).
+async fn finish_looks_ahead_without_giving_the_lease_up(ctx: Ctx) {
+    let s = ctx.open().await;
+    accept(&s, "a0", "A", 100).await;
+    accept(&s, "a1", "A", 101).await;
+    let a = s
+        .claim_session("w1", 200, TTL, None)
+        .await
+        .unwrap()
+        .unwrap();
+    let a0 = s.next_job(&a).await.unwrap().unwrap();
+    assert_eq!(a0.job_id, "a0");
+    s.start_attempt(&a, "a0", 210).await.unwrap();
+    let after = s
+        .finish_job_and_look(&a, &finish("a0", JobStatus::Succeeded, 2, 220))
+        .await
+        .unwrap();
+    match after {
+        AfterFinish::Next(Some(next)) => {
+            assert_eq!(next.job.job_id, "a1");
+            assert_eq!(next.job.status, JobStatus::Queued);
+            assert_eq!(next.session.session_key, "A");
+        }
+        other => panic!("expected a1 next, got {other:?}"),
+    }
+    let a0 = s.get_job("a0").await.unwrap().unwrap();
+    assert_eq!(a0.status, JobStatus::Succeeded);
+    assert_eq!(a0.next_seq, 2);
+
+    // C is claimable: finishing a1 reports it and still holds A's lease.
+    accept(&s, "c0", "C", 230).await;
+    s.start_attempt(&a, "a1", 240).await.unwrap();
+    let after = s
+        .finish_job_and_look(&a, &finish("a1", JobStatus::Failed, 3, 250))
+        .await
+        .unwrap();
+    assert_eq!(after, AfterFinish::OthersWaiting);
+    assert_eq!(
+        s.get_job("a1").await.unwrap().unwrap().status,
+        JobStatus::Failed
+    );
+    let sess = s.get_session("A").await.unwrap().unwrap();
+    assert_eq!(sess.lease_owner.as_deref(), Some("w1"));
+    // Nothing left of A: nobody waiting would give Next(None).
+    let c = s
+        .claim_session("w2", 260, TTL, Some("C"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(c.session_key, "C");
+    s.start_attempt(&c, "c0", 270).await.unwrap();
+    assert_eq!(
+        s.finish_job_and_look(&c, &finish("c0", JobStatus::Succeeded, 2, 280))
+            .await
+            .unwrap(),
+        AfterFinish::Next(None)
+    );
+
+    // Fenced: a stale lease writes nothing.
+    accept(&s, "c1", "C", 290).await;
+    let stale = Lease {
+        epoch: c.epoch - 1,
+        ..c.clone()
+    };
+    assert_lease_lost(
+        s.finish_job_and_look(&stale, &finish("c1", JobStatus::Succeeded, 2, 300))
+            .await,
+        &stale,
+    );
+    assert_eq!(
+        s.get_job("c1").await.unwrap().unwrap().status,
         JobStatus::Queued
     );
 }

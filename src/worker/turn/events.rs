@@ -23,7 +23,9 @@ use crate::ops::metrics::{
 };
 use crate::ops::GaugeGuard;
 use crate::protocol::{EventBody, EventV1, PROTOCOL_VERSION};
-use crate::store::{now_ms, JobFinish, JobRecord, JobStatus, Lease, SessionUpdate, StoreError};
+use crate::store::{
+    now_ms, AfterFinish, JobFinish, JobRecord, JobStatus, Lease, SessionUpdate, StoreError,
+};
 use crate::worker::context::Context;
 use crate::worker::running::TurnRegistration;
 use crate::worker::transcript::Pending;
@@ -67,6 +69,9 @@ pub(super) struct JobEvents<'a> {
     began: std::time::Instant,
     spoke: bool,
     _running: GaugeGuard,
+    /// What the outcome's transaction saw for after the job (None: no
+    /// outcome was written here).
+    after: Option<AfterFinish>,
 }
 
 impl<'a> JobEvents<'a> {
@@ -106,7 +111,14 @@ impl<'a> JobEvents<'a> {
             began: std::time::Instant::now(),
             spoke: false,
             _running: ctx.metrics.raise(TURNS_RUNNING),
+            after: None,
         }
+    }
+
+    /// What the outcome's transaction saw for after the job; None if no
+    /// outcome was written by this run.
+    pub fn take_after(&mut self) -> Option<AfterFinish> {
+        self.after.take()
     }
 
     fn event(&self, body: EventBody) -> EventV1 {
@@ -290,16 +302,19 @@ impl<'a> JobEvents<'a> {
             transcript: transcript.as_mut().and_then(|t| t.write.take()),
             now_ms: now_ms(),
         };
-        match self.ctx.store.finish_job(self.lease, &finish).await {
+        let store = &self.ctx.store;
+        let after = match store.finish_job_and_look(self.lease, &finish).await {
             Err(StoreError::TranscriptChanged(_)) if transcript.is_some() => {
                 let whole = transcript.take().expect("checked").whole(self.ctx).await;
                 let mut whole = whole?;
                 finish.transcript = whole.write.take();
-                self.ctx.store.finish_job(self.lease, &finish).await?;
+                let after = store.finish_job_and_look(self.lease, &finish).await?;
                 transcript = Some(whole);
+                after
             }
-            done => done?,
-        }
+            after => after?,
+        };
+        self.after = Some(after);
         if let Some(t) = transcript {
             t.committed(self.ctx);
         }

@@ -32,7 +32,7 @@ use std::time::Duration;
 use tracing::instrument;
 
 use crate::broker::publish::PublishError;
-use crate::store::{Lease, NextJob, StoreError};
+use crate::store::{AfterFinish, JobRecord, Lease, NextJob, SessionRecord, StoreError};
 use crate::worker::context::Context;
 pub(crate) use crate::worker::lease::Stop;
 
@@ -70,23 +70,36 @@ impl From<StoreError> for TurnAbort {
     }
 }
 
-/// Runs a job to its outcome (or aborts, leaving it for later).
+/// Runs a job to its outcome (or aborts, leaving it for later), and says
+/// what the outcome's transaction saw for after it (None: this run wrote
+/// no outcome).
 #[instrument(skip_all)]
 pub async fn run_job(
     ctx: &Context,
     lease: &Lease,
     next: NextJob,
     stop: &Stop,
-) -> Result<(), TurnAbort> {
+) -> Result<Option<AfterFinish>, TurnAbort> {
     let NextJob { job, session } = next;
     let mut events = JobEvents::new(ctx, lease, stop, &job);
-    let Some(mut prepared) = prepare::prepare(ctx, &job, session, &mut events).await? else {
+    run_job_stages(ctx, lease, job, session, &mut events).await?;
+    Ok(events.take_after())
+}
+
+async fn run_job_stages(
+    ctx: &Context,
+    lease: &Lease,
+    job: JobRecord,
+    session: SessionRecord,
+    events: &mut JobEvents<'_>,
+) -> Result<(), TurnAbort> {
+    let Some(mut prepared) = prepare::prepare(ctx, &job, session, events).await? else {
         return Ok(());
     };
-    if !budget::admit(ctx, &job, &mut prepared, &mut events).await? {
+    if !budget::admit(ctx, &job, &mut prepared, events).await? {
         return Ok(());
     }
-    compact::before_turn(ctx, lease, &job, &mut prepared, &mut events).await?;
-    let ended = attempts::run(ctx, lease, &job, &mut prepared, &mut events).await?;
-    outcome::record(ctx, lease, &job, prepared, ended, &mut events).await
+    compact::before_turn(ctx, lease, &job, &mut prepared, events).await?;
+    let ended = attempts::run(ctx, lease, &job, &mut prepared, events).await?;
+    outcome::record(ctx, lease, &job, prepared, ended, events).await
 }
