@@ -326,6 +326,47 @@ pub enum YieldOutcome {
     Kept(Option<Box<NextJob>>),
 }
 
+/// A job accepted into the store by any worker, as the database announced
+/// it (see [`SessionStore::listen_accepts`]).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct AcceptNotice {
+    pub job_id: String,
+    pub session_key: String,
+    /// Whether the session's lease was live when the job was accepted:
+    /// its holder may be waiting for it (lease affinity). Otherwise the
+    /// session waits for a worker.
+    pub held: bool,
+}
+
+/// The database's announcements of accepted jobs (Postgres `LISTEN`).
+pub struct AcceptFeed {
+    listener: sqlx::postgres::PgListener,
+}
+
+/// The channel `accept_job` announces new jobs on (Postgres `NOTIFY`).
+pub(crate) const ACCEPT_CHANNEL: &str = "claude_worker_accepted";
+
+impl AcceptFeed {
+    pub(crate) fn new(listener: sqlx::postgres::PgListener) -> Self {
+        AcceptFeed { listener }
+    }
+
+    /// The next announcement. `Ok(None)`: the connection was lost and has
+    /// been re-established; announcements made meanwhile are gone, so the
+    /// caller should look for itself once. Waits until something arrives.
+    pub async fn next(&mut self) -> Result<Option<AcceptNotice>, StoreError> {
+        loop {
+            let Some(n) = self.listener.try_recv().await? else {
+                return Ok(None);
+            };
+            // Only ours are sent on the channel; anything else is skipped.
+            if let Ok(notice) = serde_json::from_str::<AcceptNotice>(n.payload()) {
+                return Ok(Some(notice));
+            }
+        }
+    }
+}
+
 /// What `finish_job_and_look` saw once the job's outcome was written.
 #[derive(Debug, Clone, PartialEq)]
 pub enum AfterFinish {
@@ -494,6 +535,13 @@ pub trait SessionStore: SessionLifecycle + PromptStore + Send + Sync + 'static {
     /// `MoreWork`, lease kept). Sets the session `idle`.
     async fn release_lease(&self, lease: &Lease, now_ms: i64)
         -> Result<ReleaseOutcome, StoreError>;
+
+    /// Announcements of every job accepted from now on, by any worker
+    /// (`AcceptFeed`), or `None` where the backend has none (SQLite: lease
+    /// holders poll instead).
+    async fn listen_accepts(&self) -> Result<Option<AcceptFeed>, StoreError> {
+        Ok(None)
+    }
 
     /// Between two jobs: gives the lease up if another session with runnable
     /// jobs is waiting for a worker (its lease free or expired), so capacity

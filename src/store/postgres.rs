@@ -19,9 +19,9 @@ use super::rows::{
 };
 use super::sql::check_transcript_session;
 use super::{
-    AcceptOutcome, AfterFinish, JobFinish, JobRecord, JobStatus, Lease, NewJob, NextJob,
-    ReleaseOutcome, SessionRecord, SessionStore, StartedAttempt, StoreError, Transcript,
-    TranscriptAppend, TranscriptWrite, YieldOrder, YieldOutcome,
+    AcceptFeed, AcceptOutcome, AfterFinish, JobFinish, JobRecord, JobStatus, Lease, NewJob,
+    NextJob, ReleaseOutcome, SessionRecord, SessionStore, StartedAttempt, StoreError, Transcript,
+    TranscriptAppend, TranscriptWrite, YieldOrder, YieldOutcome, ACCEPT_CHANNEL,
 };
 use crate::protocol::PermissionMode;
 
@@ -110,6 +110,19 @@ super::lifecycle::lifecycle_store_impl!(PostgresStore);
 super::prompts::prompt_store_impl!(PostgresStore);
 
 super::sql::session_store_impl!(PostgresStore, {
+    async fn listen_accepts(&self) -> Result<Option<AcceptFeed>, StoreError> {
+        // A connection of its own (a pool of one, to reconnect), not one
+        // taken from the store's pool for good.
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(30))
+            .connect_with((*self.pool.connect_options()).clone())
+            .await?;
+        let mut listener = sqlx::postgres::PgListener::connect_with(&pool).await?;
+        listener.listen(ACCEPT_CHANNEL).await?;
+        Ok(Some(AcceptFeed::new(listener)))
+    }
+
     async fn migrate(&self) -> Result<(), StoreError> {
         sqlx::migrate!("./migrations/postgres")
             .run(&self.pool)
@@ -126,35 +139,39 @@ super::sql::session_store_impl!(PostgresStore, {
         // upsert runs first (the insert reads its row), so the session's lock
         // is taken before the job's `job_order` is drawn, as in a transaction
         // of two statements: per session, commit order is `job_order` order.
-        let row: (Option<i64>, Option<String>, Option<String>) = sqlx::query_as(
+        let row: (Option<i64>, Option<String>, Option<String>, i64) = sqlx::query_as(
             "WITH known AS (SELECT status, terminal_event FROM jobs WHERE job_id = $1), \
              s AS (INSERT INTO sessions (session_key, profile, status, created_at_ms, updated_at_ms) \
                    SELECT $2, $3, 'idle', $4, $4 WHERE NOT EXISTS (SELECT 1 FROM known) \
                    ON CONFLICT (session_key) DO UPDATE SET updated_at_ms = EXCLUDED.updated_at_ms, \
                      status = CASE WHEN sessions.status = 'closed' THEN 'idle' ELSE sessions.status END \
-                   RETURNING session_key), \
+                   RETURNING session_key, lease_owner, lease_expires_at_ms), \
              j AS (INSERT INTO jobs (job_id, session_key, status, attempts, next_seq, spec, created_at_ms) \
                    SELECT $1, s.session_key, 'queued', 0, 0, $5, $4 FROM s \
-                   ON CONFLICT (job_id) DO NOTHING RETURNING job_order) \
+                   ON CONFLICT (job_id) DO NOTHING RETURNING job_order), \
+             n AS (SELECT pg_notify($6, json_build_object('job_id', $1::text, 'session_key', $2::text, \
+                     'held', s.lease_owner IS NOT NULL AND COALESCE(s.lease_expires_at_ms >= $4, FALSE))::text) \
+                   FROM s, j) \
              SELECT (SELECT job_order FROM j), (SELECT status FROM known), \
-                    (SELECT terminal_event FROM known)",
+                    (SELECT terminal_event FROM known), (SELECT COUNT(*) FROM n)",
         )
         .bind(&job.job_id)
         .bind(&job.session_key)
         .bind(&job.spec.profile)
         .bind(now_ms)
         .bind(spec)
+        .bind(ACCEPT_CHANNEL)
         .fetch_one(&self.pool)
         .await?;
         match row {
-            (Some(_), _, _) => Ok(AcceptOutcome::Inserted),
-            (None, Some(status), terminal_event) => Ok(AcceptOutcome::Duplicate {
+            (Some(_), _, _, _) => Ok(AcceptOutcome::Inserted),
+            (None, Some(status), terminal_event, _) => Ok(AcceptOutcome::Duplicate {
                 status: JobStatus::parse(&status)?,
                 terminal_event,
             }),
             // A concurrent accept of the same job id committed between our
             // snapshot and our insert: it is known now.
-            (None, None, _) => existing_job(&mut *self.pool.acquire().await?, &job.job_id)
+            (None, None, _, _) => existing_job(&mut *self.pool.acquire().await?, &job.job_id)
                 .await?
                 .ok_or_else(|| {
                     StoreError::Unavailable(format!("job {} vanished; retry", job.job_id))

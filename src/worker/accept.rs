@@ -113,6 +113,8 @@ pub async fn accept(ctx: &Context, delivery: &Delivery) -> Result<Accepted, Acce
             delivery.properties.user_id().as_ref().map(|u| u.as_str()),
         ),
     };
+    // Before the insert: the database may announce it before we return.
+    ctx.note_accepting(&new.job_id);
     match ctx.store.accept_job(&new, now_ms()).await? {
         AcceptOutcome::Inserted => {
             let profile = [("profile", new.spec.profile.as_str())];

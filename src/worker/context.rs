@@ -3,16 +3,18 @@
 //! `Context` is built at start-up and passed down.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use tokio::sync::Notify;
+use tokio::sync::{Notify, Semaphore};
 
 use crate::broker::publish::ReplySink;
 use crate::claude::warm::WarmPool;
 use crate::config::Settings;
 use crate::ops::Metrics;
-use crate::store::JobRecord;
 use crate::store::SessionStore;
+use crate::store::{AcceptNotice, JobRecord};
 use crate::worker::admin::MeteredSink;
 use crate::worker::running::RunningTurns;
 use crate::worker::turn::retry::RetryPolicy;
@@ -40,6 +42,14 @@ pub struct Context {
     /// Sessions whose lease holder waits for a follow-up (lease affinity):
     /// only that session's holder is woken by its accept, not every one.
     affinity: Mutex<std::collections::HashMap<String, Arc<Notify>>>,
+    /// Job ids this worker is accepting or accepted lately (bounded): the
+    /// database's announcement of one of them is not news here.
+    accepting: Mutex<VecDeque<String>>,
+    /// Whether the database announces accepted jobs to this worker now
+    /// (see `accept_feed`); lease holders then poll less often.
+    accepts_pushed: AtomicBool,
+    /// One slot per session this worker may hold at once (the scheduler's).
+    pub(crate) slots: Arc<Semaphore>,
     /// Whether the broker connection is up (see `broker_watch`).
     broker_up: tokio::sync::watch::Sender<bool>,
     /// Signalled when this worker recorded lifecycle events (the
@@ -63,6 +73,7 @@ impl Context {
             settings.warm_idle_ttl(),
         ));
         let metrics = Arc::new(Metrics::new(matches!(settings.ops_listen(), Ok(Some(_)))));
+        let slots = Arc::new(Semaphore::new(settings.worker.max_concurrent_turns));
         let sink: Arc<dyn ReplySink> = if metrics.enabled() {
             Arc::new(MeteredSink {
                 inner: sink,
@@ -86,6 +97,9 @@ impl Context {
             preferred: Mutex::new(VecDeque::new()),
             accepted: Notify::new(),
             affinity: Mutex::new(Default::default()),
+            accepting: Mutex::new(VecDeque::new()),
+            accepts_pushed: AtomicBool::new(false),
+            slots,
             broker_up: tokio::sync::watch::Sender::new(true),
             lifecycle: Notify::new(),
             hooks,
@@ -116,13 +130,90 @@ impl Context {
             }
             drop(q);
             self.accepted.notify_waiters();
-            let watching = self.affinity.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(holder) = watching.get(key) {
-                // A permit if the holder is not waiting yet: not missed.
-                holder.notify_one();
+            if !self.nudge_holder(key) && self.slots.available_permits() == 0 {
+                // Its session waits for a slot and none is free here: the
+                // lease holders waiting for follow-ups look now (and give
+                // theirs up, since a session waits).
+                self.nudge_all_holders();
             }
         }
         self.wake.notify_one();
+    }
+
+    /// Wakes the holder of `session_key`'s lease if it waits here for a
+    /// follow-up; false if none does. A permit if the holder is not
+    /// waiting yet: not missed.
+    pub(crate) fn nudge_holder(&self, session_key: &str) -> bool {
+        let watching = self.affinity.lock().unwrap_or_else(|p| p.into_inner());
+        match watching.get(session_key) {
+            Some(holder) => {
+                holder.notify_one();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Wakes every lease holder waiting here for a follow-up: each looks
+    /// once (its own next job, or another session waiting for a worker).
+    pub(crate) fn nudge_all_holders(&self) {
+        let watching = self.affinity.lock().unwrap_or_else(|p| p.into_inner());
+        for holder in watching.values() {
+            holder.notify_one();
+        }
+    }
+
+    /// Called before this worker's accept of `job_id`, so the database's
+    /// announcement of it (which may come first) is recognised.
+    pub(crate) fn note_accepting(&self, job_id: &str) {
+        const KEPT: usize = 1024;
+        let mut q = self.accepting.lock().unwrap_or_else(|p| p.into_inner());
+        if q.len() == KEPT {
+            q.pop_front();
+        }
+        q.push_back(job_id.to_string());
+    }
+
+    /// A job accepted by any worker, as the database announced it. One
+    /// accepted here was handled by `wake_scheduler` already.
+    pub(crate) fn on_accept_announced(&self, notice: &AcceptNotice) {
+        let ours = self
+            .accepting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .any(|j| *j == notice.job_id);
+        if ours {
+            return;
+        }
+        if notice.held {
+            // Its holder, if it waits here, runs it now and warm.
+            self.nudge_holder(&notice.session_key);
+        } else if self.slots.available_permits() == 0 {
+            // A session waits for a worker and this one is full.
+            self.nudge_all_holders();
+        }
+    }
+
+    pub(crate) fn set_accepts_pushed(&self, pushed: bool) {
+        self.accepts_pushed.store(pushed, Ordering::Release);
+    }
+
+    /// How long a lease holder in its affinity window waits before its
+    /// `n`th look of its own (0-based). Polling finds a follow-up accepted by
+    /// another worker and a session waiting for a slot; when the database
+    /// announces accepts those wake it at once, so it polls only for what
+    /// is not announced (a lease that expired, one handed back) and backs
+    /// off: 100, 200, 400, 800 ms, then every second.
+    pub(crate) fn affinity_poll(&self, n: u32) -> Duration {
+        const FIRST: Duration = Duration::from_millis(100);
+        if let Some(fixed) = self.hooks.affinity_poll {
+            return fixed;
+        }
+        if !self.accepts_pushed.load(Ordering::Acquire) {
+            return FIRST;
+        }
+        (FIRST * 2u32.saturating_pow(n.min(4))).min(Duration::from_secs(1))
     }
 
     /// Wakes the returned `Notify` (a permit, so never missed) whenever a
@@ -192,6 +283,9 @@ pub struct Hooks {
     /// Skip publishing terminal events after their outcome is recorded: a
     /// worker dying in that window, without killing it.
     pub skip_terminal_publish: bool,
+    /// Replaces the affinity poll interval: a test that sets it long shows
+    /// that only an announcement woke a lease holder.
+    pub affinity_poll: Option<Duration>,
 }
 
 /// A lease holder's watch on its session's accepts (see

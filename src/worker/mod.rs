@@ -16,6 +16,7 @@ pub(crate) mod broker_watch;
 pub(crate) mod consume;
 pub mod context;
 pub use context::{Hooks, JobHook};
+mod accept_feed;
 pub(crate) mod control;
 pub(crate) mod ending;
 pub(crate) mod lease;
@@ -331,6 +332,10 @@ async fn run(
         let _ = watch.await;
     });
     tasks.spawn("outbox", outbox::run(Arc::clone(&ctx), shutdown.clone()));
+    tasks.spawn(
+        "accept feed",
+        accept_feed::run(Arc::clone(&ctx), shutdown.clone()),
+    );
     tasks.spawn(
         "lifecycle",
         lifecycle::run(Arc::clone(&ctx), shutdown.clone()),

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::FutureExt;
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info_span, warn, Instrument};
@@ -32,7 +32,7 @@ pub struct Shutdown {
 /// The scheduler loop: claim while there is capacity, else wait for a
 /// wake-up (a job accepted here, a session finished) or the sweep tick.
 pub async fn run(ctx: Arc<Context>, signals: Shutdown, tracker: TaskTracker) {
-    let slots = Arc::new(Semaphore::new(ctx.settings.worker.max_concurrent_turns));
+    let slots = Arc::clone(&ctx.slots);
     let ttl_ms = ctx.settings.lease_ttl().as_millis() as i64;
     loop {
         let permit = tokio::select! {
@@ -197,13 +197,6 @@ async fn session_loop(
     }
 }
 
-/// How often a lease holder in its affinity window looks for a follow-up
-/// accepted by another worker (one accepted here wakes it at once), and
-/// whether another session waits for its slot. Backing this off (tried:
-/// 250 ms doubling to 1 s) held slots idle while other sessions waited
-/// and slowed the fault storm past its deadline.
-const AFFINITY_POLL: Duration = Duration::from_millis(100);
-
 /// Lease affinity: when this worker holds the session's CLI warm, keep the
 /// lease for `worker.warm_affinity_ms` after its last job, so a follow-up
 /// runs here warm instead of cold on whichever worker accepted it. Never at
@@ -222,6 +215,7 @@ async fn keep_warm_session(
     let deadline = tokio::time::Instant::now() + window;
     // The caller has just looked (and yielded if others waited).
     let mut look = false;
+    let mut polls = 0;
     loop {
         if look {
             match ctx
@@ -241,11 +235,12 @@ async fn keep_warm_session(
             return Ok(Affinity::Over);
         }
         // A job of this session accepted here wakes us at once (a permit
-        // if it came while we looked); one accepted by another worker is
-        // seen at the next poll.
+        // if it came while we looked), as does one accepted elsewhere or a
+        // session waiting for a slot here when the database announces
+        // accepts (`accept_feed`); the rest is seen at the next poll.
         tokio::select! {
             _ = accepted.notified() => {}
-            _ = tokio::time::sleep(AFFINITY_POLL.min(deadline - now)) => {}
+            _ = tokio::time::sleep(ctx.affinity_poll(polls).min(deadline - now)) => polls += 1,
             _ = signals.shutdown.cancelled() => return Ok(Affinity::Over),
         }
     }

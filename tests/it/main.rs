@@ -8,6 +8,7 @@
 mod common;
 pub(crate) use common::{mock_api, support};
 
+mod accept_feed;
 mod bad_input;
 mod broker_recovery;
 mod broker_restart;
