@@ -16,7 +16,9 @@
 //! to last `completed`), worker CPU per turn (utime+stime of the worker
 //! processes, not the stand-in's), and — on PostgreSQL — database commits
 //! per turn (`pg_stat_database.xact_commit` of the run's database, which
-//! counts every transaction, reads included).
+//! counts every transaction, reads included, from the end of the warm-up
+//! to the last `completed`, when the workers are stopped: a session's idle
+//! affinity window after its last turn is not in it).
 //!
 //! `FASTPATH_BASELINE_BIN=/path/to/claude-worker` runs an older build the
 //! same way in the same run, so the report can give ratios.
@@ -38,6 +40,8 @@ use tokio::process::Child;
 use tokio::sync::mpsc;
 
 const RUN_LIMIT: Duration = Duration::from_secs(300);
+/// Longer than Postgres backends wait between reports of their counts.
+const STATS_FLUSH: Duration = Duration::from_millis(1500);
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -408,6 +412,9 @@ async fn run(load: &Load, bin: &Path, standin: &Path) -> Figures {
     bus.wait_for_consumers(load.workers as u32).await;
     // One warm-up turn per session starts its process; measured from there.
     drive(&bus, &mut replies, load.sessions, 1).await;
+    // Postgres backends report their counts at most once a second: let the
+    // warm-up's reach `pg_stat_database` before reading where the run starts.
+    tokio::time::sleep(STATS_FLUSH).await;
     let pids: Vec<i32> = children.iter().map(|c| c.id().unwrap() as i32).collect();
     let cpu_before: f64 = pids.iter().map(|p| cpu_ms(*p)).sum();
     let commits_before = commits(load.backend, &db_name).await;
@@ -415,11 +422,14 @@ async fn run(load: &Load, bin: &Path, standin: &Path) -> Figures {
     let (events, text_events) = drive(&bus, &mut replies, load.sessions, load.turns).await;
     let wall = began.elapsed();
     let cpu_after: f64 = pids.iter().map(|p| cpu_ms(*p)).sum();
-    let commits_after = commits(load.backend, &db_name).await;
+    // The run ends at its last `completed`: stop the workers there (their
+    // backends report their counts as they exit), then read.
     for c in &mut children {
         let _ = c.start_kill();
         let _ = c.wait().await;
     }
+    tokio::time::sleep(STATS_FLUSH).await;
+    let commits_after = commits(load.backend, &db_name).await;
     bus.delete().await;
     if load.backend == Backend::Postgres {
         world::drop_database(&db_name).await;
