@@ -369,13 +369,13 @@ impl AcceptFeed {
 
 /// What `finish_job_and_look` saw once the job's outcome was written.
 #[derive(Debug, Clone, PartialEq)]
-pub enum AfterFinish {
+pub struct AfterFinish {
     /// Another session waits for a worker. The lease is still held (the
-    /// terminal event goes out first); the caller hands it back with
+    /// terminal event goes out first); the caller may hand it back with
     /// `yield_or_next`.
-    OthersWaiting,
-    /// Nobody waits: the session's next job, if it has one.
-    Next(Option<Box<NextJob>>),
+    pub others_waiting: bool,
+    /// The session's next job, if it has one.
+    pub next: Option<Box<NextJob>>,
 }
 
 /// Which runnable job `yield_or_next` prefers when both exist.
@@ -648,7 +648,7 @@ pub trait SessionStore: SessionLifecycle + PromptStore + Send + Sync + 'static {
     async fn finish_job(&self, lease: &Lease, finish: &JobFinish) -> Result<(), StoreError>;
 
     /// `finish_job` and, in the same transaction, the look that follows a
-    /// job: whether another session waits for a worker, else this session's
+    /// job: whether another session waits for a worker, and this session's
     /// next job. The lease is never given up here, so no other worker runs
     /// the session before the caller has published the terminal event: one
     /// commit where `finish_job` + `yield_or_next` took two. Fenced.

@@ -426,14 +426,12 @@ macro_rules! session_store_impl {
                     .bind(finish.now_ms)
                     .fetch_optional(&mut *tx)
                     .await?;
-                let after = if waiting.is_some() {
-                    AfterFinish::OthersWaiting
-                } else {
-                    let next = $crate::store::sql::next_turn_in!(tx, lease).await?;
-                    AfterFinish::Next(next.map(Box::new))
-                };
+                let next = $crate::store::sql::next_turn_in!(tx, lease).await?;
                 tx.commit().await?;
-                Ok(after)
+                Ok(AfterFinish {
+                    others_waiting: waiting.is_some(),
+                    next: next.map(Box::new),
+                })
             }
 
             async fn get_transcript(

@@ -15,7 +15,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, info_span, warn, Instrument};
 
 use crate::logging::session_ref;
-use crate::store::{now_ms, AfterFinish, Lease, NextJob, ReleaseOutcome, YieldOrder, YieldOutcome};
+use crate::store::{now_ms, Lease, NextJob, ReleaseOutcome, YieldOrder, YieldOutcome};
 use crate::worker::context::Context;
 use crate::worker::lease::{self, Stop};
 use crate::worker::supervise::panic_message;
@@ -179,13 +179,15 @@ async fn session_loop(
         stop.progressed();
         let span = info_span!("job", job_id = %job.job.job_id);
         let after = run_job(ctx, lease, *job, stop).instrument(span).await?;
-        // Fairness: another session waiting for a worker goes first; this
-        // one is claimed again in least-recently-served order. The outcome's
-        // transaction looked already (nobody waited: its next job, if any);
-        // otherwise look now, handing the lease back if someone waits.
+        // Fairness: another session waiting for a worker goes first when no
+        // slot is free here (with one free, this worker's scheduler serves
+        // it: handing the lease back would only make this session wait);
+        // this one is claimed again in least-recently-served order. The
+        // outcome's transaction looked already; if it saw someone waiting
+        // and this worker is full, look again and hand the lease back.
         match after {
-            Some(AfterFinish::Next(job)) => next = job,
-            Some(AfterFinish::OthersWaiting) | None => match ctx
+            Some(a) if !(a.others_waiting && slots_full(ctx)) => next = a.next,
+            _ => match ctx
                 .store
                 .yield_or_next(lease, now_ms(), YieldOrder::OthersFirst)
                 .await?
@@ -195,6 +197,12 @@ async fn session_loop(
             },
         }
     }
+}
+
+/// No slot free on this worker: a session waiting for a worker can only
+/// get one here if a lease is handed back.
+fn slots_full(ctx: &Context) -> bool {
+    ctx.slots.available_permits() == 0
 }
 
 /// Lease affinity: when this worker holds the session's CLI warm, keep the
@@ -217,7 +225,13 @@ async fn keep_warm_session(
     let mut look = false;
     let mut polls = 0;
     loop {
-        if look {
+        if look && !slots_full(ctx) {
+            // A session waiting for a worker gets a free slot here; only
+            // this session's follow-up matters (a read).
+            if let Some(job) = ctx.store.next_turn(lease).await? {
+                return Ok(Affinity::JobArrived(Box::new(job)));
+            }
+        } else if look {
             match ctx
                 .store
                 .yield_or_next(lease, now_ms(), YieldOrder::OwnFirst)

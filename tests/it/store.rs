@@ -1166,33 +1166,31 @@ async fn finish_looks_ahead_without_giving_the_lease_up(ctx: Ctx) {
         .finish_job_and_look(&a, &finish("a0", JobStatus::Succeeded, 2, 220))
         .await
         .unwrap();
-    match after {
-        AfterFinish::Next(Some(next)) => {
-            assert_eq!(next.job.job_id, "a1");
-            assert_eq!(next.job.status, JobStatus::Queued);
-            assert_eq!(next.session.session_key, "A");
-        }
-        other => panic!("expected a1 next, got {other:?}"),
-    }
+    assert!(!after.others_waiting, "nobody waits");
+    let next = after.next.expect("a1 is next");
+    assert_eq!(next.job.job_id, "a1");
+    assert_eq!(next.job.status, JobStatus::Queued);
+    assert_eq!(next.session.session_key, "A");
     let a0 = s.get_job("a0").await.unwrap().unwrap();
     assert_eq!(a0.status, JobStatus::Succeeded);
     assert_eq!(a0.next_seq, 2);
 
-    // C is claimable: finishing a1 reports it and still holds A's lease.
+    // C is claimable: finishing a1 reports it and still holds A's lease
+    // (and reads A's next job all the same; there is none).
     accept(&s, "c0", "C", 230).await;
     s.start_attempt(&a, "a1", 240).await.unwrap();
     let after = s
         .finish_job_and_look(&a, &finish("a1", JobStatus::Failed, 3, 250))
         .await
         .unwrap();
-    assert_eq!(after, AfterFinish::OthersWaiting);
+    assert!(after.others_waiting, "C waits for a worker");
+    assert_eq!(after.next, None, "nothing left of A");
     assert_eq!(
         s.get_job("a1").await.unwrap().unwrap().status,
         JobStatus::Failed
     );
     let sess = s.get_session("A").await.unwrap().unwrap();
     assert_eq!(sess.lease_owner.as_deref(), Some("w1"));
-    // Nothing left of A: nobody waiting would give Next(None).
     let c = s
         .claim_session("w2", 260, TTL, Some("C"))
         .await
@@ -1204,7 +1202,10 @@ async fn finish_looks_ahead_without_giving_the_lease_up(ctx: Ctx) {
         s.finish_job_and_look(&c, &finish("c0", JobStatus::Succeeded, 2, 280))
             .await
             .unwrap(),
-        AfterFinish::Next(None)
+        AfterFinish {
+            others_waiting: false,
+            next: None
+        }
     );
 
     // Fenced: a stale lease writes nothing.
