@@ -343,8 +343,13 @@ pub struct AcceptFeed {
     listener: sqlx::postgres::PgListener,
 }
 
-/// The channel `accept_job` announces new jobs on (Postgres `NOTIFY`).
-pub(crate) const ACCEPT_CHANNEL: &str = "claude_worker_accepted";
+/// The channel `accept_job` announces jobs of sessions waiting for a worker
+/// on (Postgres `NOTIFY`). A job for a session whose lease another worker
+/// holds goes to that worker's own channel, [`HOLDER_CHANNEL_PREFIX`] and
+/// the MD5 of its id (channel names are at most 63 bytes), so a listener
+/// is woken only by what concerns it.
+pub(crate) const ACCEPT_CHANNEL: &str = "claude_worker_waiting";
+pub(crate) const HOLDER_CHANNEL_PREFIX: &str = "claude_worker_held_";
 
 impl AcceptFeed {
     pub(crate) fn new(listener: sqlx::postgres::PgListener) -> Self {
@@ -505,7 +510,20 @@ pub trait SessionStore: SessionLifecycle + PromptStore + Send + Sync + 'static {
 
     /// Inserts a queued job (and its session row if missing) in one
     /// transaction. A known `job_id` is not inserted again.
-    async fn accept_job(&self, job: &NewJob, now_ms: i64) -> Result<AcceptOutcome, StoreError>;
+    async fn accept_job(&self, job: &NewJob, now_ms: i64) -> Result<AcceptOutcome, StoreError> {
+        self.accept_job_by(job, now_ms, None).await
+    }
+
+    /// `accept_job` by the worker `worker_id`. Where the backend announces
+    /// accepts (see `listen_accepts`), a new job is announced to the worker
+    /// holding its session's lease unless that is `worker_id` itself, or,
+    /// when no lease is live, to every worker (the session waits for one).
+    async fn accept_job_by(
+        &self,
+        job: &NewJob,
+        now_ms: i64,
+        worker_id: Option<&str>,
+    ) -> Result<AcceptOutcome, StoreError>;
 
     /// Claims the lease of a session that has runnable jobs (queued, or
     /// running under an expired lease) and no live lease: the least
@@ -536,10 +554,11 @@ pub trait SessionStore: SessionLifecycle + PromptStore + Send + Sync + 'static {
     async fn release_lease(&self, lease: &Lease, now_ms: i64)
         -> Result<ReleaseOutcome, StoreError>;
 
-    /// Announcements of every job accepted from now on, by any worker
-    /// (`AcceptFeed`), or `None` where the backend has none (SQLite: lease
-    /// holders poll instead).
-    async fn listen_accepts(&self) -> Result<Option<AcceptFeed>, StoreError> {
+    /// Announcements, from now on, of the jobs accepted by other workers
+    /// for sessions whose lease `worker_id` holds, and of every job whose
+    /// session waits for a worker (`AcceptFeed`); `None` where the backend
+    /// has none (SQLite: lease holders poll instead).
+    async fn listen_accepts(&self, _worker_id: &str) -> Result<Option<AcceptFeed>, StoreError> {
         Ok(None)
     }
 

@@ -22,6 +22,7 @@ use super::{
     AcceptFeed, AcceptOutcome, AfterFinish, JobFinish, JobRecord, JobStatus, Lease, NewJob,
     NextJob, ReleaseOutcome, SessionRecord, SessionStore, StartedAttempt, StoreError, Transcript,
     TranscriptAppend, TranscriptWrite, YieldOrder, YieldOutcome, ACCEPT_CHANNEL,
+    HOLDER_CHANNEL_PREFIX,
 };
 use crate::protocol::PermissionMode;
 
@@ -110,7 +111,12 @@ super::lifecycle::lifecycle_store_impl!(PostgresStore);
 super::prompts::prompt_store_impl!(PostgresStore);
 
 super::sql::session_store_impl!(PostgresStore, {
-    async fn listen_accepts(&self) -> Result<Option<AcceptFeed>, StoreError> {
+    async fn listen_accepts(&self, worker_id: &str) -> Result<Option<AcceptFeed>, StoreError> {
+        let own: String = sqlx::query_scalar("SELECT $1 || md5($2)")
+            .bind(HOLDER_CHANNEL_PREFIX)
+            .bind(worker_id)
+            .fetch_one(&self.pool)
+            .await?;
         // A connection of its own (a pool of one, to reconnect), not one
         // taken from the store's pool for good.
         let pool = PgPoolOptions::new()
@@ -119,7 +125,7 @@ super::sql::session_store_impl!(PostgresStore, {
             .connect_with((*self.pool.connect_options()).clone())
             .await?;
         let mut listener = sqlx::postgres::PgListener::connect_with(&pool).await?;
-        listener.listen(ACCEPT_CHANNEL).await?;
+        listener.listen_all([ACCEPT_CHANNEL, own.as_str()]).await?;
         Ok(Some(AcceptFeed::new(listener)))
     }
 
@@ -130,7 +136,12 @@ super::sql::session_store_impl!(PostgresStore, {
             .map_err(|e| StoreError::Other(format!("postgres migration failed: {e}")))
     }
 
-    async fn accept_job(&self, job: &NewJob, now_ms: i64) -> Result<AcceptOutcome, StoreError> {
+    async fn accept_job_by(
+        &self,
+        job: &NewJob,
+        now_ms: i64,
+        worker_id: Option<&str>,
+    ) -> Result<AcceptOutcome, StoreError> {
         let spec = spec_json(&job.spec)?;
         // One statement, so one commit per accepted job. A known job id
         // (redeliveries come in bursts, e.g. after a broker restart) is
@@ -149,9 +160,12 @@ super::sql::session_store_impl!(PostgresStore, {
              j AS (INSERT INTO jobs (job_id, session_key, status, attempts, next_seq, spec, created_at_ms) \
                    SELECT $1, s.session_key, 'queued', 0, 0, $5, $4 FROM s \
                    ON CONFLICT (job_id) DO NOTHING RETURNING job_order), \
-             n AS (SELECT pg_notify($6, json_build_object('job_id', $1::text, 'session_key', $2::text, \
-                     'held', s.lease_owner IS NOT NULL AND COALESCE(s.lease_expires_at_ms >= $4, FALSE))::text) \
-                   FROM s, j) \
+             h AS (SELECT s.lease_owner, \
+                     s.lease_owner IS NOT NULL AND COALESCE(s.lease_expires_at_ms >= $4, FALSE) AS held \
+                   FROM s, j), \
+             n AS (SELECT pg_notify(CASE WHEN h.held THEN $7 || md5(h.lease_owner) ELSE $6 END, \
+                     json_build_object('job_id', $1::text, 'session_key', $2::text, 'held', h.held)::text) \
+                   FROM h WHERE NOT (h.held AND h.lease_owner IS NOT DISTINCT FROM $8::text)) \
              SELECT (SELECT job_order FROM j), (SELECT status FROM known), \
                     (SELECT terminal_event FROM known), (SELECT COUNT(*) FROM n)",
         )
@@ -161,6 +175,8 @@ super::sql::session_store_impl!(PostgresStore, {
         .bind(now_ms)
         .bind(spec)
         .bind(ACCEPT_CHANNEL)
+        .bind(HOLDER_CHANNEL_PREFIX)
+        .bind(worker_id)
         .fetch_one(&self.pool)
         .await?;
         match row {

@@ -138,7 +138,12 @@ super::sql::session_store_impl!(SqliteStore, {
             .map_err(|e| StoreError::Other(format!("sqlite migration failed: {e}")))
     }
 
-    async fn accept_job(&self, job: &NewJob, now_ms: i64) -> Result<AcceptOutcome, StoreError> {
+    async fn accept_job_by(
+        &self,
+        job: &NewJob,
+        now_ms: i64,
+        _worker_id: Option<&str>,
+    ) -> Result<AcceptOutcome, StoreError> {
         let spec = spec_json(&job.spec)?;
         let mut tx = self.begin_immediate().await?;
         // The write lock is held, so this check and the inserts are atomic.

@@ -115,7 +115,11 @@ pub async fn accept(ctx: &Context, delivery: &Delivery) -> Result<Accepted, Acce
     };
     // Before the insert: the database may announce it before we return.
     ctx.note_accepting(&new.job_id);
-    match ctx.store.accept_job(&new, now_ms()).await? {
+    match ctx
+        .store
+        .accept_job_by(&new, now_ms(), Some(&ctx.worker_id))
+        .await?
+    {
         AcceptOutcome::Inserted => {
             let profile = [("profile", new.spec.profile.as_str())];
             ctx.metrics.counter(JOBS_ACCEPTED, &profile).increment(1);

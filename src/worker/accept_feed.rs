@@ -28,7 +28,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
     let mut delay = RETRY_FIRST;
     loop {
         let listening = tokio::select! {
-            r = tokio::time::timeout(LISTEN_TIMEOUT, ctx.store.listen_accepts()) => r,
+            r = tokio::time::timeout(LISTEN_TIMEOUT, ctx.store.listen_accepts(&ctx.worker_id)) => r,
             _ = shutdown.cancelled() => return,
         };
         match listening {

@@ -57,13 +57,14 @@ async fn accept_elsewhere(store: &Arc<dyn SessionStore>, first: &str, prompt: &s
     let job_id = uuid::Uuid::new_v4().to_string();
     let key = store.get_job(first).await.unwrap().unwrap().session_key;
     let out = store
-        .accept_job(
+        .accept_job_by(
             &NewJob {
                 job_id: job_id.clone(),
                 session_key: key,
                 spec,
             },
             now_ms(),
+            Some("another-worker"),
         )
         .await
         .unwrap();
@@ -142,4 +143,89 @@ async fn after_a_postgres_restart_holders_are_woken_again() {
         .expect("cleanly");
     env.cleanup().await;
     drop(pg);
+}
+
+/// Who hears what: a job for a session whose lease another worker holds
+/// goes to that worker only; the holder's own accept to nobody; a job whose
+/// session waits for a worker to every listener. Announcements arrive in
+/// commit order, so "not heard" is shown by the next one heard.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_worker_hears_only_what_concerns_it() {
+    let env = TestEnv::new(Backend::Postgres).await;
+    let url = env.settings().database.url.clone();
+    let s = store::connect(&url, 4).await.expect("connect");
+    s.migrate().await.unwrap();
+    let mut w1 = s
+        .listen_accepts("w1")
+        .await
+        .unwrap()
+        .expect("postgres announces");
+    let mut w2 = s
+        .listen_accepts("w2")
+        .await
+        .unwrap()
+        .expect("postgres announces");
+    let job = |id: &str, key: &str| NewJob {
+        job_id: id.to_string(),
+        session_key: key.to_string(),
+        spec: serde_json::from_value(json!({
+            "prompt": id, "mode": "continue", "claude_session_id": null,
+            "profile": "default", "model": null, "max_turns": 5,
+            "permission_mode": "default", "metadata": {}, "reply_to": null,
+        }))
+        .expect("a job spec"),
+    };
+    let now = now_ms();
+    // No lease: everyone hears that the session waits for a worker.
+    s.accept_job_by(&job("a0", "A"), now, Some("w2"))
+        .await
+        .unwrap();
+    for feed in [&mut w1, &mut w2] {
+        let n = heard(feed).await;
+        assert_eq!(
+            (n.job_id.as_str(), n.session_key.as_str(), n.held),
+            ("a0", "A", false)
+        );
+    }
+    // w1 holds A.
+    let lease = s
+        .claim_session("w1", now, 30_000, Some("A"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(lease.session_key, "A");
+    // w1's own accept: nobody. w2's accept of A: w1 only.
+    s.accept_job_by(&job("a1", "A"), now, Some("w1"))
+        .await
+        .unwrap();
+    s.accept_job_by(&job("a2", "A"), now, Some("w2"))
+        .await
+        .unwrap();
+    let n = heard(&mut w1).await;
+    assert_eq!((n.job_id.as_str(), n.held), ("a2", true));
+    // A job of a session nobody holds: both hear it, w2 with nothing before.
+    s.accept_job_by(&job("b0", "B"), now, Some("w1"))
+        .await
+        .unwrap();
+    assert_eq!(heard(&mut w2).await.job_id, "b0");
+    assert_eq!(heard(&mut w1).await.job_id, "b0");
+    // A redelivery (known job id) is not announced again.
+    s.accept_job_by(&job("a2", "A"), now, Some("w2"))
+        .await
+        .unwrap();
+    s.accept_job_by(&job("c0", "C"), now, Some("w2"))
+        .await
+        .unwrap();
+    assert_eq!(heard(&mut w1).await.job_id, "c0");
+    assert_eq!(heard(&mut w2).await.job_id, "c0");
+    drop((w1, w2, s));
+    env.cleanup().await;
+}
+
+async fn heard(feed: &mut store::AcceptFeed) -> store::AcceptNotice {
+    tokio::time::timeout(WAIT, feed.next())
+        .await
+        .expect("an announcement")
+        .unwrap()
+        .expect("no reconnect")
 }
