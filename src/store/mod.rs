@@ -346,8 +346,9 @@ pub struct AcceptFeed {
 /// The channel `accept_job` announces jobs of sessions waiting for a worker
 /// on (Postgres `NOTIFY`). A job for a session whose lease another worker
 /// holds goes to that worker's own channel, [`HOLDER_CHANNEL_PREFIX`] and
-/// the MD5 of its id (channel names are at most 63 bytes), so a listener
-/// is woken only by what concerns it.
+/// the MD5 of its id (channel names are at most 63 bytes), so a worker is
+/// told only what concerns it. (Postgres still has every listening backend
+/// of the database read each notification from its queue.)
 pub(crate) const ACCEPT_CHANNEL: &str = "claude_worker_waiting";
 pub(crate) const HOLDER_CHANNEL_PREFIX: &str = "claude_worker_held_";
 
