@@ -245,12 +245,13 @@ impl CliProcess {
     }
 
     /// Interrupts the running turn gently, then harder: the stream-json
-    /// `interrupt` control request (the CLI ends the turn and keeps the
-    /// session resumable), then SIGINT, then SIGTERM and SIGKILL, each after
-    /// `grace`. Returns true if the CLI ended the turn on request.
-    pub async fn interrupt(&mut self, grace: Duration) -> bool {
+    /// `interrupt` control request (the CLI ends the turn with a result and
+    /// keeps the session resumable; it gets `answer_within`), then SIGINT,
+    /// then SIGTERM and SIGKILL, each after `grace`. Returns true if the
+    /// CLI ended the turn on request.
+    pub async fn interrupt(&mut self, answer_within: Duration, grace: Duration) -> bool {
         self.send_control_request(json!({"subtype": "interrupt"}));
-        let ended = tokio::time::timeout(grace, async {
+        let ended = tokio::time::timeout(answer_within, async {
             while let Some(msg) = self.next_message().await {
                 if matches!(msg, CliMessage::Result(_)) {
                     return true;

@@ -13,7 +13,7 @@ use super::prepare::Prepared;
 use super::prompt::Prompts;
 use super::retry::AttemptFailure;
 use super::spoken::Spoken;
-use super::{TurnAbort, EXIT_GRACE, INTERRUPT_GRACE, STOP_GRACE};
+use super::{TurnAbort, EXIT_GRACE, INTERRUPT_ANSWER, INTERRUPT_GRACE, STOP_GRACE};
 use crate::claude::warm::WARM_RESPONSE_TIMEOUT;
 use crate::claude::{self, CliMessage, CliProcess, TurnResult};
 use crate::protocol::{ErrorKind, EventBody, PermissionResponseV1};
@@ -89,7 +89,7 @@ impl CliRun {
                 }
                 Input::Cancel => {
                     self.prompts.cancel_all(events).await?;
-                    let graceful = self.proc.interrupt(INTERRUPT_GRACE).await;
+                    let graceful = self.proc.interrupt(INTERRUPT_ANSWER, INTERRUPT_GRACE).await;
                     events.spent_usd += self.proc.take_cost();
                     debug!(graceful, "turn interrupted");
                     let init = self.init;

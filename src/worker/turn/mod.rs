@@ -40,8 +40,12 @@ use events::JobEvents;
 
 /// How long a CLI gets to exit after its result before its group is killed.
 const EXIT_GRACE: Duration = Duration::from_secs(5);
-/// Each step of interrupting a turn (control request, SIGINT, SIGTERM)
-/// gets this long before the next, harsher one.
+/// How long the CLI gets to answer an interrupt with its result, which
+/// carries what the cut turn cost: on a loaded machine it has taken over
+/// 3 s (CI, `budget::a_cancelled_turns_cost_counts_for_its_session`).
+const INTERRUPT_ANSWER: Duration = Duration::from_secs(10);
+/// The later steps of interrupting a turn (SIGINT, SIGTERM) each get this
+/// long before the next, harsher one.
 const INTERRUPT_GRACE: Duration = Duration::from_secs(3);
 /// A CLI stopped for good (timeout, lease lost, shutdown) gets this long
 /// after SIGTERM before SIGKILL.
