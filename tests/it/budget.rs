@@ -422,9 +422,21 @@ async fn a_cancelled_turns_cost_counts_for_its_session() {
     extra["options"]["model"] = json!(MODEL);
     let job = env.publish_job(key, "[[mock:held]] go", extra).await;
     env.mock.wait_for_held(1, crate::harness::WAIT).await;
+    // The answer's first text event: the CLI has read the answer's start
+    // (its usage) by then. The mock holding is not enough: under load the
+    // CLI had not read it yet, so the cut call cost nothing (CI).
+    let mut ev = Vec::new();
+    loop {
+        let (_, e) = env.next_event(&job).await;
+        let text = matches!(e.body, EventBody::Text { .. });
+        ev.push(e);
+        if text {
+            break;
+        }
+    }
     env.publish_control(json!({"v": 1, "type": "cancel", "job_id": job}))
         .await;
-    let ev = env.events_until_terminal(&job).await;
+    ev.extend(env.events_until_terminal(&job).await);
     assert!(
         matches!(ev.last().unwrap().body, EventBody::Cancelled { .. }),
         "{ev:#?}"
