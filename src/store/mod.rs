@@ -665,7 +665,9 @@ pub trait SessionStore: SessionLifecycle + PromptStore + Send + Sync + 'static {
     /// session's new state and counters and its transcript, in one
     /// transaction. Fenced. `TranscriptChanged` (nothing written) when a
     /// transcript append no longer fits the stored transcript.
-    async fn finish_job(&self, lease: &Lease, finish: &JobFinish) -> Result<(), StoreError>;
+    async fn finish_job(&self, lease: &Lease, finish: &JobFinish) -> Result<(), StoreError> {
+        self.finish_job_and_look(lease, finish).await.map(|_| ())
+    }
 
     /// `finish_job` and, in the same transaction, the look that follows a
     /// job: whether another session waits for a worker, and this session's

@@ -62,84 +62,6 @@ macro_rules! next_turn_in {
 }
 pub(crate) use next_turn_in;
 
-/// `finish_job`'s writes in `$tx` (fenced by the caller); see
-/// `SessionStore::finish_job`. Returns early with an error from the
-/// enclosing function, like `?`.
-macro_rules! finish_in {
-    ($tx:ident, $lease:expr, $finish:expr) => {{
-        let lease: &Lease = $lease;
-        let finish: &JobFinish = $finish;
-        if !finish.status.is_terminal() {
-            return Err(StoreError::Other(format!(
-                "finish_job with non-terminal status {}",
-                finish.status.as_str()
-            )));
-        }
-        let next_seq = seq_to_db(finish.next_seq)?;
-        if let Some(write) = &finish.transcript {
-            check_transcript_session(write, lease)?;
-        }
-        if let Some(write) = &finish.transcript {
-            $crate::store::sql::write_transcript!($tx, lease, write);
-        }
-        let done = sqlx::query(
-            "UPDATE jobs SET status = $1, error = $2, terminal_event = $3, next_seq = $4, finished_at_ms = $5, \
-               cost_usd = cost_usd + $6, identity = $7 \
-             WHERE job_id = $8 AND session_key = $9",
-        )
-        .bind(finish.status.as_str())
-        .bind(&finish.error)
-        .bind(&finish.terminal_event)
-        .bind(next_seq)
-        .bind(finish.now_ms)
-        .bind(finish.cost_usd)
-        .bind(&finish.identity)
-        .bind(&finish.job_id)
-        .bind(&lease.session_key)
-        .execute(&mut *$tx)
-        .await?;
-        if done.rows_affected() == 0 {
-            return Err(not_in_session(&finish.job_id, lease));
-        }
-        sqlx::query(
-            "UPDATE sessions SET last_job_id = $1, updated_at_ms = $2, cost_usd = cost_usd + $3 \
-             WHERE session_key = $4",
-        )
-        .bind(&finish.job_id)
-        .bind(finish.now_ms)
-        .bind(finish.cost_usd)
-        .bind(&lease.session_key)
-        .execute(&mut *$tx)
-        .await?;
-        if let Some(u) = &finish.session_update {
-            // A turn of a job accepted after a reset consumes it.
-            sqlx::query(
-                "UPDATE sessions SET claude_session_id = $1, cwd = $2, model = $3, turns = turns + 1, \
-                   input_tokens = input_tokens + $4, output_tokens = output_tokens + $5, \
-                   context_tokens = COALESCE($6, context_tokens), \
-                   context_window = COALESCE($7, context_window), \
-                   compact_failed_at_ms = CASE WHEN claude_session_id = $1 THEN compact_failed_at_ms END, \
-                   compact_failed_tokens = CASE WHEN claude_session_id = $1 THEN compact_failed_tokens END, \
-                   reset_after_job_order = CASE WHEN reset_after_job_order < \
-                     (SELECT job_order FROM jobs WHERE job_id = $9) THEN NULL ELSE reset_after_job_order END \
-                 WHERE session_key = $8",
-            )
-            .bind(&u.claude_session_id)
-            .bind(&u.cwd)
-            .bind(&u.model)
-            .bind(u.input_tokens)
-            .bind(u.output_tokens)
-            .bind(u.context_tokens)
-            .bind(u.context_window)
-            .bind(&lease.session_key)
-            .bind(&finish.job_id)
-            .execute(&mut *$tx)
-            .await?;
-        }
-    }};
-}
-pub(crate) use finish_in;
-
 /// The statements of a transcript write, inside the fenced transaction
 /// `$tx` (a macro, so both backends' transaction types take it). A full
 /// write replaces the base and drops the chunks; an append adds a chunk
@@ -407,20 +329,79 @@ macro_rules! session_store_impl {
                 Ok(())
             }
 
-            async fn finish_job(&self, lease: &Lease, finish: &JobFinish) -> Result<(), StoreError> {
-                let mut tx = self.fenced(lease).await?;
-                $crate::store::sql::finish_in!(tx, lease, finish);
-                tx.commit().await?;
-                Ok(())
-            }
-
             async fn finish_job_and_look(
                 &self,
                 lease: &Lease,
                 finish: &JobFinish,
             ) -> Result<AfterFinish, StoreError> {
+                if !finish.status.is_terminal() {
+                    return Err(StoreError::Other(format!(
+                        "finish_job with non-terminal status {}",
+                        finish.status.as_str()
+                    )));
+                }
+                let next_seq = seq_to_db(finish.next_seq)?;
+                if let Some(write) = &finish.transcript {
+                    check_transcript_session(write, lease)?;
+                }
                 let mut tx = self.fenced(lease).await?;
-                $crate::store::sql::finish_in!(tx, lease, finish);
+                if let Some(write) = &finish.transcript {
+                    $crate::store::sql::write_transcript!(tx, lease, write);
+                }
+                let done = sqlx::query(
+                    "UPDATE jobs SET status = $1, error = $2, terminal_event = $3, next_seq = $4, finished_at_ms = $5, \
+                       cost_usd = cost_usd + $6, identity = $7 \
+                     WHERE job_id = $8 AND session_key = $9",
+                )
+                .bind(finish.status.as_str())
+                .bind(&finish.error)
+                .bind(&finish.terminal_event)
+                .bind(next_seq)
+                .bind(finish.now_ms)
+                .bind(finish.cost_usd)
+                .bind(&finish.identity)
+                .bind(&finish.job_id)
+                .bind(&lease.session_key)
+                .execute(&mut *tx)
+                .await?;
+                if done.rows_affected() == 0 {
+                    return Err(not_in_session(&finish.job_id, lease));
+                }
+                sqlx::query(
+                    "UPDATE sessions SET last_job_id = $1, updated_at_ms = $2, cost_usd = cost_usd + $3 \
+                     WHERE session_key = $4",
+                )
+                .bind(&finish.job_id)
+                .bind(finish.now_ms)
+                .bind(finish.cost_usd)
+                .bind(&lease.session_key)
+                .execute(&mut *tx)
+                .await?;
+                if let Some(u) = &finish.session_update {
+                    // A turn of a job accepted after a reset consumes it.
+                    sqlx::query(
+                        "UPDATE sessions SET claude_session_id = $1, cwd = $2, model = $3, turns = turns + 1, \
+                           input_tokens = input_tokens + $4, output_tokens = output_tokens + $5, \
+                           context_tokens = COALESCE($6, context_tokens), \
+                           context_window = COALESCE($7, context_window), \
+                           compact_failed_at_ms = CASE WHEN claude_session_id = $1 THEN compact_failed_at_ms END, \
+                           compact_failed_tokens = CASE WHEN claude_session_id = $1 THEN compact_failed_tokens END, \
+                           reset_after_job_order = CASE WHEN reset_after_job_order < \
+                             (SELECT job_order FROM jobs WHERE job_id = $9) THEN NULL ELSE reset_after_job_order END \
+                         WHERE session_key = $8",
+                    )
+                    .bind(&u.claude_session_id)
+                    .bind(&u.cwd)
+                    .bind(&u.model)
+                    .bind(u.input_tokens)
+                    .bind(u.output_tokens)
+                    .bind(u.context_tokens)
+                    .bind(u.context_window)
+                    .bind(&lease.session_key)
+                    .bind(&finish.job_id)
+                    .execute(&mut *tx)
+                    .await?;
+                }
                 let waiting: Option<i32> = sqlx::query_scalar($crate::store::sql::OTHERS_WAITING)
                     .bind(&lease.session_key)
                     .bind(finish.now_ms)

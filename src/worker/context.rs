@@ -130,7 +130,7 @@ impl Context {
             }
             drop(q);
             self.accepted.notify_waiters();
-            if !self.nudge_holder(key) && self.slots.available_permits() == 0 {
+            if !self.nudge_holder(key) && self.slots_full() {
                 // Its session waits for a slot and none is free here: the
                 // lease holders waiting for follow-ups look now (and give
                 // theirs up, since a session waits).
@@ -189,10 +189,16 @@ impl Context {
         if notice.held {
             // Its holder, if it waits here, runs it now and warm.
             self.nudge_holder(&notice.session_key);
-        } else if self.slots.available_permits() == 0 {
+        } else if self.slots_full() {
             // A session waits for a worker and this one is full.
             self.nudge_all_holders();
         }
+    }
+
+    /// No slot free on this worker: a session waiting for a worker can only
+    /// get one here if a lease is handed back.
+    pub(crate) fn slots_full(&self) -> bool {
+        self.slots.available_permits() == 0
     }
 
     pub(crate) fn set_accepts_pushed(&self, pushed: bool) {

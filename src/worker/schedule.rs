@@ -186,7 +186,7 @@ async fn session_loop(
         // outcome's transaction looked already; if it saw someone waiting
         // and this worker is full, look again and hand the lease back.
         match after {
-            Some(a) if !(a.others_waiting && slots_full(ctx)) => next = a.next,
+            Some(a) if !(a.others_waiting && ctx.slots_full()) => next = a.next,
             _ => match ctx
                 .store
                 .yield_or_next(lease, now_ms(), YieldOrder::OthersFirst)
@@ -197,12 +197,6 @@ async fn session_loop(
             },
         }
     }
-}
-
-/// No slot free on this worker: a session waiting for a worker can only
-/// get one here if a lease is handed back.
-fn slots_full(ctx: &Context) -> bool {
-    ctx.slots.available_permits() == 0
 }
 
 /// Lease affinity: when this worker holds the session's CLI warm, keep the
@@ -225,7 +219,7 @@ async fn keep_warm_session(
     let mut look = false;
     let mut polls = 0;
     loop {
-        if look && !slots_full(ctx) {
+        if look && !ctx.slots_full() {
             // A session waiting for a worker gets a free slot here; only
             // this session's follow-up matters (a read).
             if let Some(job) = ctx.store.next_turn(lease).await? {

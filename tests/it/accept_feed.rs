@@ -72,6 +72,14 @@ async fn accept_elsewhere(store: &Arc<dyn SessionStore>, first: &str, prompt: &s
     job_id
 }
 
+async fn stop(worker: Worker) {
+    worker.shutdown();
+    tokio::time::timeout(WAIT, worker.wait())
+        .await
+        .expect("the worker stops")
+        .expect("cleanly");
+}
+
 /// The follow-up completes on the holder, warm, well before its poll.
 async fn completes_warm_on(env: &mut TestEnv, worker: &Worker, job: &str, hits_before: u64) {
     let events = tokio::time::timeout(WOKEN_WITHIN, env.events_until_terminal(job))
@@ -102,11 +110,7 @@ async fn a_follow_up_accepted_by_another_worker_wakes_the_warm_holder() {
     run_ok(&mut env, key, "announced 2").await;
     assert_eq!(worker.context.warm.stats().hits, 2);
 
-    worker.shutdown();
-    tokio::time::timeout(WAIT, worker.wait())
-        .await
-        .expect("the worker stops")
-        .expect("cleanly");
+    stop(worker).await;
     env.cleanup().await;
 }
 
@@ -136,11 +140,7 @@ async fn after_a_postgres_restart_holders_are_woken_again() {
     let job = accept_elsewhere(&other, &first, "after the restart").await;
     completes_warm_on(&mut env, &worker, &job, 0).await;
 
-    worker.shutdown();
-    tokio::time::timeout(WAIT, worker.wait())
-        .await
-        .expect("the worker stops")
-        .expect("cleanly");
+    stop(worker).await;
     env.cleanup().await;
     drop(pg);
 }
