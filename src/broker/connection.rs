@@ -30,6 +30,10 @@ pub struct Topology {
     /// Fanout exchange for control messages (cancel, set_permission_mode);
     /// every worker binds its own queue to it.
     pub control_exchange: String,
+    /// Direct exchange for what workers tell one another (accept
+    /// announcements): each worker binds its own queue with its id and
+    /// `waiting`.
+    pub workers_exchange: String,
 }
 
 impl Topology {
@@ -42,6 +46,7 @@ impl Topology {
             dead_letter_queue: format!("{prefix}.jobs.dead"),
             replies_exchange: format!("{prefix}.replies"),
             control_exchange: format!("{prefix}.control"),
+            workers_exchange: format!("{prefix}.workers"),
         }
     }
 
@@ -84,6 +89,14 @@ impl Topology {
             .exchange_declare(
                 self.control_exchange.as_str().into(),
                 ExchangeKind::Fanout,
+                durable,
+                FieldTable::default(),
+            )
+            .await?;
+        channel
+            .exchange_declare(
+                self.workers_exchange.as_str().into(),
+                ExchangeKind::Direct,
                 durable,
                 FieldTable::default(),
             )
@@ -158,6 +171,7 @@ impl Topology {
             &self.dead_letter_exchange,
             &self.replies_exchange,
             &self.control_exchange,
+            &self.workers_exchange,
         ] {
             let _ = channel
                 .exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())
@@ -291,7 +305,7 @@ pub async fn consumer_channel(conn: &Connection, prefetch: u16) -> Result<Channe
 }
 
 /// Declares an exclusive, auto-delete queue bound to `exchange` with
-/// `routing_key`, and consumes it: a worker's control queue, a client's
+/// each of `routing_keys`, and consumes it: a worker's control queue, a client's
 /// reply queue. The queue is named here (`<exchange>.private.<uuid>`), not
 /// by the server: after a broker restart or a dropped connection lapin's
 /// recovery re-declares it by name, and the broker refuses to let a client
@@ -299,7 +313,7 @@ pub async fn consumer_channel(conn: &Connection, prefetch: u16) -> Result<Channe
 pub async fn consume_private(
     channel: &Channel,
     exchange: &str,
-    routing_key: &str,
+    routing_keys: &[&str],
     consumer_tag: &str,
     no_ack: bool,
 ) -> Result<Consumer, lapin::Error> {
@@ -315,15 +329,17 @@ pub async fn consume_private(
             FieldTable::default(),
         )
         .await?;
-    channel
-        .queue_bind(
-            queue.name().as_str().into(),
-            exchange.into(),
-            routing_key.into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    for routing_key in routing_keys {
+        channel
+            .queue_bind(
+                queue.name().as_str().into(),
+                exchange.into(),
+                (*routing_key).into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+    }
     channel
         .basic_consume(
             queue.name().as_str().into(),

@@ -13,6 +13,9 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Confirmation};
 use tokio::sync::Mutex;
 
+use crate::broker::announce::Announcer;
+pub(crate) use crate::broker::attribution::{event_properties, event_props};
+pub use crate::broker::attribution::{Attribution, LEASE_EPOCH_HEADER, WORKER_ID_HEADER};
 use crate::broker::lane::{AmqpLane, ConfirmObserver, EventLane};
 use crate::broker::{Topology, DEAD_LETTER_REASON_HEADER};
 use crate::protocol::EventV1;
@@ -94,6 +97,13 @@ pub trait ReplySink: Send + Sync + 'static {
         request_id: &str,
         reply_to: Option<&str>,
     ) -> Result<(), PublishError>;
+    /// Tells the workers `routing_key` names (on the workers exchange)
+    /// that a job was accepted: a hint, sent without a confirm, whose loss
+    /// costs a lease holder one poll interval. A sink without a broker
+    /// tells no one.
+    async fn announce_accept(&self, _routing_key: &str, _body: &[u8]) -> Result<(), PublishError> {
+        Ok(())
+    }
     /// Dead-letters a job body with the reason in a header.
     async fn dead_letter(
         &self,
@@ -101,32 +111,6 @@ pub trait ReplySink: Send + Sync + 'static {
         reason: &str,
     ) -> Result<(), PublishError>;
 }
-
-/// Who publishes an event: the worker and the session lease epoch it holds,
-/// and — for events that are only valid under a live lease — the check of
-/// it, run again right before the frame goes to the broker (after the wait
-/// for the channel), so no event of a lost lease is queued behind others.
-#[derive(Clone, Copy)]
-pub struct Attribution<'a> {
-    pub worker_id: &'a str,
-    pub lease_epoch: i64,
-    pub fence: Option<&'a (dyn Fn() -> bool + Sync)>,
-}
-
-impl std::fmt::Debug for Attribution<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Attribution")
-            .field("worker_id", &self.worker_id)
-            .field("lease_epoch", &self.lease_epoch)
-            .field("fenced", &self.fence.is_some())
-            .finish()
-    }
-}
-
-/// AMQP header naming the worker that published an event.
-pub const WORKER_ID_HEADER: &str = "x-worker-id";
-/// AMQP header carrying the session lease epoch an event was published under.
-pub const LEASE_EPOCH_HEADER: &str = "x-lease-epoch";
 
 pub struct AmqpSink {
     /// Confirmed one at a time: terminal events, control messages and
@@ -145,17 +129,27 @@ pub struct AmqpSink {
     lock: Mutex<()>,
     /// Bound on one publish, lock wait and confirm included.
     timeout: Duration,
+    /// Accept announcements: no confirms (hints), and not behind the lock.
+    announce: Option<Announcer>,
 }
 
 impl AmqpSink {
-    /// `lanes` may be empty: events then share `channel`.
+    /// `lanes` may be empty: events then share `channel`. `announce` (not
+    /// in confirm mode) carries accept announcements; without it there are
+    /// none.
     pub fn new(
         channel: Channel,
         lanes: Vec<Channel>,
         max_in_flight: usize,
         topology: Topology,
         timeout: Duration,
+        announce: Option<Channel>,
     ) -> Arc<AmqpSink> {
+        let announce = announce.map(|channel| Announcer {
+            channel,
+            exchange: topology.workers_exchange.clone(),
+            timeout,
+        });
         Arc::new(AmqpSink {
             channel,
             lanes,
@@ -164,6 +158,7 @@ impl AmqpSink {
             topology,
             lock: Mutex::new(()),
             timeout,
+            announce,
         })
     }
 
@@ -230,31 +225,6 @@ impl AmqpSink {
             .await
             .unwrap_or(Err(PublishError::Timeout { timeout_ms }))
     }
-}
-
-/// An event's AMQP properties: JSON, persistent, the job as correlation id,
-/// `<job_id>:<seq>` as message id, and who published it.
-pub(crate) fn event_properties(event: &EventV1, from: &Attribution<'_>) -> BasicProperties {
-    let mut headers = FieldTable::default();
-    headers.insert(
-        WORKER_ID_HEADER.into(),
-        AMQPValue::LongString(from.worker_id.into()),
-    );
-    headers.insert(
-        LEASE_EPOCH_HEADER.into(),
-        AMQPValue::LongLongInt(from.lease_epoch),
-    );
-    event_props(&event.job_id, event.body.type_name())
-        .with_message_id(format!("{}:{}", event.job_id, event.seq).as_str().into())
-        .with_headers(headers)
-}
-
-fn event_props(job_id: &str, type_name: &str) -> BasicProperties {
-    BasicProperties::default()
-        .with_content_type("application/json".into())
-        .with_correlation_id(job_id.into())
-        .with_type(type_name.into())
-        .with_delivery_mode(2)
 }
 
 #[async_trait::async_trait]
@@ -359,6 +329,13 @@ impl ReplySink for AmqpSink {
         }
         self.publish_confirmed(&self.topology.control_exchange, "", body, props, None)
             .await
+    }
+
+    async fn announce_accept(&self, routing_key: &str, body: &[u8]) -> Result<(), PublishError> {
+        match &self.announce {
+            Some(announcer) => announcer.send(routing_key, body).await,
+            None => Ok(()),
+        }
     }
 
     async fn dead_letter(

@@ -168,9 +168,14 @@ impl Client {
         let topology = Topology::from_settings(settings);
         topology.declare(&channel).await?;
         let reply_key = format!("cli.{}", uuid::Uuid::new_v4().simple());
-        let consumer =
-            broker::consume_private(&channel, &topology.replies_exchange, &reply_key, "", true)
-                .await?;
+        let consumer = broker::consume_private(
+            &channel,
+            &topology.replies_exchange,
+            &[&reply_key],
+            "",
+            true,
+        )
+        .await?;
         Ok(Client {
             conn,
             channel,

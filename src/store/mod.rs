@@ -326,49 +326,46 @@ pub enum YieldOutcome {
     Kept(Option<Box<NextJob>>),
 }
 
-/// A job accepted into the store by any worker, as the database announced
-/// it (see [`SessionStore::listen_accepts`]).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-pub struct AcceptNotice {
-    pub job_id: String,
-    pub session_key: String,
-    /// Whether the session's lease was live when the job was accepted:
-    /// its holder may be waiting for it (lease affinity). Otherwise the
-    /// session waits for a worker.
-    pub held: bool,
+/// Who should hear that a job was accepted (see
+/// [`SessionStore::accept_job_by`]): the broker carries the news, so a
+/// lease holder waiting for its session's follow-up runs it at once, and a
+/// full worker's holders learn that a session waits for a worker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AcceptAudience {
+    /// Another worker holds the session's lease (it may be waiting for
+    /// exactly this job).
+    Holder(String),
+    /// No lease is live: the session waits for any worker.
+    Everyone,
 }
 
-/// The database's announcements of accepted jobs (Postgres `LISTEN`).
-pub struct AcceptFeed {
-    listener: sqlx::postgres::PgListener,
+/// An accept's outcome, and who should hear of it (`None`: nobody, as for
+/// a duplicate or a job whose session's lease the accepting worker holds).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AcceptReport {
+    pub outcome: AcceptOutcome,
+    pub audience: Option<AcceptAudience>,
 }
 
-/// The channel `accept_job` announces jobs of sessions waiting for a worker
-/// on (Postgres `NOTIFY`). A job for a session whose lease another worker
-/// holds goes to that worker's own channel, [`HOLDER_CHANNEL_PREFIX`] and
-/// the MD5 of its id (channel names are at most 63 bytes), so a worker is
-/// told only what concerns it. (Postgres still has every listening backend
-/// of the database read each notification from its queue.)
-pub(crate) const ACCEPT_CHANNEL: &str = "claude_worker_waiting";
-pub(crate) const HOLDER_CHANNEL_PREFIX: &str = "claude_worker_held_";
-
-impl AcceptFeed {
-    pub(crate) fn new(listener: sqlx::postgres::PgListener) -> Self {
-        AcceptFeed { listener }
+impl AcceptReport {
+    /// The report of an insert that saw `lease_owner` holding a live lease
+    /// (or none), accepted by `by`.
+    pub(crate) fn inserted(live_owner: Option<String>, by: Option<&str>) -> AcceptReport {
+        let audience = match live_owner {
+            Some(owner) if Some(owner.as_str()) == by => None,
+            Some(owner) => Some(AcceptAudience::Holder(owner)),
+            None => Some(AcceptAudience::Everyone),
+        };
+        AcceptReport {
+            outcome: AcceptOutcome::Inserted,
+            audience,
+        }
     }
 
-    /// The next announcement. `Ok(None)`: the connection was lost and has
-    /// been re-established; announcements made meanwhile are gone, so the
-    /// caller should look for itself once. Waits until something arrives.
-    pub async fn next(&mut self) -> Result<Option<AcceptNotice>, StoreError> {
-        loop {
-            let Some(n) = self.listener.try_recv().await? else {
-                return Ok(None);
-            };
-            // Only ours are sent on the channel; anything else is skipped.
-            if let Ok(notice) = serde_json::from_str::<AcceptNotice>(n.payload()) {
-                return Ok(Some(notice));
-            }
+    pub(crate) fn known(outcome: AcceptOutcome) -> AcceptReport {
+        AcceptReport {
+            outcome,
+            audience: None,
         }
     }
 }
@@ -512,19 +509,20 @@ pub trait SessionStore: SessionLifecycle + PromptStore + Send + Sync + 'static {
     /// Inserts a queued job (and its session row if missing) in one
     /// transaction. A known `job_id` is not inserted again.
     async fn accept_job(&self, job: &NewJob, now_ms: i64) -> Result<AcceptOutcome, StoreError> {
-        self.accept_job_by(job, now_ms, None).await
+        Ok(self.accept_job_by(job, now_ms, None).await?.outcome)
     }
 
-    /// `accept_job` by the worker `worker_id`. Where the backend announces
-    /// accepts (see `listen_accepts`), a new job is announced to the worker
-    /// holding its session's lease unless that is `worker_id` itself, or,
-    /// when no lease is live, to every worker (the session waits for one).
+    /// `accept_job` by the worker `worker_id`, saying who should hear of a
+    /// new job: the worker holding its session's live lease unless that is
+    /// `worker_id` itself, or, when no lease is live, every worker (the
+    /// session waits for one). Read in the accept's own statement or
+    /// transaction: no extra commit.
     async fn accept_job_by(
         &self,
         job: &NewJob,
         now_ms: i64,
         worker_id: Option<&str>,
-    ) -> Result<AcceptOutcome, StoreError>;
+    ) -> Result<AcceptReport, StoreError>;
 
     /// Claims the lease of a session that has runnable jobs (queued, or
     /// running under an expired lease) and no live lease: the least
@@ -554,14 +552,6 @@ pub trait SessionStore: SessionLifecycle + PromptStore + Send + Sync + 'static {
     /// `MoreWork`, lease kept). Sets the session `idle`.
     async fn release_lease(&self, lease: &Lease, now_ms: i64)
         -> Result<ReleaseOutcome, StoreError>;
-
-    /// Announcements, from now on, of the jobs accepted by other workers
-    /// for sessions whose lease `worker_id` holds, and of every job whose
-    /// session waits for a worker (`AcceptFeed`); `None` where the backend
-    /// has none (SQLite: lease holders poll instead).
-    async fn listen_accepts(&self, _worker_id: &str) -> Result<Option<AcceptFeed>, StoreError> {
-        Ok(None)
-    }
 
     /// Between two jobs: gives the lease up if another session with runnable
     /// jobs is waiting for a worker (its lease free or expired), so capacity

@@ -19,10 +19,9 @@ use super::rows::{
 };
 use super::sql::check_transcript_session;
 use super::{
-    AcceptFeed, AcceptOutcome, AfterFinish, JobFinish, JobRecord, JobStatus, Lease, NewJob,
+    AcceptOutcome, AcceptReport, AfterFinish, JobFinish, JobRecord, JobStatus, Lease, NewJob,
     NextJob, ReleaseOutcome, SessionRecord, SessionStore, StartedAttempt, StoreError, Transcript,
-    TranscriptAppend, TranscriptWrite, YieldOrder, YieldOutcome, ACCEPT_CHANNEL,
-    HOLDER_CHANNEL_PREFIX,
+    TranscriptAppend, TranscriptWrite, YieldOrder, YieldOutcome,
 };
 use crate::protocol::PermissionMode;
 
@@ -111,24 +110,6 @@ super::lifecycle::lifecycle_store_impl!(PostgresStore);
 super::prompts::prompt_store_impl!(PostgresStore);
 
 super::sql::session_store_impl!(PostgresStore, {
-    async fn listen_accepts(&self, worker_id: &str) -> Result<Option<AcceptFeed>, StoreError> {
-        let own: String = sqlx::query_scalar("SELECT $1 || md5($2)")
-            .bind(HOLDER_CHANNEL_PREFIX)
-            .bind(worker_id)
-            .fetch_one(&self.pool)
-            .await?;
-        // A connection of its own (a pool of one, to reconnect), not one
-        // taken from the store's pool for good.
-        let pool = PgPoolOptions::new()
-            .max_connections(1)
-            .acquire_timeout(Duration::from_secs(30))
-            .connect_with((*self.pool.connect_options()).clone())
-            .await?;
-        let mut listener = sqlx::postgres::PgListener::connect_with(&pool).await?;
-        listener.listen_all([ACCEPT_CHANNEL, own.as_str()]).await?;
-        Ok(Some(AcceptFeed::new(listener)))
-    }
-
     async fn migrate(&self) -> Result<(), StoreError> {
         sqlx::migrate!("./migrations/postgres")
             .run(&self.pool)
@@ -141,7 +122,7 @@ super::sql::session_store_impl!(PostgresStore, {
         job: &NewJob,
         now_ms: i64,
         worker_id: Option<&str>,
-    ) -> Result<AcceptOutcome, StoreError> {
+    ) -> Result<AcceptReport, StoreError> {
         let spec = spec_json(&job.spec)?;
         // One statement, so one commit per accepted job. A known job id
         // (redeliveries come in bursts, e.g. after a broker restart) is
@@ -150,7 +131,7 @@ super::sql::session_store_impl!(PostgresStore, {
         // upsert runs first (the insert reads its row), so the session's lock
         // is taken before the job's `job_order` is drawn, as in a transaction
         // of two statements: per session, commit order is `job_order` order.
-        let row: (Option<i64>, Option<String>, Option<String>, i64) = sqlx::query_as(
+        let row: (Option<i64>, Option<String>, Option<String>, Option<String>) = sqlx::query_as(
             "WITH known AS (SELECT status, terminal_event FROM jobs WHERE job_id = $1), \
              s AS (INSERT INTO sessions (session_key, profile, status, created_at_ms, updated_at_ms) \
                    SELECT $2, $3, 'idle', $4, $4 WHERE NOT EXISTS (SELECT 1 FROM known) \
@@ -160,35 +141,31 @@ super::sql::session_store_impl!(PostgresStore, {
              j AS (INSERT INTO jobs (job_id, session_key, status, attempts, next_seq, spec, created_at_ms) \
                    SELECT $1, s.session_key, 'queued', 0, 0, $5, $4 FROM s \
                    ON CONFLICT (job_id) DO NOTHING RETURNING job_order), \
-             h AS (SELECT s.lease_owner, \
-                     s.lease_owner IS NOT NULL AND COALESCE(s.lease_expires_at_ms >= $4, FALSE) AS held \
-                   FROM s, j), \
-             n AS (SELECT pg_notify(CASE WHEN h.held THEN $7 || md5(h.lease_owner) ELSE $6 END, \
-                     json_build_object('job_id', $1::text, 'session_key', $2::text, 'held', h.held)::text) \
-                   FROM h WHERE NOT (h.held AND h.lease_owner IS NOT DISTINCT FROM $8::text)) \
+             h AS (SELECT s.lease_owner FROM s, j \
+                   WHERE s.lease_owner IS NOT NULL AND COALESCE(s.lease_expires_at_ms >= $4, FALSE)) \
              SELECT (SELECT job_order FROM j), (SELECT status FROM known), \
-                    (SELECT terminal_event FROM known), (SELECT COUNT(*) FROM n)",
+                    (SELECT terminal_event FROM known), (SELECT lease_owner FROM h)",
         )
         .bind(&job.job_id)
         .bind(&job.session_key)
         .bind(&job.spec.profile)
         .bind(now_ms)
         .bind(spec)
-        .bind(ACCEPT_CHANNEL)
-        .bind(HOLDER_CHANNEL_PREFIX)
-        .bind(worker_id)
         .fetch_one(&self.pool)
         .await?;
         match row {
-            (Some(_), _, _, _) => Ok(AcceptOutcome::Inserted),
-            (None, Some(status), terminal_event, _) => Ok(AcceptOutcome::Duplicate {
-                status: JobStatus::parse(&status)?,
-                terminal_event,
-            }),
+            (Some(_), _, _, live_owner) => Ok(AcceptReport::inserted(live_owner, worker_id)),
+            (None, Some(status), terminal_event, _) => {
+                Ok(AcceptReport::known(AcceptOutcome::Duplicate {
+                    status: JobStatus::parse(&status)?,
+                    terminal_event,
+                }))
+            }
             // A concurrent accept of the same job id committed between our
             // snapshot and our insert: it is known now.
             (None, None, _, _) => existing_job(&mut *self.pool.acquire().await?, &job.job_id)
                 .await?
+                .map(AcceptReport::known)
                 .ok_or_else(|| {
                     StoreError::Unavailable(format!("job {} vanished; retry", job.job_id))
                 }),

@@ -18,8 +18,8 @@ use super::rows::{
 };
 use super::sql::check_transcript_session;
 use super::{
-    AcceptOutcome, AfterFinish, JobFinish, JobRecord, JobStatus, Lease, NewJob, NextJob,
-    ReleaseOutcome, SessionRecord, SessionStore, StartedAttempt, StoreError, Transcript,
+    AcceptOutcome, AcceptReport, AfterFinish, JobFinish, JobRecord, JobStatus, Lease, NewJob,
+    NextJob, ReleaseOutcome, SessionRecord, SessionStore, StartedAttempt, StoreError, Transcript,
     TranscriptAppend, TranscriptWrite, YieldOrder, YieldOutcome,
 };
 use crate::protocol::PermissionMode;
@@ -142,8 +142,8 @@ super::sql::session_store_impl!(SqliteStore, {
         &self,
         job: &NewJob,
         now_ms: i64,
-        _worker_id: Option<&str>,
-    ) -> Result<AcceptOutcome, StoreError> {
+        worker_id: Option<&str>,
+    ) -> Result<AcceptReport, StoreError> {
         let spec = spec_json(&job.spec)?;
         let mut tx = self.begin_immediate().await?;
         // The write lock is held, so this check and the inserts are atomic.
@@ -154,22 +154,23 @@ super::sql::session_store_impl!(SqliteStore, {
                 .await?;
         if let Some((status, terminal_event)) = existing {
             tx.rollback().await?;
-            return Ok(AcceptOutcome::Duplicate {
+            return Ok(AcceptReport::known(AcceptOutcome::Duplicate {
                 status: JobStatus::parse(&status)?,
                 terminal_event,
-            });
+            }));
         }
-        sqlx::query(
+        let (owner, expires): (Option<String>, Option<i64>) = sqlx::query_as(
             "INSERT INTO sessions (session_key, profile, status, created_at_ms, updated_at_ms) \
              VALUES (?, ?, 'idle', ?, ?) \
              ON CONFLICT (session_key) DO UPDATE SET updated_at_ms = excluded.updated_at_ms, \
-               status = CASE WHEN status = 'closed' THEN 'idle' ELSE status END",
+               status = CASE WHEN status = 'closed' THEN 'idle' ELSE status END \
+             RETURNING lease_owner, lease_expires_at_ms",
         )
         .bind(&job.session_key)
         .bind(&job.spec.profile)
         .bind(now_ms)
         .bind(now_ms)
-        .execute(&mut *tx)
+        .fetch_one(&mut *tx)
         .await?;
         sqlx::query(
             "INSERT INTO jobs (job_id, session_key, status, attempts, next_seq, spec, created_at_ms) \
@@ -182,7 +183,8 @@ super::sql::session_store_impl!(SqliteStore, {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
-        Ok(AcceptOutcome::Inserted)
+        let live_owner = owner.filter(|_| expires.is_some_and(|at| at >= now_ms));
+        Ok(AcceptReport::inserted(live_owner, worker_id))
     }
 
     async fn claim_session(

@@ -13,6 +13,7 @@ use crate::protocol::{
     PROTOCOL_VERSION,
 };
 use crate::store::{now_ms, AcceptOutcome, JobRecord, JobSpec, JobStatus, NewJob, StoreError};
+use crate::worker::accept_feed;
 use crate::worker::context::Context;
 use crate::worker::ending::{self, EndError};
 
@@ -113,13 +114,13 @@ pub async fn accept(ctx: &Context, delivery: &Delivery) -> Result<Accepted, Acce
             delivery.properties.user_id().as_ref().map(|u| u.as_str()),
         ),
     };
-    // Before the insert: the database may announce it before we return.
+    // Our own `waiting` announcement comes back to us: recognised by this.
     ctx.note_accepting(&new.job_id);
-    match ctx
+    let report = ctx
         .store
         .accept_job_by(&new, now_ms(), Some(&ctx.worker_id))
-        .await?
-    {
+        .await?;
+    match report.outcome {
         AcceptOutcome::Inserted => {
             let profile = [("profile", new.spec.profile.as_str())];
             ctx.metrics.counter(JOBS_ACCEPTED, &profile).increment(1);
@@ -127,6 +128,9 @@ pub async fn accept(ctx: &Context, delivery: &Delivery) -> Result<Accepted, Acce
             tracing::debug!(session_key = %job.session_key, "the accepted job's session");
             if apply_on_busy(ctx, &new).await? {
                 return Ok(Accepted::RejectedBusy { job_id });
+            }
+            if let Some(audience) = &report.audience {
+                accept_feed::announce(ctx, &job_id, &job.session_key, audience).await;
             }
             Ok(Accepted::Queued {
                 job_id,

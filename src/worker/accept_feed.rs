@@ -1,91 +1,140 @@
-//! The database's announcements of accepted jobs (Postgres `LISTEN`), so a
-//! lease holder waiting for its session's follow-up learns at once that
-//! another worker accepted it, and one holding a slot learns that a
-//! session waits for a worker while this one is full. Without them (SQLite,
-//! or while the listening connection is down) holders poll every 100 ms as
-//! before; with them they poll only for what is not announced, backing off
-//! (see `Context::affinity_poll`). Nothing depends on an announcement
-//! arriving: a lost one costs at most a poll interval.
+//! Accept announcements between workers, through the broker: a worker that
+//! accepts a job for a session whose lease another worker holds tells that
+//! worker (routing key `held.<worker id>` on the workers exchange), so a
+//! lease holder waiting for its session's follow-up runs it at once; a job
+//! whose session has no live lease goes to every worker (`waiting`), so a
+//! full worker's holders learn that a session waits for a worker.
+//!
+//! They are hints: sent without a confirm, read without an ack, and nothing
+//! depends on one arriving — a lost one costs a lease holder at most a
+//! poll interval. While they flow, holders poll only for what is not
+//! announced, backing off (see `Context::affinity_poll`); while the broker
+//! is away they poll every 100 ms, and look once when it is back.
+//!
+//! The broker, not the database, carries them: Postgres wakes every
+//! listening backend of the database for each `NOTIFY` whatever its channel,
+//! and each wake-up is a transaction, so announcements by `NOTIFY` cost the
+//! database a commit per worker per accept.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::StreamExt;
+use lapin::{Channel, Consumer};
+use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::{debug, error, warn};
 
-use crate::store::AcceptFeed;
+use crate::broker::announce::ACCEPT_ANNOUNCEMENT_TYPE;
+use crate::store::AcceptAudience;
 use crate::worker::context::Context;
 
-/// Bounds the set-up of the listening connection.
-const LISTEN_TIMEOUT: Duration = Duration::from_secs(30);
-/// Between attempts to listen again after a failure.
-const RETRY_FIRST: Duration = Duration::from_millis(500);
-const RETRY_MAX: Duration = Duration::from_secs(30);
+/// The routing key every worker binds: jobs of sessions waiting for one.
+pub(crate) const WAITING_KEY: &str = "waiting";
 
-/// Runs until shutdown; never ends by itself (a backend without
-/// announcements just waits), so the supervisor treats an end as a bug.
-pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
-    let mut delay = RETRY_FIRST;
-    loop {
-        let listening = tokio::select! {
-            r = tokio::time::timeout(LISTEN_TIMEOUT, ctx.store.listen_accepts(&ctx.worker_id)) => r,
-            _ = shutdown.cancelled() => return,
-        };
-        match listening {
-            Ok(Ok(None)) => {
-                // This backend announces nothing: holders poll.
-                shutdown.cancelled().await;
-                return;
-            }
-            Ok(Ok(Some(feed))) => {
-                delay = RETRY_FIRST;
-                if follow(&ctx, feed, &shutdown).await.is_none() {
-                    return;
-                }
-            }
-            Ok(Err(e)) => {
-                warn!(error = %e, retry_in_ms = delay.as_millis() as u64,
-                    "could not listen for accepted jobs; lease holders poll meanwhile");
-            }
-            Err(_) => {
-                warn!(
-                    retry_in_ms = delay.as_millis() as u64,
-                    "listening for accepted jobs timed out; lease holders poll meanwhile"
-                );
-            }
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
-            _ = shutdown.cancelled() => return,
-        }
-        delay = (delay * 2).min(RETRY_MAX);
+/// The routing key a worker binds for jobs of sessions whose lease it holds.
+pub(crate) fn holder_key(worker_id: &str) -> String {
+    format!("held.{worker_id}")
+}
+
+/// Bounds sending one announcement (it is only written to the socket).
+const SEND_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// An accepted job, as announced.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AcceptNotice {
+    pub job_id: String,
+    pub session_key: String,
+    /// Whether the session's lease was live when the job was accepted:
+    /// its holder may be waiting for it (lease affinity). Otherwise the
+    /// session waits for a worker.
+    pub held: bool,
+}
+
+/// Tells `audience` that `job_id` of `session_key` was accepted. A failure
+/// is logged at debug and forgotten: the holder's poll finds the job.
+pub(crate) async fn announce(
+    ctx: &Context,
+    job_id: &str,
+    session_key: &str,
+    audience: &AcceptAudience,
+) {
+    let (key, held) = match audience {
+        AcceptAudience::Holder(owner) => (holder_key(owner), true),
+        AcceptAudience::Everyone => (WAITING_KEY.to_string(), false),
+    };
+    let notice = AcceptNotice {
+        job_id: job_id.to_string(),
+        session_key: session_key.to_string(),
+        held,
+    };
+    let Ok(body) = serde_json::to_vec(&notice) else {
+        return;
+    };
+    let sent = tokio::time::timeout(SEND_TIMEOUT, ctx.sink.announce_accept(&key, &body)).await;
+    match sent {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => debug!(error = %e, "an accept announcement was not sent"),
+        Err(_) => debug!("an accept announcement timed out"),
     }
 }
 
-/// Hands announcements on until the feed fails (`Some`) or shutdown
-/// (`None`).
-async fn follow(ctx: &Context, mut feed: AcceptFeed, shutdown: &CancellationToken) -> Option<()> {
+/// Reads this worker's announcements until shutdown. Ends by itself only
+/// if the broker connection does not recover (the broker watch stops the
+/// worker then too).
+pub async fn run(
+    ctx: Arc<Context>,
+    channel: Channel,
+    mut consumer: Consumer,
+    shutdown: CancellationToken,
+) {
     ctx.set_accepts_pushed(true);
-    // Anything accepted before the LISTEN took effect: look once.
+    // Anything accepted before the consumer started: look once.
     ctx.nudge_all_holders();
-    let ended = loop {
+    loop {
         let next = tokio::select! {
-            n = feed.next() => n,
-            _ = shutdown.cancelled() => break None,
+            d = consumer.next() => d,
+            _ = shutdown.cancelled() => break,
         };
         match next {
-            Ok(Some(notice)) => ctx.on_accept_announced(&notice),
-            Ok(None) => {
-                // Reconnected; what was announced meanwhile is lost.
-                debug!("the accept feed reconnected; holders look once");
-                ctx.nudge_all_holders();
+            Some(Ok(delivery)) => {
+                let kind = delivery.properties.kind().as_ref().map(|k| k.as_str());
+                if kind != Some(ACCEPT_ANNOUNCEMENT_TYPE) {
+                    continue;
+                }
+                match serde_json::from_slice::<AcceptNotice>(&delivery.data) {
+                    Ok(notice) => ctx.on_accept_announced(&notice),
+                    Err(e) => debug!(error = %e, "an accept announcement did not parse"),
+                }
             }
-            Err(e) => {
-                warn!(error = %e, "the accept feed failed; lease holders poll until it is back");
-                break Some(());
+            Some(Err(e)) => {
+                ctx.set_accepts_pushed(false);
+                let limit = Duration::from_secs(ctx.settings.amqp.recovery_limit_secs);
+                match tokio::time::timeout(limit, channel.wait_for_recovery(e)).await {
+                    Ok(Ok(())) => {
+                        // What was announced meanwhile is lost: look once.
+                        debug!("accept announcements flow again; holders look once");
+                        ctx.set_accepts_pushed(true);
+                        ctx.nudge_all_holders();
+                    }
+                    Ok(Err(e)) => {
+                        error!(error = %e, "the accept announcements' consumer did not recover");
+                        break;
+                    }
+                    Err(_) => {
+                        error!(
+                            limit_secs = limit.as_secs(),
+                            "the broker connection did not come back in time"
+                        );
+                        break;
+                    }
+                }
+            }
+            None => {
+                warn!("the accept announcements' consumer was cancelled by the broker");
+                break;
             }
         }
-    };
+    }
     ctx.set_accepts_pushed(false);
-    ended
 }

@@ -151,6 +151,11 @@ impl ReplySink for MeteredSink {
         self.inner.event_lane(observe)
     }
 
+    async fn announce_accept(&self, routing_key: &str, body: &[u8]) -> Result<(), PublishError> {
+        // A hint without a confirm: no latency worth a histogram.
+        self.inner.announce_accept(routing_key, body).await
+    }
+
     async fn publish_raw_event(
         &self,
         routing_key: &str,

@@ -44,6 +44,8 @@ pub async fn run(
                 );
                 down_since = None;
                 ctx.set_broker_up(true);
+                // Accept announcements sent meanwhile are lost: holders look.
+                ctx.nudge_all_holders();
             }
             (false, None) => {
                 warn!(

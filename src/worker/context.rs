@@ -13,8 +13,9 @@ use crate::broker::publish::ReplySink;
 use crate::claude::warm::WarmPool;
 use crate::config::Settings;
 use crate::ops::Metrics;
+use crate::store::JobRecord;
 use crate::store::SessionStore;
-use crate::store::{AcceptNotice, JobRecord};
+use crate::worker::accept_feed::AcceptNotice;
 use crate::worker::admin::MeteredSink;
 use crate::worker::running::RunningTurns;
 use crate::worker::turn::retry::RetryPolicy;
@@ -42,11 +43,11 @@ pub struct Context {
     /// Sessions whose lease holder waits for a follow-up (lease affinity):
     /// only that session's holder is woken by its accept, not every one.
     affinity: Mutex<std::collections::HashMap<String, Arc<Notify>>>,
-    /// Job ids this worker is accepting or accepted lately (bounded): the
-    /// database's announcement of one of them is not news here.
+    /// Job ids this worker is accepting or accepted lately (bounded): an
+    /// announcement of one of them is not news here.
     accepting: Mutex<VecDeque<String>>,
-    /// Whether the database announces accepted jobs to this worker now
-    /// (see `accept_feed`); lease holders then poll less often.
+    /// Whether accept announcements reach this worker now (see
+    /// `accept_feed`); lease holders then poll less often.
     accepts_pushed: AtomicBool,
     /// One slot per session this worker may hold at once (the scheduler's).
     pub(crate) slots: Arc<Semaphore>,
@@ -163,8 +164,8 @@ impl Context {
         }
     }
 
-    /// Called before this worker's accept of `job_id`, so the database's
-    /// announcement of it (which may come first) is recognised.
+    /// Called before this worker's accept of `job_id`, so an announcement
+    /// of it (a redelivery accepted by another worker too) is recognised.
     pub(crate) fn note_accepting(&self, job_id: &str) {
         const KEPT: usize = 1024;
         let mut q = self.accepting.lock().unwrap_or_else(|p| p.into_inner());
@@ -174,8 +175,8 @@ impl Context {
         q.push_back(job_id.to_string());
     }
 
-    /// A job accepted by any worker, as the database announced it. One
-    /// accepted here was handled by `wake_scheduler` already.
+    /// A job accepted by another worker, as it announced it. One accepted
+    /// here was handled by `wake_scheduler` already.
     pub(crate) fn on_accept_announced(&self, notice: &AcceptNotice) {
         let ours = self
             .accepting
@@ -207,16 +208,16 @@ impl Context {
 
     /// How long a lease holder in its affinity window waits before its
     /// `n`th look of its own (0-based). Polling finds a follow-up accepted by
-    /// another worker and a session waiting for a slot; when the database
-    /// announces accepts those wake it at once, so it polls only for what
-    /// is not announced (a lease that expired, one handed back) and backs
-    /// off: 100, 200, 400, 800 ms, then every second.
+    /// another worker and a session waiting for a slot; while accepts are
+    /// announced (and the broker is up) those wake it at once, so it polls
+    /// only for what is not announced (a lease that expired, one handed
+    /// back) and backs off: 100, 200, 400, 800 ms, then every second.
     pub(crate) fn affinity_poll(&self, n: u32) -> Duration {
         const FIRST: Duration = Duration::from_millis(100);
         if let Some(fixed) = self.hooks.affinity_poll {
             return fixed;
         }
-        if !self.accepts_pushed.load(Ordering::Acquire) {
+        if !self.accepts_pushed.load(Ordering::Acquire) || !self.broker_up() {
             return FIRST;
         }
         (FIRST * 2u32.saturating_pow(n.min(4))).min(Duration::from_secs(1))

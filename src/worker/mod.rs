@@ -86,6 +86,8 @@ struct Broker {
     jobs: Consumer,
     control_channel: Channel,
     control: Consumer,
+    /// Accept announcements for this worker (see `accept_feed`).
+    accepts: Consumer,
 }
 
 impl Worker {
@@ -120,6 +122,7 @@ impl Worker {
             settings.amqp.max_unconfirmed_events,
             topology.clone(),
             publish_timeout,
+            Some(publish_channel.announce),
         );
         let ctx = Context::new(Arc::clone(&settings), store, sink, id.clone(), hooks);
         info!(worker_id = %id, %cli_version, queue = %topology.jobs_queue,
@@ -208,13 +211,14 @@ async fn connect_broker(
         secs: SETUP_TIMEOUT.as_secs(),
     }));
     match set_up {
-        Ok((publish_channel, jobs_channel, jobs, control_channel, control)) => {
+        Ok((publish_channel, jobs_channel, jobs, control_channel, control, accepts)) => {
             let broker = Broker {
                 conn,
                 jobs_channel,
                 jobs,
                 control_channel,
                 control,
+                accepts,
             };
             Ok((broker, publish_channel))
         }
@@ -227,14 +231,24 @@ async fn connect_broker(
     }
 }
 
-/// The publish channels, and the two consumers with their channels.
-type Channels = (PublishChannels, Channel, Consumer, Channel, Consumer);
+/// The publish channels, and the consumers with their channels (the
+/// control channel carries the accept announcements' consumer too).
+type Channels = (
+    PublishChannels,
+    Channel,
+    Consumer,
+    Channel,
+    Consumer,
+    Consumer,
+);
 
 /// Confirm channels: one for one-at-a-time confirmed publishes, and the
-/// pool the jobs' event lanes use.
+/// pool the jobs' event lanes use; and a plain one for accept
+/// announcements (hints, never confirmed).
 pub(crate) struct PublishChannels {
     pub main: Channel,
     pub lanes: Vec<Channel>,
+    pub announce: Channel,
 }
 
 async fn set_up(
@@ -252,6 +266,7 @@ async fn set_up(
     let publish_channel = PublishChannels {
         main: publish_channel,
         lanes,
+        announce: conn.create_channel().await?,
     };
     let jobs_channel = broker::consumer_channel(conn, settings.amqp.prefetch).await?;
     let jobs = jobs_channel
@@ -266,9 +281,18 @@ async fn set_up(
     let control = broker::consume_private(
         &control_channel,
         &topology.control_exchange,
-        "",
+        &[""],
         &format!("{id}-control"),
         false,
+    )
+    .await?;
+    let held = accept_feed::holder_key(id);
+    let accepts = broker::consume_private(
+        &control_channel,
+        &topology.workers_exchange,
+        &[held.as_str(), accept_feed::WAITING_KEY],
+        &format!("{id}-accepts"),
+        true,
     )
     .await?;
     Ok((
@@ -277,6 +301,7 @@ async fn set_up(
         jobs,
         control_channel,
         control,
+        accepts,
     ))
 }
 
@@ -302,6 +327,7 @@ async fn run(
         jobs,
         control_channel,
         control,
+        accepts,
     } = broker;
     let mut tasks = Supervisor::default();
     let c = Arc::clone(&ctx);
@@ -321,7 +347,7 @@ async fn run(
     let c = Arc::clone(&ctx);
     let control_stream = consume::run(
         c,
-        control_channel,
+        control_channel.clone(),
         control,
         Stream::Control,
         control_stop.clone(),
@@ -334,7 +360,12 @@ async fn run(
     tasks.spawn("outbox", outbox::run(Arc::clone(&ctx), shutdown.clone()));
     tasks.spawn(
         "accept feed",
-        accept_feed::run(Arc::clone(&ctx), shutdown.clone()),
+        accept_feed::run(
+            Arc::clone(&ctx),
+            control_channel.clone(),
+            accepts,
+            shutdown.clone(),
+        ),
     );
     tasks.spawn(
         "lifecycle",

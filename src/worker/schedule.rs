@@ -243,9 +243,9 @@ async fn keep_warm_session(
             return Ok(Affinity::Over);
         }
         // A job of this session accepted here wakes us at once (a permit
-        // if it came while we looked), as does one accepted elsewhere or a
-        // session waiting for a slot here when the database announces
-        // accepts (`accept_feed`); the rest is seen at the next poll.
+        // if it came while we looked), as does an announcement of one
+        // accepted elsewhere or of a session waiting for a slot here
+        // (`accept_feed`); the rest is seen at the next poll.
         tokio::select! {
             _ = accepted.notified() => {}
             _ = tokio::time::sleep(ctx.affinity_poll(polls).min(deadline - now)) => polls += 1,

@@ -257,7 +257,7 @@ pub async fn subscribe(
 ) -> mpsc::UnboundedReceiver<Reply> {
     let ch = conn.create_channel().await.unwrap();
     let mut consumer =
-        claude_worker::broker::consume_private(&ch, &topology.replies_exchange, key, "", true)
+        claude_worker::broker::consume_private(&ch, &topology.replies_exchange, &[key], "", true)
             .await
             .unwrap();
     let (tx, rx) = mpsc::unbounded_channel();

@@ -1,31 +1,40 @@
-//! Accepts announced by the database (Postgres `LISTEN`/`NOTIFY`, see
+//! Accept announcements between workers (through the broker, see
 //! `worker/accept_feed.rs`): a lease holder waiting for its session's
-//! follow-up is woken when any worker accepts it, also after the database
-//! restarted. The holder's own poll is set far beyond the test's bounds
-//! (a test hook), so only an announcement can wake it in time; without
-//! one the job would wait for the affinity window to end (60 s).
+//! follow-up is woken when another worker accepts it, also after a broker
+//! restart. The holder's own poll is set far beyond the test's bounds (a
+//! test hook), so only an announcement can wake it in time; without one the
+//! job would wait for the affinity window to end (60 s).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use claude_worker::broker::Topology;
 use claude_worker::config::{Secret, Settings};
-use claude_worker::protocol::EventBody;
-use claude_worker::store::{self, now_ms, AcceptOutcome, NewJob, SessionStore};
+use claude_worker::protocol::{EventBody, EventV1};
+use claude_worker::store::{self, now_ms, AcceptAudience, AcceptOutcome, NewJob};
 use claude_worker::worker::Hooks;
 use claude_worker::worker::Worker;
-use serde_json::json;
+use futures_util::FutureExt;
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, Mutex};
 
-use crate::common::pg_node::PgNode;
+use crate::common::broker_node::BrokerNode;
+use crate::common::tap::{producer, publish, tap, Seen};
 use crate::harness::{Backend, TestEnv, WAIT};
 
 /// Well inside the affinity window and the hook's poll.
 const WOKEN_WITHIN: Duration = Duration::from_secs(25);
+/// Follow-ups published before giving up on the other worker accepting one
+/// (the queue hands deliveries to its two consumers in turn).
+const FOLLOW_UPS_MAX: usize = 8;
 
-fn holding_settings(env: &TestEnv, db_url: Option<String>) -> Settings {
+fn holding_settings(env: &TestEnv, id: &str, amqp_url: Option<&str>) -> Settings {
     let mut s = env.settings();
-    if let Some(url) = db_url {
-        s.database.url = Secret::new(url);
+    if let Some(url) = amqp_url {
+        s.amqp.url = Secret::new(url);
     }
+    s.worker.id = id.into();
     s.worker.warm_affinity_ms = 60_000;
     s.validate().expect("valid settings");
     s
@@ -38,6 +47,12 @@ fn polls_never() -> Hooks {
     }
 }
 
+async fn start(settings: Settings) -> Worker {
+    Worker::start_with(settings, polls_never())
+        .await
+        .expect("worker starts")
+}
+
 /// Runs a job through the broker to completion; returns its id.
 async fn run_ok(env: &mut TestEnv, key: &str, prompt: &str) -> String {
     let job = env.publish_job(key, prompt, json!({})).await;
@@ -48,30 +63,6 @@ async fn run_ok(env: &mut TestEnv, key: &str, prompt: &str) -> String {
     }
 }
 
-/// What another worker's accept does: the same store call, so the same
-/// statement and announcement. The follow-up copies the first job's spec
-/// (reply key, profile) with a new prompt.
-async fn accept_elsewhere(store: &Arc<dyn SessionStore>, first: &str, prompt: &str) -> String {
-    let mut spec = store.get_job(first).await.unwrap().unwrap().spec;
-    spec.prompt = prompt.to_string();
-    let job_id = uuid::Uuid::new_v4().to_string();
-    let key = store.get_job(first).await.unwrap().unwrap().session_key;
-    let out = store
-        .accept_job_by(
-            &NewJob {
-                job_id: job_id.clone(),
-                session_key: key,
-                spec,
-            },
-            now_ms(),
-            Some("another-worker"),
-        )
-        .await
-        .unwrap();
-    assert_eq!(out, AcceptOutcome::Inserted);
-    job_id
-}
-
 async fn stop(worker: Worker) {
     worker.shutdown();
     tokio::time::timeout(WAIT, worker.wait())
@@ -80,152 +71,247 @@ async fn stop(worker: Worker) {
         .expect("cleanly");
 }
 
-/// The follow-up completes on the holder, warm, well before its poll.
-async fn completes_warm_on(env: &mut TestEnv, worker: &Worker, job: &str, hits_before: u64) {
-    let events = tokio::time::timeout(WOKEN_WITHIN, env.events_until_terminal(job))
-        .await
-        .expect("the holder was woken by the announcement");
-    assert!(
-        matches!(events.last().unwrap().body, EventBody::Completed { .. }),
-        "{events:#?}"
-    );
-    let stats = worker.context.warm.stats();
-    assert_eq!(stats.spawns, 1, "one CLI for the conversation: {stats:?}");
-    assert_eq!(stats.hits, hits_before + 1, "{stats:?}");
+/// Publishes follow-ups of a session `holder` holds until `other` has
+/// accepted one; every one completes on the holder, warm (its one CLI
+/// process: a hit each), within [`WOKEN_WITHIN`]. `publish` sends the
+/// `n`th follow-up; `terminal` waits for a job's terminal event.
+async fn follow_ups_reach_the_holder<P, PF, T, TF>(
+    holder: &Worker,
+    other: &Worker,
+    mut publish: P,
+    mut terminal: T,
+) where
+    P: FnMut(usize) -> PF,
+    PF: std::future::Future<Output = String>,
+    T: FnMut(String) -> TF,
+    TF: std::future::Future<Output = EventV1>,
+{
+    let hits_before = holder.context.warm.stats().hits;
+    for n in 0..FOLLOW_UPS_MAX {
+        let mut accepted_there = std::pin::pin!(other.context.job_accepted());
+        let job = publish(n).await;
+        let last = tokio::time::timeout(WOKEN_WITHIN, terminal(job))
+            .await
+            .expect("the holder was woken in time");
+        assert!(
+            matches!(last.body, EventBody::Completed { .. }),
+            "{last:#?}"
+        );
+        let stats = holder.context.warm.stats();
+        assert_eq!(stats.spawns, 1, "one CLI for the conversation: {stats:?}");
+        assert_eq!(stats.hits, hits_before + n as u64 + 1, "{stats:?}");
+        if accepted_there.as_mut().now_or_never().is_some() {
+            return;
+        }
+    }
+    panic!("the other worker accepted none of {FOLLOW_UPS_MAX} follow-ups");
 }
 
+/// Two workers on one queue: a follow-up the other worker accepts is
+/// announced to the holder, which runs it warm at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_follow_up_accepted_by_another_worker_wakes_the_warm_holder() {
     let mut env = TestEnv::new(Backend::Postgres).await;
-    let worker = Worker::start_with(holding_settings(&env, None), polls_never())
-        .await
-        .expect("worker starts");
+    let holder = start(holding_settings(&env, "feed-holder", None)).await;
     let key = "feed:other-worker";
-    let first = run_ok(&mut env, key, "announced 0").await;
+    run_ok(&mut env, key, "announced 0").await;
     // The holder now waits for a follow-up (window 60 s, poll 600 s).
-    let store = Arc::clone(&worker.context.store);
-    let job = accept_elsewhere(&store, &first, "announced 1").await;
-    completes_warm_on(&mut env, &worker, &job, 0).await;
-    // A follow-up accepted by this worker itself still wakes it too.
-    run_ok(&mut env, key, "announced 2").await;
-    assert_eq!(worker.context.warm.stats().hits, 2);
+    let other = start(holding_settings(&env, "feed-other", None)).await;
+    let env = Mutex::new(env);
+    follow_ups_reach_the_holder(
+        &holder,
+        &other,
+        |n| {
+            let env = &env;
+            async move {
+                let prompt = format!("announced {}", n + 1);
+                env.lock().await.publish_job(key, &prompt, json!({})).await
+            }
+        },
+        |job| {
+            let env = &env;
+            async move {
+                let events = env.lock().await.events_until_terminal(&job).await;
+                events.last().unwrap().clone()
+            }
+        },
+    )
+    .await;
 
-    stop(worker).await;
-    env.cleanup().await;
+    stop(other).await;
+    stop(holder).await;
+    env.into_inner().cleanup().await;
 }
 
+type Taps = Mutex<(mpsc::UnboundedReceiver<Seen>, HashMap<String, Vec<Value>>)>;
+
+/// The same across a restart of the broker (a node of the test's own): the
+/// announcements' queues and bindings come back with the connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn after_a_postgres_restart_holders_are_woken_again() {
-    let pg = PgNode::start();
-    let mut env = TestEnv::new(Backend::Sqlite).await;
-    let worker = Worker::start_with(holding_settings(&env, Some(pg.url())), polls_never())
-        .await
-        .expect("worker starts");
-    let key = "feed:pg-restart";
-    let first = run_ok(&mut env, key, "before the restart").await;
-
-    // The database goes away while the holder waits; the listening
-    // connection breaks. The outage lasts a few seconds (the scenario, not
-    // a synchronisation).
-    tokio::task::block_in_place(|| pg.stop());
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    tokio::task::block_in_place(|| pg.start_again());
-
-    // Another worker accepts the follow-up once the database is back. The
-    // feed listens again (and has holders look once): either way the
-    // holder runs it, warm, long before its own poll.
-    let other = store::connect(&Secret::new(pg.url()), 2)
-        .await
-        .expect("the database is back");
-    let job = accept_elsewhere(&other, &first, "after the restart").await;
-    completes_warm_on(&mut env, &worker, &job, 0).await;
-
-    stop(worker).await;
-    env.cleanup().await;
-    drop(pg);
-}
-
-/// Who hears what: a job for a session whose lease another worker holds
-/// goes to that worker only; the holder's own accept to nobody; a job whose
-/// session waits for a worker to every listener. Announcements arrive in
-/// commit order, so "not heard" is shown by the next one heard.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn each_worker_hears_only_what_concerns_it() {
-    let env = TestEnv::new(Backend::Postgres).await;
-    let url = env.settings().database.url.clone();
-    let s = store::connect(&url, 4).await.expect("connect");
-    s.migrate().await.unwrap();
-    let mut w1 = s
-        .listen_accepts("w1")
-        .await
-        .unwrap()
-        .expect("postgres announces");
-    let mut w2 = s
-        .listen_accepts("w2")
-        .await
-        .unwrap()
-        .expect("postgres announces");
-    let job = |id: &str, key: &str| NewJob {
-        job_id: id.to_string(),
-        session_key: key.to_string(),
-        spec: serde_json::from_value(json!({
-            "prompt": id, "mode": "continue", "claude_session_id": null,
-            "profile": "default", "model": null, "max_turns": 5,
-            "permission_mode": "default", "metadata": {}, "reply_to": null,
-        }))
-        .expect("a job spec"),
+async fn after_a_broker_restart_holders_are_woken_again() {
+    let node = BrokerNode::start().await;
+    let env = TestEnv::new(Backend::Sqlite).await;
+    let url = node.url();
+    let topo = Topology::from_prefix(&env.prefix, "prompt");
+    let taps: Taps = Mutex::new((
+        tap(url.clone(), topo.clone(), format!("{}.tap", env.prefix)),
+        HashMap::new(),
+    ));
+    let w1 = start(holding_settings(&env, "feed-w1", Some(&url))).await;
+    let w2 = start(holding_settings(&env, "feed-w2", Some(&url))).await;
+    let key = "feed:broker-restart";
+    let reply_key = format!("{}.feed", env.prefix);
+    let terminal = |job: String| {
+        let taps = &taps;
+        async move { wait_terminal(taps, &job).await }
     };
-    let now = now_ms();
-    // No lease: everyone hears that the session waits for a worker.
-    s.accept_job_by(&job("a0", "A"), now, Some("w2"))
+
+    // The first job: the worker that runs it holds the session afterwards.
+    let ch = producer(&url, &topo).await;
+    let first = publish_job(&ch, &topo, &reply_key, key, "before the restart").await;
+    let last = terminal(first).await;
+    assert!(
+        matches!(last.body, EventBody::Completed { .. }),
+        "{last:#?}"
+    );
+    let (holder, other) = if w1.context.warm.stats().spawns == 1 {
+        (w1, w2)
+    } else {
+        (w2, w1)
+    };
+
+    // The restart. The outage lasts a few seconds (the scenario, not a
+    // synchronisation).
+    node.stop_app().await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    node.start_app().await;
+    // The holder's announcement queue is bound again before the
+    // follow-ups go out (else one sent meanwhile is lost: a poll's worth).
+    let binding = format!("{}\theld.{}", topo.workers_exchange, holder.id);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !node
+        .ctl(&["list_bindings", "source_name", "routing_key"])
         .await
-        .unwrap();
-    for feed in [&mut w1, &mut w2] {
-        let n = heard(feed).await;
-        assert_eq!(
-            (n.job_id.as_str(), n.session_key.as_str(), n.held),
-            ("a0", "A", false)
+        .contains(&binding)
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{binding} is not bound again"
         );
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    // w1 holds A.
-    let lease = s
-        .claim_session("w1", now, 30_000, Some("A"))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(lease.session_key, "A");
-    // w1's own accept: nobody. w2's accept of A: w1 only.
-    s.accept_job_by(&job("a1", "A"), now, Some("w1"))
-        .await
-        .unwrap();
-    s.accept_job_by(&job("a2", "A"), now, Some("w2"))
-        .await
-        .unwrap();
-    let n = heard(&mut w1).await;
-    assert_eq!((n.job_id.as_str(), n.held), ("a2", true));
-    // A job of a session nobody holds: both hear it, w2 with nothing before.
-    s.accept_job_by(&job("b0", "B"), now, Some("w1"))
-        .await
-        .unwrap();
-    assert_eq!(heard(&mut w2).await.job_id, "b0");
-    assert_eq!(heard(&mut w1).await.job_id, "b0");
-    // A redelivery (known job id) is not announced again.
-    s.accept_job_by(&job("a2", "A"), now, Some("w2"))
-        .await
-        .unwrap();
-    s.accept_job_by(&job("c0", "C"), now, Some("w2"))
-        .await
-        .unwrap();
-    assert_eq!(heard(&mut w1).await.job_id, "c0");
-    assert_eq!(heard(&mut w2).await.job_id, "c0");
-    drop((w1, w2, s));
+
+    let ch = producer(&url, &topo).await;
+    follow_ups_reach_the_holder(
+        &holder,
+        &other,
+        |n| {
+            let (ch, topo, reply_key) = (&ch, &topo, &reply_key);
+            async move {
+                let prompt = format!("after the restart {n}");
+                publish_job(ch, topo, reply_key, key, &prompt).await
+            }
+        },
+        terminal,
+    )
+    .await;
+
+    stop(other).await;
+    stop(holder).await;
     env.cleanup().await;
+    drop(node);
 }
 
-async fn heard(feed: &mut store::AcceptFeed) -> store::AcceptNotice {
-    tokio::time::timeout(WAIT, feed.next())
-        .await
-        .expect("an announcement")
-        .unwrap()
-        .expect("no reconnect")
+async fn publish_job(
+    ch: &lapin::Channel,
+    topo: &Topology,
+    reply_key: &str,
+    key: &str,
+    prompt: &str,
+) -> String {
+    let job_id = uuid::Uuid::new_v4().to_string();
+    let body = json!({"v": 1, "job_id": job_id, "session_key": key, "prompt": prompt});
+    publish(
+        ch,
+        &topo.jobs_exchange,
+        &topo.jobs_routing_key,
+        reply_key,
+        &body,
+    )
+    .await;
+    job_id
+}
+
+/// `job`'s terminal event as tapped (other jobs' events are kept).
+async fn wait_terminal(taps: &Taps, job: &str) -> EventV1 {
+    let mut guard = taps.lock().await;
+    let (rx, kept) = &mut *guard;
+    loop {
+        let terminal = kept.get(job).into_iter().flatten().find_map(|raw| {
+            let event: EventV1 = serde_json::from_value(raw.clone()).ok()?;
+            event.body.is_terminal().then_some(event)
+        });
+        if let Some(event) = terminal {
+            return event;
+        }
+        let (raw, _) = tokio::time::timeout(WAIT, rx.recv())
+            .await
+            .expect("an event in time")
+            .expect("the tap runs");
+        if let Some(id) = raw.get("job_id").and_then(|v| v.as_str()) {
+            kept.entry(id.to_string()).or_default().push(raw);
+        }
+    }
+}
+
+/// Who should hear of an accept: of a job for a session whose lease
+/// another worker holds, that worker only; of the holder's own accept,
+/// nobody; of a job whose session waits for a worker, every worker; of a
+/// redelivery, nobody. On both backends, read by the accept itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_accept_names_who_should_hear_of_it() {
+    for backend in [Backend::Sqlite, Backend::Postgres] {
+        let env = TestEnv::new(backend).await;
+        let url = env.settings().database.url.clone();
+        let s = store::connect(&url, 4).await.expect("connect");
+        s.migrate().await.unwrap();
+        let job = |id: &str, key: &str| NewJob {
+            job_id: id.to_string(),
+            session_key: key.to_string(),
+            spec: serde_json::from_value(json!({
+                "prompt": id, "mode": "continue", "claude_session_id": null,
+                "profile": "default", "model": null, "max_turns": 5,
+                "permission_mode": "default", "metadata": {}, "reply_to": null,
+            }))
+            .expect("a job spec"),
+        };
+        let now = now_ms();
+        let accept = |id: &str, key: &str, by: &str, at: i64| {
+            let (s, job, by) = (Arc::clone(&s), job(id, key), by.to_string());
+            async move { s.accept_job_by(&job, at, Some(&by)).await.unwrap() }
+        };
+        // No lease: every worker should hear that the session waits.
+        let r = accept("a0", "A", "w2", now).await;
+        assert_eq!(r.outcome, AcceptOutcome::Inserted);
+        assert_eq!(r.audience, Some(AcceptAudience::Everyone), "{backend:?}");
+        // w1 holds A: its own accept, nobody; w2's accept, w1.
+        let lease = s
+            .claim_session("w1", now, 30_000, Some("A"))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(lease.session_key, "A");
+        assert_eq!(accept("a1", "A", "w1", now).await.audience, None);
+        let r = accept("a2", "A", "w2", now).await;
+        assert_eq!(r.audience, Some(AcceptAudience::Holder("w1".into())));
+        // A redelivery (known job id): nobody.
+        let r = accept("a2", "A", "w2", now).await;
+        assert!(matches!(r.outcome, AcceptOutcome::Duplicate { .. }));
+        assert_eq!(r.audience, None);
+        // Once w1's lease has expired, A waits for any worker again.
+        let r = accept("a3", "A", "w1", now + 60_000).await;
+        assert_eq!(r.audience, Some(AcceptAudience::Everyone), "{backend:?}");
+        drop(s);
+        env.cleanup().await;
+    }
 }

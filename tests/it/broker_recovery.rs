@@ -169,6 +169,7 @@ async fn an_event_of_a_lost_lease_is_not_published() {
         16,
         env.bus.topology.clone(),
         Duration::from_secs(5),
+        None,
     );
     let event = |seq: u64| -> EventV1 {
         serde_json::from_value(json!({"v": 1, "job_id": "fence-job", "session_key": "k",
