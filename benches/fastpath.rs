@@ -23,7 +23,9 @@
 //! `FASTPATH_BASELINE_BIN=/path/to/claude-worker` runs an older build the
 //! same way in the same run, so the report can give ratios.
 //! `FASTPATH_SESSIONS`, `FASTPATH_TURNS` change the load;
-//! `FASTPATH_ONLY=sqlite|postgres` narrows it.
+//! `FASTPATH_ONLY=sqlite|postgres` narrows it; `FASTPATH_RUST_LOG` sets
+//! the workers' `RUST_LOG` (default `warn`; e.g. `warn,sqlx::query=debug`
+//! lists every statement on stderr, to count them per turn).
 
 #[path = "../tests/common/mod.rs"]
 #[allow(unused_imports)] // its unit tests' imports
@@ -402,7 +404,10 @@ async fn run(load: &Load, bin: &Path, standin: &Path) -> Figures {
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("HOME", &home)
             .env("CLAUDE_CONFIG_DIR", home.join(".claude"))
-            .env("RUST_LOG", "warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("FASTPATH_RUST_LOG").unwrap_or("warn".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null());
         let mut cmd = tokio::process::Command::from(std_cmd);

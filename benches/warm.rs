@@ -19,6 +19,8 @@
 //!   text delta and write → `result` (cold also: → process exit).
 //!
 //! Warm figures are for messages 2.. (the first one starts the process).
+//! `WARM_RUST_LOG` sets the worker's `RUST_LOG` (default `warn`), e.g.
+//! `claude_worker=debug` to see where a turn's time goes.
 
 #[path = "../tests/common/mod.rs"]
 #[allow(unused_imports)] // its unit tests' imports
@@ -263,9 +265,13 @@ impl WorkerRun {
         settings.claude.warm_max_processes = warm_max;
         let cfg = dir.join(format!("{}.toml", bus.prefix));
         world::write_config(&settings, &cfg);
-        let child = world::worker_command(&cfg, home, "warn")
-            .spawn()
-            .expect("start the worker binary");
+        let child = world::worker_command(
+            &cfg,
+            home,
+            &std::env::var("WARM_RUST_LOG").unwrap_or("warn".into()),
+        )
+        .spawn()
+        .expect("start the worker binary");
         let pid = child.id().unwrap() as i32;
         WorkerRun {
             name,

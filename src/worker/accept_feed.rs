@@ -59,6 +59,10 @@ pub(crate) async fn announce(
     session_key: &str,
     audience: &AcceptAudience,
 ) {
+    if !ctx.broker_up() {
+        // Down or blocked by an alarm: it would only wait out its bound.
+        return;
+    }
     let (key, held) = match audience {
         AcceptAudience::Holder(owner) => (holder_key(owner), true),
         AcceptAudience::Everyone => (WAITING_KEY.to_string(), false),
