@@ -49,6 +49,15 @@ impl fmt::Debug for Secret {
 }
 
 /// A URL that may carry a password: shown with the password masked.
+/// [`redact_url`] without the query string either (a Postgres URL may
+/// carry `?password=…`): for messages naming a database.
+pub fn redact_db_url(url: &str) -> String {
+    match url.split_once('?') {
+        Some((base, _)) => format!("{}?…", redact_url(base)),
+        None => redact_url(url),
+    }
+}
+
 pub fn redact_url(url: &str) -> String {
     // scheme://user:pass@host -> scheme://user:***@host
     if let Some((scheme, rest)) = url.split_once("://") {
@@ -907,6 +916,18 @@ mod tests {
         assert_eq!(
             redact_url("amqp://guest:pw@host:5672/%2f"),
             "amqp://guest:***@host:5672/%2f"
+        );
+        assert_eq!(
+            redact_db_url("postgres://u@h:5432/db?password=pw&sslmode=require"),
+            "postgres://u:***@h:5432/db?…"
+        );
+        assert_eq!(
+            redact_db_url("postgres://u:pw@h/db"),
+            "postgres://u:***@h/db"
+        );
+        assert_eq!(
+            redact_db_url("sqlite:/var/lib/w.db"),
+            "sqlite:/var/lib/w.db"
         );
     }
 

@@ -54,7 +54,14 @@ const STOP_STEP_BOUND: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("session store: {0}")]
+    #[error("could not open the database at {url}: {reason}. {hint}")]
+    Database {
+        url: String,
+        reason: String,
+        hint: &'static str,
+    },
+    /// Anything else the store refused at start-up (a migration, say).
+    #[error(transparent)]
     Store(#[from] store::StoreError),
     #[error(transparent)]
     Amqp(#[from] AmqpError),
@@ -65,6 +72,22 @@ pub enum StartError {
     Cli { path: String, reason: String },
     #[error(transparent)]
     Ops(#[from] crate::ops::OpsError),
+}
+
+/// What a user reads when the database cannot be opened at start-up: where
+/// (without credentials), why, and what to do.
+fn database_error(url: &str, e: store::StoreError) -> StartError {
+    let hint = if url.starts_with("sqlite:") {
+        "The SQLite file's directory must exist and be writable by the worker."
+    } else {
+        "Is PostgreSQL running and reachable, and does the database exist? Start one with \
+         `docker compose up -d postgres`, or point CLAUDE_WORKER__DATABASE__URL at yours."
+    };
+    StartError::Database {
+        url: crate::config::redact_db_url(url),
+        reason: e.to_string(),
+        hint,
+    }
 }
 
 /// A started worker. `shutdown()` begins a graceful stop; `wait()` returns
@@ -104,8 +127,9 @@ impl Worker {
             settings.worker.id.clone()
         };
         let cli_version = check_cli(&settings).await?;
-        let store =
-            store::connect(&settings.database.url, settings.database.max_connections).await?;
+        let store = store::connect(&settings.database.url, settings.database.max_connections)
+            .await
+            .map_err(|e| database_error(settings.database.url.expose(), e))?;
         store.migrate().await?;
         // Bound before the broker, so a port in use fails start-up at once.
         let ops_listener = match settings.ops_listen() {

@@ -102,7 +102,16 @@ async fn broker_and_database_passwords_never_reach_errors_or_logs() {
             "worker, database down",
             vec!["worker"],
             vec![("CLAUDE_WORKER__DATABASE__URL", pg_closed.clone())],
-            "database",
+            "could not open the database at postgres://postgres:***@127.0.0.1:",
+        ),
+        (
+            "worker, SQLite file in a missing directory",
+            vec!["worker"],
+            vec![(
+                "CLAUDE_WORKER__DATABASE__URL",
+                "sqlite:/nonexistent-cw-test-dir/w.db".to_string(),
+            )],
+            "directory must exist",
         ),
         (
             "worker, no such database",
@@ -114,7 +123,7 @@ async fn broker_and_database_passwords_never_reach_errors_or_logs() {
             "worker, password in the query",
             vec!["worker"],
             vec![("CLAUDE_WORKER__DATABASE__URL", pg_query.clone())],
-            "database",
+            "/db?…",
         ),
         (
             "migrate, database down",
