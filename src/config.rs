@@ -607,7 +607,7 @@ impl Settings {
         {
             return bad(format!(
                 "database.url must start with sqlite: or postgres:// (got {})",
-                redact_url(url)
+                redact_db_url(url)
             ));
         }
         let amqp = self.amqp.url.expose();

@@ -144,6 +144,18 @@ async fn broker_and_database_passwords_never_reach_errors_or_logs() {
             "127.0.0.1",
         ),
         (
+            "sessions, password in the query",
+            vec!["sessions", "list"],
+            vec![("CLAUDE_WORKER__DATABASE__URL", pg_query.clone())],
+            "/db?…",
+        ),
+        (
+            "migrate, password in the query",
+            vec!["migrate"],
+            vec![("CLAUDE_WORKER__DATABASE__URL", pg_query.clone())],
+            "/db?…",
+        ),
+        (
             "sessions, database down",
             vec!["sessions", "list"],
             vec![("CLAUDE_WORKER__DATABASE__URL", pg_closed.clone())],

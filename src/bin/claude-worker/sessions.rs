@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use claude_worker::config::{redact_url, Settings};
+use claude_worker::config::{redact_db_url, Settings};
 use claude_worker::store::{JobRecord, SessionRecord, SessionStore};
 use serde_json::{json, Value};
 
@@ -57,7 +57,7 @@ pub enum Command {
 
 async fn open(settings: &Settings) -> anyhow::Result<Arc<dyn SessionStore>> {
     let raw = settings.database.url.expose();
-    let url = redact_url(raw);
+    let url = redact_db_url(raw);
     if let Some(path) = raw.strip_prefix("sqlite:") {
         let path = path.trim_start_matches("//");
         let path = path.split('?').next().unwrap_or(path);
