@@ -33,12 +33,16 @@ pub struct SqliteStore {
 }
 
 impl SqliteStore {
-    /// Opens (creating if missing) the database file named by `url`.
+    /// Opens (creating if missing) the database file named by `url`. A
+    /// `synchronous=full` (or `normal`, the default) query parameter sets
+    /// SQLite's `synchronous`: `full` syncs every commit to disk, so an
+    /// operating-system crash or power loss loses no commit either.
     pub async fn connect(url: &str, max_connections: u32) -> Result<Self, StoreError> {
-        let options = SqliteConnectOptions::from_str(url)?
+        let (url, synchronous) = synchronous_of(url)?;
+        let options = SqliteConnectOptions::from_str(&url)?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Normal)
+            .synchronous(synchronous)
             // Other processes hold the write lock only for one short
             // transaction; waiting beats failing.
             .busy_timeout(Duration::from_secs(30))
@@ -84,6 +88,39 @@ impl SqliteStore {
         check_fence(&mut tx, lease).await?;
         Ok(tx)
     }
+}
+
+/// Takes our `synchronous` parameter out of a SQLite URL (sqlx does not
+/// know it): the URL without it, and the mode (`normal` when absent).
+fn synchronous_of(url: &str) -> Result<(String, SqliteSynchronous), StoreError> {
+    let Some((base, query)) = url.split_once('?') else {
+        return Ok((url.to_string(), SqliteSynchronous::Normal));
+    };
+    let mut mode = SqliteSynchronous::Normal;
+    let mut rest = Vec::new();
+    for pair in query.split('&') {
+        match pair.split_once('=') {
+            Some(("synchronous", v)) => {
+                mode = match v.to_ascii_lowercase().as_str() {
+                    "normal" => SqliteSynchronous::Normal,
+                    "full" => SqliteSynchronous::Full,
+                    "extra" => SqliteSynchronous::Extra,
+                    _ => {
+                        return Err(StoreError::Other(format!(
+                            "the SQLite URL's synchronous={v} is not one of normal, full, extra"
+                        )))
+                    }
+                }
+            }
+            _ => rest.push(pair),
+        }
+    }
+    let url = if rest.is_empty() {
+        base.to_string()
+    } else {
+        format!("{base}?{}", rest.join("&"))
+    };
+    Ok((url, mode))
 }
 
 /// Fails with `LeaseLost` unless `lease` is the session's current lease.

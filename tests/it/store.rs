@@ -2102,3 +2102,40 @@ async fn sqlite_a_cancelled_begin_strands_no_transaction() {
         "the cancelled accept wrote nothing"
     );
 }
+
+/// `?synchronous=full` on a SQLite URL makes every commit durable against
+/// an operating-system crash too; the default stays `normal`; anything
+/// else is refused with a message naming the parameter.
+#[tokio::test]
+async fn sqlite_synchronous_is_set_from_the_url() {
+    use claude_worker::store::SqliteStore;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("store.db");
+    let mode = |store: SqliteStore| async move {
+        let n: i64 = sqlx::query_scalar("PRAGMA synchronous")
+            .fetch_one(store.pool())
+            .await
+            .expect("pragma");
+        n
+    };
+    let normal = SqliteStore::connect(&format!("sqlite:{}", path.display()), 1)
+        .await
+        .expect("connect");
+    assert_eq!(mode(normal).await, 1, "NORMAL by default");
+    let full = SqliteStore::connect(
+        &format!("sqlite:{}?mode=rwc&synchronous=full", path.display()),
+        1,
+    )
+    .await
+    .expect("connect with synchronous=full");
+    assert_eq!(mode(full).await, 2, "FULL when asked");
+    let bad = SqliteStore::connect(
+        &format!("sqlite:{}?synchronous=sometimes", path.display()),
+        1,
+    )
+    .await
+    .err()
+    .expect("refused");
+    assert!(bad.to_string().contains("synchronous=sometimes"), "{bad}");
+}
