@@ -12,7 +12,9 @@ use crate::protocol::{
     self, ControlBody, ControlV1, ErrorKind, EventBody, EventV1, JobV1, OnBusy, SessionMode,
     PROTOCOL_VERSION,
 };
-use crate::store::{now_ms, AcceptOutcome, JobRecord, JobSpec, JobStatus, NewJob, StoreError};
+use crate::store::{
+    now_ms, AcceptAudience, AcceptOutcome, JobRecord, JobSpec, JobStatus, NewJob, StoreError,
+};
 use crate::worker::accept_feed;
 use crate::worker::context::Context;
 use crate::worker::ending::{self, EndError};
@@ -129,7 +131,7 @@ pub async fn accept(ctx: &Context, delivery: &Delivery) -> Result<Accepted, Acce
             if apply_on_busy(ctx, &new).await? {
                 return Ok(Accepted::RejectedBusy { job_id });
             }
-            if let Some(audience) = &report.audience {
+            if let Some(audience) = report.audience.as_ref().filter(|a| announced(ctx, a)) {
                 accept_feed::announce(ctx, &job_id, &job.session_key, audience).await;
             }
             Ok(Accepted::Queued {
@@ -151,6 +153,16 @@ pub async fn accept(ctx: &Context, delivery: &Delivery) -> Result<Accepted, Acce
             }
             Ok(Accepted::Duplicate { job_id })
         }
+    }
+}
+
+/// Whether others need to hear of an accept: its session's holder does; a
+/// session waiting for any worker concerns the others only while this one
+/// is full (with a free slot, its own scheduler claims it now).
+fn announced(ctx: &Context, audience: &AcceptAudience) -> bool {
+    match audience {
+        AcceptAudience::Holder(_) => true,
+        AcceptAudience::Everyone => ctx.slots_full(),
     }
 }
 

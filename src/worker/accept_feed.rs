@@ -1,9 +1,10 @@
 //! Accept announcements between workers, through the broker: a worker that
 //! accepts a job for a session whose lease another worker holds tells that
 //! worker (routing key `held.<worker id>` on the workers exchange), so a
-//! lease holder waiting for its session's follow-up runs it at once; a job
-//! whose session has no live lease goes to every worker (`waiting`), so a
-//! full worker's holders learn that a session waits for a worker.
+//! lease holder waiting for its session's follow-up runs it at once. A job
+//! whose session has no live lease, accepted by a worker with no free slot,
+//! goes to every worker (`waiting`): one with a free slot claims it at once
+//! (not at its next sweep), and a full one's holders hand their leases back.
 //!
 //! They are hints: sent without a confirm, read without an ack, and nothing
 //! depends on one arriving — a lost one costs a lease holder at most a

@@ -191,8 +191,13 @@ impl Context {
             // Its holder, if it waits here, runs it now and warm.
             self.nudge_holder(&notice.session_key);
         } else if self.slots_full() {
-            // A session waits for a worker and this one is full.
+            // A session waits for a worker and this one is full: a holder
+            // waiting for a follow-up here hands its lease back.
             self.nudge_all_holders();
+        } else {
+            // A session waits and the worker that accepted it is full: a
+            // free slot here claims it now, not at the next sweep.
+            self.wake.notify_one();
         }
     }
 
@@ -293,6 +298,9 @@ pub struct Hooks {
     /// Replaces the affinity poll interval: a test that sets it long shows
     /// that only an announcement woke a lease holder.
     pub affinity_poll: Option<Duration>,
+    /// Notified (a permit) each time the scheduler waits with nothing to
+    /// claim: a test then knows only a wake-up makes it look again.
+    pub scheduler_idle: Option<Arc<Notify>>,
 }
 
 /// A lease holder's watch on its session's accepts (see

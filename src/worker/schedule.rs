@@ -73,8 +73,16 @@ pub async fn run(ctx: Arc<Context>, signals: Shutdown, tracker: TaskTracker) {
             // The preferred session was busy or gone; others may still wait.
             continue;
         }
+        let mut woken = std::pin::pin!(ctx.woken());
+        if woken.as_mut().now_or_never().is_some() {
+            // A wake-up came while we looked: look again.
+            continue;
+        }
+        if let Some(idle) = &ctx.hooks.scheduler_idle {
+            idle.notify_one();
+        }
         tokio::select! {
-            _ = ctx.woken() => {}
+            _ = woken => {}
             _ = tokio::time::sleep(ctx.settings.sweep_interval()) => {}
             _ = signals.shutdown.cancelled() => break,
         }

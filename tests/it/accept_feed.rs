@@ -22,6 +22,7 @@ use tokio::sync::{mpsc, Mutex};
 use crate::common::broker_node::BrokerNode;
 use crate::common::tap::{producer, publish, tap, Seen};
 use crate::harness::{Backend, TestEnv, WAIT};
+use crate::mock_api::Behavior;
 
 /// Well inside the affinity window and the hook's poll.
 const WOKEN_WITHIN: Duration = Duration::from_secs(25);
@@ -185,18 +186,26 @@ async fn after_a_broker_restart_holders_are_woken_again() {
     node.stop_app().await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     node.start_app().await;
-    // The holder's announcement queue is bound again before the
-    // follow-ups go out (else one sent meanwhile is lost: a poll's worth).
-    let binding = format!("{}\theld.{}", topo.workers_exchange, holder.id);
+    // Both workers are back before the follow-ups go out: their
+    // announcement queues bound again (else one sent meanwhile is lost: a
+    // poll's worth), and both consuming the jobs queue (else the other one
+    // accepts none).
     let deadline = tokio::time::Instant::now() + WAIT;
-    while !node
-        .ctl(&["list_bindings", "source_name", "routing_key"])
-        .await
-        .contains(&binding)
-    {
+    loop {
+        let bindings = node
+            .ctl(&["list_bindings", "source_name", "routing_key"])
+            .await;
+        let queues = node.ctl(&["list_queues", "name", "consumers"]).await;
+        let bound = [&holder, &other]
+            .iter()
+            .all(|w| bindings.contains(&format!("{}\theld.{}", topo.workers_exchange, w.id)));
+        let consuming = queues.contains(&format!("{}\t2", topo.jobs_queue));
+        if bound && consuming {
+            break;
+        }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "{binding} is not bound again"
+            "not back after the restart: bound {bound}, two consumers {consuming}"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -314,4 +323,80 @@ async fn each_accept_names_who_should_hear_of_it() {
         drop(s);
         env.cleanup().await;
     }
+}
+
+/// A session accepted by a full worker is announced to the others, and a
+/// worker with a free slot claims it at once. The free worker's sweep
+/// (which would find it too) is set to 600 s, it keeps no lease after a
+/// turn, and each job goes out only once its scheduler waits with nothing
+/// to claim (a test hook), so only a wake-up can make it look in time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_accepted_by_a_full_worker_is_claimed_at_once_by_a_free_one() {
+    let mut env = TestEnv::new(Backend::Postgres).await;
+    let settings = |id: &str| {
+        let mut s = env.settings();
+        s.worker.id = id.into();
+        s.worker.max_concurrent_turns = 1;
+        s.worker.sweep_interval_secs = 600;
+        s.worker.warm_affinity_ms = 0;
+        s.validate().expect("valid settings");
+        s
+    };
+    // The full worker: its one slot runs a turn the mock holds open.
+    let full = Worker::start(settings("feed-full")).await.expect("starts");
+    env.mock
+        .push_behavior_for("busy", Behavior::hold("held open"));
+    let busy = env
+        .publish_job("feed:busy", "[[mock:busy]] keep the slot", json!({}))
+        .await;
+    env.mock.wait_for_held(1, WAIT).await;
+    let idle = Arc::new(tokio::sync::Notify::new());
+    let hooks = Hooks {
+        scheduler_idle: Some(Arc::clone(&idle)),
+        ..Hooks::default()
+    };
+    let free = Worker::start_with(settings("feed-free"), hooks)
+        .await
+        .expect("starts");
+
+    // New sessions until the full worker accepts one (the queue hands
+    // deliveries to both in turn); each must complete, on the free worker.
+    let mut accepted_by_full = false;
+    for n in 0..FOLLOW_UPS_MAX {
+        tokio::time::timeout(WAIT, idle.notified())
+            .await
+            .expect("the free worker's scheduler waits");
+        let mut accepted_there = std::pin::pin!(full.context.job_accepted());
+        let job = env
+            .publish_job(&format!("feed:new-{n}"), "a new session", json!({}))
+            .await;
+        let events = tokio::time::timeout(WOKEN_WITHIN, env.events_until_terminal(&job))
+            .await
+            .expect("claimed in time");
+        let last = events.last().unwrap();
+        assert!(
+            matches!(last.body, EventBody::Completed { .. }),
+            "{last:#?}"
+        );
+        let by = env.attribution(&job, last.seq).and_then(|a| a.worker_id);
+        assert_eq!(by.as_deref(), Some("feed-free"));
+        if accepted_there.as_mut().now_or_never().is_some() {
+            accepted_by_full = true;
+            break;
+        }
+    }
+    assert!(
+        accepted_by_full,
+        "the full worker accepted none of {FOLLOW_UPS_MAX}"
+    );
+
+    env.mock.release_held();
+    let events = env.events_until_terminal(&busy).await;
+    assert!(matches!(
+        events.last().unwrap().body,
+        EventBody::Completed { .. }
+    ));
+    stop(free).await;
+    stop(full).await;
+    env.cleanup().await;
 }
