@@ -620,6 +620,13 @@ impl Settings {
         if self.amqp.prefix.is_empty() || self.amqp.prefix.len() > 200 {
             return bad("amqp.prefix must be 1-200 characters".into());
         }
+        if self.worker.id.len() > 200 {
+            return bad(format!(
+                "worker.id must be at most 200 bytes (got {}): it is part of the worker's AMQP \
+                 routing key and consumer tags, which RabbitMQ limits to 255",
+                self.worker.id.len()
+            ));
+        }
         if self.amqp.prefetch == 0 {
             return bad("amqp.prefetch must be at least 1".into());
         }
@@ -907,6 +914,16 @@ mod tests {
             (b.identity_window_secs, b.overrun),
             (86_400, BudgetOverrun::Stop)
         );
+    }
+
+    #[test]
+    fn a_worker_id_too_long_for_amqp_is_refused() {
+        let mut s = Settings::from_toml_overrides("").unwrap();
+        s.worker.id = "w".repeat(200);
+        assert!(s.validate().is_ok());
+        s.worker.id = "w".repeat(201);
+        let e = s.validate().unwrap_err().to_string();
+        assert!(e.contains("worker.id must be at most 200 bytes"), "{e}");
     }
 
     #[test]
