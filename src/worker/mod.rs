@@ -384,10 +384,11 @@ async fn run(
     tasks.spawn("outbox", outbox::run(Arc::clone(&ctx), shutdown.clone()));
     tasks.spawn(
         "accept feed",
-        accept_feed::run(
+        consume::run(
             Arc::clone(&ctx),
             control_channel.clone(),
             accepts,
+            Stream::Accepts,
             shutdown.clone(),
         ),
     );
