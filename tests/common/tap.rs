@@ -106,6 +106,28 @@ pub async fn producer(url: &str, topo: &Topology) -> Channel {
     }
 }
 
+/// Publishes a v1 job of session `key` (replies to `reply_key`) and waits
+/// for the broker's confirm; returns its new job id.
+pub async fn publish_job(
+    ch: &Channel,
+    topo: &Topology,
+    reply_key: &str,
+    key: &str,
+    prompt: &str,
+) -> String {
+    let job_id = uuid::Uuid::new_v4().to_string();
+    let body = serde_json::json!({"v": 1, "job_id": job_id, "session_key": key, "prompt": prompt});
+    publish(
+        ch,
+        &topo.jobs_exchange,
+        &topo.jobs_routing_key,
+        reply_key,
+        &body,
+    )
+    .await;
+    job_id
+}
+
 /// Publishes `body` and waits for the broker's confirm; panics if it fails.
 pub async fn publish(ch: &Channel, exchange: &str, key: &str, reply_to: &str, body: &Value) {
     assert!(

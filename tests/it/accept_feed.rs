@@ -20,7 +20,7 @@ use serde_json::{json, Value};
 use tokio::sync::{mpsc, Mutex};
 
 use crate::common::broker_node::BrokerNode;
-use crate::common::tap::{producer, publish, tap, Seen};
+use crate::common::tap::{producer, publish_job, tap, Seen};
 use crate::harness::{Backend, TestEnv, WAIT};
 use crate::mock_api::Behavior;
 
@@ -229,26 +229,6 @@ async fn after_a_broker_restart_holders_are_woken_again() {
     stop(holder).await;
     env.cleanup().await;
     drop(node);
-}
-
-async fn publish_job(
-    ch: &lapin::Channel,
-    topo: &Topology,
-    reply_key: &str,
-    key: &str,
-    prompt: &str,
-) -> String {
-    let job_id = uuid::Uuid::new_v4().to_string();
-    let body = json!({"v": 1, "job_id": job_id, "session_key": key, "prompt": prompt});
-    publish(
-        ch,
-        &topo.jobs_exchange,
-        &topo.jobs_routing_key,
-        reply_key,
-        &body,
-    )
-    .await;
-    job_id
 }
 
 /// `job`'s terminal event as tapped (other jobs' events are kept).

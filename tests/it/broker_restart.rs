@@ -18,24 +18,14 @@ use serde_json::{json, Value};
 use tokio::time::Instant;
 
 use crate::common::broker_node::BrokerNode;
-use crate::common::tap::{producer, publish, tap, Seen};
+use crate::common::tap::{self, producer, publish, tap, Seen};
 use crate::harness::{Backend, TestEnv, WAIT};
 use crate::mock_api::Behavior;
 
 const REPLY_KEY: &str = "restart.replies";
 
 async fn publish_job(ch: &Channel, topo: &Topology, key: &str, prompt: &str) -> String {
-    let job_id = uuid::Uuid::new_v4().to_string();
-    let body = json!({"v": 1, "job_id": job_id, "session_key": key, "prompt": prompt});
-    publish(
-        ch,
-        &topo.jobs_exchange,
-        &topo.jobs_routing_key,
-        REPLY_KEY,
-        &body,
-    )
-    .await;
-    job_id
+    tap::publish_job(ch, topo, REPLY_KEY, key, prompt).await
 }
 
 /// Per job: the events the tap saw, by seq (duplicates folded), and the
