@@ -8,22 +8,23 @@
 //!
 //! They are hints: sent without a confirm, read without an ack, and nothing
 //! depends on one arriving — a lost one costs a lease holder at most a
-//! poll interval. While the broker is up, holders poll only for what is not
-//! announced, backing off (see `Context::affinity_poll`); while it is away
-//! they poll every 100 ms, and look once when it is back (`broker_watch`).
-//! The queue is read by the same consume loop as the jobs and control
-//! queues (`consume::run`, `Stream::Accepts`).
+//! poll interval. While they flow, holders poll only for what is not
+//! announced, backing off (see `Context::affinity_poll`); while the broker
+//! is away they poll every 100 ms, and look once when it is back.
 //!
 //! The broker, not the database, carries them: Postgres wakes every
 //! listening backend of the database for each `NOTIFY` whatever its channel,
 //! and each wake-up is a transaction, so announcements by `NOTIFY` cost the
 //! database a commit per worker per accept.
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use lapin::message::Delivery;
+use futures_util::StreamExt;
+use lapin::{Channel, Consumer};
 use serde::{Deserialize, Serialize};
-use tracing::debug;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, warn};
 
 use crate::broker::announce::ACCEPT_ANNOUNCEMENT_TYPE;
 use crate::store::AcceptAudience;
@@ -83,15 +84,62 @@ pub(crate) async fn announce(
     }
 }
 
-/// One announcement delivery (read without an ack): wakes whom it
-/// concerns. Anything else on the queue is skipped.
-pub(crate) fn on_delivery(ctx: &Context, delivery: &Delivery) {
-    let kind = delivery.properties.kind().as_ref().map(|k| k.as_str());
-    if kind != Some(ACCEPT_ANNOUNCEMENT_TYPE) {
-        return;
+/// Reads this worker's announcements until shutdown. Ends by itself only
+/// if the broker connection does not recover (the broker watch stops the
+/// worker then too).
+pub async fn run(
+    ctx: Arc<Context>,
+    channel: Channel,
+    mut consumer: Consumer,
+    shutdown: CancellationToken,
+) {
+    ctx.set_accepts_pushed(true);
+    // Anything accepted before the consumer started: look once.
+    ctx.nudge_all_holders();
+    loop {
+        let next = tokio::select! {
+            d = consumer.next() => d,
+            _ = shutdown.cancelled() => break,
+        };
+        match next {
+            Some(Ok(delivery)) => {
+                let kind = delivery.properties.kind().as_ref().map(|k| k.as_str());
+                if kind != Some(ACCEPT_ANNOUNCEMENT_TYPE) {
+                    continue;
+                }
+                match serde_json::from_slice::<AcceptNotice>(&delivery.data) {
+                    Ok(notice) => ctx.on_accept_announced(&notice),
+                    Err(e) => debug!(error = %e, "an accept announcement did not parse"),
+                }
+            }
+            Some(Err(e)) => {
+                ctx.set_accepts_pushed(false);
+                let limit = Duration::from_secs(ctx.settings.amqp.recovery_limit_secs);
+                match tokio::time::timeout(limit, channel.wait_for_recovery(e)).await {
+                    Ok(Ok(())) => {
+                        // What was announced meanwhile is lost: look once.
+                        debug!("accept announcements flow again; holders look once");
+                        ctx.set_accepts_pushed(true);
+                        ctx.nudge_all_holders();
+                    }
+                    Ok(Err(e)) => {
+                        error!(error = %e, "the accept announcements' consumer did not recover");
+                        break;
+                    }
+                    Err(_) => {
+                        error!(
+                            limit_secs = limit.as_secs(),
+                            "the broker connection did not come back in time"
+                        );
+                        break;
+                    }
+                }
+            }
+            None => {
+                warn!("the accept announcements' consumer was cancelled by the broker");
+                break;
+            }
+        }
     }
-    match serde_json::from_slice::<AcceptNotice>(&delivery.data) {
-        Ok(notice) => ctx.on_accept_announced(&notice),
-        Err(e) => debug!(error = %e, "an accept announcement did not parse"),
-    }
+    ctx.set_accepts_pushed(false);
 }

@@ -75,8 +75,6 @@ pub enum Stream {
     Jobs,
     /// This worker's own queue on the control exchange.
     Control,
-    /// This worker's own queue of accept announcements (no acks).
-    Accepts,
 }
 
 /// The consume loop: deliveries until shutdown.
@@ -107,7 +105,6 @@ pub async fn run(
                             .await;
                     }
                     Stream::Control => handle_control(&ctx, &delivery).instrument(span).await,
-                    Stream::Accepts => crate::worker::accept_feed::on_delivery(&ctx, &delivery),
                 }
             }
             Some(Err(e)) => {

@@ -3,6 +3,7 @@
 //! `Context` is built at start-up and passed down.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -45,6 +46,9 @@ pub struct Context {
     /// Job ids this worker is accepting or accepted lately (bounded): an
     /// announcement of one of them is not news here.
     accepting: Mutex<VecDeque<String>>,
+    /// Whether accept announcements reach this worker now (see
+    /// `accept_feed`); lease holders then poll less often.
+    accepts_pushed: AtomicBool,
     /// One slot per session this worker may hold at once (the scheduler's).
     pub(crate) slots: Arc<Semaphore>,
     /// Whether the broker connection is up (see `broker_watch`).
@@ -95,6 +99,7 @@ impl Context {
             accepted: Notify::new(),
             affinity: Mutex::new(Default::default()),
             accepting: Mutex::new(VecDeque::new()),
+            accepts_pushed: AtomicBool::new(false),
             slots,
             broker_up: tokio::sync::watch::Sender::new(true),
             lifecycle: Notify::new(),
@@ -202,6 +207,10 @@ impl Context {
         self.slots.available_permits() == 0
     }
 
+    pub(crate) fn set_accepts_pushed(&self, pushed: bool) {
+        self.accepts_pushed.store(pushed, Ordering::Release);
+    }
+
     /// How long a lease holder in its affinity window waits before its
     /// `n`th look of its own (0-based). Polling finds a follow-up accepted by
     /// another worker and a session waiting for a slot; while accepts are
@@ -213,7 +222,7 @@ impl Context {
         if let Some(fixed) = self.hooks.affinity_poll {
             return fixed;
         }
-        if !self.broker_up() {
+        if !self.accepts_pushed.load(Ordering::Acquire) || !self.broker_up() {
             return FIRST;
         }
         (FIRST * 2u32.saturating_pow(n.min(4))).min(Duration::from_secs(1))

@@ -384,11 +384,10 @@ async fn run(
     tasks.spawn("outbox", outbox::run(Arc::clone(&ctx), shutdown.clone()));
     tasks.spawn(
         "accept feed",
-        consume::run(
+        accept_feed::run(
             Arc::clone(&ctx),
             control_channel.clone(),
             accepts,
-            Stream::Accepts,
             shutdown.clone(),
         ),
     );
