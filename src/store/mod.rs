@@ -23,6 +23,7 @@ pub mod prompts;
 mod rows;
 mod sql;
 mod sqlite;
+mod sqlite_fast;
 
 pub use lifecycle::{
     EndReason, IdleRule, IdleSession, PruneReport, PruneRequest, RetentionRule, SessionLifecycle,

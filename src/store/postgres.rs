@@ -43,6 +43,11 @@ impl PostgresStore {
         &self.pool
     }
 
+    /// SQLite's alone (`sqlite_fast.rs`).
+    pub(crate) fn fast_path(&self) -> Option<&super::sqlite_fast::FastPath> {
+        None
+    }
+
     /// A write transaction.
     async fn begin_write(&self) -> Result<Transaction<'static, Postgres>, StoreError> {
         Ok(self.pool.begin().await?)

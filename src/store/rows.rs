@@ -138,3 +138,54 @@ pub(crate) fn lease_lost(lease: &super::Lease) -> StoreError {
         epoch: lease.epoch,
     }
 }
+
+impl JobRow {
+    /// A row of `SELECT {JOB_COLUMNS}` read by SQLite's fast path.
+    pub(crate) fn from_rusqlite(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRow> {
+        Ok(JobRow {
+            job_id: r.get(0)?,
+            session_key: r.get(1)?,
+            job_order: r.get(2)?,
+            status: r.get(3)?,
+            attempts: r.get(4)?,
+            next_seq: r.get(5)?,
+            spec: r.get(6)?,
+            error: r.get(7)?,
+            terminal_event: r.get(8)?,
+            created_at_ms: r.get(9)?,
+            started_at_ms: r.get(10)?,
+            finished_at_ms: r.get(11)?,
+            cost_usd: r.get(12)?,
+        })
+    }
+}
+
+impl SessionRow {
+    /// A row of `SELECT {SESSION_COLUMNS}` read by SQLite's fast path.
+    pub(crate) fn from_rusqlite(r: &rusqlite::Row<'_>) -> rusqlite::Result<SessionRow> {
+        Ok(SessionRow {
+            session_key: r.get(0)?,
+            claude_session_id: r.get(1)?,
+            profile: r.get(2)?,
+            status: r.get(3)?,
+            cwd: r.get(4)?,
+            model: r.get(5)?,
+            created_at_ms: r.get(6)?,
+            updated_at_ms: r.get(7)?,
+            last_job_id: r.get(8)?,
+            turns: r.get(9)?,
+            input_tokens: r.get(10)?,
+            output_tokens: r.get(11)?,
+            cost_usd: r.get(12)?,
+            lease_owner: r.get(13)?,
+            lease_epoch: r.get(14)?,
+            lease_expires_at_ms: r.get(15)?,
+            permission_mode: r.get(16)?,
+            context_tokens: r.get(17)?,
+            context_window: r.get(18)?,
+            reset_after_job_order: r.get(19)?,
+            compact_failed_at_ms: r.get(20)?,
+            compact_failed_tokens: r.get(21)?,
+        })
+    }
+}

@@ -11,6 +11,14 @@
 //! imports the row types. The shared store suite (`tests/it/store.rs`)
 //! runs every method on both.
 
+use std::sync::LazyLock;
+
+use super::rows::{JOB_COLUMNS, SESSION_COLUMNS};
+
+/// Holds when `$2` holds the lease of session `$1` at epoch `$3`.
+pub(crate) const FENCE: &str =
+    "SELECT 1 FROM sessions WHERE session_key = $1 AND lease_owner = $2 AND lease_epoch = $3";
+
 /// Hands a session's lease back; the epoch stays (the next claim makes it
 /// grow). Used by release, yield and abandon on both backends.
 pub(crate) const RELEASE_LEASE: &str = "UPDATE sessions SET lease_owner = NULL, \
@@ -23,6 +31,79 @@ pub(crate) const OTHERS_WAITING: &str = "SELECT 1 FROM sessions s WHERE s.sessio
        AND s.session_key IN (SELECT j.session_key FROM jobs j \
                              WHERE j.status IN ('queued', 'running')) LIMIT 1";
 
+/// `$2`'s terminal event reached the broker at `$1`.
+pub(crate) const TERMINAL_PUBLISHED: &str = "UPDATE jobs SET terminal_published_at_ms = $1 \
+     WHERE job_id = $2 AND terminal_published_at_ms IS NULL";
+
+/// A transcript written whole: the base row replaced (chunks dropped next).
+pub(crate) const TRANSCRIPT_PUT: &str = "INSERT INTO transcripts (claude_session_id, session_key, data, size_bytes, sha256, updated_at_ms, chunks) \
+     VALUES ($1, $2, $3, $4, $5, $6, 0) \
+     ON CONFLICT (claude_session_id) DO UPDATE SET session_key = EXCLUDED.session_key, \
+       data = EXCLUDED.data, size_bytes = EXCLUDED.size_bytes, \
+       sha256 = EXCLUDED.sha256, updated_at_ms = EXCLUDED.updated_at_ms, chunks = 0";
+
+pub(crate) const TRANSCRIPT_DROP_CHUNKS: &str =
+    "DELETE FROM transcript_chunks WHERE claude_session_id = $1";
+
+/// An append's base row, only if it still has the digest `$6` the append
+/// continues; returns the new chunk's number.
+pub(crate) const TRANSCRIPT_APPEND: &str = "UPDATE transcripts SET session_key = $1, size_bytes = $2, sha256 = $3, \
+       updated_at_ms = $4, chunks = chunks + 1 \
+     WHERE claude_session_id = $5 AND sha256 = $6 \
+     RETURNING CAST(chunks AS BIGINT)";
+
+pub(crate) const TRANSCRIPT_CHUNK: &str =
+    "INSERT INTO transcript_chunks (claude_session_id, seq, data) VALUES ($1, $2, $3)";
+
+/// A job's attempt starts: `$1` now, `$2` job, `$3` session, `$4` the
+/// seq reserved up to. Returns the attempt number.
+pub(crate) const START_JOB: &str = "UPDATE jobs SET status = 'running', attempts = attempts + 1, \
+       started_at_ms = COALESCE(started_at_ms, $1), \
+       next_seq = CASE WHEN next_seq < $4 THEN $4 ELSE next_seq END \
+     WHERE job_id = $2 AND session_key = $3 AND status IN ('queued', 'running') \
+     RETURNING attempts";
+
+pub(crate) const START_SESSION: &str = "UPDATE sessions SET status = 'active', updated_at_ms = $1 WHERE session_key = $2 \
+     RETURNING lifecycle_started_at_ms, lifecycle_job_id";
+
+/// The outcome: `$1` status, `$2` error, `$3` terminal event, `$4` next
+/// seq, `$5` now, `$6` cost, `$7` identity, `$8` job, `$9` session.
+pub(crate) const FINISH_JOB: &str = "UPDATE jobs SET status = $1, error = $2, terminal_event = $3, next_seq = $4, finished_at_ms = $5, \
+       cost_usd = cost_usd + $6, identity = $7 \
+     WHERE job_id = $8 AND session_key = $9";
+
+pub(crate) const FINISH_SESSION: &str = "UPDATE sessions SET last_job_id = $1, updated_at_ms = $2, cost_usd = cost_usd + $3 \
+     WHERE session_key = $4";
+
+/// A completed turn's session update. A turn of a job accepted after a
+/// reset consumes it.
+pub(crate) const FINISH_SESSION_UPDATE: &str = "UPDATE sessions SET claude_session_id = $1, cwd = $2, model = $3, turns = turns + 1, \
+       input_tokens = input_tokens + $4, output_tokens = output_tokens + $5, \
+       context_tokens = COALESCE($6, context_tokens), \
+       context_window = COALESCE($7, context_window), \
+       compact_failed_at_ms = CASE WHEN claude_session_id = $1 THEN compact_failed_at_ms END, \
+       compact_failed_tokens = CASE WHEN claude_session_id = $1 THEN compact_failed_tokens END, \
+       reset_after_job_order = CASE WHEN reset_after_job_order < \
+         (SELECT job_order FROM jobs WHERE job_id = $9) THEN NULL ELSE reset_after_job_order END \
+     WHERE session_key = $8";
+
+/// The session row, if `$2` holds its lease at epoch `$3`.
+pub(crate) static HELD_SESSION: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT {SESSION_COLUMNS} FROM sessions \
+         WHERE session_key = $1 AND lease_owner = $2 AND lease_epoch = $3"
+    )
+});
+
+/// A session's next runnable job: a `running` one left by a lost holder
+/// first, else the oldest `queued`.
+pub(crate) static NEXT_JOB: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT {JOB_COLUMNS} FROM jobs WHERE session_key = $1 AND status IN ('queued', 'running') \
+         ORDER BY CASE status WHEN 'running' THEN 0 ELSE 1 END, job_order LIMIT 1"
+    )
+});
+
 /// The lease holder's read of its session row and the session's next
 /// runnable job (a `running` one left by a lost holder first, else the
 /// oldest `queued`), inside transaction `$tx`; `LeaseLost` unless the
@@ -31,10 +112,7 @@ macro_rules! next_turn_in {
     ($tx:ident, $lease:expr) => {
         async {
             let lease: &Lease = $lease;
-            let session: Option<SessionRow> = sqlx::query_as(&format!(
-                "SELECT {SESSION_COLUMNS} FROM sessions \
-                 WHERE session_key = $1 AND lease_owner = $2 AND lease_epoch = $3"
-            ))
+            let session: Option<SessionRow> = sqlx::query_as($crate::store::sql::HELD_SESSION.as_str())
             .bind(&lease.session_key)
             .bind(&lease.owner)
             .bind(lease.epoch)
@@ -43,10 +121,7 @@ macro_rules! next_turn_in {
             let Some(session) = session else {
                 return Err(lease_lost(lease));
             };
-            let row: Option<JobRow> = sqlx::query_as(&format!(
-                "SELECT {JOB_COLUMNS} FROM jobs WHERE session_key = $1 AND status IN ('queued', 'running') \
-                 ORDER BY CASE status WHEN 'running' THEN 0 ELSE 1 END, job_order LIMIT 1"
-            ))
+            let row: Option<JobRow> = sqlx::query_as($crate::store::sql::NEXT_JOB.as_str())
             .bind(&lease.session_key)
             .fetch_optional(&mut *$tx)
             .await?;
@@ -70,13 +145,7 @@ macro_rules! write_transcript {
     ($tx:ident, $lease:expr, $write:expr) => {
         match $write {
             TranscriptWrite::Full(t) => {
-                sqlx::query(
-                    "INSERT INTO transcripts (claude_session_id, session_key, data, size_bytes, sha256, updated_at_ms, chunks) \
-                     VALUES ($1, $2, $3, $4, $5, $6, 0) \
-                     ON CONFLICT (claude_session_id) DO UPDATE SET session_key = EXCLUDED.session_key, \
-                       data = EXCLUDED.data, size_bytes = EXCLUDED.size_bytes, \
-                       sha256 = EXCLUDED.sha256, updated_at_ms = EXCLUDED.updated_at_ms, chunks = 0",
-                )
+                sqlx::query($crate::store::sql::TRANSCRIPT_PUT)
                 .bind(&t.claude_session_id)
                 .bind(&t.session_key)
                 .bind(&t.data)
@@ -85,18 +154,13 @@ macro_rules! write_transcript {
                 .bind(t.updated_at_ms)
                 .execute(&mut *$tx)
                 .await?;
-                sqlx::query("DELETE FROM transcript_chunks WHERE claude_session_id = $1")
+                sqlx::query($crate::store::sql::TRANSCRIPT_DROP_CHUNKS)
                     .bind(&t.claude_session_id)
                     .execute(&mut *$tx)
                     .await?;
             }
             TranscriptWrite::Append(a) => {
-                let seq: Option<i64> = sqlx::query_scalar(
-                    "UPDATE transcripts SET session_key = $1, size_bytes = $2, sha256 = $3, \
-                       updated_at_ms = $4, chunks = chunks + 1 \
-                     WHERE claude_session_id = $5 AND sha256 = $6 \
-                     RETURNING CAST(chunks AS BIGINT)",
-                )
+                let seq: Option<i64> = sqlx::query_scalar($crate::store::sql::TRANSCRIPT_APPEND)
                 .bind(&a.session_key)
                 .bind(a.size_bytes)
                 .bind(&a.sha256)
@@ -108,9 +172,7 @@ macro_rules! write_transcript {
                 let Some(seq) = seq else {
                     return Err(StoreError::TranscriptChanged(a.claude_session_id.clone()));
                 };
-                sqlx::query(
-                    "INSERT INTO transcript_chunks (claude_session_id, seq, data) VALUES ($1, $2, $3)",
-                )
+                sqlx::query($crate::store::sql::TRANSCRIPT_CHUNK)
                 .bind(&a.claude_session_id)
                 .bind(seq)
                 .bind(&a.chunk)
@@ -228,14 +290,14 @@ macro_rules! session_store_impl {
                 reserve_seq_to: u64,
             ) -> Result<StartedAttempt, StoreError> {
                 let reserve = seq_to_db(reserve_seq_to)?;
+                if let Some(done) = self
+                    .fast_path()
+                    .and_then(|f| f.start_attempt(lease, job_id, now_ms, reserve))
+                {
+                    return done;
+                }
                 let mut tx = self.fenced(lease).await?;
-                let attempts: Option<i64> = sqlx::query_scalar(
-                    "UPDATE jobs SET status = 'running', attempts = attempts + 1, \
-                       started_at_ms = COALESCE(started_at_ms, $1), \
-                       next_seq = CASE WHEN next_seq < $4 THEN $4 ELSE next_seq END \
-                     WHERE job_id = $2 AND session_key = $3 AND status IN ('queued', 'running') \
-                     RETURNING attempts",
-                )
+                let attempts: Option<i64> = sqlx::query_scalar($crate::store::sql::START_JOB)
                 .bind(now_ms)
                 .bind(job_id)
                 .bind(&lease.session_key)
@@ -246,10 +308,7 @@ macro_rules! session_store_impl {
                     return Err(StoreError::NotRunnable(job_id.to_string()));
                 };
                 let (lifecycle_started_at_ms, lifecycle_job_id): (Option<i64>, Option<String>) =
-                    sqlx::query_as(
-                        "UPDATE sessions SET status = 'active', updated_at_ms = $1 WHERE session_key = $2 \
-                         RETURNING lifecycle_started_at_ms, lifecycle_job_id",
-                    )
+                    sqlx::query_as($crate::store::sql::START_SESSION)
                     .bind(now_ms)
                     .bind(&lease.session_key)
                     .fetch_one(&mut *tx)
@@ -261,6 +320,9 @@ macro_rules! session_store_impl {
             }
 
             async fn next_turn(&self, lease: &Lease) -> Result<Option<NextJob>, StoreError> {
+                if let Some(done) = self.fast_path().and_then(|f| f.next_turn(lease)) {
+                    return done;
+                }
                 // A read (on SQLite a deferred transaction): one snapshot.
                 let mut tx = self.pool.begin().await?;
                 let next = $crate::store::sql::next_turn_in!(tx, lease).await?;
@@ -274,6 +336,9 @@ macro_rules! session_store_impl {
                 now_ms: i64,
                 order: YieldOrder,
             ) -> Result<YieldOutcome, StoreError> {
+                if let Some(done) = self.fast_path().and_then(|f| f.yield_or_next(lease, now_ms, order)) {
+                    return done;
+                }
                 let mut tx = self.fenced(lease).await?;
                 if order == YieldOrder::OwnFirst {
                     if let Some(next) = $crate::store::sql::next_turn_in!(tx, lease).await? {
@@ -344,15 +409,17 @@ macro_rules! session_store_impl {
                 if let Some(write) = &finish.transcript {
                     check_transcript_session(write, lease)?;
                 }
+                if let Some(done) = self
+                    .fast_path()
+                    .and_then(|f| f.finish_job_and_look(lease, finish, next_seq))
+                {
+                    return done;
+                }
                 let mut tx = self.fenced(lease).await?;
                 if let Some(write) = &finish.transcript {
                     $crate::store::sql::write_transcript!(tx, lease, write);
                 }
-                let done = sqlx::query(
-                    "UPDATE jobs SET status = $1, error = $2, terminal_event = $3, next_seq = $4, finished_at_ms = $5, \
-                       cost_usd = cost_usd + $6, identity = $7 \
-                     WHERE job_id = $8 AND session_key = $9",
-                )
+                let done = sqlx::query($crate::store::sql::FINISH_JOB)
                 .bind(finish.status.as_str())
                 .bind(&finish.error)
                 .bind(&finish.terminal_event)
@@ -367,10 +434,7 @@ macro_rules! session_store_impl {
                 if done.rows_affected() == 0 {
                     return Err(not_in_session(&finish.job_id, lease));
                 }
-                sqlx::query(
-                    "UPDATE sessions SET last_job_id = $1, updated_at_ms = $2, cost_usd = cost_usd + $3 \
-                     WHERE session_key = $4",
-                )
+                sqlx::query($crate::store::sql::FINISH_SESSION)
                 .bind(&finish.job_id)
                 .bind(finish.now_ms)
                 .bind(finish.cost_usd)
@@ -379,17 +443,7 @@ macro_rules! session_store_impl {
                 .await?;
                 if let Some(u) = &finish.session_update {
                     // A turn of a job accepted after a reset consumes it.
-                    sqlx::query(
-                        "UPDATE sessions SET claude_session_id = $1, cwd = $2, model = $3, turns = turns + 1, \
-                           input_tokens = input_tokens + $4, output_tokens = output_tokens + $5, \
-                           context_tokens = COALESCE($6, context_tokens), \
-                           context_window = COALESCE($7, context_window), \
-                           compact_failed_at_ms = CASE WHEN claude_session_id = $1 THEN compact_failed_at_ms END, \
-                           compact_failed_tokens = CASE WHEN claude_session_id = $1 THEN compact_failed_tokens END, \
-                           reset_after_job_order = CASE WHEN reset_after_job_order < \
-                             (SELECT job_order FROM jobs WHERE job_id = $9) THEN NULL ELSE reset_after_job_order END \
-                         WHERE session_key = $8",
-                    )
+                    sqlx::query($crate::store::sql::FINISH_SESSION_UPDATE)
                     .bind(&u.claude_session_id)
                     .bind(&u.cwd)
                     .bind(&u.model)
@@ -569,12 +623,15 @@ macro_rules! session_store_impl {
                 if job_ids.is_empty() {
                     return Ok(());
                 }
+                if let Some(done) = self
+                    .fast_path()
+                    .and_then(|f| f.mark_terminals_published(job_ids, now_ms))
+                {
+                    return done;
+                }
                 let mut tx = self.pool.begin().await?;
                 for job_id in job_ids {
-                    sqlx::query(
-                        "UPDATE jobs SET terminal_published_at_ms = $1 \
-                         WHERE job_id = $2 AND terminal_published_at_ms IS NULL",
-                    )
+                    sqlx::query($crate::store::sql::TERMINAL_PUBLISHED)
                     .bind(now_ms)
                     .bind(job_id)
                     .execute(&mut *tx)

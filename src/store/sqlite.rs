@@ -13,6 +13,7 @@ use std::time::Duration;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Connection, Sqlite, SqliteConnection, SqlitePool, Transaction};
 
+use super::sqlite_fast::FastPath;
 use super::rows::{
     lease_lost, seq_to_db, spec_json, JobRow, SessionRow, JOB_COLUMNS, SESSION_COLUMNS,
 };
@@ -24,12 +25,57 @@ use super::{
 };
 use crate::protocol::PermissionMode;
 
-/// Claimable: no lease, or one that ran out.
-const LEASE_FREE: &str =
-    "(s.lease_owner IS NULL OR s.lease_expires_at_ms IS NULL OR s.lease_expires_at_ms < ?)";
+/// The session to claim: its lease free or run out (`$1` now), runnable
+/// jobs; least recently served first (never served counts as oldest),
+/// among equals the preferred session (`$2`), then the oldest runnable job.
+pub(super) const CLAIM_PICK: &str = "SELECT s.session_key FROM sessions s \
+     WHERE (s.lease_owner IS NULL OR s.lease_expires_at_ms IS NULL OR s.lease_expires_at_ms < $1) \
+       AND s.session_key IN \
+       (SELECT j.session_key FROM jobs j WHERE j.status IN ('queued', 'running')) \
+     ORDER BY COALESCE(s.last_served_at_ms, 0), \
+       CASE WHEN s.session_key = $2 THEN 0 ELSE 1 END, \
+       (SELECT MIN(j.job_order) FROM jobs j WHERE j.session_key = s.session_key \
+          AND j.status IN ('queued', 'running')) \
+     LIMIT 1";
+
+/// The claim: `$1` owner, `$2` expiry, `$3` now, `$4` session. Returns
+/// the new epoch.
+pub(super) const CLAIM_TAKE: &str = "UPDATE sessions SET lease_owner = $1, lease_epoch = lease_epoch + 1, lease_expires_at_ms = $2, \
+       status = CASE WHEN EXISTS (SELECT 1 FROM jobs j WHERE j.session_key = sessions.session_key \
+                                  AND j.status = 'running') \
+                THEN 'interrupted' ELSE 'active' END, \
+       updated_at_ms = $3, last_served_at_ms = $3 \
+     WHERE session_key = $4 RETURNING lease_epoch";
+
+/// `$1` new expiry, `$2` session, `$3` owner, `$4` epoch.
+pub(super) const RENEW: &str = "UPDATE sessions SET lease_expires_at_ms = $1 \
+     WHERE session_key = $2 AND lease_owner = $3 AND lease_epoch = $4";
+
+/// The session still has a queued or running job (`$1` session).
+pub(super) const RUNNABLE: &str =
+    "SELECT 1 FROM jobs WHERE session_key = $1 AND status IN ('queued', 'running') LIMIT 1";
+
+/// An accept's duplicate check: `$1` the job id.
+pub(super) const ACCEPT_EXISTING: &str = "SELECT status, terminal_event FROM jobs WHERE job_id = $1";
+
+/// An accept's session row (reopened if closed): `$1` key, `$2` profile,
+/// `$3` now. Returns the lease, so the accept knows whom to tell.
+pub(super) const ACCEPT_SESSION: &str =
+    "INSERT INTO sessions (session_key, profile, status, created_at_ms, updated_at_ms) \
+     VALUES ($1, $2, 'idle', $3, $3) \
+     ON CONFLICT (session_key) DO UPDATE SET updated_at_ms = excluded.updated_at_ms, \
+       status = CASE WHEN status = 'closed' THEN 'idle' ELSE status END \
+     RETURNING lease_owner, lease_expires_at_ms";
+
+/// `$1` job, `$2` session, `$3` spec, `$4` now.
+pub(super) const ACCEPT_JOB: &str =
+    "INSERT INTO jobs (job_id, session_key, status, attempts, next_seq, spec, created_at_ms) \
+     VALUES ($1, $2, 'queued', 0, 0, $3, $4)";
 
 pub struct SqliteStore {
     pool: SqlitePool,
+    /// The turn path's own connection (`sqlite_fast.rs`), when it applies.
+    fast: Option<FastPath>,
 }
 
 impl SqliteStore {
@@ -39,6 +85,7 @@ impl SqliteStore {
     /// operating-system crash or power loss loses no commit either.
     pub async fn connect(url: &str, max_connections: u32) -> Result<Self, StoreError> {
         let (url, synchronous) = synchronous_of(url)?;
+        let fast_applies = synchronous == SqliteSynchronous::Normal && on_a_plain_file(&url);
         let options = SqliteConnectOptions::from_str(&url)?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
@@ -47,8 +94,12 @@ impl SqliteStore {
             // transaction; waiting beats failing.
             .busy_timeout(Duration::from_secs(30))
             .foreign_keys(true);
+        let path = options.get_filename().to_path_buf();
         let pool = SqlitePoolOptions::new()
             .max_connections(max_connections.max(1))
+            // A connection to a file does not go stale: a ping before each
+            // use would only cost a hand-off to its thread and back.
+            .test_before_acquire(false)
             // A `begin_with` cancelled (a timeout, a `select!`, a heartbeat
             // dropped with its turn) after SQLite ran the BEGIN, while sqlx
             // checks the handle, leaves the connection in a transaction no
@@ -65,7 +116,26 @@ impl SqliteStore {
             })
             .connect_with(options)
             .await?;
-        Ok(SqliteStore { pool })
+        // The pool made the file and put it in WAL mode; without the fast
+        // path (it failed to open) every call goes through sqlx, as before.
+        let fast = if fast_applies {
+            FastPath::open(&path)
+                .inspect_err(|e| tracing::warn!(error = %e, "sqlite fast path off"))
+                .ok()
+        } else {
+            None
+        };
+        Ok(SqliteStore { pool, fast })
+    }
+
+    pub(crate) fn fast_path(&self) -> Option<&FastPath> {
+        self.fast.as_ref()
+    }
+
+    /// Whether the turn path's calls run on the store's own connection
+    /// (`sqlite_fast.rs`): on a database file with `synchronous=normal`.
+    pub fn uses_fast_path(&self) -> bool {
+        self.fast.is_some()
     }
 
     pub fn pool(&self) -> &SqlitePool {
@@ -88,6 +158,22 @@ impl SqliteStore {
         check_fence(&mut tx, lease).await?;
         Ok(tx)
     }
+}
+
+/// A database file opened read-write, the fast path's case: not in memory
+/// (a second connection would see another database), not read-only, not
+/// through another VFS.
+fn on_a_plain_file(url: &str) -> bool {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))
+        .unwrap_or(url);
+    let (file, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let plain_params = query
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .all(|p| matches!(p, "mode=rwc" | "mode=rw" | "cache=private"));
+    !file.is_empty() && file != ":memory:" && plain_params
 }
 
 /// Takes our `synchronous` parameter out of a SQLite URL (sqlx does not
@@ -125,9 +211,7 @@ fn synchronous_of(url: &str) -> Result<(String, SqliteSynchronous), StoreError> 
 
 /// Fails with `LeaseLost` unless `lease` is the session's current lease.
 async fn check_fence(conn: &mut SqliteConnection, lease: &Lease) -> Result<(), StoreError> {
-    let held: Option<i64> = sqlx::query_scalar(
-        "SELECT 1 FROM sessions WHERE session_key = ? AND lease_owner = ? AND lease_epoch = ?",
-    )
+    let held: Option<i64> = sqlx::query_scalar(super::sql::FENCE)
     .bind(&lease.session_key)
     .bind(&lease.owner)
     .bind(lease.epoch)
@@ -182,10 +266,13 @@ super::sql::session_store_impl!(SqliteStore, {
         worker_id: Option<&str>,
     ) -> Result<AcceptReport, StoreError> {
         let spec = spec_json(&job.spec)?;
+        if let Some(done) = self.fast_path().and_then(|f| f.accept_job_by(job, &spec, now_ms, worker_id)) {
+            return done;
+        }
         let mut tx = self.begin_immediate().await?;
         // The write lock is held, so this check and the inserts are atomic.
         let existing: Option<(String, Option<String>)> =
-            sqlx::query_as("SELECT status, terminal_event FROM jobs WHERE job_id = ?")
+            sqlx::query_as(ACCEPT_EXISTING)
                 .bind(&job.job_id)
                 .fetch_optional(&mut *tx)
                 .await?;
@@ -196,24 +283,14 @@ super::sql::session_store_impl!(SqliteStore, {
                 terminal_event,
             }));
         }
-        let (owner, expires): (Option<String>, Option<i64>) = sqlx::query_as(
-            "INSERT INTO sessions (session_key, profile, status, created_at_ms, updated_at_ms) \
-             VALUES (?, ?, 'idle', ?, ?) \
-             ON CONFLICT (session_key) DO UPDATE SET updated_at_ms = excluded.updated_at_ms, \
-               status = CASE WHEN status = 'closed' THEN 'idle' ELSE status END \
-             RETURNING lease_owner, lease_expires_at_ms",
-        )
-        .bind(&job.session_key)
-        .bind(&job.spec.profile)
-        .bind(now_ms)
-        .bind(now_ms)
+        let (owner, expires): (Option<String>, Option<i64>) = sqlx::query_as(ACCEPT_SESSION)
+            .bind(&job.session_key)
+            .bind(&job.spec.profile)
+            .bind(now_ms)
         .fetch_one(&mut *tx)
         .await?;
-        sqlx::query(
-            "INSERT INTO jobs (job_id, session_key, status, attempts, next_seq, spec, created_at_ms) \
-             VALUES (?, ?, 'queued', 0, 0, ?, ?)",
-        )
-        .bind(&job.job_id)
+        sqlx::query(ACCEPT_JOB)
+            .bind(&job.job_id)
         .bind(&job.session_key)
         .bind(spec)
         .bind(now_ms)
@@ -231,19 +308,11 @@ super::sql::session_store_impl!(SqliteStore, {
         ttl_ms: i64,
         prefer: Option<&str>,
     ) -> Result<Option<Lease>, StoreError> {
+        if let Some(done) = self.fast_path().and_then(|f| f.claim_session(owner, now_ms, ttl_ms, prefer)) {
+            return done;
+        }
         let mut tx = self.begin_immediate().await?;
-        // Least recently served first (never served counts as oldest);
-        // among equals the preferred session, then the oldest runnable job.
-        let key: Option<String> = sqlx::query_scalar(&format!(
-            "SELECT s.session_key FROM sessions s \
-             WHERE {LEASE_FREE} AND s.session_key IN \
-               (SELECT j.session_key FROM jobs j WHERE j.status IN ('queued', 'running')) \
-             ORDER BY COALESCE(s.last_served_at_ms, 0), \
-               CASE WHEN s.session_key = ? THEN 0 ELSE 1 END, \
-               (SELECT MIN(j.job_order) FROM jobs j WHERE j.session_key = s.session_key \
-                  AND j.status IN ('queued', 'running')) \
-             LIMIT 1"
-        ))
+        let key: Option<String> = sqlx::query_scalar(CLAIM_PICK)
         .bind(now_ms)
         .bind(prefer)
         .fetch_optional(&mut *tx)
@@ -252,17 +321,9 @@ super::sql::session_store_impl!(SqliteStore, {
             tx.rollback().await?;
             return Ok(None);
         };
-        let epoch: i64 = sqlx::query_scalar(
-            "UPDATE sessions SET lease_owner = ?, lease_epoch = lease_epoch + 1, lease_expires_at_ms = ?, \
-               status = CASE WHEN EXISTS (SELECT 1 FROM jobs j WHERE j.session_key = sessions.session_key \
-                                          AND j.status = 'running') \
-                        THEN 'interrupted' ELSE 'active' END, \
-               updated_at_ms = ?, last_served_at_ms = ? \
-             WHERE session_key = ? RETURNING lease_epoch",
-        )
+        let epoch: i64 = sqlx::query_scalar(CLAIM_TAKE)
         .bind(owner)
         .bind(now_ms.saturating_add(ttl_ms))
-        .bind(now_ms)
         .bind(now_ms)
         .bind(&session_key)
         .fetch_one(&mut *tx)
@@ -281,11 +342,11 @@ super::sql::session_store_impl!(SqliteStore, {
         now_ms: i64,
         ttl_ms: i64,
     ) -> Result<bool, StoreError> {
+        if let Some(done) = self.fast_path().and_then(|f| f.renew_lease(lease, now_ms.saturating_add(ttl_ms))) {
+            return done;
+        }
         let mut tx = self.begin_immediate().await?;
-        let done = sqlx::query(
-            "UPDATE sessions SET lease_expires_at_ms = ? \
-             WHERE session_key = ? AND lease_owner = ? AND lease_epoch = ?",
-        )
+        let done = sqlx::query(RENEW)
         .bind(now_ms.saturating_add(ttl_ms))
         .bind(&lease.session_key)
         .bind(&lease.owner)
@@ -301,11 +362,12 @@ super::sql::session_store_impl!(SqliteStore, {
         lease: &Lease,
         now_ms: i64,
     ) -> Result<ReleaseOutcome, StoreError> {
+        if let Some(done) = self.fast_path().and_then(|f| f.release_lease(lease, now_ms)) {
+            return done;
+        }
         let mut tx = self.begin_immediate().await?;
         check_fence(&mut tx, lease).await?;
-        let runnable: Option<i64> = sqlx::query_scalar(
-            "SELECT 1 FROM jobs WHERE session_key = ? AND status IN ('queued', 'running') LIMIT 1",
-        )
+        let runnable: Option<i64> = sqlx::query_scalar(RUNNABLE)
         .bind(&lease.session_key)
         .fetch_optional(&mut *tx)
         .await?;

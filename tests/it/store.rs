@@ -44,6 +44,21 @@ where
     case(Ctx { url }).await;
 }
 
+/// SQLite with `synchronous=full`: every call goes through sqlx (the fast
+/// path runs only with `normal`), so the suite covers both SQLite paths.
+async fn run_sqlite_through_sqlx<F, Fut>(case: F)
+where
+    F: FnOnce(Ctx) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!(
+        "sqlite://{}?synchronous=full",
+        dir.path().join("store.db").display()
+    );
+    case(Ctx { url }).await;
+}
+
 /// `base` with its database name replaced by `db` (query string kept).
 fn with_database(base: &str, db: &str) -> String {
     let (head, query) = match base.split_once('?') {
@@ -92,7 +107,8 @@ where
     }
 }
 
-/// Generates `sqlite::<case>` and `postgres::<case>` for every case.
+/// Generates `sqlite::<case>`, `sqlite_through_sqlx::<case>` and
+/// `postgres::<case>` for every case.
 macro_rules! store_tests {
     ($($case:ident),* $(,)?) => {
         mod sqlite {
@@ -100,6 +116,14 @@ macro_rules! store_tests {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
                 async fn $case() {
                     super::run_sqlite(super::$case).await
+                }
+            )*
+        }
+        mod sqlite_through_sqlx {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $case() {
+                    super::run_sqlite_through_sqlx(super::$case).await
                 }
             )*
         }
@@ -2138,4 +2162,67 @@ async fn sqlite_synchronous_is_set_from_the_url() {
     .err()
     .expect("refused");
     assert!(bad.to_string().contains("synchronous=sometimes"), "{bad}");
+}
+
+/// The turn path's store calls run on SQLite's own connection only on a
+/// plain database file with `synchronous=normal` (the default).
+#[tokio::test]
+async fn sqlite_fast_path_applies_to_plain_files_only() {
+    use claude_worker::store::SqliteStore;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("store.db");
+    let fast = |url: String| async move {
+        SqliteStore::connect(&url, 1)
+            .await
+            .expect("connect")
+            .uses_fast_path()
+    };
+    assert!(fast(format!("sqlite:{}", path.display())).await);
+    assert!(fast(format!("sqlite://{}?mode=rwc", path.display())).await);
+    assert!(!fast(format!("sqlite:{}?synchronous=full", path.display())).await);
+    assert!(!fast("sqlite::memory:".to_string()).await);
+    assert!(!fast(format!("sqlite:{}?mode=ro", path.display())).await);
+}
+
+/// When another connection holds SQLite's write lock, a turn-path call
+/// does not wait on the runtime's thread (the fast path's busy timeout is
+/// zero): it goes through sqlx, which waits on its own thread, and
+/// completes once the lock is free. On a current-thread runtime, so a
+/// blocked thread would stall the timeout below as well.
+#[tokio::test(flavor = "current_thread")]
+async fn sqlite_a_busy_fast_path_falls_back_without_blocking() {
+    use sqlx::sqlite::SqliteConnectOptions;
+    use std::str::FromStr;
+    use std::time::Duration;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("sqlite://{}", dir.path().join("store.db").display());
+    let s = claude_worker::store::SqliteStore::connect(&url, 2)
+        .await
+        .expect("connect");
+    assert!(s.uses_fast_path());
+    s.migrate().await.expect("migrate");
+    s.accept_job(&new_job("j-1", "k"), 1_000).await.expect("fast accept");
+
+    let options = SqliteConnectOptions::from_str(&url).unwrap();
+    let mut holder = sqlx::SqliteConnection::connect_with(&options).await.unwrap();
+    holder.execute("BEGIN IMMEDIATE").await.unwrap();
+    let job = new_job("j-2", "k");
+    let mut pending = Box::pin(s.accept_job(&job, 2_000));
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), &mut pending)
+            .await
+            .is_err(),
+        "the accept waits for the write lock, and the runtime's thread is free meanwhile"
+    );
+    holder.execute("COMMIT").await.unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(10), pending)
+        .await
+        .expect("the accept completes once the lock is free")
+        .expect("accept");
+    assert_eq!(out, AcceptOutcome::Inserted);
+    let jobs = s.list_jobs("k", 10).await.expect("list");
+    let ids: Vec<&str> = jobs.iter().map(|j| j.job_id.as_str()).collect();
+    assert_eq!(ids, ["j-1", "j-2"], "each job stored once, in order");
 }

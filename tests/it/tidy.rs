@@ -57,6 +57,7 @@ fn module_boundaries_hold() {
                 "crate::client",
                 "lapin",
                 "sqlx",
+                "rusqlite",
             ],
         ),
         (
@@ -67,11 +68,12 @@ fn module_boundaries_hold() {
                 "crate::claude",
                 "crate::client",
                 "sqlx",
+                "rusqlite",
             ],
         ),
         (
             "client",
-            &["crate::store", "crate::worker", "crate::claude", "sqlx"],
+            &["crate::store", "crate::worker", "crate::claude", "sqlx", "rusqlite"],
         ),
         (
             "store",
@@ -83,7 +85,7 @@ fn module_boundaries_hold() {
                 "lapin",
             ],
         ),
-        ("protocol.rs", &["crate::", "lapin", "sqlx"]),
+        ("protocol.rs", &["crate::", "lapin", "sqlx", "rusqlite"]),
         (
             "ops",
             &[
@@ -93,6 +95,7 @@ fn module_boundaries_hold() {
                 "crate::client",
                 "lapin",
                 "sqlx",
+                "rusqlite",
             ],
         ),
         (
@@ -103,6 +106,7 @@ fn module_boundaries_hold() {
                 "crate::claude",
                 "crate::broker::publish",
                 "sqlx",
+                "rusqlite",
             ],
         ),
     ];
