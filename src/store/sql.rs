@@ -47,7 +47,8 @@ pub(crate) const TRANSCRIPT_DROP_CHUNKS: &str =
 
 /// An append's base row, only if it still has the digest `$6` the append
 /// continues; returns the new chunk's number.
-pub(crate) const TRANSCRIPT_APPEND: &str = "UPDATE transcripts SET session_key = $1, size_bytes = $2, sha256 = $3, \
+pub(crate) const TRANSCRIPT_APPEND: &str =
+    "UPDATE transcripts SET session_key = $1, size_bytes = $2, sha256 = $3, \
        updated_at_ms = $4, chunks = chunks + 1 \
      WHERE claude_session_id = $5 AND sha256 = $6 \
      RETURNING CAST(chunks AS BIGINT)";
@@ -63,7 +64,8 @@ pub(crate) const START_JOB: &str = "UPDATE jobs SET status = 'running', attempts
      WHERE job_id = $2 AND session_key = $3 AND status IN ('queued', 'running') \
      RETURNING attempts";
 
-pub(crate) const START_SESSION: &str = "UPDATE sessions SET status = 'active', updated_at_ms = $1 WHERE session_key = $2 \
+pub(crate) const START_SESSION: &str =
+    "UPDATE sessions SET status = 'active', updated_at_ms = $1 WHERE session_key = $2 \
      RETURNING lifecycle_started_at_ms, lifecycle_job_id";
 
 /// The outcome: `$1` status, `$2` error, `$3` terminal event, `$4` next
@@ -72,12 +74,14 @@ pub(crate) const FINISH_JOB: &str = "UPDATE jobs SET status = $1, error = $2, te
        cost_usd = cost_usd + $6, identity = $7 \
      WHERE job_id = $8 AND session_key = $9";
 
-pub(crate) const FINISH_SESSION: &str = "UPDATE sessions SET last_job_id = $1, updated_at_ms = $2, cost_usd = cost_usd + $3 \
+pub(crate) const FINISH_SESSION: &str =
+    "UPDATE sessions SET last_job_id = $1, updated_at_ms = $2, cost_usd = cost_usd + $3 \
      WHERE session_key = $4";
 
 /// A completed turn's session update. A turn of a job accepted after a
 /// reset consumes it.
-pub(crate) const FINISH_SESSION_UPDATE: &str = "UPDATE sessions SET claude_session_id = $1, cwd = $2, model = $3, turns = turns + 1, \
+pub(crate) const FINISH_SESSION_UPDATE: &str =
+    "UPDATE sessions SET claude_session_id = $1, cwd = $2, model = $3, turns = turns + 1, \
        input_tokens = input_tokens + $4, output_tokens = output_tokens + $5, \
        context_tokens = COALESCE($6, context_tokens), \
        context_window = COALESCE($7, context_window), \
@@ -112,19 +116,20 @@ macro_rules! next_turn_in {
     ($tx:ident, $lease:expr) => {
         async {
             let lease: &Lease = $lease;
-            let session: Option<SessionRow> = sqlx::query_as($crate::store::sql::HELD_SESSION.as_str())
-            .bind(&lease.session_key)
-            .bind(&lease.owner)
-            .bind(lease.epoch)
-            .fetch_optional(&mut *$tx)
-            .await?;
+            let session: Option<SessionRow> =
+                sqlx::query_as($crate::store::sql::HELD_SESSION.as_str())
+                    .bind(&lease.session_key)
+                    .bind(&lease.owner)
+                    .bind(lease.epoch)
+                    .fetch_optional(&mut *$tx)
+                    .await?;
             let Some(session) = session else {
                 return Err(lease_lost(lease));
             };
             let row: Option<JobRow> = sqlx::query_as($crate::store::sql::NEXT_JOB.as_str())
-            .bind(&lease.session_key)
-            .fetch_optional(&mut *$tx)
-            .await?;
+                .bind(&lease.session_key)
+                .fetch_optional(&mut *$tx)
+                .await?;
             let Some(row) = row else {
                 return Ok(None);
             };
@@ -146,14 +151,14 @@ macro_rules! write_transcript {
         match $write {
             TranscriptWrite::Full(t) => {
                 sqlx::query($crate::store::sql::TRANSCRIPT_PUT)
-                .bind(&t.claude_session_id)
-                .bind(&t.session_key)
-                .bind(&t.data)
-                .bind(t.size_bytes)
-                .bind(&t.sha256)
-                .bind(t.updated_at_ms)
-                .execute(&mut *$tx)
-                .await?;
+                    .bind(&t.claude_session_id)
+                    .bind(&t.session_key)
+                    .bind(&t.data)
+                    .bind(t.size_bytes)
+                    .bind(&t.sha256)
+                    .bind(t.updated_at_ms)
+                    .execute(&mut *$tx)
+                    .await?;
                 sqlx::query($crate::store::sql::TRANSCRIPT_DROP_CHUNKS)
                     .bind(&t.claude_session_id)
                     .execute(&mut *$tx)
@@ -161,23 +166,23 @@ macro_rules! write_transcript {
             }
             TranscriptWrite::Append(a) => {
                 let seq: Option<i64> = sqlx::query_scalar($crate::store::sql::TRANSCRIPT_APPEND)
-                .bind(&a.session_key)
-                .bind(a.size_bytes)
-                .bind(&a.sha256)
-                .bind(a.updated_at_ms)
-                .bind(&a.claude_session_id)
-                .bind(&a.prev_sha256)
-                .fetch_optional(&mut *$tx)
-                .await?;
+                    .bind(&a.session_key)
+                    .bind(a.size_bytes)
+                    .bind(&a.sha256)
+                    .bind(a.updated_at_ms)
+                    .bind(&a.claude_session_id)
+                    .bind(&a.prev_sha256)
+                    .fetch_optional(&mut *$tx)
+                    .await?;
                 let Some(seq) = seq else {
                     return Err(StoreError::TranscriptChanged(a.claude_session_id.clone()));
                 };
                 sqlx::query($crate::store::sql::TRANSCRIPT_CHUNK)
-                .bind(&a.claude_session_id)
-                .bind(seq)
-                .bind(&a.chunk)
-                .execute(&mut *$tx)
-                .await?;
+                    .bind(&a.claude_session_id)
+                    .bind(seq)
+                    .bind(&a.chunk)
+                    .execute(&mut *$tx)
+                    .await?;
             }
         }
     };

@@ -13,11 +13,11 @@ use std::time::Duration;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Connection, Sqlite, SqliteConnection, SqlitePool, Transaction};
 
-use super::sqlite_fast::FastPath;
 use super::rows::{
     lease_lost, seq_to_db, spec_json, JobRow, SessionRow, JOB_COLUMNS, SESSION_COLUMNS,
 };
 use super::sql::check_transcript_session;
+use super::sqlite_fast::FastPath;
 use super::{
     AcceptOutcome, AcceptReport, AfterFinish, JobFinish, JobRecord, JobStatus, Lease, NewJob,
     NextJob, ReleaseOutcome, SessionRecord, SessionStore, StartedAttempt, StoreError, Transcript,
@@ -56,7 +56,8 @@ pub(super) const RUNNABLE: &str =
     "SELECT 1 FROM jobs WHERE session_key = $1 AND status IN ('queued', 'running') LIMIT 1";
 
 /// An accept's duplicate check: `$1` the job id.
-pub(super) const ACCEPT_EXISTING: &str = "SELECT status, terminal_event FROM jobs WHERE job_id = $1";
+pub(super) const ACCEPT_EXISTING: &str =
+    "SELECT status, terminal_event FROM jobs WHERE job_id = $1";
 
 /// An accept's session row (reopened if closed): `$1` key, `$2` profile,
 /// `$3` now. Returns the lease, so the accept knows whom to tell.
@@ -119,7 +120,7 @@ impl SqliteStore {
         // The pool made the file and put it in WAL mode; without the fast
         // path (it failed to open) every call goes through sqlx, as before.
         let fast = if fast_applies {
-            FastPath::open(&path)
+            FastPath::open(&path, checkpointer(pool.clone()))
                 .inspect_err(|e| tracing::warn!(error = %e, "sqlite fast path off"))
                 .ok()
         } else {
@@ -158,6 +159,27 @@ impl SqliteStore {
         check_fence(&mut tx, lease).await?;
         Ok(tx)
     }
+}
+
+/// Runs the checkpoints the fast path asks for on a pool connection (its
+/// thread waits on the disk, not the runtime's). `RESTART`: it waits for
+/// the writer of the moment to commit (the fast path's writers meanwhile go
+/// through sqlx) and has the next writer start the WAL over, which a
+/// passive checkpoint under a steady stream of turns never achieves. Ends
+/// when the fast path is dropped with its store.
+fn checkpointer(pool: SqlitePool) -> tokio::sync::mpsc::Sender<()> {
+    let (asks, mut asked) = tokio::sync::mpsc::channel(1);
+    tokio::spawn(async move {
+        while asked.recv().await.is_some() {
+            if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(RESTART)")
+                .execute(&pool)
+                .await
+            {
+                tracing::warn!(error = %e, "sqlite checkpoint failed; the next one retries");
+            }
+        }
+    });
+    asks
 }
 
 /// A database file opened read-write, the fast path's case: not in memory
@@ -212,11 +234,11 @@ fn synchronous_of(url: &str) -> Result<(String, SqliteSynchronous), StoreError> 
 /// Fails with `LeaseLost` unless `lease` is the session's current lease.
 async fn check_fence(conn: &mut SqliteConnection, lease: &Lease) -> Result<(), StoreError> {
     let held: Option<i64> = sqlx::query_scalar(super::sql::FENCE)
-    .bind(&lease.session_key)
-    .bind(&lease.owner)
-    .bind(lease.epoch)
-    .fetch_optional(&mut *conn)
-    .await?;
+        .bind(&lease.session_key)
+        .bind(&lease.owner)
+        .bind(lease.epoch)
+        .fetch_optional(&mut *conn)
+        .await?;
     match held {
         Some(_) => Ok(()),
         None => Err(lease_lost(lease)),
@@ -266,16 +288,18 @@ super::sql::session_store_impl!(SqliteStore, {
         worker_id: Option<&str>,
     ) -> Result<AcceptReport, StoreError> {
         let spec = spec_json(&job.spec)?;
-        if let Some(done) = self.fast_path().and_then(|f| f.accept_job_by(job, &spec, now_ms, worker_id)) {
+        if let Some(done) = self
+            .fast_path()
+            .and_then(|f| f.accept_job_by(job, &spec, now_ms, worker_id))
+        {
             return done;
         }
         let mut tx = self.begin_immediate().await?;
         // The write lock is held, so this check and the inserts are atomic.
-        let existing: Option<(String, Option<String>)> =
-            sqlx::query_as(ACCEPT_EXISTING)
-                .bind(&job.job_id)
-                .fetch_optional(&mut *tx)
-                .await?;
+        let existing: Option<(String, Option<String>)> = sqlx::query_as(ACCEPT_EXISTING)
+            .bind(&job.job_id)
+            .fetch_optional(&mut *tx)
+            .await?;
         if let Some((status, terminal_event)) = existing {
             tx.rollback().await?;
             return Ok(AcceptReport::known(AcceptOutcome::Duplicate {
@@ -287,15 +311,15 @@ super::sql::session_store_impl!(SqliteStore, {
             .bind(&job.session_key)
             .bind(&job.spec.profile)
             .bind(now_ms)
-        .fetch_one(&mut *tx)
-        .await?;
+            .fetch_one(&mut *tx)
+            .await?;
         sqlx::query(ACCEPT_JOB)
             .bind(&job.job_id)
-        .bind(&job.session_key)
-        .bind(spec)
-        .bind(now_ms)
-        .execute(&mut *tx)
-        .await?;
+            .bind(&job.session_key)
+            .bind(spec)
+            .bind(now_ms)
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         let live_owner = owner.filter(|_| expires.is_some_and(|at| at >= now_ms));
         Ok(AcceptReport::inserted(live_owner, worker_id))
@@ -308,26 +332,29 @@ super::sql::session_store_impl!(SqliteStore, {
         ttl_ms: i64,
         prefer: Option<&str>,
     ) -> Result<Option<Lease>, StoreError> {
-        if let Some(done) = self.fast_path().and_then(|f| f.claim_session(owner, now_ms, ttl_ms, prefer)) {
+        if let Some(done) = self
+            .fast_path()
+            .and_then(|f| f.claim_session(owner, now_ms, ttl_ms, prefer))
+        {
             return done;
         }
         let mut tx = self.begin_immediate().await?;
         let key: Option<String> = sqlx::query_scalar(CLAIM_PICK)
-        .bind(now_ms)
-        .bind(prefer)
-        .fetch_optional(&mut *tx)
-        .await?;
+            .bind(now_ms)
+            .bind(prefer)
+            .fetch_optional(&mut *tx)
+            .await?;
         let Some(session_key) = key else {
             tx.rollback().await?;
             return Ok(None);
         };
         let epoch: i64 = sqlx::query_scalar(CLAIM_TAKE)
-        .bind(owner)
-        .bind(now_ms.saturating_add(ttl_ms))
-        .bind(now_ms)
-        .bind(&session_key)
-        .fetch_one(&mut *tx)
-        .await?;
+            .bind(owner)
+            .bind(now_ms.saturating_add(ttl_ms))
+            .bind(now_ms)
+            .bind(&session_key)
+            .fetch_one(&mut *tx)
+            .await?;
         tx.commit().await?;
         Ok(Some(Lease {
             session_key,
@@ -342,17 +369,20 @@ super::sql::session_store_impl!(SqliteStore, {
         now_ms: i64,
         ttl_ms: i64,
     ) -> Result<bool, StoreError> {
-        if let Some(done) = self.fast_path().and_then(|f| f.renew_lease(lease, now_ms.saturating_add(ttl_ms))) {
+        if let Some(done) = self
+            .fast_path()
+            .and_then(|f| f.renew_lease(lease, now_ms.saturating_add(ttl_ms)))
+        {
             return done;
         }
         let mut tx = self.begin_immediate().await?;
         let done = sqlx::query(RENEW)
-        .bind(now_ms.saturating_add(ttl_ms))
-        .bind(&lease.session_key)
-        .bind(&lease.owner)
-        .bind(lease.epoch)
-        .execute(&mut *tx)
-        .await?;
+            .bind(now_ms.saturating_add(ttl_ms))
+            .bind(&lease.session_key)
+            .bind(&lease.owner)
+            .bind(lease.epoch)
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         Ok(done.rows_affected() == 1)
     }
@@ -362,15 +392,18 @@ super::sql::session_store_impl!(SqliteStore, {
         lease: &Lease,
         now_ms: i64,
     ) -> Result<ReleaseOutcome, StoreError> {
-        if let Some(done) = self.fast_path().and_then(|f| f.release_lease(lease, now_ms)) {
+        if let Some(done) = self
+            .fast_path()
+            .and_then(|f| f.release_lease(lease, now_ms))
+        {
             return done;
         }
         let mut tx = self.begin_immediate().await?;
         check_fence(&mut tx, lease).await?;
         let runnable: Option<i64> = sqlx::query_scalar(RUNNABLE)
-        .bind(&lease.session_key)
-        .fetch_optional(&mut *tx)
-        .await?;
+            .bind(&lease.session_key)
+            .fetch_optional(&mut *tx)
+            .await?;
         if runnable.is_some() {
             tx.rollback().await?;
             return Ok(ReleaseOutcome::MoreWork);

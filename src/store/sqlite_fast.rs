@@ -20,10 +20,12 @@
 //! statements through sqlx, which waits on its own thread. Nor does it sync
 //! to disk: it is used only with `synchronous=normal`, where a WAL commit
 //! writes without syncing, and it leaves checkpoints (which sync) to the
-//! pool's connections (`wal_autocheckpoint = 0` here; the pool commits
-//! often: lifecycle events, control requests, sweeps).
+//! pool (`wal_autocheckpoint = 0` here): every `CHECKPOINT_EVERY` commits
+//! it asks the store's checkpointer task for a checkpoint, which
+//! runs on a pool connection's thread, so the WAL file does not grow.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -32,21 +34,28 @@ use rusqlite::{CachedStatement, Connection, ErrorCode, OpenFlags, ToSql, Transac
 use super::rows::{lease_lost, JobRow, SessionRow};
 use super::sql::{
     FENCE, FINISH_JOB, FINISH_SESSION, FINISH_SESSION_UPDATE, HELD_SESSION, NEXT_JOB,
-    OTHERS_WAITING, RELEASE_LEASE, START_JOB, START_SESSION, TERMINAL_PUBLISHED,
-    TRANSCRIPT_APPEND, TRANSCRIPT_CHUNK, TRANSCRIPT_DROP_CHUNKS, TRANSCRIPT_PUT,
+    OTHERS_WAITING, RELEASE_LEASE, START_JOB, START_SESSION, TERMINAL_PUBLISHED, TRANSCRIPT_APPEND,
+    TRANSCRIPT_CHUNK, TRANSCRIPT_DROP_CHUNKS, TRANSCRIPT_PUT,
 };
 use super::sqlite::{
     ACCEPT_EXISTING, ACCEPT_JOB, ACCEPT_SESSION, CLAIM_PICK, CLAIM_TAKE, RENEW, RUNNABLE,
 };
 use super::{
     AcceptOutcome, AcceptReport, AfterFinish, JobFinish, JobRecord, JobStatus, Lease, NewJob,
-    NextJob, ReleaseOutcome, SessionRecord, StartedAttempt, StoreError, TranscriptWrite, YieldOrder,
-    YieldOutcome,
+    NextJob, ReleaseOutcome, SessionRecord, StartedAttempt, StoreError, TranscriptWrite,
+    YieldOrder, YieldOutcome,
 };
+
+/// Commits between two checkpoint requests: the WAL then stays within a
+/// few thousand pages (SQLite's own default checkpoints at 1,000).
+const CHECKPOINT_EVERY: u32 = 200;
 
 /// The store's own connection for the turn path.
 pub struct FastPath {
     conn: Mutex<Connection>,
+    commits: AtomicU32,
+    /// Asks for a passive checkpoint (full: one is already asked for).
+    checkpoint: tokio::sync::mpsc::Sender<()>,
 }
 
 /// Why a call did not complete here: SQLite's write lock (or this
@@ -87,7 +96,10 @@ fn other(what: &str) -> Failure {
 impl FastPath {
     /// Opens the connection on the database file at `path`, which the
     /// pool has created (and put in WAL mode).
-    pub(crate) fn open(path: &Path) -> Result<FastPath, StoreError> {
+    pub(crate) fn open(
+        path: &Path,
+        checkpoint: tokio::sync::mpsc::Sender<()>,
+    ) -> Result<FastPath, StoreError> {
         let open = || -> rusqlite::Result<Connection> {
             let conn = Connection::open_with_flags(
                 path,
@@ -111,6 +123,8 @@ impl FastPath {
         }
         Ok(FastPath {
             conn: Mutex::new(conn),
+            commits: AtomicU32::new(0),
+            checkpoint,
         })
     }
 
@@ -130,8 +144,16 @@ impl FastPath {
             tx.commit()?;
             Ok(value)
         })();
+        drop(conn);
         match outcome {
-            Ok(value) => Some(Ok(value)),
+            Ok(value) => {
+                if self.commits.fetch_add(1, Ordering::Relaxed) % CHECKPOINT_EVERY
+                    == CHECKPOINT_EVERY - 1
+                {
+                    let _ = self.checkpoint.try_send(());
+                }
+                Some(Ok(value))
+            }
             Err(Failure::Busy) => {
                 tracing::debug!("sqlite write lock busy; the call goes through sqlx");
                 None
@@ -168,7 +190,11 @@ impl FastPath {
                 Ok((r.get::<_, Option<String>>(0)?, r.get::<_, Option<i64>>(1)?))
             })?
             .ok_or_else(|| other("the session upsert returned no row"))?;
-            execute(c, ACCEPT_JOB, &[&job.job_id, &job.session_key, &spec, &now_ms])?;
+            execute(
+                c,
+                ACCEPT_JOB,
+                &[&job.job_id, &job.session_key, &spec, &now_ms],
+            )?;
             let live_owner = owner.filter(|_| expires.is_some_and(|at| at >= now_ms));
             Ok(AcceptReport::inserted(live_owner, worker_id))
         })
@@ -434,11 +460,7 @@ fn write_transcript(c: &Connection, write: &TranscriptWrite) -> Step<()> {
 /// The statement `sql`, cached, with `values` bound by the numbers its
 /// parameters name (`$1` is `values[0]`, wherever and however often it
 /// appears), as sqlx binds them: both paths run the same SQL.
-fn prepared<'c>(
-    c: &'c Connection,
-    sql: &str,
-    values: &[&dyn ToSql],
-) -> Step<CachedStatement<'c>> {
+fn prepared<'c>(c: &'c Connection, sql: &str, values: &[&dyn ToSql]) -> Step<CachedStatement<'c>> {
     let mut stmt = c.prepare_cached(sql)?;
     for i in 1..=stmt.parameter_count() {
         let n = stmt

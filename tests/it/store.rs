@@ -2203,10 +2203,14 @@ async fn sqlite_a_busy_fast_path_falls_back_without_blocking() {
         .expect("connect");
     assert!(s.uses_fast_path());
     s.migrate().await.expect("migrate");
-    s.accept_job(&new_job("j-1", "k"), 1_000).await.expect("fast accept");
+    s.accept_job(&new_job("j-1", "k"), 1_000)
+        .await
+        .expect("fast accept");
 
     let options = SqliteConnectOptions::from_str(&url).unwrap();
-    let mut holder = sqlx::SqliteConnection::connect_with(&options).await.unwrap();
+    let mut holder = sqlx::SqliteConnection::connect_with(&options)
+        .await
+        .unwrap();
     holder.execute("BEGIN IMMEDIATE").await.unwrap();
     let job = new_job("j-2", "k");
     let mut pending = Box::pin(s.accept_job(&job, 2_000));
@@ -2225,4 +2229,41 @@ async fn sqlite_a_busy_fast_path_falls_back_without_blocking() {
     let jobs = s.list_jobs("k", 10).await.expect("list");
     let ids: Vec<&str> = jobs.iter().map(|j| j.job_id.as_str()).collect();
     assert_eq!(ids, ["j-1", "j-2"], "each job stored once, in order");
+}
+
+/// The fast path leaves checkpoints to the pool (they sync to disk): every
+/// few hundred commits it asks for one, so the WAL keeps being reused
+/// instead of growing with every turn. Without it, nothing here would
+/// checkpoint: every call below runs on the fast path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_the_fast_paths_wal_is_checkpointed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("sqlite://{}", dir.path().join("store.db").display());
+    let sqlite = Arc::new(
+        claude_worker::store::SqliteStore::connect(&url, 2)
+            .await
+            .expect("connect"),
+    );
+    assert!(sqlite.uses_fast_path());
+    let s: Arc<dyn SessionStore> = sqlite.clone();
+    s.migrate().await.expect("migrate");
+    accept(&s, "j", "k", 1_000).await;
+    let lease = s
+        .claim_session("w", 1_000, TTL, None)
+        .await
+        .expect("claim")
+        .expect("claimed");
+    const COMMITS: i64 = 2_000;
+    for i in 0..COMMITS {
+        assert!(s.renew_lease(&lease, 1_000 + i, TTL).await.expect("renew"));
+    }
+    // (busy, frames in the WAL since it was last reset, frames checkpointed)
+    let (_, frames, _): (i64, i64, i64) = sqlx::query_as("PRAGMA wal_checkpoint(PASSIVE)")
+        .fetch_one(sqlite.pool())
+        .await
+        .expect("checkpoint");
+    assert!(
+        frames < COMMITS / 2,
+        "{frames} frames in the WAL after {COMMITS} commits: it was not checkpointed and reused"
+    );
 }

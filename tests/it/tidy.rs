@@ -73,7 +73,13 @@ fn module_boundaries_hold() {
         ),
         (
             "client",
-            &["crate::store", "crate::worker", "crate::claude", "sqlx", "rusqlite"],
+            &[
+                "crate::store",
+                "crate::worker",
+                "crate::claude",
+                "sqlx",
+                "rusqlite",
+            ],
         ),
         (
             "store",
