@@ -43,8 +43,11 @@ impl PostgresStore {
         &self.pool
     }
 
-    /// SQLite's alone (`sqlite_fast.rs`).
-    pub(crate) fn fast_path(&self) -> Option<&super::sqlite_fast::FastPath> {
+    /// SQLite's alone (`sqlite_fast.rs`): every call goes through sqlx.
+    async fn on_fast_path<T>(
+        &self,
+        _call: impl Fn(&super::sqlite_fast::FastPath) -> Option<Result<T, StoreError>> + Send,
+    ) -> Option<Result<T, StoreError>> {
         None
     }
 

@@ -295,10 +295,7 @@ macro_rules! session_store_impl {
                 reserve_seq_to: u64,
             ) -> Result<StartedAttempt, StoreError> {
                 let reserve = seq_to_db(reserve_seq_to)?;
-                if let Some(done) = self
-                    .fast_path()
-                    .and_then(|f| f.start_attempt(lease, job_id, now_ms, reserve))
-                {
+                if let Some(done) = self.on_fast_path(|f| f.start_attempt(lease, job_id, now_ms, reserve)).await {
                     return done;
                 }
                 let mut tx = self.fenced(lease).await?;
@@ -325,7 +322,7 @@ macro_rules! session_store_impl {
             }
 
             async fn next_turn(&self, lease: &Lease) -> Result<Option<NextJob>, StoreError> {
-                if let Some(done) = self.fast_path().and_then(|f| f.next_turn(lease)) {
+                if let Some(done) = self.on_fast_path(|f| f.next_turn(lease)).await {
                     return done;
                 }
                 // A read (on SQLite a deferred transaction): one snapshot.
@@ -341,7 +338,7 @@ macro_rules! session_store_impl {
                 now_ms: i64,
                 order: YieldOrder,
             ) -> Result<YieldOutcome, StoreError> {
-                if let Some(done) = self.fast_path().and_then(|f| f.yield_or_next(lease, now_ms, order)) {
+                if let Some(done) = self.on_fast_path(|f| f.yield_or_next(lease, now_ms, order)).await {
                     return done;
                 }
                 let mut tx = self.fenced(lease).await?;
@@ -414,10 +411,7 @@ macro_rules! session_store_impl {
                 if let Some(write) = &finish.transcript {
                     check_transcript_session(write, lease)?;
                 }
-                if let Some(done) = self
-                    .fast_path()
-                    .and_then(|f| f.finish_job_and_look(lease, finish, next_seq))
-                {
+                if let Some(done) = self.on_fast_path(|f| f.finish_job_and_look(lease, finish, next_seq)).await {
                     return done;
                 }
                 let mut tx = self.fenced(lease).await?;
@@ -628,10 +622,7 @@ macro_rules! session_store_impl {
                 if job_ids.is_empty() {
                     return Ok(());
                 }
-                if let Some(done) = self
-                    .fast_path()
-                    .and_then(|f| f.mark_terminals_published(job_ids, now_ms))
-                {
+                if let Some(done) = self.on_fast_path(|f| f.mark_terminals_published(job_ids, now_ms)).await {
                     return done;
                 }
                 let mut tx = self.pool.begin().await?;

@@ -129,8 +129,27 @@ impl SqliteStore {
         Ok(SqliteStore { pool, fast })
     }
 
-    pub(crate) fn fast_path(&self) -> Option<&FastPath> {
-        self.fast.as_ref()
+    /// Runs `call` on the fast path (`sqlite_fast.rs`): its result, or
+    /// `None` when the call should go through sqlx (no fast path here, or
+    /// SQLite's write lock stayed busy). A busy lock is tried again a few
+    /// times over a few milliseconds first: the writer holding it (a
+    /// checkpoint, a call through sqlx) is usually done by then, and sending
+    /// the call through sqlx would hold the lock longer still.
+    async fn on_fast_path<T>(
+        &self,
+        call: impl Fn(&FastPath) -> Option<Result<T, StoreError>> + Send,
+    ) -> Option<Result<T, StoreError>> {
+        let fast = self.fast.as_ref()?;
+        for wait_ms in [0, 1, 1, 2, 4] {
+            if wait_ms > 0 {
+                tokio::time::sleep(Duration::from_millis(wait_ms)).await;
+            }
+            if let Some(done) = call(fast) {
+                return Some(done);
+            }
+        }
+        tracing::debug!("sqlite write lock still busy; the call goes through sqlx");
+        None
     }
 
     /// Whether the turn path's calls run on the store's own connection
@@ -161,25 +180,40 @@ impl SqliteStore {
     }
 }
 
+/// A WAL this long (frames, about 4 KiB each) is started over by a
+/// `RESTART` checkpoint, which holds writers back for a moment.
+const RESTART_ABOVE_FRAMES: i64 = 4_096;
+
 /// Runs the checkpoints the fast path asks for on a pool connection (its
-/// thread waits on the disk, not the runtime's). `RESTART`: it waits for
-/// the writer of the moment to commit (the fast path's writers meanwhile go
-/// through sqlx) and has the next writer start the WAL over, which a
-/// passive checkpoint under a steady stream of turns never achieves. Ends
-/// when the fast path is dropped with its store.
+/// thread waits on the disk, not the runtime's). A passive one holds no
+/// writer back, and the WAL starts over at the next write after it caught
+/// up; under a steady stream of turns it never quite catches up, so past
+/// `RESTART_ABOVE_FRAMES` a `RESTART` checkpoint waits for the writer of
+/// the moment and has the next one start the WAL over. Ends when the fast
+/// path is dropped with its store.
 fn checkpointer(pool: SqlitePool) -> tokio::sync::mpsc::Sender<()> {
     let (asks, mut asked) = tokio::sync::mpsc::channel(1);
     tokio::spawn(async move {
         while asked.recv().await.is_some() {
-            if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(RESTART)")
-                .execute(&pool)
-                .await
-            {
+            if let Err(e) = checkpoint(&pool).await {
                 tracing::warn!(error = %e, "sqlite checkpoint failed; the next one retries");
             }
         }
     });
     asks
+}
+
+async fn checkpoint(pool: &SqlitePool) -> Result<(), sqlx::Error> {
+    // (busy, frames in the WAL, frames checkpointed)
+    let (_, frames, _): (i64, i64, i64) = sqlx::query_as("PRAGMA wal_checkpoint(PASSIVE)")
+        .fetch_one(pool)
+        .await?;
+    if frames > RESTART_ABOVE_FRAMES {
+        sqlx::query("PRAGMA wal_checkpoint(RESTART)")
+            .execute(pool)
+            .await?;
+    }
+    Ok(())
 }
 
 /// A database file opened read-write, the fast path's case: not in memory
@@ -289,8 +323,8 @@ super::sql::session_store_impl!(SqliteStore, {
     ) -> Result<AcceptReport, StoreError> {
         let spec = spec_json(&job.spec)?;
         if let Some(done) = self
-            .fast_path()
-            .and_then(|f| f.accept_job_by(job, &spec, now_ms, worker_id))
+            .on_fast_path(|f| f.accept_job_by(job, &spec, now_ms, worker_id))
+            .await
         {
             return done;
         }
@@ -333,8 +367,8 @@ super::sql::session_store_impl!(SqliteStore, {
         prefer: Option<&str>,
     ) -> Result<Option<Lease>, StoreError> {
         if let Some(done) = self
-            .fast_path()
-            .and_then(|f| f.claim_session(owner, now_ms, ttl_ms, prefer))
+            .on_fast_path(|f| f.claim_session(owner, now_ms, ttl_ms, prefer))
+            .await
         {
             return done;
         }
@@ -370,8 +404,8 @@ super::sql::session_store_impl!(SqliteStore, {
         ttl_ms: i64,
     ) -> Result<bool, StoreError> {
         if let Some(done) = self
-            .fast_path()
-            .and_then(|f| f.renew_lease(lease, now_ms.saturating_add(ttl_ms)))
+            .on_fast_path(|f| f.renew_lease(lease, now_ms.saturating_add(ttl_ms)))
+            .await
         {
             return done;
         }
@@ -392,10 +426,7 @@ super::sql::session_store_impl!(SqliteStore, {
         lease: &Lease,
         now_ms: i64,
     ) -> Result<ReleaseOutcome, StoreError> {
-        if let Some(done) = self
-            .fast_path()
-            .and_then(|f| f.release_lease(lease, now_ms))
-        {
+        if let Some(done) = self.on_fast_path(|f| f.release_lease(lease, now_ms)).await {
             return done;
         }
         let mut tx = self.begin_immediate().await?;

@@ -21,8 +21,8 @@
 //! to disk: it is used only with `synchronous=normal`, where a WAL commit
 //! writes without syncing, and it leaves checkpoints (which sync) to the
 //! pool (`wal_autocheckpoint = 0` here): every `CHECKPOINT_EVERY` commits
-//! it asks the store's checkpointer task for a checkpoint, which
-//! runs on a pool connection's thread, so the WAL file does not grow.
+//! it asks the store's checkpointer task for one, which runs on a pool
+//! connection's thread and keeps the WAL file from growing without bound.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -154,10 +154,7 @@ impl FastPath {
                 }
                 Some(Ok(value))
             }
-            Err(Failure::Busy) => {
-                tracing::debug!("sqlite write lock busy; the call goes through sqlx");
-                None
-            }
+            Err(Failure::Busy) => None,
             Err(Failure::Store(e)) => Some(Err(e)),
         }
     }
