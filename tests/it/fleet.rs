@@ -350,7 +350,19 @@ async fn burst_of_150_jobs_on_three_workers() {
 /// sees the whole conversation.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkilled_worker_job_completes_elsewhere() {
-    let env = TestEnv::new(Backend::Postgres).await;
+    sigkilled_worker(Backend::Postgres).await
+}
+
+/// The same with both workers on one SQLite file: each process's fast path
+/// (and its pool) share the file's write lock, and the killed one may die
+/// inside a transaction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkilled_worker_job_completes_elsewhere_on_one_sqlite_file() {
+    sigkilled_worker(Backend::Sqlite).await
+}
+
+async fn sigkilled_worker(backend: Backend) {
+    let env = TestEnv::new(backend).await;
     let replies = Replies::watch(&env).await;
     let v = vars(&[("WORKER__LEASE_TTL_SECS", "3")]);
     let mut workers: Vec<WorkerProc> = (0..2).map(|n| spawn_worker(&env, n, &v)).collect();
@@ -431,7 +443,17 @@ async fn sigkilled_worker_job_completes_elsewhere() {
 /// the reply exchange, and its CLI process is stopped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn paused_worker_is_fenced_out() {
-    let env = TestEnv::new(Backend::Postgres).await;
+    paused_worker(Backend::Postgres).await
+}
+
+/// The same with both workers on one SQLite file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paused_worker_is_fenced_out_on_one_sqlite_file() {
+    paused_worker(Backend::Sqlite).await
+}
+
+async fn paused_worker(backend: Backend) {
+    let env = TestEnv::new(backend).await;
     let replies = Replies::watch(&env).await;
     let v = vars(&[("WORKER__LEASE_TTL_SECS", "3")]);
     let workers: Vec<WorkerProc> = (0..2).map(|n| spawn_worker(&env, n, &v)).collect();
