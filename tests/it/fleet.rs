@@ -441,19 +441,14 @@ async fn sigkilled_worker(backend: Backend) {
 /// A worker SIGSTOPped past its lease, then SIGCONTed after another worker
 /// finished its job: nothing it publishes under the stale epoch reaches
 /// the reply exchange, and its CLI process is stopped.
+///
+/// Postgres only: a worker stopped inside a SQLite write transaction keeps
+/// the file's write lock, so no other worker on the file could take over
+/// until it resumes (README, Deployment). Under load the stop landed there
+/// in about one run of three (a `BEGIN IMMEDIATE` through sqlx).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn paused_worker_is_fenced_out() {
-    paused_worker(Backend::Postgres).await
-}
-
-/// The same with both workers on one SQLite file.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn paused_worker_is_fenced_out_on_one_sqlite_file() {
-    paused_worker(Backend::Sqlite).await
-}
-
-async fn paused_worker(backend: Backend) {
-    let env = TestEnv::new(backend).await;
+    let env = TestEnv::new(Backend::Postgres).await;
     let replies = Replies::watch(&env).await;
     let v = vars(&[("WORKER__LEASE_TTL_SECS", "3")]);
     let workers: Vec<WorkerProc> = (0..2).map(|n| spawn_worker(&env, n, &v)).collect();
