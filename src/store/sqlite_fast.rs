@@ -16,8 +16,10 @@
 //! It never makes the runtime wait on I/O or on another writer. The
 //! connection's busy timeout is zero: when another connection (the pool's,
 //! for the rarer calls left to sqlx, or another worker process's) holds
-//! SQLite's write lock, a call answers `None` and the caller runs the same
-//! statements through sqlx, which waits on its own thread. Nor does it sync
+//! SQLite's write lock, a call answers `None`; the store tries it again a
+//! few times over a few milliseconds (`SqliteStore::on_fast_path`) and then
+//! runs the same statements through sqlx, which waits on its own thread.
+//! Nor does it sync
 //! to disk: it is used only with `synchronous=normal`, where a WAL commit
 //! writes without syncing, and it leaves checkpoints (which sync) to the
 //! pool (`wal_autocheckpoint = 0` here): every `CHECKPOINT_EVERY` commits
