@@ -213,20 +213,13 @@ super::sql::session_store_impl!(PostgresStore, {
             tx.rollback().await?;
             return Ok(None);
         };
-        let epoch: i64 = sqlx::query_scalar(
-            "UPDATE sessions SET lease_owner = $1, lease_epoch = lease_epoch + 1, lease_expires_at_ms = $2, \
-               status = CASE WHEN EXISTS (SELECT 1 FROM jobs j WHERE j.session_key = sessions.session_key \
-                                          AND j.status = 'running') \
-                        THEN 'interrupted' ELSE 'active' END, \
-               updated_at_ms = $3, last_served_at_ms = $3 \
-             WHERE session_key = $4 RETURNING lease_epoch",
-        )
-        .bind(owner)
-        .bind(now_ms.saturating_add(ttl_ms))
-        .bind(now_ms)
-        .bind(&session_key)
-        .fetch_one(&mut *tx)
-        .await?;
+        let epoch: i64 = sqlx::query_scalar(super::sql::CLAIM_TAKE)
+            .bind(owner)
+            .bind(now_ms.saturating_add(ttl_ms))
+            .bind(now_ms)
+            .bind(&session_key)
+            .fetch_one(&mut *tx)
+            .await?;
         tx.commit().await?;
         Ok(Some(Lease {
             session_key,
@@ -241,16 +234,13 @@ super::sql::session_store_impl!(PostgresStore, {
         now_ms: i64,
         ttl_ms: i64,
     ) -> Result<bool, StoreError> {
-        let done = sqlx::query(
-            "UPDATE sessions SET lease_expires_at_ms = $1 \
-             WHERE session_key = $2 AND lease_owner = $3 AND lease_epoch = $4",
-        )
-        .bind(now_ms.saturating_add(ttl_ms))
-        .bind(&lease.session_key)
-        .bind(&lease.owner)
-        .bind(lease.epoch)
-        .execute(&self.pool)
-        .await?;
+        let done = sqlx::query(super::sql::RENEW)
+            .bind(now_ms.saturating_add(ttl_ms))
+            .bind(&lease.session_key)
+            .bind(&lease.owner)
+            .bind(lease.epoch)
+            .execute(&self.pool)
+            .await?;
         Ok(done.rows_affected() == 1)
     }
 
@@ -263,12 +253,10 @@ super::sql::session_store_impl!(PostgresStore, {
         // Locking the session row waits out any accept_job in flight for
         // it; the check below then runs on a fresh snapshot that sees its job.
         check_fence(&mut tx, lease, true).await?;
-        let runnable: Option<i32> = sqlx::query_scalar(
-            "SELECT 1 FROM jobs WHERE session_key = $1 AND status IN ('queued', 'running') LIMIT 1",
-        )
-        .bind(&lease.session_key)
-        .fetch_optional(&mut *tx)
-        .await?;
+        let runnable: Option<i32> = sqlx::query_scalar(super::sql::RUNNABLE)
+            .bind(&lease.session_key)
+            .fetch_optional(&mut *tx)
+            .await?;
         if runnable.is_some() {
             tx.rollback().await?;
             return Ok(ReleaseOutcome::MoreWork);

@@ -31,6 +31,23 @@ pub(crate) const OTHERS_WAITING: &str = "SELECT 1 FROM sessions s WHERE s.sessio
        AND s.session_key IN (SELECT j.session_key FROM jobs j \
                              WHERE j.status IN ('queued', 'running')) LIMIT 1";
 
+/// The claim: `$1` owner, `$2` expiry, `$3` now, `$4` session. Returns
+/// the new epoch.
+pub(crate) const CLAIM_TAKE: &str = "UPDATE sessions SET lease_owner = $1, lease_epoch = lease_epoch + 1, lease_expires_at_ms = $2, \
+       status = CASE WHEN EXISTS (SELECT 1 FROM jobs j WHERE j.session_key = sessions.session_key \
+                                  AND j.status = 'running') \
+                THEN 'interrupted' ELSE 'active' END, \
+       updated_at_ms = $3, last_served_at_ms = $3 \
+     WHERE session_key = $4 RETURNING lease_epoch";
+
+/// `$1` new expiry, `$2` session, `$3` owner, `$4` epoch.
+pub(crate) const RENEW: &str = "UPDATE sessions SET lease_expires_at_ms = $1 \
+     WHERE session_key = $2 AND lease_owner = $3 AND lease_epoch = $4";
+
+/// The session still has a queued or running job (`$1` session).
+pub(crate) const RUNNABLE: &str =
+    "SELECT 1 FROM jobs WHERE session_key = $1 AND status IN ('queued', 'running') LIMIT 1";
+
 /// `$2`'s terminal event reached the broker at `$1`.
 pub(crate) const TERMINAL_PUBLISHED: &str = "UPDATE jobs SET terminal_published_at_ms = $1 \
      WHERE job_id = $2 AND terminal_published_at_ms IS NULL";

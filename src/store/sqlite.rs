@@ -16,7 +16,7 @@ use sqlx::{Connection, Sqlite, SqliteConnection, SqlitePool, Transaction};
 use super::rows::{
     lease_lost, seq_to_db, spec_json, JobRow, SessionRow, JOB_COLUMNS, SESSION_COLUMNS,
 };
-use super::sql::check_transcript_session;
+use super::sql::{check_transcript_session, CLAIM_TAKE, RENEW, RUNNABLE};
 use super::sqlite_fast::FastPath;
 use super::{
     AcceptOutcome, AcceptReport, AfterFinish, JobFinish, JobRecord, JobStatus, Lease, NewJob,
@@ -37,23 +37,6 @@ pub(super) const CLAIM_PICK: &str = "SELECT s.session_key FROM sessions s \
        (SELECT MIN(j.job_order) FROM jobs j WHERE j.session_key = s.session_key \
           AND j.status IN ('queued', 'running')) \
      LIMIT 1";
-
-/// The claim: `$1` owner, `$2` expiry, `$3` now, `$4` session. Returns
-/// the new epoch.
-pub(super) const CLAIM_TAKE: &str = "UPDATE sessions SET lease_owner = $1, lease_epoch = lease_epoch + 1, lease_expires_at_ms = $2, \
-       status = CASE WHEN EXISTS (SELECT 1 FROM jobs j WHERE j.session_key = sessions.session_key \
-                                  AND j.status = 'running') \
-                THEN 'interrupted' ELSE 'active' END, \
-       updated_at_ms = $3, last_served_at_ms = $3 \
-     WHERE session_key = $4 RETURNING lease_epoch";
-
-/// `$1` new expiry, `$2` session, `$3` owner, `$4` epoch.
-pub(super) const RENEW: &str = "UPDATE sessions SET lease_expires_at_ms = $1 \
-     WHERE session_key = $2 AND lease_owner = $3 AND lease_epoch = $4";
-
-/// The session still has a queued or running job (`$1` session).
-pub(super) const RUNNABLE: &str =
-    "SELECT 1 FROM jobs WHERE session_key = $1 AND status IN ('queued', 'running') LIMIT 1";
 
 /// An accept's duplicate check: `$1` the job id.
 pub(super) const ACCEPT_EXISTING: &str =
