@@ -12,7 +12,7 @@
 use std::time::Duration;
 
 use sqlx::postgres::PgPoolOptions;
-use sqlx::{PgConnection, PgPool, Postgres, Transaction};
+use sqlx::{Connection, PgConnection, PgPool, Postgres, Transaction};
 
 use super::rows::{
     lease_lost, seq_to_db, spec_json, JobRow, SessionRow, JOB_COLUMNS, SESSION_COLUMNS,
@@ -25,6 +25,9 @@ use super::{
 };
 use crate::protocol::PermissionMode;
 
+/// A pooled connection idle this long is pinged before it is used.
+const PING_IF_IDLE_FOR: Duration = Duration::from_secs(1);
+
 pub struct PostgresStore {
     pool: PgPool,
 }
@@ -34,6 +37,19 @@ impl PostgresStore {
         let pool = PgPoolOptions::new()
             .max_connections(max_connections.max(1))
             .acquire_timeout(Duration::from_secs(30))
+            // sqlx pings every connection it hands out: a round trip per
+            // store call, a sixth of a turn's. A connection back in the pool
+            // a moment ago is alive; one that sat idle (across a server
+            // restart, say) is pinged, and a dead one replaced, as before.
+            .test_before_acquire(false)
+            .before_acquire(|conn, meta| {
+                Box::pin(async move {
+                    if meta.idle_for >= PING_IF_IDLE_FOR {
+                        conn.ping().await?;
+                    }
+                    Ok(true)
+                })
+            })
             .connect(url)
             .await?;
         Ok(PostgresStore { pool })

@@ -642,6 +642,15 @@ macro_rules! session_store_impl {
                 if let Some(done) = self.on_fast_path(|f| f.mark_terminals_published(job_ids, now_ms)).await {
                     return done;
                 }
+                // One job (the usual case): one statement, no transaction.
+                if let [job_id] = job_ids {
+                    sqlx::query($crate::store::sql::TERMINAL_PUBLISHED)
+                        .bind(now_ms)
+                        .bind(job_id)
+                        .execute(&self.pool)
+                        .await?;
+                    return Ok(());
+                }
                 let mut tx = self.pool.begin().await?;
                 for job_id in job_ids {
                     sqlx::query($crate::store::sql::TERMINAL_PUBLISHED)
