@@ -245,7 +245,7 @@ impl<'a> JobEvents<'a> {
 
     /// Waits until every event published so far is confirmed: before the
     /// outcome is recorded, so a job never ends with an event unsent.
-    async fn settle(&mut self) -> Result<(), TurnAbort> {
+    pub(super) async fn settle(&mut self) -> Result<(), TurnAbort> {
         self.flush_text().await?;
         let Some(lane) = self.lane.as_mut() else {
             return Ok(());

@@ -97,12 +97,19 @@ async fn completed(
     let update = claude_session_id
         .clone()
         .map(|id| session_update(prepared, id, model, &result.usage, result.context));
-    let transcript = match &claude_session_id {
-        Some(id) => {
-            transcript::prepare_save(ctx, lease, &prepared.profile, &prepared.cwd, id).await?
+    // The transcript is read while the turn's events are confirmed: both
+    // must be done before the outcome commits, and neither waits on the other.
+    let read = async {
+        match &claude_session_id {
+            Some(id) => {
+                transcript::prepare_save(ctx, lease, &prepared.profile, &prepared.cwd, id).await
+            }
+            None => Ok(None),
         }
-        None => None,
     };
+    let (transcript, settled) = tokio::join!(read, events.settle());
+    settled?;
+    let transcript = transcript?;
     let body = EventBody::Completed {
         result: result.result.clone().unwrap_or_default(),
         claude_session_id: claude_session_id.clone(),
