@@ -319,6 +319,91 @@ impl WorkerRun {
     }
 }
 
+// ------------------------------------------------------------- broker hop
+
+/// Hops of each kind measured after each conversation's warm turns.
+const HOPS: usize = 20;
+
+/// Broker hops on this machine, as the worker's path makes them: a
+/// persistent message published, to a consumer's receipt (ms). A warm turn
+/// crosses the broker twice: the job in, through a quorum queue (the jobs
+/// queue's type: delivered once the queue's log has it on disk), and its
+/// events out, through the replies exchange to a front-end's own queue.
+/// Returns (quorum queue hops, reply hops).
+async fn broker_hops(bus: &Bus) -> (Vec<f64>, Vec<f64>) {
+    use futures_util::StreamExt;
+    use lapin::options::{
+        BasicConsumeOptions, BasicPublishOptions, QueueDeclareOptions, QueueDeleteOptions,
+    };
+    use lapin::types::{AMQPValue, FieldTable};
+
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let key = format!("hop.{id}");
+    let mut replies = world::subscribe(&bus.conn, &bus.topology, &key).await;
+    let quorum = format!("{}.hop.{id}", bus.prefix);
+    let ch = bus.conn.create_channel().await.expect("hop channel");
+    let mut args = FieldTable::default();
+    args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    ch.queue_declare(quorum.as_str().into(), durable, args)
+        .await
+        .expect("declare the hop's quorum queue");
+    let mut jobs = ch
+        .basic_consume(
+            quorum.as_str().into(),
+            "hop".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume the hop's quorum queue");
+
+    let (mut in_hops, mut out_hops) = (Vec::new(), Vec::new());
+    for i in 0..HOPS {
+        for (exchange, routing_key) in [
+            ("", quorum.as_str()),
+            (bus.topology.replies_exchange.as_str(), key.as_str()),
+        ] {
+            let body = json!({ "hop": i }).to_string();
+            let t0 = Instant::now();
+            let confirm = bus
+                .channel
+                .basic_publish(
+                    exchange.into(),
+                    routing_key.into(),
+                    BasicPublishOptions::default(),
+                    body.as_bytes(),
+                    lapin::BasicProperties::default().with_delivery_mode(2),
+                )
+                .await
+                .expect("publish a hop");
+            if exchange.is_empty() {
+                let d = tokio::time::timeout(TURN_LIMIT, jobs.next())
+                    .await
+                    .expect("the hop arrives in time")
+                    .expect("hop consumer")
+                    .expect("a delivery");
+                in_hops.push(ms(t0.elapsed()));
+                d.ack(Default::default()).await.expect("ack the hop");
+            } else {
+                let reply = tokio::time::timeout(TURN_LIMIT, replies.recv())
+                    .await
+                    .expect("the hop arrives in time")
+                    .expect("hop consumer");
+                out_hops.push(ms(reply.at - t0));
+            }
+            confirm.await.expect("the hop is confirmed");
+        }
+    }
+    ch.queue_delete(quorum.as_str().into(), QueueDeleteOptions::default())
+        .await
+        .expect("delete the hop's queue");
+    (in_hops, out_hops)
+}
+
 // ------------------------------------------------------------------- main
 
 fn fmt(v: Option<f64>) -> String {
@@ -352,6 +437,7 @@ async fn main() {
     let mut series: HashMap<&str, Vec<Turn>> = HashMap::new();
     let mut cpu: HashMap<&str, (f64, usize)> = HashMap::new();
     let mut raw_rss = 0;
+    let mut hops = (Vec::new(), Vec::new());
     for c in 0..CONVERSATIONS {
         let turns = raw_cold(&raw, &dir.path().join(format!("raw-cold-{c}"))).await;
         series.entry("raw CLI cold").or_default().extend(turns);
@@ -383,6 +469,9 @@ async fn main() {
         let e = cpu.entry("worker warm").or_default();
         e.0 += cpu_ms(warm.pid) - cpu0;
         e.1 += MESSAGES - 1;
+        let (hops_in, hops_out) = broker_hops(&warm.bus).await;
+        hops.0.extend(hops_in);
+        hops.1.extend(hops_out);
     }
     let warm_children = children_of(warm.pid);
     let warm_cli_rss: Vec<u64> = warm_children.iter().map(|p| rss_kb(*p)).collect();
@@ -437,6 +526,21 @@ async fn main() {
             p50(a, false) / p50(b, false)
         );
     }
+    let (hop_in, hop_out) = (pct(&hops.0, 0.5), pct(&hops.1, 0.5));
+    println!();
+    println!(
+        "broker hops, publish → consumer, p50 (p90) over {} each: into a quorum queue (a job's) \
+         {hop_in:.2} ({:.2}) ms, to a reply queue (an event's) {hop_out:.2} ({:.2}) ms",
+        hops.0.len(),
+        pct(&hops.0, 0.9),
+        pct(&hops.1, 0.9),
+    );
+    println!(
+        "worker warm − raw warm (p50): first text {:.1} ms, completed {:.1} ms; the two hops: {:.1} ms",
+        p50("worker warm", true) - p50("raw CLI warm", true),
+        p50("worker warm", false) - p50("raw CLI warm", false),
+        hop_in + hop_out,
+    );
     println!();
     for (name, (ms, n)) in &cpu {
         println!(
