@@ -343,7 +343,10 @@ async fn broker_hops(bus: &Bus) -> (Vec<f64>, Vec<f64>) {
     let quorum = format!("{}.hop.{id}", bus.prefix);
     let ch = bus.conn.create_channel().await.expect("hop channel");
     let mut args = FieldTable::default();
-    args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
     let durable = QueueDeclareOptions {
         durable: true,
         ..Default::default()
