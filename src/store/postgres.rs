@@ -25,26 +25,29 @@ use super::{
 };
 use crate::protocol::PermissionMode;
 
-/// A pooled connection idle this long is pinged before it is used.
-const PING_IF_IDLE_FOR: Duration = Duration::from_secs(1);
-
 pub struct PostgresStore {
     pool: PgPool,
 }
 
 impl PostgresStore {
+    /// A pooled connection idle this long is pinged before it is used. sqlx
+    /// pings each connection as it comes back to the pool, so one used less
+    /// than this ago was alive then; only a restart or a dropped connection
+    /// in between fails a call (retryably, as one mid-query always could).
+    pub const PING_IF_IDLE_FOR: Duration = Duration::from_millis(100);
+
     pub async fn connect(url: &str, max_connections: u32) -> Result<Self, StoreError> {
         let pool = PgPoolOptions::new()
             .max_connections(max_connections.max(1))
             .acquire_timeout(Duration::from_secs(30))
-            // sqlx pings every connection it hands out: a round trip per
-            // store call, a sixth of a turn's. A connection back in the pool
-            // a moment ago is alive; one that sat idle (across a server
-            // restart, say) is pinged, and a dead one replaced, as before.
+            // sqlx would ping every connection it hands out: a round trip
+            // per store call, about one in six of a turn's. One back in the
+            // pool a moment ago is used as it is; one that sat idle (across
+            // a server restart, say) is pinged, and replaced if dead.
             .test_before_acquire(false)
             .before_acquire(|conn, meta| {
                 Box::pin(async move {
-                    if meta.idle_for >= PING_IF_IDLE_FOR {
+                    if meta.idle_for >= Self::PING_IF_IDLE_FOR {
                         conn.ping().await?;
                     }
                     Ok(true)

@@ -111,3 +111,42 @@ async fn a_postgres_restart_mid_run_loses_nothing() {
     env.cleanup().await;
     drop(pg);
 }
+
+/// The pool pings only a connection that sat idle (`PING_IF_IDLE_FOR`),
+/// not one handed back a moment ago: after a restart, which leaves every
+/// pooled connection dead, the next store calls get fresh connections
+/// instead of failing on dead ones. (With a threshold longer than the
+/// outage this fails: "terminating connection due to administrator command".)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pooled_connections_dead_after_a_restart_are_replaced_unseen() {
+    use claude_worker::store::{PostgresStore, SessionStore};
+
+    let pg = PgNode::start();
+    let store = PostgresStore::connect(&pg.url(), 4).await.expect("connect");
+    store.migrate().await.expect("migrate");
+    // Several connections in the pool, all idle once these return.
+    let reads = ["a", "b", "c", "d"].map(|key| store.get_session(key));
+    for read in futures_util::future::join_all(reads).await {
+        assert!(read.expect("a read before the restart").is_none());
+    }
+    assert!(
+        store.pool().size() >= 2,
+        "{} connections",
+        store.pool().size()
+    );
+
+    // The outage outlasts the ping threshold (the scenario, not a
+    // synchronisation): every pooled connection is dead and idle that long.
+    tokio::task::block_in_place(|| pg.stop());
+    tokio::time::sleep(PostgresStore::PING_IF_IDLE_FOR).await;
+    tokio::task::block_in_place(|| pg.start_again());
+    for key in ["a", "b", "c", "d", "e"] {
+        let read = store.get_session(key).await;
+        assert!(
+            matches!(read, Ok(None)),
+            "{key} after the restart: {read:?}"
+        );
+    }
+    store.pool().close().await;
+    drop(pg);
+}
