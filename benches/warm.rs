@@ -19,6 +19,12 @@
 //!   text delta and write → `result` (cold also: → process exit).
 //!
 //! Warm figures are for messages 2.. (the first one starts the process).
+//! Each raw warm conversation is followed by a worker warm one, and their
+//! turns are also compared message by message (paired medians). After
+//! each conversation the bench also times the two broker hops
+//! a warm turn makes (a job into a quorum queue, an event out to a reply
+//! queue): the floor under what the worker adds. `WARM_CONVERSATIONS`
+//! (default 2) sets the conversations per mode: more samples, less noise.
 //! `WARM_RUST_LOG` sets the worker's `RUST_LOG` (default `warn`), e.g.
 //! `claude_worker=debug` to see where a turn's time goes.
 
@@ -159,33 +165,62 @@ async fn raw_cold(env: &RawEnv, cwd: &Path) -> Vec<Turn> {
     out
 }
 
-/// Returns the timings of messages 2.. and the process's RSS in kB.
-async fn raw_warm(env: &RawEnv, cwd: &Path) -> (Vec<Turn>, u64) {
-    std::fs::create_dir_all(cwd).unwrap();
-    let mut child = env.command(cwd, None).spawn().expect("spawn CLI");
-    let mut stdin = child.stdin.take().unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let mut out = Vec::new();
-    for i in 0..MESSAGES {
-        let t0 = Instant::now();
-        stdin
-            .write_all(user_line(&format!("raw warm {i}")).as_bytes())
-            .await
-            .unwrap();
-        stdin.flush().await.unwrap();
-        let (first, done, _) = read_turn(&mut lines, t0).await;
-        if i > 0 {
-            out.push(Turn {
-                first_text: ms(first),
-                done: ms(done),
-                exit: None,
-            });
+/// One raw stream-json CLI process: a conversation's warm turns.
+struct RawWarm {
+    child: Child,
+    stdin: tokio::process::ChildStdin,
+    lines: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+}
+
+impl RawWarm {
+    fn start(env: &RawEnv, cwd: &Path) -> RawWarm {
+        std::fs::create_dir_all(cwd).unwrap();
+        let mut child = env.command(cwd, None).spawn().expect("spawn CLI");
+        let stdin = child.stdin.take().unwrap();
+        let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        RawWarm {
+            child,
+            stdin,
+            lines,
         }
     }
-    let rss = rss_kb(child.id().unwrap() as i32);
-    drop(stdin);
-    let _ = tokio::time::timeout(Duration::from_secs(10), child.wait()).await;
-    (out, rss)
+
+    async fn turn(&mut self, text: &str) -> Turn {
+        let t0 = Instant::now();
+        self.stdin
+            .write_all(user_line(text).as_bytes())
+            .await
+            .unwrap();
+        self.stdin.flush().await.unwrap();
+        let (first, done, _) = read_turn(&mut self.lines, t0).await;
+        Turn {
+            first_text: ms(first),
+            done: ms(done),
+            exit: None,
+        }
+    }
+
+    /// Ends the process; returns its RSS in kB.
+    async fn finish(mut self) -> u64 {
+        let rss = rss_kb(self.child.id().unwrap() as i32);
+        drop(self.stdin);
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await;
+        rss
+    }
+}
+
+/// A conversation on the raw warm CLI; the timings of messages 2...
+async fn raw_warm(env: &RawEnv, cwd: &Path) -> Vec<Turn> {
+    let mut raw = RawWarm::start(env, cwd);
+    let mut out = Vec::new();
+    for i in 0..MESSAGES {
+        let t = raw.turn(&format!("raw warm {i}")).await;
+        if i > 0 {
+            out.push(t);
+        }
+    }
+    raw.finish().await;
+    out
 }
 
 // ----------------------------------------------------------------- worker
@@ -436,12 +471,18 @@ async fn main() {
     cold.turn("warmup", "warm-up").await;
     warm.turn("warmup", "warm-up").await;
     raw_warm(&raw, &dir.path().join("raw-warmup")).await;
+    let conversations: usize = std::env::var("WARM_CONVERSATIONS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(CONVERSATIONS);
 
     let mut series: HashMap<&str, Vec<Turn>> = HashMap::new();
     let mut cpu: HashMap<&str, (f64, usize)> = HashMap::new();
     let mut raw_rss = 0;
     let mut hops = (Vec::new(), Vec::new());
-    for c in 0..CONVERSATIONS {
+    // (raw warm, worker warm) of the same message of neighbouring conversations.
+    let mut pairs: Vec<(Turn, Turn)> = Vec::new();
+    for c in 0..conversations {
         let turns = raw_cold(&raw, &dir.path().join(format!("raw-cold-{c}"))).await;
         series.entry("raw CLI cold").or_default().extend(turns);
 
@@ -456,18 +497,28 @@ async fn main() {
         e.0 += cpu_ms(cold.pid) - cpu0;
         e.1 += MESSAGES;
 
-        let (turns, rss) = raw_warm(&raw, &dir.path().join(format!("raw-warm-{c}"))).await;
-        raw_rss = rss;
-        series.entry("raw CLI warm").or_default().extend(turns);
+        // One conversation on the raw CLI, then one through the worker:
+        // each turn meets only its own process's aftermath, as in use.
+        let mut raw_conv = RawWarm::start(&raw, &dir.path().join(format!("raw-warm-{c}")));
+        let mut raw_turns = Vec::new();
+        for i in 0..MESSAGES {
+            let t = raw_conv.turn(&format!("raw warm {c} {i}")).await;
+            if i > 0 {
+                raw_turns.push(t);
+            }
+        }
+        raw_rss = raw_conv.finish().await;
 
         warm.turn(&format!("warm-{c}"), &format!("warm {c} first"))
             .await;
         let cpu0 = cpu_ms(warm.pid);
-        for i in 1..MESSAGES {
-            let t = warm
+        for (i, r) in (1..MESSAGES).zip(raw_turns) {
+            let w = warm
                 .turn(&format!("warm-{c}"), &format!("warm {c} {i}"))
                 .await;
-            series.entry("worker warm").or_default().push(t);
+            pairs.push((r, w));
+            series.entry("raw CLI warm").or_default().push(r);
+            series.entry("worker warm").or_default().push(w);
         }
         let e = cpu.entry("worker warm").or_default();
         e.0 += cpu_ms(warm.pid) - cpu0;
@@ -491,7 +542,7 @@ async fn main() {
         .collect();
     println!();
     println!(
-        "claude-worker warm bench: {CONVERSATIONS} conversations × {MESSAGES} messages per mode \
+        "claude-worker warm bench: {conversations} conversations × {MESSAGES} messages per mode \
          (warm: messages 2–{MESSAGES}); mock API 0 ms TTFT, 20 text deltas; worker as a separate \
          process (release build)"
     );
@@ -543,6 +594,20 @@ async fn main() {
         p50("worker warm", true) - p50("raw CLI warm", true),
         p50("worker warm", false) - p50("raw CLI warm", false),
         hop_in + hop_out,
+    );
+    // Per message, worker minus raw (neighbouring conversations, seconds
+    // apart): steadier than a difference of two p50s under drifting load.
+    let paired = |f: fn(&Turn) -> f64| {
+        let d: Vec<f64> = pairs.iter().map(|(r, w)| f(w) - f(r)).collect();
+        pct(&d, 0.5)
+    };
+    let (d_first, d_done) = (paired(|t| t.first_text), paired(|t| t.done));
+    println!(
+        "paired, median of (worker warm − raw warm) over {} messages: first text {d_first:.1} ms, \
+         completed {d_done:.1} ms; as ratios on raw warm's p50: {:.2} and {:.2}",
+        pairs.len(),
+        (p50("raw CLI warm", true) + d_first) / p50("raw CLI warm", true),
+        (p50("raw CLI warm", false) + d_done) / p50("raw CLI warm", false),
     );
     println!();
     for (name, (ms, n)) in &cpu {
