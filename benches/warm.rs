@@ -362,7 +362,7 @@ const HOPS: usize = 20;
 /// Broker hops on this machine, as the worker's path makes them: a
 /// persistent message published, to a consumer's receipt (ms). A warm turn
 /// crosses the broker twice: the job in, through a quorum queue (the jobs
-/// queue's type: delivered once the queue's log has it on disk), and its
+/// queue's type: it delivers a message once its log has committed it), and its
 /// events out, through the replies exchange to a front-end's own queue.
 /// Returns (quorum queue hops, reply hops).
 async fn broker_hops(bus: &Bus) -> (Vec<f64>, Vec<f64>) {
