@@ -298,6 +298,10 @@ impl CliRun {
         text: String,
         tool_uses: Vec<(String, Value)>,
     ) -> Result<(), TurnAbort> {
+        // The message is complete, so no delta is left to join the held
+        // text: it goes out now, and its confirm is usually back before the
+        // `result` line, which then need not wait for it.
+        events.flush_text().await?;
         // After a broken stream the CLI retries without streaming: the text
         // then arrives only here.
         let was_streamed = message_id
