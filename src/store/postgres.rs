@@ -232,19 +232,7 @@ super::sql::session_store_impl!(PostgresStore, {
             tx.rollback().await?;
             return Ok(None);
         };
-        let epoch: i64 = sqlx::query_scalar(super::sql::CLAIM_TAKE)
-            .bind(owner)
-            .bind(now_ms.saturating_add(ttl_ms))
-            .bind(now_ms)
-            .bind(&session_key)
-            .fetch_one(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(Some(Lease {
-            session_key,
-            owner: owner.to_string(),
-            epoch,
-        }))
+        super::sql::take_claim!(tx, owner, now_ms, ttl_ms, session_key)
     }
 
     async fn renew_lease(

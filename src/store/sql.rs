@@ -159,6 +159,29 @@ macro_rules! next_turn_in {
 }
 pub(crate) use next_turn_in;
 
+/// A claim's second half, on both backends: in `$tx`, where the session
+/// `$session_key` was picked and locked, take its lease (a new epoch) and
+/// commit. Evaluates to the claimed `Ok(Some(Lease))`; a macro, so both
+/// backends' transaction types take it.
+macro_rules! take_claim {
+    ($tx:ident, $owner:expr, $now_ms:expr, $ttl_ms:expr, $session_key:ident) => {{
+        let epoch: i64 = sqlx::query_scalar($crate::store::sql::CLAIM_TAKE)
+            .bind($owner)
+            .bind($now_ms.saturating_add($ttl_ms))
+            .bind($now_ms)
+            .bind(&$session_key)
+            .fetch_one(&mut *$tx)
+            .await?;
+        $tx.commit().await?;
+        Ok(Some(Lease {
+            session_key: $session_key,
+            owner: $owner.to_string(),
+            epoch,
+        }))
+    }};
+}
+pub(crate) use take_claim;
+
 /// The statements of a transcript write, inside the fenced transaction
 /// `$tx` (a macro, so both backends' transaction types take it). A full
 /// write replaces the base and drops the chunks; an append adds a chunk

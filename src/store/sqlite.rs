@@ -16,7 +16,7 @@ use sqlx::{Connection, Sqlite, SqliteConnection, SqlitePool, Transaction};
 use super::rows::{
     lease_lost, seq_to_db, spec_json, JobRow, SessionRow, JOB_COLUMNS, SESSION_COLUMNS,
 };
-use super::sql::{check_transcript_session, CLAIM_TAKE, RENEW, RUNNABLE};
+use super::sql::{check_transcript_session, RENEW, RUNNABLE};
 use super::sqlite_fast::FastPath;
 use super::{
     AcceptOutcome, AcceptReport, AfterFinish, JobFinish, JobRecord, JobStatus, Lease, NewJob,
@@ -365,19 +365,7 @@ super::sql::session_store_impl!(SqliteStore, {
             tx.rollback().await?;
             return Ok(None);
         };
-        let epoch: i64 = sqlx::query_scalar(CLAIM_TAKE)
-            .bind(owner)
-            .bind(now_ms.saturating_add(ttl_ms))
-            .bind(now_ms)
-            .bind(&session_key)
-            .fetch_one(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(Some(Lease {
-            session_key,
-            owner: owner.to_string(),
-            epoch,
-        }))
+        super::sql::take_claim!(tx, owner, now_ms, ttl_ms, session_key)
     }
 
     async fn renew_lease(
